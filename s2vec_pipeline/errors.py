@@ -1,0 +1,41 @@
+"""Errors a user can act on. Each message says what was wrong and what to do about it."""
+
+
+class S2VecError(Exception):
+    """Base class: bad input or state the user can fix. The CLI prints these without a traceback."""
+
+
+class InvalidSourceError(S2VecError):
+    """An OSM source file is missing, not a PBF, truncated or corrupt."""
+
+
+class InvalidCellError(S2VecError):
+    """A cell token, cell id or level is not valid S2."""
+
+
+class InvalidBoundingBoxError(S2VecError):
+    """A bounding box is malformed or out of range."""
+
+
+class InvalidProfileError(S2VecError):
+    """A resolution profile or image/pixel level combination is not allowed."""
+
+
+class TaxonomyError(S2VecError):
+    """The feature taxonomy YAML is malformed."""
+
+
+class NoFeaturesError(S2VecError):
+    """A source or region holds no feature the taxonomy matches."""
+
+
+class CellOutsideSourcesError(S2VecError):
+    """A requested partition cell is not covered by any configured source."""
+
+
+class IncompatibleTableError(S2VecError):
+    """An existing Delta table was written with another profile, taxonomy or schema."""
+
+
+class MissingInputError(S2VecError):
+    """An upstream table or partition that this step needs has not been materialized."""
