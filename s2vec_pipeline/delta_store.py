@@ -97,8 +97,10 @@ def write_partitions(
     uri = table_uri(root, name)
     keys = ", ".join("'" + k.replace("'", "''") + "'" for k in sorted(set(partitions)))
     props = CommitProperties(
-        custom_metadata={"s2vec.partitions": ",".join(sorted(set(partitions))),
-                         **(commit_metadata or {})}
+        custom_metadata={
+            "s2vec.partitions": ",".join(sorted(set(partitions))),
+            **(commit_metadata or {}),
+        }
     )
     Path(root).mkdir(parents=True, exist_ok=True)
     exists = DeltaTable.is_deltatable(uri)
@@ -162,8 +164,9 @@ def iter_batches(
     flt = None
     if partitions is not None:
         flt = ds.field(PARTITION_COLUMN).isin(list(partitions))
-    yield from dset.to_batches(columns=list(columns) if columns else None, filter=flt,
-                               batch_size=batch_size)
+    yield from dset.to_batches(
+        columns=list(columns) if columns else None, filter=flt, batch_size=batch_size
+    )
 
 
 def table_version(root: str | os.PathLike, name: str) -> int | None:

@@ -1,0 +1,117 @@
+"""``s2vec`` command line. Every materialization goes through Dagster, as in the UI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.settings import DEFAULT_PROFILE, PipelineSettings, bundled_sources
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in (s.strip() for s in value.split(",")) if v]
+
+
+def _add_materialize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "materialize",
+        help="materialize pipeline assets for level-6 partitions through Dagster",
+        description="Run the pipeline on OSM extracts. Defaults: the bundled Helsinki and "
+        "Monaco extracts, the city profile, tables under ./s2vec_data.",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        dest="sources",
+        metavar="PATH.osm.pbf",
+        help="OSM extract to read (repeatable; default: the bundled extracts)",
+    )
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    p.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        help="resolution profile: paper (image 8, pixel 12), city (13, 17) or custom:IMAGE:PIXEL",
+    )
+    p.add_argument(
+        "--cells",
+        type=_csv,
+        default=None,
+        metavar="TOKEN,...",
+        help="level-6 cell tokens to materialize (default: all the sources cover)",
+    )
+    p.add_argument(
+        "--stages",
+        type=_csv,
+        default=None,
+        metavar="STAGE,...",
+        help="stages to run, from extract,features,raster (default: all)",
+    )
+    p.add_argument("--taxonomy", default=None, help="feature taxonomy YAML (default: packaged)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
+    p.set_defaults(func=_cmd_materialize)
+
+
+def _cmd_materialize(args: argparse.Namespace) -> int:
+    from s2vec_pipeline import delta_store
+    from s2vec_pipeline.defs.runner import STAGES, dagster_instance, materialize, parse_stages
+    from s2vec_pipeline.osm_extract import validate_source
+    from s2vec_pipeline.settings import parse_partition_tokens
+
+    sources = tuple(str(validate_source(s).resolve()) for s in (args.sources or bundled_sources()))
+    settings = PipelineSettings(
+        root=str(Path(args.root).resolve()),
+        profile_name=args.profile,
+        sources=sources,
+        taxonomy_path=args.taxonomy,
+    )
+    profile, taxonomy = settings.profile, settings.taxonomy  # validate before any run
+    assets = parse_stages(args.stages or list(STAGES))
+    cells = parse_partition_tokens(args.cells) if args.cells else list(settings.source_cells)
+    settings.sources_for(cells)
+    print(
+        f"profile {profile.name}: images level {profile.image_level}, pixels level "
+        f"{profile.pixel_level} ({profile.side}x{profile.side}); taxonomy {taxonomy.version} "
+        f"({len(taxonomy.channels)} channels)\npartitions: {', '.join(cells)}"
+    )
+    t0 = time.perf_counter()
+    with dagster_instance() as instance:
+        report = materialize(
+            settings, cells, assets, instance, log_level="INFO" if args.verbose else "WARNING"
+        )
+    seconds = time.perf_counter() - t0
+    print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
+    for asset in assets:
+        n = delta_store.read_partitions(settings.root, asset, cells, ["parent_l6"]).height
+        print(
+            f"{asset:<16} {n:>10}  {delta_store.table_version(settings.root, asset):>13}  "
+            f"{delta_store.table_uri(settings.root, asset)}"
+        )
+    print(f"\n{len(report.run_ids)} Dagster run(s) in {seconds:.1f} s")
+    if report.checks_failed:
+        print(f"FAILED asset checks: {', '.join(report.checks_failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s2vec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_materialize(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except S2VecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

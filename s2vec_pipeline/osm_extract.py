@@ -1,0 +1,378 @@
+"""OSM extraction: one row per (OSM object, matched channel, pixel cell).
+
+pyosmium reads the file with node locations and area assembly; ``KeyFilter`` drops objects that
+carry none of the taxonomy's keys on the C++ side, so Python only sees candidates. The loop
+collects ids, matched channels and WKB; geometry work (lengths, areas, representative points,
+S2 cells) then happens in bulk with shapely and numpy.
+
+Measures follow the object kind:
+- nodes feed ``count`` channels at their location;
+- ways feed ``length_m`` channels segment by segment: each segment's length goes to the pixel
+  cell holding its midpoint, so a road counts in every cell it crosses; open ways also feed
+  ``count`` channels at their middle point;
+- areas (closed ways and multipolygon relations, assembled by osmium) feed ``area_m2`` and
+  ``count`` channels at a point inside them. A closed way is seen both as a way and as an area,
+  so it gives lengths as a way and counts/areas as an area, never both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import osmium
+import polars as pl
+import shapely
+
+from s2vec_pipeline import s2
+from s2vec_pipeline.errors import InvalidSourceError
+from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile
+from s2vec_pipeline.taxonomy import Taxonomy
+
+EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG), as used by S2's S2Earth
+
+OSM_FEATURES_SCHEMA: dict[str, pl.DataType] = {
+    "parent_l6": pl.String(),
+    "osm_type": pl.String(),
+    "osm_id": pl.Int64(),
+    "channel": pl.String(),
+    "lat": pl.Float64(),
+    "lon": pl.Float64(),
+    "length_m": pl.Float64(),
+    "area_m2": pl.Float64(),
+    "cell_id": pl.Int64(),
+    "image_id": pl.Int64(),
+    "taxonomy_version": pl.String(),
+}
+
+_KIND_NODE, _KIND_WAY, _KIND_AREA = 0, 1, 2
+_OSM_TYPE = {"n": "node", "w": "way", "r": "relation"}
+
+
+@dataclass
+class ExtractStats:
+    """What one extraction saw, for run metadata."""
+
+    sources: list[str] = field(default_factory=list)
+    objects_read: int = 0  # objects that passed the C++ key filter
+    objects_matched: int = 0  # of those, objects matching at least one channel
+    geometry_failures: int = 0  # ways/areas whose geometry could not be built (missing nodes)
+    rows: int = 0
+
+
+def source_bbox(path: str | os.PathLike) -> tuple[float, float, float, float]:
+    """(min_lat, min_lng, max_lat, max_lng) from the PBF header, validating the file."""
+    p = validate_source(path)
+    box = osmium.io.Reader(str(p), osmium.osm.osm_entity_bits.NOTHING).header().box()
+    if not box.valid():
+        return _bbox_from_nodes(p)
+    bl, tr = box.bottom_left, box.top_right
+    return bl.lat, bl.lon, tr.lat, tr.lon
+
+
+def _bbox_from_nodes(path: Path) -> tuple[float, float, float, float]:
+    """Fallback for files without a header box: one pass over node locations."""
+    lats: list[float] = []
+    lons: list[float] = []
+    for node in osmium.FileProcessor(str(path), osmium.osm.NODE):
+        loc = node.location
+        if loc.valid():
+            lats.append(loc.lat)
+            lons.append(loc.lon)
+    if not lats:
+        raise InvalidSourceError(f"OSM source {path} holds no node with a location")
+    lat, lon = np.asarray(lats), np.asarray(lons)
+    return float(lat.min()), float(lon.min()), float(lat.max()), float(lon.max())
+
+
+def validate_source(path: str | os.PathLike) -> Path:
+    """Fail early, naming the file, if it is missing or is not an OSM PBF file."""
+    p = Path(path)
+    if not p.exists():
+        raise InvalidSourceError(f"OSM source {p} does not exist: check the --source path")
+    if not p.is_file():
+        raise InvalidSourceError(f"OSM source {p} is not a file")
+    if not p.name.endswith(".pbf"):
+        raise InvalidSourceError(
+            f"OSM source {p} is not a .osm.pbf file; convert it with `osmium cat {p} -o X.osm.pbf`"
+        )
+    with p.open("rb") as f:
+        head = f.read(16)
+    # A PBF starts with a 4-byte big-endian header length followed by the "OSMHeader" blob type.
+    if len(head) < 16 or b"OSMHeader" not in head:
+        raise InvalidSourceError(
+            f"OSM source {p} is not an OSM PBF file (no OSMHeader block at its start): "
+            f"it may be empty, truncated or another format"
+        )
+    try:
+        osmium.io.Reader(str(p), osmium.osm.osm_entity_bits.NOTHING).header()
+    except RuntimeError as e:
+        raise InvalidSourceError(f"OSM source {p} cannot be read: {e}") from e
+    return p
+
+
+class _Collector:
+    """Columnar buffers filled by the read loop (plain lists: appends are the cheapest path)."""
+
+    def __init__(self) -> None:
+        self.kind: list[int] = []
+        self.osm_type: list[str] = []
+        self.osm_id: list[int] = []
+        self.lat: list[float] = []  # nodes only; NaN for geometries
+        self.lon: list[float] = []
+        self.wkb: list[bytes | None] = []
+        self.chan_obj: list[int] = []  # one entry per (object, channel)
+        self.chan_idx: list[int] = []
+
+
+def _read_source(
+    path: Path, taxonomy: Taxonomy, col: _Collector, stats: ExtractStats, location_store: str
+) -> None:
+    count_ch = set(taxonomy.indices("count").tolist())
+    length_ch = set(taxonomy.indices("length_m").tolist())
+    area_ch = set(taxonomy.indices("area_m2").tolist())
+    node_ok = frozenset(count_ch)
+    open_way_ok = frozenset(count_ch | length_ch)
+    closed_way_ok = frozenset(length_ch)
+    area_ok = frozenset(count_ch | area_ch)
+    match = taxonomy.match
+    wkb_factory = osmium.geom.WKBFactory()
+    make_line, make_area = wkb_factory.create_linestring, wkb_factory.create_multipolygon
+    # Append-method locals: this loop runs once per candidate object.
+    kind_a, type_a, id_a = col.kind.append, col.osm_type.append, col.osm_id.append
+    lat_a, lon_a, wkb_a = col.lat.append, col.lon.append, col.wkb.append
+    cobj_a, cidx_a = col.chan_obj.append, col.chan_idx.append
+    nan = float("nan")
+
+    processor = (
+        osmium.FileProcessor(str(path))
+        .with_locations(location_store)
+        .with_areas()
+        .with_filter(osmium.filter.KeyFilter(*taxonomy.keys))
+    )
+    read = matched = failed = 0
+    try:
+        for obj in processor:
+            read += 1
+            if obj.is_node():
+                chans = [c for c in match(obj.tags) if c in node_ok]
+                if not chans:
+                    continue
+                loc = obj.location
+                if not loc.valid():
+                    failed += 1
+                    continue
+                kind_a(_KIND_NODE), type_a("node"), id_a(obj.id)
+                lat_a(loc.lat), lon_a(loc.lon), wkb_a(None)
+            elif obj.is_way():
+                ok = closed_way_ok if obj.is_closed() else open_way_ok
+                chans = [c for c in match(obj.tags) if c in ok]
+                if not chans:
+                    continue
+                try:
+                    geom = bytes.fromhex(make_line(obj))
+                except RuntimeError:  # fewer than two nodes with locations (clipped extract)
+                    failed += 1
+                    continue
+                kind_a(_KIND_WAY), type_a("way"), id_a(obj.id)
+                lat_a(nan), lon_a(nan), wkb_a(geom)
+            elif obj.is_area():
+                chans = [c for c in match(obj.tags) if c in area_ok]
+                if not chans:
+                    continue
+                try:
+                    geom = bytes.fromhex(make_area(obj))
+                except RuntimeError:
+                    failed += 1
+                    continue
+                kind_a(_KIND_AREA), type_a("way" if obj.from_way() else "relation")
+                id_a(obj.orig_id()), lat_a(nan), lon_a(nan), wkb_a(geom)
+            else:  # relations themselves: multipolygons arrive as areas
+                continue
+            matched += 1
+            obj_index = len(col.kind) - 1
+            for c in chans:
+                cobj_a(obj_index), cidx_a(c)
+    except RuntimeError as e:
+        raise InvalidSourceError(
+            f"OSM source {path} is truncated or corrupt ({e}); re-download or re-export it "
+            f"(`osmium fileinfo -e {path}` shows where it breaks)"
+        ) from e
+    stats.objects_read += read
+    stats.objects_matched += matched
+    stats.geometry_failures += failed
+
+
+def _segments(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per segment of each linestring: (line index, length m, midpoint lat, midpoint lng)."""
+    coords, line_idx = shapely.get_coordinates(lines, return_index=True)
+    same = line_idx[1:] == line_idx[:-1]
+    lng0, lat0 = coords[:-1, 0][same], coords[:-1, 1][same]
+    lng1, lat1 = coords[1:, 0][same], coords[1:, 1][same]
+    seg_line = line_idx[:-1][same]
+    dlng = lng1 - lng0
+    dlng = np.where(dlng > 180, dlng - 360, np.where(dlng < -180, dlng + 360, dlng))
+    p0, p1 = np.radians(lat0), np.radians(lat1)
+    a = np.sin((p1 - p0) / 2) ** 2 + np.cos(p0) * np.cos(p1) * np.sin(np.radians(dlng) / 2) ** 2
+    length = 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+    mid_lng = lng0 + dlng / 2
+    mid_lng = np.where(
+        mid_lng > 180, mid_lng - 360, np.where(mid_lng < -180, mid_lng + 360, mid_lng)
+    )
+    return seg_line, length, (lat0 + lat1) / 2, mid_lng
+
+
+def _areas_m2(geoms: np.ndarray) -> np.ndarray:
+    """Areas on the sphere via Lambert's cylindrical equal-area projection (exact for areas)."""
+
+    def project(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(
+            (EARTH_RADIUS_M * np.radians(xy[:, 0]), EARTH_RADIUS_M * np.sin(np.radians(xy[:, 1])))
+        )
+
+    return shapely.area(shapely.transform(geoms, project))
+
+
+def extract_features(
+    sources: Sequence[str | os.PathLike],
+    taxonomy: Taxonomy,
+    profile: ResolutionProfile,
+    partitions: Collection[str] | None = None,
+    location_store: str = "flex_mem",
+) -> tuple[pl.DataFrame, ExtractStats]:
+    """Read each source once; return the ``osm_features`` rows of the given partitions.
+
+    ``partitions`` are level-6 tokens; None keeps every row. Objects present in several sources
+    (overlapping extracts) are kept once.
+    """
+    stats = ExtractStats()
+    frames: list[pl.DataFrame] = []
+    for src in sources:
+        path = validate_source(src)
+        stats.sources.append(str(path))
+        col = _Collector()
+        _read_source(path, taxonomy, col, stats, location_store)
+        frames.append(_rows_from_collector(col, taxonomy, profile))
+    df = pl.concat(frames) if frames else _empty_frame()
+    if partitions is not None:
+        df = df.filter(pl.col("parent_l6").is_in(sorted(set(partitions))))
+    if len(stats.sources) > 1:
+        df = df.unique(subset=["osm_type", "osm_id", "channel", "cell_id"], keep="first")
+    df = df.sort("parent_l6", "cell_id", "channel", "osm_type", "osm_id")
+    stats.rows = df.height
+    return df, stats
+
+
+def _empty_frame() -> pl.DataFrame:
+    return pl.DataFrame(schema=OSM_FEATURES_SCHEMA)
+
+
+def _rows_from_collector(
+    col: _Collector, taxonomy: Taxonomy, profile: ResolutionProfile
+) -> pl.DataFrame:
+    if not col.kind:
+        return _empty_frame()
+    kind = np.asarray(col.kind, dtype=np.int8)
+    osm_id = np.asarray(col.osm_id, dtype=np.int64)
+    osm_type = np.asarray(col.osm_type, dtype=object)
+    lat = np.asarray(col.lat, dtype=np.float64)
+    lon = np.asarray(col.lon, dtype=np.float64)
+    chan_obj = np.asarray(col.chan_obj, dtype=np.int64)
+    chan_idx = np.asarray(col.chan_idx, dtype=np.int64)
+    names = np.asarray(taxonomy.channel_names, dtype=object)
+    measure = np.asarray([c.measure for c in taxonomy.channels], dtype=object)
+    is_length = measure[chan_idx] == "length_m"
+
+    # Representative points of ways (middle along the line) and areas (a point inside).
+    geom_rows = np.flatnonzero(kind != _KIND_NODE)
+    geoms = np.empty(len(kind), dtype=object)
+    if len(geom_rows):
+        geoms[geom_rows] = shapely.from_wkb([col.wkb[i] for i in geom_rows])
+    way_rows = np.flatnonzero(kind == _KIND_WAY)
+    area_rows = np.flatnonzero(kind == _KIND_AREA)
+    area_m2 = np.full(len(kind), np.nan)
+    if len(way_rows):
+        mid = shapely.line_interpolate_point(geoms[way_rows], 0.5, normalized=True)
+        lon[way_rows], lat[way_rows] = shapely.get_x(mid), shapely.get_y(mid)
+    if len(area_rows):
+        inside = shapely.point_on_surface(geoms[area_rows])
+        lon[area_rows], lat[area_rows] = shapely.get_x(inside), shapely.get_y(inside)
+        area_m2[area_rows] = _areas_m2(geoms[area_rows])
+
+    # Point-like rows: counts and areas, one per (object, channel), at the object's point.
+    pt = ~is_length
+    pt_obj = chan_obj[pt]
+    pt_measure = measure[chan_idx[pt]]
+    point_rows = pl.DataFrame(
+        {
+            "osm_type": osm_type[pt_obj].astype(str),
+            "osm_id": osm_id[pt_obj],
+            "channel": names[chan_idx[pt]].astype(str),
+            "lat": lat[pt_obj],
+            "lon": lon[pt_obj],
+            "length_m": np.full(len(pt_obj), np.nan),
+            "area_m2": np.where(pt_measure == "area_m2", area_m2[pt_obj], np.nan),
+        }
+    ).filter(pl.col("lat").is_finite() & pl.col("lon").is_finite())
+    point_rows = point_rows.with_columns(
+        pl.Series(
+            "cell",
+            s2.latlng_to_cell_id(
+                point_rows["lat"].to_numpy(), point_rows["lon"].to_numpy(), profile.pixel_level
+            ).view(np.int64),
+        )
+    )
+
+    # Line rows: per (way, length channel, pixel cell), the summed length of its segments there.
+    line_rows = None
+    if is_length.any() and len(way_rows):
+        seg_line, seg_len, seg_lat, seg_lng = _segments(geoms[way_rows])
+        seg_obj = way_rows[seg_line]
+        seg_cell = s2.latlng_to_cell_id(seg_lat, seg_lng, profile.pixel_level)
+        segs = pl.DataFrame(
+            {
+                "obj": seg_obj,
+                "cell": seg_cell.view(np.int64),
+                "len": seg_len,
+                "lat": seg_lat,
+                "lon": seg_lng,
+            }
+        )
+        per_cell = segs.group_by("obj", "cell").agg(
+            # The first segment's midpoint lies in the cell: a faithful representative point.
+            pl.col("len").sum(),
+            pl.col("lat").first(),
+            pl.col("lon").first(),
+        )
+        ln = pl.DataFrame({"obj": chan_obj[is_length], "chan": chan_idx[is_length]})
+        joined = ln.join(per_cell, on="obj", how="inner")
+        obj = joined["obj"].to_numpy()
+        line_rows = pl.DataFrame(
+            {
+                "osm_type": osm_type[obj].astype(str),
+                "osm_id": osm_id[obj],
+                "channel": names[joined["chan"].to_numpy()].astype(str),
+                "lat": joined["lat"].to_numpy(),
+                "lon": joined["lon"].to_numpy(),
+                "length_m": joined["len"].to_numpy(),
+                "area_m2": np.full(joined.height, np.nan),
+                "cell": joined["cell"].to_numpy(),
+            }
+        )
+    rows = pl.concat([point_rows, line_rows]) if line_rows is not None else point_rows
+    cells = rows["cell"].to_numpy().view(np.uint64)
+    return (
+        rows.with_columns(
+            pl.col("cell").alias("cell_id"),
+            pl.Series("image_id", s2.to_signed(s2.parent(cells, profile.image_level))),
+            pl.Series("parent_l6", s2.to_token(s2.parent(cells, PARTITION_LEVEL)), dtype=pl.String),
+            pl.lit(taxonomy.version).alias("taxonomy_version"),
+            pl.col("length_m").fill_nan(None),
+            pl.col("area_m2").fill_nan(None),
+        )
+        .select(list(OSM_FEATURES_SCHEMA))
+        .cast(OSM_FEATURES_SCHEMA)
+    )

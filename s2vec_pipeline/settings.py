@@ -1,0 +1,131 @@
+"""Pipeline settings: storage root, resolution profile, OSM sources, taxonomy.
+
+One plain object used by the CLI, the Dagster resource and the tests. Embedded defaults make
+a fresh clone work: tables under ``./s2vec_data``, the ``city`` profile and the bundled
+Helsinki and Monaco extracts. Environment variables override them for ``dagster dev``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from s2vec_pipeline import s2
+from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidCellError
+from s2vec_pipeline.osm_extract import source_bbox
+from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile, get_profile
+from s2vec_pipeline.taxonomy import Taxonomy, load_taxonomy
+
+ENV_ROOT = "S2VEC_ROOT"
+ENV_SOURCES = "S2VEC_SOURCES"  # os.pathsep-separated list of .osm.pbf paths
+ENV_PROFILE = "S2VEC_PROFILE"
+ENV_TAXONOMY = "S2VEC_TAXONOMY"
+DEFAULT_ROOT = "s2vec_data"
+DEFAULT_PROFILE = "city"
+
+
+def bundled_source(name: str) -> Path:
+    """Path of a bundled extract: ``helsinki`` or ``monaco`` (© OSM contributors, ODbL)."""
+    return Path(str(resources.files("s2vec_pipeline") / "data" / "osm" / f"{name}.osm.pbf"))
+
+
+def bundled_sources() -> list[str]:
+    return [str(bundled_source("helsinki")), str(bundled_source("monaco"))]
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    root: str = DEFAULT_ROOT
+    profile_name: str = DEFAULT_PROFILE
+    sources: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sources()))
+    taxonomy_path: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> PipelineSettings:
+        env = os.environ if environ is None else environ
+        sources = env.get(ENV_SOURCES)
+        return cls(
+            root=str(Path(env.get(ENV_ROOT, DEFAULT_ROOT)).resolve()),
+            profile_name=env.get(ENV_PROFILE, DEFAULT_PROFILE),
+            sources=tuple(s for s in sources.split(os.pathsep) if s)
+            if sources
+            else tuple(bundled_sources()),
+            taxonomy_path=env.get(ENV_TAXONOMY) or None,
+        )
+
+    @cached_property
+    def profile(self) -> ResolutionProfile:
+        return get_profile(self.profile_name)
+
+    @cached_property
+    def taxonomy(self) -> Taxonomy:
+        return load_taxonomy(self.taxonomy_path)
+
+    def contract(self, table: str, **extra: Any) -> dict[str, Any]:
+        """What a table written under these settings must agree on with earlier writes."""
+        return {
+            "table": table,
+            "profile": self.profile.name,
+            "image_level": self.profile.image_level,
+            "pixel_level": self.profile.pixel_level,
+            "side": self.profile.side,
+            "taxonomy_version": self.taxonomy.version,
+            **extra,
+        }
+
+    @cached_property
+    def source_cells(self) -> dict[str, tuple[str, ...]]:
+        """Level-6 token -> the sources whose bounding box touches that cell."""
+        cells: dict[str, list[str]] = {}
+        for src in self.sources:
+            for token in cells_covering_source(src):
+                cells.setdefault(token, []).append(src)
+        return {k: tuple(v) for k, v in sorted(cells.items())}
+
+    def sources_for(self, partitions: Iterable[str]) -> list[str]:
+        """The sources to read for these partitions; every partition must be covered."""
+        partitions = list(partitions)
+        outside = [p for p in partitions if p not in self.source_cells]
+        if outside:
+            raise CellOutsideSourcesError(
+                f"cells {outside} are outside every configured source; the sources cover "
+                f"{sorted(self.source_cells)}. Add a source covering them (--source) or pick "
+                f"covered cells"
+            )
+        wanted = {s for p in partitions for s in self.source_cells[p]}
+        return [s for s in self.sources if s in wanted]
+
+
+def cells_covering_source(path: str | os.PathLike) -> list[str]:
+    """Level-6 tokens covering a source's header bounding box."""
+    min_lat, min_lng, max_lat, max_lng = source_bbox(path)
+    return sorted(s2.to_token(s2.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL)))
+
+
+def parse_partition_tokens(tokens: Sequence[str]) -> list[str]:
+    """Validate user-given level-6 tokens; a finer cell is answered with its level-6 parent."""
+    out: list[str] = []
+    for raw in tokens:
+        tok = raw.strip().lower()
+        if not tok:
+            continue
+        ids = s2.from_token(np.array([tok]))  # raises InvalidCellError naming the token
+        level = int(s2.cell_level(ids)[0])
+        if level != PARTITION_LEVEL:
+            hint = (
+                f"its level-6 parent is {s2.to_token(s2.parent(ids, PARTITION_LEVEL))[0]}"
+                if level > PARTITION_LEVEL
+                else "pick one of its level-6 children"
+            )
+            raise InvalidCellError(
+                f"cell {raw!r} is at S2 level {level}; partitions are level-6 cells ({hint})"
+            )
+        out.append(tok)
+    return sorted(set(out))

@@ -1,0 +1,84 @@
+"""Data-quality checks on written tables; the Dagster asset checks report these results.
+
+Each check returns ``(passed, details)``: details are small JSON-able facts for the UI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from s2vec_pipeline import s2
+from s2vec_pipeline.raster import tensor_array
+
+CheckOutcome = tuple[bool, dict[str, Any]]
+
+
+def schema_matches(df: pl.DataFrame, expected: Mapping[str, pl.DataType]) -> CheckOutcome:
+    got = {n: str(t) for n, t in df.schema.items()}
+    want = {n: str(t) for n, t in expected.items()}
+    missing = [n for n in want if n not in got]
+    extra = [n for n in got if n not in want]
+    wrong = {n: f"{got[n]} != {want[n]}" for n in want if n in got and got[n] != want[n]}
+    order_ok = [n for n in got if n in want] == [n for n in want if n in got]
+    passed = not missing and not extra and not wrong and order_ok
+    return passed, {"missing": missing, "extra": extra, "wrong_types": wrong, "order_ok": order_ok}
+
+
+def no_nan(df: pl.DataFrame, columns: list[str]) -> CheckOutcome:
+    """No NaN, infinite or negative values in numeric columns (nulls are allowed)."""
+    if df.height == 0 or not columns:
+        return True, {"bad_values": 0}
+    bad = df.select(
+        pl.sum_horizontal(
+            [
+                (pl.col(c).is_nan() | pl.col(c).is_infinite() | (pl.col(c) < 0)).sum()
+                for c in columns
+            ]
+        ).alias("bad")
+    ).item()
+    return bad == 0, {"bad_values": int(bad)}
+
+
+def cells_at_level(cell_ids_signed: np.ndarray, level: int) -> CheckOutcome:
+    ids = s2.from_signed(np.asarray(cell_ids_signed, dtype=np.int64))
+    ok = s2.is_valid(ids) & (s2.cell_level(ids) == level) if len(ids) else np.array([], bool)
+    return bool(ok.all()), {"invalid_cells": int((~ok).sum()), "level": level}
+
+
+def raster_agrees_with_cells(
+    raster_tiles: pl.DataFrame, cell_features: pl.DataFrame, channels: list[str], side: int
+) -> CheckOutcome:
+    """Same images; nonempty_pixels = cell rows; tensors equal log1p(values) at (row, col)."""
+    cf_images = set(cell_features["image_token"].unique().to_list())
+    rt_images = set(raster_tiles["image_token"].to_list())
+    details: dict[str, Any] = {
+        "images_only_in_raster": len(rt_images - cf_images),
+        "images_only_in_cell_features": len(cf_images - rt_images),
+    }
+    counts = cell_features.group_by("image_token").len()
+    joined = raster_tiles.select("image_token", "nonempty_pixels").join(
+        counts, on="image_token", how="inner"
+    )
+    details["pixel_count_mismatches"] = int((joined["nonempty_pixels"] != joined["len"]).sum())
+    # Value agreement: rebuild every tensor from cell_features and compare.
+    tensors = tensor_array(raster_tiles, len(channels), side)
+    pos = {tok: k for k, tok in enumerate(raster_tiles["image_token"].to_list())}
+    cf = cell_features.filter(pl.col("image_token").is_in(list(pos)))
+    idx = cf["image_token"].replace_strict(pos, return_dtype=pl.Int64).to_numpy()
+    want = np.zeros_like(tensors)
+    want[idx, :, cf["row"].to_numpy(), cf["col"].to_numpy()] = np.log1p(
+        cf.select(channels).to_numpy()
+    )
+    max_err = float(np.abs(want - tensors).max()) if tensors.size else 0.0
+    details["max_abs_difference"] = max_err
+    passed = (
+        not details["images_only_in_raster"]
+        and not details["images_only_in_cell_features"]
+        and not details["pixel_count_mismatches"]
+        and max_err <= 1e-4 * max(1.0, float(np.abs(want).max(initial=0.0)))
+    )
+    return passed, details

@@ -1,0 +1,41 @@
+"""Shared fixtures: the bundled real extracts and one real pipeline run reused by many tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from s2vec_pipeline.settings import PipelineSettings, bundled_source
+
+HELSINKI_L6 = "4693"
+MONACO_L6 = "12cd"
+
+
+@pytest.fixture(scope="session")
+def helsinki_pbf() -> Path:
+    return bundled_source("helsinki")
+
+
+@pytest.fixture(scope="session")
+def monaco_pbf() -> Path:
+    return bundled_source("monaco")
+
+
+@pytest.fixture(scope="session")
+def materialized_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both bundled extracts through extract -> features -> raster with the city profile, via a
+    real Dagster instance (temporary DAGSTER_HOME) running real materializations."""
+    import dagster as dg
+
+    from s2vec_pipeline.defs.runner import STAGES, materialize, parse_stages
+
+    root = tmp_path_factory.mktemp("s2vec_root")
+    home = tmp_path_factory.mktemp("dagster_home")
+    settings = PipelineSettings(root=str(root), profile_name="city")
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
+        report = materialize(
+            settings, [HELSINKI_L6, MONACO_L6], parse_stages(list(STAGES)), instance
+        )
+    assert report.checks_failed == []
+    return root

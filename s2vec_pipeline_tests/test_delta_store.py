@@ -1,0 +1,65 @@
+"""Delta writes replace exactly their partitions in one commit, or change nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake.exceptions import DeltaError
+
+from s2vec_pipeline import delta_store
+from s2vec_pipeline.errors import IncompatibleTableError, MissingInputError
+
+CONTRACT = {"table": "t", "profile": "city", "taxonomy_version": "v1"}
+
+
+def _rows(keys: list[str], values: list[float]) -> pa.Table:
+    return pa.table({"parent_l6": pa.array(keys, pa.string()), "x": pa.array(values, pa.float64())})
+
+
+def test_partition_replace_and_failure_atomic(tmp_path: Path) -> None:
+    root = tmp_path
+    assert (
+        delta_store.write_partitions(
+            root, "t", _rows(["a", "a", "b"], [1, 2, 3]), ["a", "b"], CONTRACT
+        )
+        == 0
+    )
+    assert delta_store.write_partitions(root, "t", _rows(["a"], [9]), ["a"], CONTRACT) == 1
+    df = delta_store.read_partitions(root, "t").sort("x")
+    assert df["parent_l6"].to_list() == ["b", "a"] and df["x"].to_list() == [3, 9]
+    # a row outside the named partitions fails the whole write: version and rows unchanged
+    with pytest.raises(DeltaError):
+        delta_store.write_partitions(root, "t", _rows(["a", "c"], [5, 6]), ["a"], CONTRACT)
+    assert delta_store.table_version(root, "t") == 1
+    assert sorted(delta_store.read_partitions(root, "t")["x"].to_list()) == [3, 9]
+    # an empty write empties exactly that partition
+    delta_store.write_partitions(root, "t", _rows([], []), ["b"], CONTRACT)
+    assert delta_store.partition_keys(root, "t") == ["a"]
+
+
+def test_contract_mismatch_refused(tmp_path: Path) -> None:
+    delta_store.write_partitions(tmp_path, "t", _rows(["a"], [1.0]), ["a"], CONTRACT)
+    with pytest.raises(IncompatibleTableError, match="taxonomy_version: table has 'v1'"):
+        delta_store.write_partitions(
+            tmp_path, "t", _rows(["a"], [1.0]), ["a"], {**CONTRACT, "taxonomy_version": "v2"}
+        )
+    assert delta_store.table_version(tmp_path, "t") == 0
+
+
+def test_missing_table_error(tmp_path: Path) -> None:
+    with pytest.raises(MissingInputError, match="materialize it first"):
+        delta_store.read_partitions(tmp_path, "raster_tiles")
+
+
+def test_streaming_batches_and_leftovers(tmp_path: Path) -> None:
+    delta_store.write_partitions(
+        tmp_path, "t", _rows(["a"] * 10 + ["b"] * 5, list(range(15))), ["a", "b"], CONTRACT
+    )
+    batches = list(delta_store.iter_batches(tmp_path, "t", ["b"], batch_size=2))
+    assert sum(b.num_rows for b in batches) == 5 and max(b.num_rows for b in batches) <= 2
+    stray = tmp_path / "t" / "parent_l6=a" / "part-x.parquet#1"
+    stray.write_bytes(b"junk")
+    assert delta_store.remove_staging_leftovers(tmp_path, "t") == [stray]
+    assert not stray.exists()

@@ -1,0 +1,223 @@
+"""osm_features on the real bundled extracts, checked against the OSM objects themselves
+(read independently with a plain pyosmium handler) and the official S2 library."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import osmium
+import polars as pl
+import pytest
+import s2geometry as s2g
+
+from s2vec_pipeline.errors import InvalidSourceError
+from s2vec_pipeline.osm_extract import (
+    EARTH_RADIUS_M,
+    OSM_FEATURES_SCHEMA,
+    extract_features,
+    source_bbox,
+)
+from s2vec_pipeline.profiles import PROFILES
+from s2vec_pipeline.taxonomy import load_taxonomy
+
+CITY = PROFILES["city"]
+OSMIUM_EARTH_RADIUS_M = 6372797.560856  # libosmium's haversine radius
+
+
+def official_cell(lat: float, lng: float, level: int) -> int:
+    u = s2g.S2CellId(s2g.S2LatLng.FromDegrees(lat, lng)).parent(level).id()
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+class _Reference(osmium.SimpleHandler):
+    """Independent read: every node and way with its tags and (for ways) node locations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: dict[int, tuple[dict[str, str], float, float]] = {}
+        self.ways: dict[int, tuple[dict[str, str], list[tuple[float, float]] | None, bool]] = {}
+
+    def node(self, n: osmium.osm.Node) -> None:
+        if len(n.tags):
+            self.nodes[n.id] = (dict(n.tags), n.location.lat, n.location.lon)
+
+    def way(self, w: osmium.osm.Way) -> None:
+        if not len(w.tags):
+            return
+        locs = [(nd.lat, nd.lon) for nd in w.nodes if nd.location.valid()]
+        complete = len(locs) == len(w.nodes)
+        self.ways[w.id] = (dict(w.tags), locs if complete else None, w.is_closed())
+
+
+@pytest.fixture(scope="module")
+def taxonomy():
+    return load_taxonomy()
+
+
+@pytest.fixture(scope="module")
+def helsinki(helsinki_pbf: Path, taxonomy):
+    df, stats = extract_features([helsinki_pbf], taxonomy, CITY)
+    ref = _Reference()
+    ref.apply_file(str(helsinki_pbf), locations=True)
+    return df, stats, ref
+
+
+def test_rows_partitions_and_ids(helsinki, taxonomy) -> None:
+    df, stats, _ = helsinki
+    assert df.height > 10_000  # Helsinki centre: thousands of POIs, roads and buildings
+    assert df["parent_l6"].unique().to_list() == ["4693"]
+    assert set(df["channel"].unique()) <= set(taxonomy.channel_names)
+    assert df["taxonomy_version"].unique().to_list() == [taxonomy.version]
+    assert stats.objects_matched > 5_000 and stats.objects_read >= stats.objects_matched
+    # a sample of rows: cell ids equal the official S2 cell of the row's point
+    sample = df.sample(500, seed=1)
+    for lat, lon, cid, img in sample.select("lat", "lon", "cell_id", "image_id").iter_rows():
+        assert cid == official_cell(lat, lon, CITY.pixel_level)
+        assert img == official_cell(lat, lon, CITY.image_level)
+
+
+def test_nodes_match_osm_objects_exactly(helsinki, taxonomy) -> None:
+    df, _, ref = helsinki
+    count_channels = set(taxonomy.indices("count").tolist())
+    expected = {
+        (nid, taxonomy.channel_names[c])
+        for nid, (tags, _, _) in ref.nodes.items()
+        for c in taxonomy.match(tags)
+        if c in count_channels
+    }
+    nodes = df.filter(pl.col("osm_type") == "node")
+    got = set(zip(nodes["osm_id"].to_list(), nodes["channel"].to_list(), strict=True))
+    assert got == expected
+    # exact location of a few restaurants
+    restaurants = nodes.filter(pl.col("channel") == "poi_food_restaurant").head(20)
+    assert restaurants.height == 20
+    for nid, lat, lon in restaurants.select("osm_id", "lat", "lon").iter_rows():
+        _, ref_lat, ref_lon = ref.nodes[nid]
+        assert (lat, lon) == (ref_lat, ref_lon)
+        assert ref.nodes[nid][0]["amenity"] == "restaurant"
+
+
+def test_way_lengths_split_per_cell(helsinki, taxonomy) -> None:
+    df, _, ref = helsinki
+    (primary,) = [
+        taxonomy.channel_names[c]
+        for c in taxonomy.match({"highway": "primary"})
+        if taxonomy.channels[c].measure == "length_m"
+    ]
+    rows = df.filter(pl.col("channel") == primary)
+    per_way = dict(rows.group_by("osm_id").agg(pl.col("length_m").sum()).iter_rows())
+    complete = {
+        wid: locs
+        for wid, (tags, locs, _) in ref.ways.items()
+        if tags.get("highway") == "primary" and locs is not None
+    }
+    assert len(complete) > 20
+    multi_cell = 0
+    for wid, locs in complete.items():
+        # libosmium's haversine with its own radius, rescaled to ours
+        ref_len = sum(
+            osmium.geom.haversine_distance(
+                osmium.osm.Location(a[1], a[0]), osmium.osm.Location(b[1], b[0])
+            )
+            for a, b in zip(locs[:-1], locs[1:], strict=True)
+        ) * (EARTH_RADIUS_M / OSMIUM_EARTH_RADIUS_M)
+        assert per_way[wid] == pytest.approx(ref_len, rel=1e-9, abs=1e-6)
+        cells = set(rows.filter(pl.col("osm_id") == wid)["cell_id"].to_list())
+        mids = {
+            official_cell((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, CITY.pixel_level)
+            for a, b in zip(locs[:-1], locs[1:], strict=True)
+        }
+        assert cells == mids
+        multi_cell += len(cells) > 1
+    assert multi_cell > 5  # long roads really are split over several cells
+
+
+def test_building_areas_against_s2_polygons(helsinki, taxonomy) -> None:
+    df, _, ref = helsinki
+    area_rows = df.filter(pl.col("area_m2").is_not_null() & (pl.col("osm_type") == "way"))
+    assert area_rows.height > 1000
+    sample = area_rows.unique("osm_id").sort("osm_id").head(200)
+    for wid, area in sample.select("osm_id", "area_m2").iter_rows():
+        tags, locs, closed = ref.ways[wid]
+        assert closed and locs is not None
+        loop = s2g.S2Loop([s2g.S2LatLng.FromDegrees(a, b).ToPoint() for a, b in locs[:-1]])
+        loop.Normalize()
+        ref_area = loop.GetArea() * EARTH_RADIUS_M**2
+        assert area == pytest.approx(ref_area, rel=2e-3), (wid, tags)
+
+
+def test_areas_are_counted_once(helsinki) -> None:
+    """A closed way yields its area rows from the area, never again as a way."""
+    df, _, _ = helsinki
+    dup = df.group_by("osm_type", "osm_id", "channel", "cell_id").len().filter(pl.col("len") > 1)
+    assert dup.height == 0
+    closed_lines = df.filter(pl.col("length_m").is_not_null() & pl.col("area_m2").is_not_null())
+    assert closed_lines.height == 0
+
+
+def test_partition_filter_and_two_sources(helsinki_pbf, monaco_pbf, taxonomy) -> None:
+    both, _ = extract_features([helsinki_pbf, monaco_pbf], taxonomy, CITY)
+    assert set(both["parent_l6"]) == {"4693", "12cd"}
+    only_monaco, stats = extract_features(
+        [helsinki_pbf, monaco_pbf], taxonomy, CITY, partitions=["12cd"]
+    )
+    assert set(only_monaco["parent_l6"]) == {"12cd"}
+    assert only_monaco.height == both.filter(pl.col("parent_l6") == "12cd").height
+    # the same source twice (overlapping extracts) keeps each object once
+    twice, _ = extract_features([monaco_pbf, monaco_pbf], taxonomy, CITY)
+    assert twice.height == only_monaco.height
+
+
+def test_source_bbox(helsinki_pbf) -> None:
+    min_lat, min_lng, max_lat, max_lng = source_bbox(helsinki_pbf)
+    assert math.isclose(min_lat, 60.164155) and math.isclose(max_lng, 24.9534145)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "does not exist"),
+        (b"", "not an OSM PBF"),
+        (b"<?xml version='1.0'?><osm></osm>" * 4, "not an OSM PBF"),
+    ],
+)
+def test_bad_sources(tmp_path: Path, taxonomy, content: bytes | None, match: str) -> None:
+    path = tmp_path / "bad.osm.pbf"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InvalidSourceError, match=match):
+        extract_features([path], taxonomy, CITY)
+
+
+def test_truncated_source(tmp_path: Path, monaco_pbf: Path, taxonomy) -> None:
+    data = monaco_pbf.read_bytes()
+    path = tmp_path / "truncated.osm.pbf"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidSourceError, match="truncated or corrupt"):
+        extract_features([path], taxonomy, CITY)
+
+
+def test_wrong_extension(tmp_path: Path, taxonomy) -> None:
+    path = tmp_path / "city.osm"
+    path.write_text("<osm/>")
+    with pytest.raises(InvalidSourceError, match="not a .osm.pbf"):
+        extract_features([path], taxonomy, CITY)
+
+
+def test_empty_extract_gives_no_rows(tmp_path: Path, taxonomy) -> None:
+    """A valid PBF holding nothing the taxonomy maps yields zero rows (the asset then errors)."""
+    path = tmp_path / "empty.osm.pbf"
+    with osmium.SimpleWriter(str(path)) as w:
+        w.add_node(osmium.osm.mutable.Node(id=1, location=(24.94, 60.17), tags={"note": "x"}))
+    df, stats = extract_features([path], taxonomy, CITY)
+    assert df.height == 0 and stats.objects_matched == 0
+    assert dict(df.schema) == OSM_FEATURES_SCHEMA
+
+
+def test_bbox_from_nodes_when_header_has_none(tmp_path: Path) -> None:
+    path = tmp_path / "nobox.osm.pbf"
+    with osmium.SimpleWriter(str(path)) as w:
+        w.add_node(osmium.osm.mutable.Node(id=1, location=(24.94, 60.17), tags={"shop": "bakery"}))
+        w.add_node(osmium.osm.mutable.Node(id=2, location=(24.95, 60.18), tags={}))
+    assert source_bbox(path) == pytest.approx((60.17, 24.94, 60.18, 24.95))

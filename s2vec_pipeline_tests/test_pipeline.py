@@ -1,0 +1,216 @@
+"""End to end through a real Dagster instance: both bundled extracts, city profile, real Delta."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from s2vec_pipeline import delta_store
+from s2vec_pipeline.cell_features import aggregate_cell_features
+from s2vec_pipeline.cli import main
+from s2vec_pipeline.defs.runner import STAGES, materialize, parse_stages
+from s2vec_pipeline.profiles import PROFILES
+from s2vec_pipeline.raster import tensor_array
+from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.taxonomy import load_taxonomy
+from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
+
+TABLES = ["osm_features", "cell_features", "raster_tiles"]
+SHARED_CHECKS = Path(__file__).resolve().parents[2] / "shared" / "checks"
+
+
+def test_tables_and_contracts(materialized_root: Path) -> None:
+    tax = load_taxonomy()
+    city = PROFILES["city"]
+    for name in TABLES:
+        assert delta_store.partition_keys(materialized_root, name) == [MONACO_L6, HELSINKI_L6]
+        contract = delta_store.table_contract(materialized_root, name)
+        assert contract["taxonomy_version"] == tax.version
+        assert (contract["image_level"], contract["pixel_level"], contract["side"]) == (13, 17, 16)
+    raster_contract = delta_store.table_contract(materialized_root, "raster_tiles")
+    assert raster_contract["channels"] == list(tax.channel_names)
+
+    features = delta_store.read_partitions(materialized_root, "osm_features")
+    cells = delta_store.read_partitions(materialized_root, "cell_features")
+    raster = delta_store.read_partitions(materialized_root, "raster_tiles")
+    # cell_features is exactly the aggregation of what osm_features holds
+    again = aggregate_cell_features(features, tax, city)
+    assert cells.sort("cell_id").equals(again.sort("cell_id"))
+    # one raster row per image with data, pixel counts agreeing
+    per_image = cells.group_by("image_token").len()
+    joined = raster.join(per_image, on="image_token")
+    assert joined.height == raster.height == per_image.height
+    assert (joined["nonempty_pixels"] == joined["len"]).all()
+    tensors = tensor_array(raster, len(tax.channels), city.side)
+    assert tensors.shape == (raster.height, len(tax.channels), 16, 16)
+    assert raster.filter(pl.col("parent_l6") == HELSINKI_L6).height > 50
+
+
+@pytest.mark.skipif(not SHARED_CHECKS.exists(), reason="../shared/checks not beside this clone")
+def test_independent_contract_check(materialized_root: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(SHARED_CHECKS / "check_data_layer.py"),
+            str(materialized_root),
+            "13",
+            "17",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "problems=0" in out.stdout
+
+
+def _partition_files(root: Path, table: str, token: str) -> dict[str, float]:
+    part = root / table / f"parent_l6={token}"
+    return {p.name: p.stat().st_mtime for p in part.glob("*.parquet")}
+
+
+def test_rerun_is_idempotent_and_isolated(tmp_path: Path) -> None:
+    settings = PipelineSettings(root=str(tmp_path / "root"), profile_name="city")
+    assets = parse_stages(list(STAGES))
+    with dg.DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+        first = materialize(settings, [HELSINKI_L6, MONACO_L6], assets, instance)
+        assert len(first.run_ids) == 1  # contiguous keys: one run, each source read once
+        before = {t: delta_store.read_partitions(settings.root, t) for t in TABLES}
+        versions = {t: delta_store.table_version(settings.root, t) for t in TABLES}
+        helsinki_files = {t: _partition_files(tmp_path / "root", t, HELSINKI_L6) for t in TABLES}
+
+        materialize(settings, [MONACO_L6], assets, instance)
+        for t in TABLES:
+            after = delta_store.read_partitions(settings.root, t)
+            assert after.height == before[t].height  # replaced, never duplicated
+            key = "image_id" if t == "raster_tiles" else "cell_id"
+            sort = [key] if t != "osm_features" else ["cell_id", "channel", "osm_type", "osm_id"]
+            assert after.sort(sort).equals(before[t].sort(sort))
+            assert delta_store.table_version(settings.root, t) == versions[t] + 1
+            # Helsinki's files were not rewritten by Monaco's rerun
+            assert _partition_files(tmp_path / "root", t, HELSINKI_L6) == helsinki_files[t]
+
+        # the Dagster instance recorded one materialization per partition per run
+        records = instance.fetch_materializations(dg.AssetKey("osm_features"), limit=10).records
+        assert sorted(r.partition_key for r in records) == [MONACO_L6, MONACO_L6, HELSINKI_L6]
+        meta = records[0].asset_materialization.metadata
+        assert meta["rows_by_partition"].data[MONACO_L6] > 0
+
+
+def _cli(*args: str) -> int:
+    return main(["materialize", *args])
+
+
+@pytest.fixture(scope="module")
+def monaco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli_root")
+    assert _cli("--root", str(root), "--cells", MONACO_L6) == 0
+    return root
+
+
+def _versions(root: Path) -> dict[str, int | None]:
+    return {t: delta_store.table_version(root, t) for t in TABLES}
+
+
+def test_cli_prints_what_it_wrote(monaco_root: Path, capsys: pytest.CaptureFixture) -> None:
+    assert (
+        _cli("--root", str(monaco_root), "--cells", MONACO_L6, "--stages", "features,raster") == 0
+    )
+    out = capsys.readouterr().out
+    assert "partitions: 12cd" in out
+    assert (
+        "cell_features" in out
+        and "raster_tiles" in out
+        and "osm_features" not in out.split("table")[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cells", "zz"], "not a valid"),
+        (["--cells", "4693"], "outside every configured source"),
+        (["--cells", "12cf"], "outside every configured source"),
+        (["--cells", "12cc"], "at S2 level 5"),
+        (["--cells", "12cd4"], "level-6 parent is 12cd"),
+        (["--profile", "huge"], "unknown profile"),
+        (["--profile", "custom:13:12"], "must be greater than image level"),
+        (["--profile", "custom:5:9"], "must be greater than the partition level"),
+        (["--profile", "custom:8:15"], "exceeds 64"),
+        (["--stages", "extract,bake"], "unknown stage"),
+        (["--source", "/nonexistent/x.osm.pbf"], "does not exist"),
+    ],
+)
+def test_cli_bad_input(
+    monaco_root: Path,
+    monaco_pbf: Path,
+    capsys: pytest.CaptureFixture,
+    args: list[str],
+    message: str,
+) -> None:
+    before = _versions(monaco_root)
+    base = ["--root", str(monaco_root)]
+    if "--source" not in args:
+        base += ["--source", str(monaco_pbf)]
+    assert _cli(*base, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert _versions(monaco_root) == before
+
+
+def test_truncated_source_leaves_tables_untouched(
+    monaco_root: Path, monaco_pbf: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = monaco_pbf.read_bytes()
+    bad = tmp_path / "monaco-truncated.osm.pbf"
+    bad.write_bytes(data[: int(len(data) * 0.6)])
+    before = _versions(monaco_root)
+    rows = delta_store.read_partitions(monaco_root, "osm_features").height
+    assert _cli("--root", str(monaco_root), "--source", str(bad), "--cells", MONACO_L6) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert _versions(monaco_root) == before
+    assert delta_store.read_partitions(monaco_root, "osm_features").height == rows
+
+
+def test_other_profile_on_same_root_is_refused(
+    monaco_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = _versions(monaco_root)
+    assert _cli("--root", str(monaco_root), "--cells", MONACO_L6, "--profile", "paper") == 2
+    err = capsys.readouterr().err
+    assert "written with different settings" in err and "another --root" in err
+    assert _versions(monaco_root) == before
+
+
+def test_no_matching_features(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import osmium
+
+    src = tmp_path / "nothing.osm.pbf"
+    with osmium.SimpleWriter(str(src)) as w:
+        w.add_node(osmium.osm.mutable.Node(id=1, location=(7.42, 43.73), tags={"note": "x"}))
+    root = tmp_path / "root"
+    assert _cli("--root", str(root), "--source", str(src)) == 2
+    assert "matches the taxonomy" in capsys.readouterr().err
+    assert not (root / "osm_features").exists()
+
+
+def test_metadata_in_instance(tmp_path: Path) -> None:
+    settings = PipelineSettings(root=str(tmp_path / "root"), profile_name="city")
+    with dg.DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+        materialize(settings, [MONACO_L6], parse_stages(list(STAGES)), instance)
+        rec = instance.fetch_materializations(dg.AssetKey("raster_tiles"), limit=1).records[0]
+        meta = rec.asset_materialization.metadata
+        assert meta["preview"].value.startswith("![raster of 12cd](data:image/png;base64,")
+        assert meta["images"].value > 10
+        checks = instance.event_log_storage.get_latest_asset_check_execution_by_check_key(
+            [dg.AssetCheckKey(dg.AssetKey("raster_tiles"), "agrees_with_cell_features")]
+        )
+        assert len(checks) == 1
+        versions = meta["data_versions"].data
+        assert set(versions) == {MONACO_L6} and len(json.dumps(versions)) > 10
