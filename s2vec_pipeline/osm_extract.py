@@ -49,6 +49,7 @@ OSM_FEATURES_SCHEMA: dict[str, pl.DataType] = {
 }
 
 _KIND_NODE, _KIND_WAY, _KIND_AREA = 0, 1, 2
+_GEOMETRY_ERRORS = (RuntimeError, osmium.InvalidLocationError)
 _OSM_TYPE = {"n": "node", "w": "way", "r": "relation"}
 
 
@@ -174,7 +175,7 @@ def _read_source(
                     continue
                 try:
                     geom = bytes.fromhex(make_line(obj))
-                except RuntimeError:  # fewer than two nodes with locations (clipped extract)
+                except _GEOMETRY_ERRORS:  # too few nodes with locations (clipped extract)
                     failed += 1
                     continue
                 kind_a(_KIND_WAY), type_a("way"), id_a(obj.id)
@@ -185,7 +186,7 @@ def _read_source(
                     continue
                 try:
                     geom = bytes.fromhex(make_area(obj))
-                except RuntimeError:
+                except _GEOMETRY_ERRORS:
                     failed += 1
                     continue
                 kind_a(_KIND_AREA), type_a("way" if obj.from_way() else "relation")

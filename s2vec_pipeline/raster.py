@@ -52,7 +52,7 @@ def iter_raster_batches(
     images = cf.group_by("image_token", maintain_order=True).agg(
         pl.col("parent_l6").first(), pl.len().alias("nonempty_pixels")
     )
-    starts = np.concatenate([[0], np.cumsum(images["nonempty_pixels"].to_numpy())])
+    starts = np.concatenate([[0], np.cumsum(images["nonempty_pixels"].to_numpy().astype(np.int64))])
     channel_values = cf.select(list(channel_names)).to_numpy()
     rows = cf["row"].to_numpy().astype(np.intp)
     cols = cf["col"].to_numpy().astype(np.intp)

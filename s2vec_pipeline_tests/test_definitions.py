@@ -51,7 +51,7 @@ def test_workspace_loads_with_dagster_cli(tmp_path: Path) -> None:
 
 def test_sensor_registers_source_cells(tmp_path: Path) -> None:
     settings = PipelineSettings(root=str(tmp_path / "root"))
-    with dg.DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+    with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
         ctx = dg.build_sensor_context(
             instance=instance, resources={"s2vec": S2VecResource.from_settings(settings)}
         )

@@ -65,7 +65,7 @@ def helsinki(helsinki_pbf: Path, taxonomy):
 
 def test_rows_partitions_and_ids(helsinki, taxonomy) -> None:
     df, stats, _ = helsinki
-    assert df.height > 10_000  # Helsinki centre: thousands of POIs, roads and buildings
+    assert df.height > 8_000  # Helsinki centre: thousands of POIs, roads and buildings
     assert df["parent_l6"].unique().to_list() == ["4693"]
     assert set(df["channel"].unique()) <= set(taxonomy.channel_names)
     assert df["taxonomy_version"].unique().to_list() == [taxonomy.version]
@@ -136,7 +136,7 @@ def test_way_lengths_split_per_cell(helsinki, taxonomy) -> None:
 def test_building_areas_against_s2_polygons(helsinki, taxonomy) -> None:
     df, _, ref = helsinki
     area_rows = df.filter(pl.col("area_m2").is_not_null() & (pl.col("osm_type") == "way"))
-    assert area_rows.height > 1000
+    assert area_rows.height > 500
     sample = area_rows.unique("osm_id").sort("osm_id").head(200)
     for wid, area in sample.select("osm_id", "area_m2").iter_rows():
         tags, locs, closed = ref.ways[wid]

@@ -6,8 +6,6 @@ Delta directly (one atomic commit replacing exactly their partitions) and return
 check results; no IO manager is involved.
 """
 
-from __future__ import annotations
-
 import time
 
 import dagster as dg

@@ -31,7 +31,11 @@ class RunReport:
     run_ids: list[str] = field(default_factory=list)
     partitions: list[str] = field(default_factory=list)
     assets: list[str] = field(default_factory=list)
-    checks_failed: list[str] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
+
+    @property
+    def checks_failed(self) -> list[str]:
+        return [name for name, passed in self.checks.items() if not passed]
 
 
 def parse_stages(stages: Sequence[str]) -> list[str]:
@@ -102,6 +106,6 @@ def materialize(
             raise
         report.run_ids.append(result.run_id)
         for ev in result.get_asset_check_evaluations():
-            if not ev.passed:
-                report.checks_failed.append(f"{ev.asset_key.to_user_string()}:{ev.check_name}")
+            name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
+            report.checks[name] = report.checks.get(name, True) and ev.passed
     return report

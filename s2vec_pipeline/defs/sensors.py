@@ -1,7 +1,5 @@
 """Sensors: keep the partition set equal to the level-6 cells the configured sources cover."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
