@@ -1,0 +1,384 @@
+"""osm_changes on the real bundled extracts with hand-written osmChange files."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import osmium
+import pytest
+
+from s2vec_pipeline import osm_changes as oc
+from s2vec_pipeline import s2
+from s2vec_pipeline.osm_extract import source_bbox
+from s2vec_pipeline.settings import cells_covering_source
+
+HELSINKI_L6 = "4693"
+MONACO_L6 = "12cd"
+TS = "2019-05-01T00:00:00Z"  # after the newest object of the Helsinki extract (2019-04-21)
+OLD_TS = "2010-01-01T00:00:00Z"  # before any object it holds
+WAY_NODE = 241041531  # a node of a few Helsinki ways
+STATION = 25389429  # Helsinki railway station: a tagged node used by no way
+HOTEL = 55211772  # a hotel node used by no way
+WAY = 4236349  # Erottajankatu, highway=unclassified
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def helsinki_objects(helsinki_pbf: Path) -> dict:
+    """Current versions of the objects the tests edit, read from the real extract."""
+    ids = osmium.filter.IdFilter([WAY_NODE, STATION, HOTEL, WAY])
+    out: dict = {}
+    for obj in osmium.FileProcessor(str(helsinki_pbf)).with_filter(ids):
+        if obj.is_node():
+            out[("n", obj.id)] = (obj.version, obj.location.lat, obj.location.lon)
+        elif obj.is_way():
+            out[("w", obj.id)] = (obj.version, [n.ref for n in obj.nodes], dict(obj.tags))
+    assert len(out) == 4
+    return out
+
+
+def _node(nid: int, version: int, lat: float, lon: float, ts: str = TS) -> str:
+    return (
+        f'  <node id="{nid}" version="{version}" timestamp="{ts}" uid="1" user="t" '
+        f'changeset="1" lat="{lat:.7f}" lon="{lon:.7f}"/>\n'
+    )
+
+
+def _way(wid: int, version: int, refs: list[int], tags: dict[str, str]) -> str:
+    body = "".join(f'    <nd ref="{r}"/>\n' for r in refs)
+    body += "".join(f'    <tag k="{k}" v="{v}"/>\n' for k, v in tags.items())
+    return (
+        f'  <way id="{wid}" version="{version}" timestamp="{TS}" uid="1" user="t" '
+        f'changeset="1">\n{body}  </way>\n'
+    )
+
+
+def _osc(path: Path, modify: str = "", delete: str = "", create: str = "") -> Path:
+    text = "<?xml version='1.0' encoding='UTF-8'?>\n<osmChange version=\"0.6\" generator=\"t\">\n"
+    for action, body in (("create", create), ("modify", modify), ("delete", delete)):
+        if body:
+            text += f"<{action}>\n{body}</{action}>\n"
+    text += "</osmChange>\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def _read(pbf: Path, nodes: list[int] = (), ways: list[int] = ()) -> dict:
+    out: dict = {}
+    flt = osmium.filter.IdFilter([*nodes, *ways])
+    for obj in osmium.FileProcessor(str(pbf)).with_filter(flt):
+        if obj.is_node() and obj.id in nodes:
+            out[("n", obj.id)] = (obj.version, obj.location.lat, obj.location.lon)
+        elif obj.is_way() and obj.id in ways:
+            out[("w", obj.id)] = (obj.version, dict(obj.tags))
+    return out
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    sources = root / oc.SOURCES_DIR
+    if not sources.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(sources.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_list_change_files_replication_and_natural_order(tmp_path: Path) -> None:
+    rep = tmp_path / "rep"
+    for rel in ["000/001/002.osc.gz", "000/000/010.osc.gz", "000/000/009.osc", "001/000/000.osc"]:
+        _osc(rep / rel)
+    (rep / "000/000/009.state.txt").write_text("sequenceNumber=9\n")
+    (rep / "000/000/notes.txt").write_text("not a change file")
+    got = [p.relative_to(rep).as_posix() for p in oc.list_change_files(rep)]
+    assert got == ["000/000/009.osc", "000/000/010.osc.gz", "000/001/002.osc.gz", "001/000/000.osc"]
+    assert oc.change_file_name(rep / "000/001/002.osc.gz") == "000/001/002.osc.gz"
+    assert oc.replication_sequence(rep / "000/001/002.osc.gz") == 1002
+
+    plain = tmp_path / "plain"
+    for name in ["day-10.osc", "day-9.osc.gz", "day-100.osc", "Day-2.osc"]:
+        _osc(plain / name)
+    got = [p.name for p in oc.list_change_files(plain)]
+    assert got == ["Day-2.osc", "day-9.osc.gz", "day-10.osc", "day-100.osc"]
+    assert oc.change_file_name(plain / "day-10.osc") == "day-10.osc"
+    assert oc.replication_sequence(plain / "day-10.osc") is None
+
+    _osc(plain / "day-9.osc")  # the same change plain and gzipped
+    with pytest.raises(oc.ChangeFileError, match=r"day-9\.osc.*day-9\.osc"):
+        oc.list_change_files(plain)
+    with pytest.raises(oc.ChangeFileError, match="does not exist"):
+        oc.list_change_files(tmp_path / "missing")
+
+
+def test_apply_changes_end_to_end(tmp_path: Path, helsinki_pbf: Path, helsinki_objects) -> None:
+    root, changes = tmp_path / "root", tmp_path / "changes"
+    original_sha = _sha(helsinki_pbf)
+    nv = helsinki_objects[("n", WAY_NODE)][0]
+    wv, refs, tags = helsinki_objects[("w", WAY)]
+    new_tags = {**tags, "highway": "residential"}
+    _osc(
+        changes / "helsinki-0001.osc.gz",
+        modify=_node(WAY_NODE, nv + 1, 60.1667, 24.9468) + _way(WAY, wv + 1, refs, new_tags),
+    )
+
+    res = oc.apply_changes(root, helsinki_pbf, changes)
+    assert res.applied == [changes / "helsinki-0001.osc.gz"] and res.skipped == []
+    assert res.touched_cells == [HELSINKI_L6]
+    assert res.extract.parent == root / oc.SOURCES_DIR / "helsinki"
+    assert res.extract.name.endswith(".osm.pbf") and res.extract != helsinki_pbf
+    got = _read(res.extract, nodes=[WAY_NODE], ways=[WAY])
+    assert got[("n", WAY_NODE)] == (nv + 1, pytest.approx(60.1667), pytest.approx(24.9468))
+    assert got[("w", WAY)] == (wv + 1, new_tags)
+    assert _sha(helsinki_pbf) == original_sha  # the user's file is never modified
+    # Header: the box (partitions come from it) is carried over.
+    assert source_bbox(res.extract) == pytest.approx(source_bbox(helsinki_pbf))
+    assert cells_covering_source(res.extract) == [HELSINKI_L6]
+    assert oc.current_extract(root, helsinki_pbf) == res.extract
+
+    ledger = oc.read_ledger(root, helsinki_pbf)
+    assert ledger["source"]["sha256"] == original_sha
+    assert ledger["extract"] == res.extract.name
+    (entry,) = ledger["applied"]
+    f1 = changes / "helsinki-0001.osc.gz"
+    assert entry["name"] == "helsinki-0001.osc.gz"
+    assert (entry["sha256"], entry["size"]) == (_sha(f1), f1.stat().st_size)
+    assert entry["cells"] == [HELSINKI_L6] and entry["applied_at"].endswith("Z")
+    assert [a.name for a in oc.applied_changes(root, helsinki_pbf)] == ["helsinki-0001.osc.gz"]
+
+    # Rerun on the same folder: nothing applied twice, nothing touched, ledger unchanged.
+    before = _snapshot(root)
+    again = oc.apply_changes(root, helsinki_pbf, changes)
+    assert again.applied == [] and again.skipped == [f1] and again.touched_cells == []
+    assert again.extract == res.extract
+    assert _snapshot(root) == before
+
+    # A later file applies on top of the first; the previous updated extract goes away.
+    _osc(changes / "helsinki-0002.osc", modify=_node(WAY_NODE, nv + 2, 60.1668, 24.9469))
+    second = oc.apply_changes(root, helsinki_pbf, oc.list_change_files(changes))
+    assert second.applied == [changes / "helsinki-0002.osc"] and second.skipped == [f1]
+    assert second.touched_cells == [HELSINKI_L6]
+    got = _read(second.extract, nodes=[WAY_NODE], ways=[WAY])
+    assert got[("n", WAY_NODE)] == (nv + 2, pytest.approx(60.1668), pytest.approx(24.9469))
+    assert got[("w", WAY)] == (wv + 1, new_tags)  # the first file's change is still there
+    assert not res.extract.exists()
+    assert [e["name"] for e in oc.read_ledger(root, helsinki_pbf)["applied"]] == [
+        "helsinki-0001.osc.gz",
+        "helsinki-0002.osc",
+    ]
+
+    # The same name with other content is refused.
+    _osc(changes / "helsinki-0002.osc", modify=_node(WAY_NODE, nv + 3, 60.1669, 24.947))
+    before = _snapshot(root)
+    with pytest.raises(oc.ChangeLedgerError, match="helsinki-0002.osc.*other content"):
+        oc.apply_changes(root, helsinki_pbf, changes)
+    assert _snapshot(root) == before
+
+
+def test_node_moved_to_another_cell_and_deleted_node(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects
+) -> None:
+    sv, lat, lon = helsinki_objects[("n", STATION)]
+    root = tmp_path / "root"
+    moved = _osc(tmp_path / "c/1.osc", modify=_node(STATION, sv + 1, 43.735, 7.42))  # Monaco
+    res = oc.apply_changes(root, helsinki_pbf, [moved])
+    assert res.touched_cells == [MONACO_L6, HELSINKI_L6]
+    assert _read(res.extract, nodes=[STATION])[("n", STATION)][1:] == (
+        pytest.approx(43.735),
+        pytest.approx(7.42),
+    )
+
+    hv, hlat, hlon = helsinki_objects[("n", HOTEL)]
+    deleted = _osc(tmp_path / "c/2.osc", delete=_node(HOTEL, hv + 1, hlat, hlon))
+    res = oc.apply_changes(root, helsinki_pbf, [moved, deleted])
+    assert res.applied == [deleted] and res.skipped == [moved]
+    assert res.touched_cells == [HELSINKI_L6]
+    assert _read(res.extract, nodes=[HOTEL, STATION]).keys() == {("n", STATION)}
+
+
+def test_way_node_moved_across_cells_touches_the_ways_span(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects
+) -> None:
+    """The ways using a moved node now run from Helsinki to the new cell: their segments'
+    midpoints can land in any cell meeting their bounding box, so all of those are reported.
+    Here that adds 468d, which holds neither the old nor the new location of the node: it is
+    found only through the ways (IdTracker forward references)."""
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    f = _osc(tmp_path / "c/1.osc", modify=_node(WAY_NODE, nv + 1, 61.0, 24.5))
+    res = oc.apply_changes(tmp_path / "root", helsinki_pbf, [f])
+    new_cell = str(s2.to_token(s2.latlng_to_cell_id(61.0, 24.5, 6)))
+    assert new_cell == "468f"
+    assert res.touched_cells == ["468d", "468f", HELSINKI_L6]
+    entry = oc.read_ledger(tmp_path / "root", helsinki_pbf)["applied"][0]
+    assert entry["cells"] == res.touched_cells
+
+
+def test_corrupt_change_file_applies_nothing(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects
+) -> None:
+    root, changes = tmp_path / "root", tmp_path / "changes"
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    good = _osc(changes / "1.osc.gz", modify=_node(WAY_NODE, nv + 1, lat, lon + 1e-4))
+    oc.apply_changes(root, helsinki_pbf, changes)
+    before = _snapshot(root)
+
+    good2 = _osc(changes / "2.osc", modify=_node(WAY_NODE, nv + 2, lat, lon + 2e-4))
+    truncated = changes / "3.osc.gz"
+    truncated.write_bytes(gzip.compress(good2.read_bytes())[:60])
+    with pytest.raises(oc.ChangeFileError, match=r"3\.osc\.gz.*(truncated|corrupt)"):
+        oc.apply_changes(root, helsinki_pbf, changes)
+    assert _snapshot(root) == before  # neither 2.osc nor 3.osc.gz applied, no new extract
+
+    truncated.write_text("this is not XML")
+    with pytest.raises(oc.ChangeFileError, match=r"3\.osc\.gz"):
+        oc.apply_changes(root, helsinki_pbf, changes)
+    truncated.unlink()
+    xml_cut = changes / "3.osc"
+    xml_cut.write_bytes(good2.read_bytes()[:150])
+    with pytest.raises(oc.ChangeFileError, match=r"3\.osc .*(truncated|corrupt)"):
+        oc.apply_changes(root, helsinki_pbf, changes)
+    xml_cut.write_text('<osm version="0.6"><node id="1" version="1" lat="1" lon="1"/></osm>')
+    with pytest.raises(oc.ChangeFileError, match="not an osmChange"):
+        oc.apply_changes(root, helsinki_pbf, changes)
+    assert _snapshot(root) == before
+    assert good.exists()
+
+
+def test_stale_change_file_is_refused(tmp_path: Path, helsinki_pbf: Path, helsinki_objects) -> None:
+    """Rule: refused when no object it shares with the extract is newer (greater version, or
+    the same version with a later timestamp, as the merge orders them)."""
+    root = tmp_path / "root"
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    sv, slat, slon = helsinki_objects[("n", STATION)]
+    stale = _osc(
+        tmp_path / "c/old.osc",
+        modify=_node(WAY_NODE, nv, lat + 0.01, lon, OLD_TS) + _node(STATION, sv - 1, slat, slon),
+    )
+    with pytest.raises(oc.StaleChangeError, match=r"old\.osc is older than the extract"):
+        oc.apply_changes(root, helsinki_pbf, [stale])
+    assert _snapshot(root) == {}
+
+    # Overlapping the extract in part (one object newer) is fine; the stale object is ignored.
+    overlap = _osc(
+        tmp_path / "c/overlap.osc",
+        modify=_node(WAY_NODE, nv + 1, lat + 1e-4, lon) + _node(STATION, sv - 1, 43.7, 7.4),
+    )
+    res = oc.apply_changes(root, helsinki_pbf, [overlap])
+    assert res.touched_cells == [HELSINKI_L6]  # the stale move to Monaco takes no effect
+    got = _read(res.extract, nodes=[WAY_NODE, STATION])
+    assert got[("n", STATION)] == (sv, pytest.approx(slat), pytest.approx(slon))
+    assert got[("n", WAY_NODE)][0] == nv + 1
+
+    # Same version, later timestamp: the merge keeps this copy, so it is newer and applies.
+    same_version = _osc(tmp_path / "c/same.osc", modify=_node(STATION, sv, 43.735, 7.42))
+    res = oc.apply_changes(root, helsinki_pbf, [same_version])
+    assert res.touched_cells == [MONACO_L6, HELSINKI_L6]
+    assert _read(res.extract, nodes=[STATION])[("n", STATION)][1] == pytest.approx(43.735)
+
+    # Once applied, the same changes under another name are stale against the new extract.
+    renamed = tmp_path / "c/overlap-copy.osc"
+    renamed.write_text(overlap.read_text() + "\n")
+    with pytest.raises(oc.StaleChangeError, match="overlap-copy.osc"):
+        oc.apply_changes(root, helsinki_pbf, [renamed])
+    shutil.copy(overlap, renamed)  # byte-identical copy: recognised as already applied content
+    with pytest.raises(oc.ChangeLedgerError, match="same content"):
+        oc.apply_changes(root, helsinki_pbf, [renamed])
+
+
+def test_replication_sequence_and_header(tmp_path: Path, monaco_pbf: Path) -> None:
+    """Monaco's header says replication sequence 3919: a replication file must come after it;
+    the new extract's header gets the sequence and timestamp of the state file."""
+    for node in osmium.FileProcessor(str(monaco_pbf), osmium.osm.NODE):
+        nid, version, lat, lon = node.id, node.version, node.location.lat, node.location.lon
+        break
+    root, rep = tmp_path / "root", tmp_path / "rep"
+    old = _osc(rep / "000/003/919.osc", modify=_node(nid, version + 1, lat, lon + 1e-4))
+    with pytest.raises(oc.StaleChangeError, match="sequence 3919, not after the extract's 3919"):
+        oc.apply_changes(root, monaco_pbf, [old])
+    old.unlink()
+
+    new = _osc(rep / "000/003/920.osc.gz", modify=_node(nid, version + 1, lat, lon + 1e-4))
+    (rep / "000/003/920.state.txt").write_text(
+        "#Wed Dec 27 21:21:22 UTC 2023\nsequenceNumber=3920\ntimestamp=2023-12-27T21\\:21\\:22Z\n"
+    )
+    res = oc.apply_changes(root, monaco_pbf, rep)
+    assert res.applied == [new] and res.touched_cells == [MONACO_L6]
+    reader = osmium.io.Reader(str(res.extract), osmium.osm.osm_entity_bits.NOTHING)
+    header = reader.header()
+    reader.close()
+    assert header.get("osmosis_replication_sequence_number") == "3920"
+    assert header.get("osmosis_replication_timestamp") == "2023-12-27T21:21:22Z"
+    assert header.get("osmosis_replication_base_url").startswith("http")
+    assert source_bbox(res.extract) == pytest.approx(source_bbox(monaco_pbf))
+    entry = oc.read_ledger(root, monaco_pbf)["applied"][0]
+    assert (entry["name"], entry["sequence"]) == ("000/003/920.osc.gz", 3920)
+
+
+def test_changed_source_is_refused_until_reset(
+    tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path, helsinki_objects
+) -> None:
+    src = tmp_path / "src" / "city.osm.pbf"
+    src.parent.mkdir()
+    shutil.copy(helsinki_pbf, src)
+    root = tmp_path / "root"
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    f = _osc(tmp_path / "c/1.osc", modify=_node(WAY_NODE, nv + 1, lat, lon + 1e-4))
+    first = oc.apply_changes(root, src, [f])
+    shutil.copy(monaco_pbf, src)  # the user replaced the file
+    with pytest.raises(oc.ChangeLedgerError, match="reset_source"):
+        oc.apply_changes(root, src, [f])
+    assert first.extract.exists()
+    oc.reset_source(root, src)
+    assert oc.read_ledger(root, src) is None and oc.current_extract(root, src) == src
+    shutil.copy(helsinki_pbf, src)
+    assert oc.apply_changes(root, src, [f]).applied == [f]
+    ledger = json.loads((root / oc.SOURCES_DIR / "city" / "ledger.json").read_text())
+    assert ledger["batches"] == 1 and np.size(ledger["applied"]) == 1
+
+
+def test_scattered_changed_nodes_take_the_python_path(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the C++ id filter off (as for node ids in too many 4M-id blocks) Python reads the
+    changed nodes' versions itself: same staleness decisions, same cells."""
+    monkeypatch.setattr(oc, "_DENSE_FILTER_BLOCKS", -1)
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    sv = helsinki_objects[("n", STATION)][0]
+    stale = _osc(tmp_path / "c/old.osc", modify=_node(WAY_NODE, nv, lat, lon, OLD_TS))
+    with pytest.raises(oc.StaleChangeError, match="old.osc"):
+        oc.apply_changes(tmp_path / "root", helsinki_pbf, [stale])
+    moved = _osc(tmp_path / "c/new.osc", modify=_node(STATION, sv + 1, 43.735, 7.42))
+    res = oc.apply_changes(tmp_path / "root", helsinki_pbf, [moved])
+    assert res.touched_cells == [MONACO_L6, HELSINKI_L6]
+
+
+def test_touched_cells_follow_area_relations_not_other_relations() -> None:
+    """Synthetic base: moving a node of way 1 touches multipolygon 10 (ways 1 and 2, the latter
+    in cell 468f), so every cell meeting the multipolygon's box; route 11 (ways 1 and 3, the
+    latter in Monaco) makes no area and adds nothing."""
+    base = oc._Base()
+    base.locations = osmium.index.create_map("flex_mem")
+    coords = {1: (60.17, 24.94), 2: (60.171, 24.95), 3: (61.0, 24.5), 4: (61.01, 24.51)}
+    coords |= {5: (43.735, 7.42), 6: (43.736, 7.421)}
+    for nid, (lat, lon) in coords.items():
+        base.locations.set(nid, osmium.osm.Location(lon, lat))
+        base.node_stamps[nid] = (1, 0.0)
+    v1 = (1, 0.0)
+    base.ways = {1: (v1, (1, 2)), 2: (v1, (3, 4)), 3: (v1, (5, 6))}
+    base.rels = {10: (v1, (("w", 1), ("w", 2)), True), 11: (v1, (("w", 1), ("w", 3)), False)}
+    change = oc._ChangeFile(Path("x.osc"), "x.osc", "0" * 64, 0, None, None)
+    change.nodes[1] = ((2, 0.0), (60.1701, 24.9401))
+    (cells,) = oc._touched_cells([change], base)
+    box = set(s2.to_token(s2.cover_bbox(60.17, 24.5, 61.01, 24.95)).tolist())
+    assert cells == box | {HELSINKI_L6}
+    assert "468f" in cells and MONACO_L6 not in cells
