@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 
 def config_hash(obj: Any, length: int = 16) -> str:
@@ -23,7 +23,11 @@ def frame_hash(df: pl.DataFrame, sort_by: Sequence[str], length: int = 16) -> st
     Used as the data version of one partition of a table: the same rows give the same version.
     """
     sorted_df = df.sort(list(sort_by)) if df.height else df
-    # Arrow IPC bytes carry schema and values (and nothing outside slices, unlike raw buffers).
-    buf = io.BytesIO()
-    sorted_df.rechunk().write_ipc_stream(buf, compression="uncompressed")
-    return hashlib.sha256(buf.getvalue()).hexdigest()[:length]
+    # Canonical bytes: Arrow IPC of plain (non-view) arrays in one chunk. Polars' string views
+    # can point into buffers shared with rows filtered away, so its own IPC output is not a
+    # function of the content alone.
+    table = sorted_df.to_arrow(compat_level=pl.CompatLevel.oldest()).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()[:length]

@@ -63,3 +63,15 @@ def test_streaming_batches_and_leftovers(tmp_path: Path) -> None:
     stray.write_bytes(b"junk")
     assert delta_store.remove_staging_leftovers(tmp_path, "t") == [stray]
     assert not stray.exists()
+
+
+def test_frame_hash_is_a_function_of_content() -> None:
+    import polars as pl
+
+    from s2vec_pipeline.versioning import frame_hash
+
+    both = pl.DataFrame({"parent_l6": ["a", "b", "a"], "s": ["xx" * 20, "yy" * 20, "zz" * 20]})
+    alone = pl.DataFrame({"parent_l6": ["a", "a"], "s": ["zz" * 20, "xx" * 20]})
+    sliced = both.filter(pl.col("parent_l6") == "a")  # string views still share both's buffers
+    assert frame_hash(sliced, ["s"]) == frame_hash(alone, ["s"])
+    assert frame_hash(alone.with_columns(pl.lit("q").alias("s")), ["s"]) != frame_hash(alone, ["s"])

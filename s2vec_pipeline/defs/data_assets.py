@@ -7,6 +7,8 @@ check results; no IO manager is involved.
 """
 
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -25,6 +27,7 @@ from s2vec_pipeline.versioning import frame_hash
 
 GROUP = "data_layer"
 _POLICY = dg.BackfillPolicy.single_run()
+MAX_PREVIEWS = 32
 
 
 def _per_partition_counts(df: pl.DataFrame, keys: list[str]) -> dict[str, int]:
@@ -51,8 +54,36 @@ def _commit_metadata(context: dg.AssetExecutionContext) -> dict[str, str]:
     }
 
 
-def _data_versions(df: pl.DataFrame, keys: list[str], sort_by: list[str]) -> dict[str, str]:
-    return {k: frame_hash(df.filter(pl.col("parent_l6") == k), sort_by) for k in keys}
+DATA_VERSION_TAG = "dagster/data_version"
+CODE_VERSION_TAG = "dagster/code_version"
+
+
+def partition_materializations(
+    context: dg.AssetExecutionContext,
+    df: pl.DataFrame,
+    keys: list[str],
+    sort_by: list[str],
+    metadata: dict[str, Any],
+    per_partition: dict[str, dict[str, Any]] | None = None,
+) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    """The run's result, then one materialization per partition carrying the content hash of
+    that partition's rows as its data version.
+
+    Dagster gives every partition of a multi-partition run the same data version; the
+    per-partition events that follow supersede it, so a partition whose rows did not change
+    keeps its version and only really changed partitions make their downstream stale.
+    """
+    yield dg.MaterializeResult(metadata={"partitions_in_run": len(keys), **metadata})
+    counts = _per_partition_counts(df, keys)
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or ""
+    for k in keys:
+        version = frame_hash(df.filter(pl.col("parent_l6") == k), sort_by)
+        yield dg.AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=k,
+            metadata={"rows": counts[k], **(per_partition or {}).get(k, {})},
+            tags={DATA_VERSION_TAG: version, CODE_VERSION_TAG: code_version},
+        )
 
 
 @dg.asset(
@@ -66,7 +97,9 @@ def _data_versions(df: pl.DataFrame, keys: list[str], sort_by: list[str]) -> dic
         dg.AssetCheckSpec("valid_cells", asset="osm_features"),
     ],
 )
-def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg.MaterializeResult:
+def osm_features(
+    context: dg.AssetExecutionContext, s2vec: S2VecResource
+) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization | dg.AssetCheckResult]:
     """One row per (OSM object, matched channel, pixel cell), read with pyosmium."""
     settings = s2vec.settings()
     keys = sorted(context.partition_keys)
@@ -91,10 +124,12 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg.
     empty = [k for k, n in counts.items() if n == 0]
     if empty:
         context.log.warning(f"partitions without any feature (sea, empty land?): {empty}")
-    return dg.MaterializeResult(
-        metadata={
-            "rows": df.height,
-            "rows_by_partition": dg.MetadataValue.json(counts),
+    yield from partition_materializations(
+        context,
+        df,
+        keys,
+        ["cell_id", "channel", "osm_type", "osm_id"],
+        {
             "sources": dg.MetadataValue.json(stats.sources),
             "objects_read": stats.objects_read,
             "objects_matched": stats.objects_matched,
@@ -102,17 +137,12 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg.
             "objects_per_second": round(stats.objects_read / max(seconds, 1e-9)),
             "table": dg.MetadataValue.path(delta_store.table_uri(settings.root, "osm_features")),
             "delta_version": version,
-            "data_versions": dg.MetadataValue.json(
-                _data_versions(df, keys, ["cell_id", "channel", "osm_type", "osm_id"])
-            ),
         },
-        check_results=[
-            _check("schema", table_checks.schema_matches(df, OSM_FEATURES_SCHEMA)),
-            _check(
-                "valid_cells",
-                table_checks.cells_at_level(df["cell_id"].to_numpy(), settings.profile.pixel_level),
-            ),
-        ],
+    )
+    yield _check("schema", table_checks.schema_matches(df, OSM_FEATURES_SCHEMA))
+    yield _check(
+        "valid_cells",
+        table_checks.cells_at_level(df["cell_id"].to_numpy(), settings.profile.pixel_level),
     )
 
 
@@ -138,7 +168,9 @@ def _read_upstream(root: str, table: str, keys: list[str]) -> pl.DataFrame:
         dg.AssetCheckSpec("no_nan", asset="cell_features"),
     ],
 )
-def cell_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg.MaterializeResult:
+def cell_features(
+    context: dg.AssetExecutionContext, s2vec: S2VecResource
+) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization | dg.AssetCheckResult]:
     """One row per non-empty pixel cell: its (row, col) in its image, one column per channel."""
     settings = s2vec.settings()
     keys = sorted(context.partition_keys)
@@ -154,24 +186,21 @@ def cell_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg
         _commit_metadata(context),
     )
     nonzero = df.select((pl.col(channels) > 0).sum()).row(0)
-    return dg.MaterializeResult(
-        metadata={
-            "rows": df.height,
-            "rows_by_partition": dg.MetadataValue.json(_per_partition_counts(df, keys)),
-            "images": df["image_token"].n_unique(),
+    yield from partition_materializations(
+        context,
+        df,
+        keys,
+        ["cell_id"],
+        {
+            "images_in_run": df["image_token"].n_unique(),
             "channels": len(channels),
             "channels_present": int(sum(v > 0 for v in nonzero)),
             "table": dg.MetadataValue.path(delta_store.table_uri(settings.root, "cell_features")),
             "delta_version": version,
-            "data_versions": dg.MetadataValue.json(_data_versions(df, keys, ["cell_id"])),
         },
-        check_results=[
-            _check(
-                "schema", table_checks.schema_matches(df, cell_features_schema(settings.taxonomy))
-            ),
-            _check("no_nan", table_checks.no_nan(df, channels)),
-        ],
     )
+    yield _check("schema", table_checks.schema_matches(df, cell_features_schema(settings.taxonomy)))
+    yield _check("no_nan", table_checks.no_nan(df, channels))
 
 
 @dg.asset(
@@ -186,7 +215,9 @@ def cell_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg
         dg.AssetCheckSpec("agrees_with_cell_features", asset="raster_tiles"),
     ],
 )
-def raster_tiles(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg.MaterializeResult:
+def raster_tiles(
+    context: dg.AssetExecutionContext, s2vec: S2VecResource
+) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization | dg.AssetCheckResult]:
     """One C×S×S log1p tensor per image cell with data, pixels at their S2 (i, j) offsets."""
     settings = s2vec.settings()
     keys = sorted(context.partition_keys)
@@ -205,15 +236,19 @@ def raster_tiles(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg.
     tensors = tensor_array(written, len(channels), side)
     pixels = written["nonempty_pixels"].to_numpy()
     measures = [c.measure for c in settings.taxonomy.channels]
-    busiest = max(keys, key=lambda k: int((written["parent_l6"] == k).sum()))
-    sel = (written["parent_l6"] == busiest).to_numpy()
-    preview = png_bytes(
-        partition_mosaic(written["image_id"].to_numpy()[sel], tensors[sel], measures)
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "images": written.height,
-            "images_by_partition": dg.MetadataValue.json(_per_partition_counts(written, keys)),
+    ids = written["image_id"].to_numpy()
+    previews: dict[str, dict[str, Any]] = {}
+    for k in keys[:MAX_PREVIEWS]:  # a PNG per partition, bounded for continent-sized runs
+        sel = (written["parent_l6"] == k).to_numpy()
+        if sel.any():
+            png = png_bytes(partition_mosaic(ids[sel], tensors[sel], measures))
+            previews[k] = {"preview": dg.MetadataValue.md(markdown_image(png, f"raster of {k}"))}
+    yield from partition_materializations(
+        context,
+        written,
+        keys,
+        ["image_id"],
+        {
             "nonempty_pixels_per_image": dg.MetadataValue.json(
                 {
                     "min": int(pixels.min()),
@@ -223,24 +258,16 @@ def raster_tiles(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> dg.
                 }
             ),
             "tensor_shape": f"{len(channels)}x{side}x{side}",
-            "preview": dg.MetadataValue.md(markdown_image(preview, f"raster of {busiest}")),
             "table": dg.MetadataValue.path(delta_store.table_uri(settings.root, "raster_tiles")),
             "delta_version": version,
-            "data_versions": dg.MetadataValue.json(_data_versions(written, keys, ["image_id"])),
         },
-        check_results=[
-            _check(
-                "no_nan",
-                (
-                    bool(np.isfinite(tensors).all()),
-                    {"non_finite": int((~np.isfinite(tensors)).sum())},
-                ),
-            ),
-            _check(
-                "agrees_with_cell_features",
-                table_checks.raster_agrees_with_cells(written, cells, channels, side),
-            ),
-        ],
+        previews,
+    )
+    finite = np.isfinite(tensors)
+    yield _check("no_nan", (bool(finite.all()), {"non_finite": int((~finite).sum())}))
+    yield _check(
+        "agrees_with_cell_features",
+        table_checks.raster_agrees_with_cells(written, cells, channels, side),
     )
 
 
