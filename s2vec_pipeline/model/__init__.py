@@ -1,0 +1,42 @@
+"""The S2Vec model: MAE (``mae``), streaming tile data (``data``), training with versioned
+model directories (``train``) and batch inference into embedding tables (``embed``).
+
+Names are imported lazily so that ``import s2vec_pipeline.model`` does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "S2VecMAE": "mae",
+    "RasterTileDataModule": "data",
+    "iter_raster_batches": "data",
+    "synthetic_raster_tiles": "data",
+    "TrainConfig": "train",
+    "ModelCard": "train",
+    "ModelNotFoundError": "train",
+    "IncompatibleModelError": "train",
+    "TrainingInProgressError": "train",
+    "model_version": "train",
+    "partition_data_versions": "train",
+    "train_model": "train",
+    "load_model": "train",
+    "list_models": "train",
+    "check_compatible": "train",
+    "embed_partition": "embed",
+    "iter_embeddings": "embed",
+    "write_embeddings": "embed",
+    "embedding_contract": "embed",
+    "CELL_TABLE": "embed",
+    "IMAGE_TABLE": "embed",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,0 +1,371 @@
+"""The S2Vec MAE, its training (real Lightning Trainer on CPU, real Delta) and embeddings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.model.data import (
+    RasterTileDataModule,
+    plan_split,
+    synthetic_raster_tiles,
+)
+from s2vec_pipeline.model.embed import (
+    CELL_TABLE,
+    IMAGE_TABLE,
+    embed_partition,
+    write_embeddings,
+)
+from s2vec_pipeline.model.mae import S2VecMAE
+from s2vec_pipeline.model.train import (
+    IncompatibleModelError,
+    ModelNotFoundError,
+    TrainConfig,
+    list_models,
+    load_model,
+    train_model,
+)
+
+TINY = {
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 4,
+    "decoder_embed_dim": 32,
+    "decoder_depth": 1,
+    "decoder_num_heads": 4,
+}
+CONFIG = TrainConfig(epochs=4, batch_size=8, lr=3e-3, **TINY)
+IMAGES = {"4693": 24, "12cd": 16}
+C, S = 8, 16
+
+
+def tiny_model(**kw) -> S2VecMAE:
+    return S2VecMAE(in_chans=C, img_size=S, **{**TINY, **kw})
+
+
+def sample(b: int = 2) -> torch.Tensor:
+    return torch.rand(b, C, S, S, generator=torch.Generator().manual_seed(0))
+
+
+# --- the MAE itself -----------------------------------------------------------------------
+
+
+def test_masking_keeps_exactly_a_quarter() -> None:
+    m = tiny_model()
+    tokens = torch.randn(3, S * S, 32)
+    kept, mask, ids_restore = m.random_masking(tokens, 0.75)
+    assert kept.shape == (3, S * S // 4, 32)
+    assert (mask.sum(1) == 0.75 * S * S).all()
+    # The kept tokens are exactly the unmasked ones, per sample.
+    for b in range(3):
+        visible = tokens[b][mask[b] == 0]
+        assert {tuple(r) for r in visible.tolist()} == {tuple(r) for r in kept[b].tolist()}
+    # Per-sample shuffle: different samples get different masks.
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_loss_only_on_masked_tokens() -> None:
+    m = tiny_model().eval()
+    x = sample(1)
+    noise = torch.rand(1, S * S, generator=torch.Generator().manual_seed(1))
+    loss, pred, mask = m(x, noise=noise)
+    target = m.patchify(m.normalize(x))
+    visible = int(torch.nonzero(mask[0] == 0)[0])
+    masked = int(torch.nonzero(mask[0] == 1)[0])
+    changed = target.clone()
+    changed[0, visible] += 10.0
+    assert torch.allclose(m.forward_loss(changed, pred, mask), loss)
+    changed = target.clone()
+    changed[0, masked] += 10.0
+    assert m.forward_loss(changed, pred, mask) > loss + 0.1
+    # The encoder never sees masked pixels: changing one leaves every prediction unchanged.
+    row, col = divmod(masked, S)
+    x2 = x.clone()
+    x2[0, :, row, col] += 5.0
+    _, pred2, _ = m(x2, noise=noise)
+    assert torch.allclose(pred, pred2)
+
+
+def test_encode_shape_and_patch_size_two() -> None:
+    x = sample(2)
+    z = tiny_model().eval().encode(x)
+    assert z.shape == (2, S * S, 32)
+    m2 = tiny_model(patch_size=2).eval()
+    z2 = m2.encode(x).reshape(2, S, S, 32)
+    assert z2.shape == (2, S, S, 32)
+    # Every pixel of a 2×2 patch carries its patch's token; neighbouring patches differ.
+    assert torch.equal(z2[:, 0, 0], z2[:, 1, 1]) and torch.equal(z2[:, 2, 3], z2[:, 3, 2])
+    assert not torch.allclose(z2[:, 0, 0], z2[:, 0, 2])
+    loss, pred, mask = m2(x)
+    assert pred.shape == (2, (S // 2) ** 2, 4 * C) and (mask.sum(1) == 48).all()
+    assert torch.allclose(m2.unpatchify(m2.patchify(x)), x)
+    with pytest.raises(ValueError, match="divide"):
+        tiny_model(patch_size=3)
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def test_split_and_stats(tmp_path: Path) -> None:
+    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    rule, n_train, n_val = plan_split(tmp_path, list(IMAGES), 0.1)
+    assert n_train + n_val == 40 and n_val >= 1
+    assert plan_split(tmp_path, list(IMAGES), 0.1) == (rule, n_train, n_val)  # deterministic
+    dm = RasterTileDataModule(tmp_path, batch_size=8, seed=3)
+    dm.setup()
+    assert (dm.n_train, dm.n_val) == (n_train, n_val)
+    ds = dm.train_dataloader().dataset
+    first = torch.cat(list(ds))
+    assert first.shape == (n_train, C, S, S) and len(ds) == -(-n_train // 8)
+    ds.set_epoch(1)
+    second = torch.cat(list(ds))
+    assert not torch.equal(first, second)  # reshuffled per epoch...
+    assert torch.allclose(first.sum(0), second.sum(0))  # ...over the same tiles
+    flat = first.permute(1, 0, 2, 3).reshape(C, -1).double()
+    assert np.allclose(dm.channel_mean, flat.mean(1).numpy(), atol=1e-5)
+    assert np.allclose(dm.channel_std, flat.std(1, unbiased=False).numpy(), atol=1e-5)
+    # Two tiles: one each; one tile: train only.
+    tiny = tmp_path / "tiny"
+    synthetic_raster_tiles(tiny, {"4693": 2}, channels=C)
+    assert plan_split(tiny, ["4693"], 0.1)[1:] == (1, 1)
+
+
+def test_spawned_workers_read_every_tile_once(tmp_path: Path) -> None:
+    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    dm = RasterTileDataModule(tmp_path, batch_size=8, num_workers=2)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    batches = list(loader)
+    assert len(batches) == len(loader.dataset)  # __len__ is exact across workers
+    tiles = torch.cat(batches)
+    single = RasterTileDataModule(tmp_path, batch_size=8)
+    single.setup()
+    expected = torch.cat(list(single.train_dataloader().dataset))
+    key = lambda t: sorted(t.flatten(1).sum(1).tolist())  # noqa: E731
+    assert tiles.shape == expected.shape and np.allclose(key(tiles), key(expected))
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+class Grab(L.Callback):
+    """Keeps the in-memory trained module, to compare with the checkpoint."""
+
+    module: S2VecMAE | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.module = pl_module
+
+
+class Interrupt(L.Callback):
+    """Simulates a crash at the start of epoch ``at`` (after the previous epoch's checkpoint)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def embeddings(model: S2VecMAE) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.eval().encode(sample(4) * 2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("trained")
+    synthetic_raster_tiles(root, IMAGES, channels=C)
+    grab = Grab()
+    card = train_model(root, config=CONFIG, callbacks=[grab])
+    return root, card, grab.module
+
+
+def test_training_learns_and_writes_a_complete_model(trained) -> None:
+    root, card, module = trained
+    h = card.loss_history
+    assert len(h["train_loss"]) == card.steps == 4 * -(-card.n_train // 8)
+    assert card.train_loss < 0.75 * h["train_loss"][0]  # the loss falls
+    assert h["val_loss"][-1] < h["val_loss"][0]
+    d = Path(card.directory)
+    assert d == root / "models" / card.model_version
+    assert {p.name for p in d.iterdir()} == {
+        "model.ckpt",
+        "last.ckpt",
+        "model_card.json",
+        "loss_curve.png",
+    }
+    assert Image.open(d / "loss_curve.png").size == (800, 480)
+    saved = json.loads((d / "model_card.json").read_text())
+    assert saved["model_version"] == card.model_version and saved["channels"] == card.channels
+    assert saved["images_seen"] == 4 * card.n_train and saved["images_per_s"] > 0
+    assert saved["hardware"]["accelerator"] == "cpu" and saved["partitions"].keys() == IMAGES.keys()
+    assert len(saved["normalization"]["mean"]) == C
+    assert list_models(root) == [card.model_version]
+    assert not list((root / "models").glob(".*.partial"))
+
+
+def test_checkpoint_reload_gives_identical_embeddings(trained) -> None:
+    root, card, module = trained
+    model, card2 = load_model(root, card.model_version)
+    assert card2 == card
+    assert torch.equal(embeddings(model), embeddings(module))
+    assert torch.equal(model.channel_std, torch.tensor(card.normalization["std"]))
+
+
+def test_same_seed_same_model_and_no_retraining(trained, tmp_path: Path) -> None:
+    root, card, _ = trained
+    # Same data in another root: same version, bit-identical weights.
+    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    again = train_model(tmp_path, config=CONFIG)
+    assert again.model_version == card.model_version
+    a, _ = load_model(root, card.model_version)
+    b, _ = load_model(tmp_path, card.model_version)
+    assert torch.equal(embeddings(a), embeddings(b))
+    # A finished model is returned as it is, not retrained.
+    card_file = Path(card.directory) / "model_card.json"
+    before = card_file.stat().st_mtime_ns
+    assert train_model(root, config=CONFIG) == card
+    assert card_file.stat().st_mtime_ns == before
+    # Another seed is another model.
+    other = TrainConfig(**{**CONFIG.__dict__, "seed": 1, "epochs": 1})
+    assert train_model(tmp_path, config=other).model_version != card.model_version
+
+
+def test_interrupted_training_resumes_from_last_checkpoint(trained, tmp_path: Path) -> None:
+    root, card, _ = trained
+    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_model(tmp_path, config=CONFIG, callbacks=[Interrupt(at=2)])
+    partial = tmp_path / "models" / f".{card.model_version}.partial"
+    assert (partial / "last.ckpt").is_file()
+    assert not (tmp_path / "models" / card.model_version).exists()  # never looks finished
+    with pytest.raises(ModelNotFoundError, match="partial training"):
+        load_model(tmp_path, card.model_version)
+
+    resumed = train_model(tmp_path, config=CONFIG)
+    assert resumed.model_version == card.model_version
+    assert resumed.resumed_from == {"epoch": 2, "step": 2 * -(-card.n_train // 8)}
+    assert resumed.loss_history == card.loss_history and resumed.images_seen == card.images_seen
+    assert not partial.exists()
+    a, _ = load_model(root, card.model_version)
+    b, _ = load_model(tmp_path, card.model_version)
+    assert torch.equal(embeddings(a), embeddings(b))  # same as the uninterrupted run
+
+
+# --- embeddings ---------------------------------------------------------------------------
+
+
+def test_embeddings_rows_ids_and_means(trained) -> None:
+    root, card, _ = trained
+    model, card = load_model(root, card.model_version)
+    cells, images = embed_partition(root, model, card, "4693")
+    n = IMAGES["4693"]
+    assert images.num_rows == n and cells.num_rows == n * S * S
+    emb = np.asarray(cells.column("embedding").to_pylist(), dtype=np.float32)
+    assert emb.shape == (n * S * S, 32)
+    cell_ids = s2.from_signed(cells.column("cell_id").to_numpy())
+    assert (s2.cell_level(cell_ids) == card.pixel_level).all()
+    assert set(cells.column("level").to_pylist()) == {card.pixel_level}
+    assert (s2.to_token(cell_ids) == np.asarray(cells.column("cell_token").to_pylist())).all()
+    parents = s2.to_token(s2.parent(cell_ids, card.image_level))
+    assert (parents == np.asarray(cells.column("image_token").to_pylist())).all()
+    assert len(set(cells.column("cell_token").to_pylist())) == n * S * S  # empty pixels too
+    assert set(cells.column("model_version").to_pylist()) == {card.model_version}
+    assert set(images.column("level").to_pylist()) == {card.image_level}
+    assert images.column("cell_token").equals(images.column("image_token"))
+    # Row order is encode order (index = row*S + col) and the image row is the pixel mean.
+    raster = delta_store.read_partitions(root, "raster_tiles", ["4693"]).sort("image_token")
+    first = images.column("image_token")[0].as_py()
+    x = np.asarray(raster.filter(raster["image_token"] == first)["tensor"].to_list()[0])
+    with torch.inference_mode():
+        z = model.encode(torch.tensor(x, dtype=torch.float32).reshape(1, C, S, S))[0].numpy()
+    rows = np.flatnonzero(np.asarray(cells.column("image_token").to_pylist()) == first)
+    grid = s2.children_grid(s2.from_token(np.array([first])), card.pixel_level).reshape(-1)
+    assert (cell_ids[rows] == grid).all()
+    assert np.allclose(emb[rows], z, atol=1e-5)
+    img_emb = np.asarray(images.column("embedding").to_pylist(), dtype=np.float32)
+    by_image = emb.reshape(n, S * S, 32).mean(1)
+    assert np.allclose(img_emb, by_image, atol=1e-5)
+
+
+def test_write_embeddings_replaces_partitions(trained, tmp_path: Path) -> None:
+    root, card, _ = trained
+    work = tmp_path / "root"
+    shutil.copytree(root, work)
+    # An image without data in the raster table gets no embedding rows.
+    raster = delta_store.read_partitions(work, "raster_tiles", ["12cd"]).to_arrow()
+    blank = raster.slice(0, 1).to_pylist()[0]
+    taken = set(raster.column("image_token").to_pylist())
+    siblings = s2.children_grid(s2.parent(s2.from_token(np.array([blank["image_token"]])), 9), 13)
+    free = next(t for t in s2.to_token(siblings.reshape(-1)) if t not in taken)
+    blank.update(image_token=str(free), image_id=int(s2.to_signed(s2.from_token([free]))[0]))
+    blank.update(nonempty_pixels=0, tensor=[0.0] * len(blank["tensor"]))
+    raster = pa.concat_tables([raster, pa.Table.from_pylist([blank], schema=raster.schema)])
+    contract = delta_store.table_contract(work, "raster_tiles")
+    delta_store.write_partitions(work, "raster_tiles", raster, ["12cd"], contract)
+    model, card = load_model(work, card.model_version)
+    # Small batches: deltalake pulls all but the first from its own threads.
+    counts = write_embeddings(work, model, card, list(IMAGES), batch_size=5)
+    assert counts["12cd"]["cells"] == IMAGES["12cd"] * S * S
+    write_embeddings(work, model, card, ["12cd"])  # a rerun replaces, never duplicates
+    cells = delta_store.read_partitions(work, CELL_TABLE, columns=["parent_l6"])
+    assert cells.height == sum(IMAGES.values()) * S * S
+    imgs = delta_store.read_partitions(work, IMAGE_TABLE)
+    assert imgs.height == sum(IMAGES.values())
+    # Same embeddings as one in-memory batch.
+    _, ref = embed_partition(work, model, card, "4693")
+    got = imgs.filter(imgs["parent_l6"] == "4693").sort("image_token")
+    ref_sorted = ref.sort_by("image_token")
+    assert np.allclose(
+        np.asarray(got["embedding"].to_list()),
+        np.asarray(ref_sorted.column("embedding").to_pylist()),
+        atol=1e-5,
+    )
+    assert imgs.schema["embedding"].inner == __import__("polars").Float32
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_no_raster_tiles_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(MissingInputError, match=r"materialize raster_tiles first") as e:
+        train_model(tmp_path, config=CONFIG)
+    assert str(tmp_path) in str(e.value)
+    assert not (tmp_path / "models").exists()
+    synthetic_raster_tiles(tmp_path, {"4693": 3}, channels=C)
+    with pytest.raises(MissingInputError, match="12cd"):
+        train_model(tmp_path, partitions=["12cd"], config=CONFIG)
+
+
+def test_missing_and_incompatible_models(trained, tmp_path: Path) -> None:
+    root, card, _ = trained
+    with pytest.raises(ModelNotFoundError, match=card.model_version):  # lists what exists
+        load_model(root, "0123456789abcdef")
+    # Another taxonomy, or another channel count: refused, and nothing is written.
+    for name, kw in {
+        "taxonomy": {"taxonomy_version": "other"},
+        "channels": {"channels": 5},
+    }.items():
+        other = tmp_path / name
+        synthetic_raster_tiles(other, {"4693": 2}, **{"channels": C, **kw})
+        shutil.copytree(Path(card.directory), other / "models" / card.model_version)
+        with pytest.raises(IncompatibleModelError, match="train_model"):
+            load_model(other, card.model_version)
+        model, _ = load_model(other, card.model_version, table=None)
+        with pytest.raises(IncompatibleModelError):
+            write_embeddings(other, model, card, ["4693"])
+        assert not delta_store.table_exists(other, CELL_TABLE)
+        assert not delta_store.table_exists(other, IMAGE_TABLE)
