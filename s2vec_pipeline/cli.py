@@ -48,7 +48,13 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
         type=_csv,
         default=None,
         metavar="STAGE,...",
-        help="stages to run, from extract,features,raster (default: all)",
+        help="stages to run, from extract,features,raster,train,embed (default: all)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="bound training to N epochs (default: profile's)"
+    )
+    p.add_argument(
+        "--model-version", default=None, help="embed with this existing model instead of training"
     )
     p.add_argument("--taxonomy", default=None, help="feature taxonomy YAML (default: packaged)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
@@ -69,7 +75,16 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         taxonomy_path=args.taxonomy,
     )
     profile, taxonomy = settings.profile, settings.taxonomy  # validate before any run
-    assets = parse_stages(args.stages or list(STAGES))
+    stages = args.stages or list(STAGES)
+    if args.model_version and args.stages is None:
+        stages = [s for s in stages if s != "train"]  # embed with the given model
+    assets = parse_stages(stages)
+    if args.epochs is not None and args.epochs < 1:
+        raise S2VecError(f"--epochs must be at least 1, got {args.epochs}")
+    op_config = {
+        "mae_model": {"epochs": args.epochs} if args.epochs else {},
+        "embeddings": {"model_version": args.model_version} if args.model_version else {},
+    }
     cells = parse_partition_tokens(args.cells) if args.cells else list(settings.source_cells)
     settings.sources_for(cells)
     print(
@@ -80,16 +95,29 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with dagster_instance() as instance:
         report = materialize(
-            settings, cells, assets, instance, log_level="INFO" if args.verbose else "WARNING"
+            settings,
+            cells,
+            assets,
+            instance,
+            log_level="INFO" if args.verbose else "WARNING",
+            op_config=op_config,
         )
     seconds = time.perf_counter() - t0
     print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
     for asset in assets:
+        if asset == "mae_model":
+            continue
         n = delta_store.read_partitions(settings.root, asset, cells, ["parent_l6"]).height
         print(
             f"{asset:<16} {n:>10}  {delta_store.table_version(settings.root, asset):>13}  "
             f"{delta_store.table_uri(settings.root, asset)}"
         )
+    if "mae_model" in assets or "cell_embeddings" in assets:
+        from s2vec_pipeline.model.train import list_models
+
+        models = list_models(settings.root)
+        if models:
+            print(f"model            {models[-1]}  {Path(settings.root) / 'models' / models[-1]}")
     print(f"\n{len(report.run_ids)} Dagster run(s) in {seconds:.1f} s")
     if report.checks_failed:
         print(f"FAILED asset checks: {', '.join(report.checks_failed)}", file=sys.stderr)
@@ -97,10 +125,66 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sql(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sql",
+        help="run SQL over the Delta tables under a root (DuckDB)",
+        description="Every Delta table under --root is a table of its directory name "
+        "(cell_embeddings, image_embeddings, cell_features, raster_tiles, osm_features).",
+    )
+    p.add_argument("query", help='a SQL query, e.g. "SELECT count(*) FROM cell_embeddings"')
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    p.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also register a Parquet or CSV file as a table (e.g. labels=labels.csv)",
+    )
+    p.add_argument("--out", default=None, help="write the result to a .parquet or .csv file")
+    p.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
+    p.set_defaults(func=_cmd_sql)
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from s2vec_pipeline.sql import run_sql
+
+    extra = {}
+    for spec in args.table:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise S2VecError(f"--table expects NAME=PATH, got {spec!r}")
+        extra[name] = path
+    result = run_sql(Path(args.root), args.query, extra_tables=extra or None)
+    df = pl.from_arrow(result)
+    if args.out:
+        out = Path(args.out)
+        if out.suffix == ".parquet":
+            df.write_parquet(out)
+        elif out.suffix == ".csv":
+            df.with_columns(
+                [
+                    pl.col(c).cast(pl.List(pl.String)).list.join(" ")
+                    for c, t in df.schema.items()
+                    if isinstance(t, pl.List)
+                ]
+            ).write_csv(out)
+        else:
+            raise S2VecError(f"--out must end in .parquet or .csv, got {out.name}")
+        print(f"{df.height} rows written to {out}")
+        return 0
+    with pl.Config(tbl_rows=args.limit, fmt_str_lengths=40, tbl_width_chars=160):
+        print(df.head(args.limit))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
+    _add_sql(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dagster as dg
 
 from s2vec_pipeline.defs.data_assets import data_layer_assets
+from s2vec_pipeline.defs.model_assets import model_layer_assets
 from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sensors import register_source_partitions
@@ -20,6 +21,17 @@ data_layer_job = dg.define_asset_job(
     partitions_def=l6_partitions,
     description="OSM extract -> osm_features -> cell_features -> raster_tiles",
 )
+train_job = dg.define_asset_job(
+    "train_model",
+    selection=dg.AssetSelection.assets("mae_model"),
+    description="Train the MAE on the raster tiles of every materialized partition",
+)
+embed_job = dg.define_asset_job(
+    "embed",
+    selection=dg.AssetSelection.assets("cell_embeddings", "image_embeddings"),
+    partitions_def=l6_partitions,
+    description="Embed partitions with the latest (or a configured) model",
+)
 
 
 def build_definitions(
@@ -28,9 +40,9 @@ def build_definitions(
 ) -> dg.Definitions:
     settings = settings or PipelineSettings.from_env()
     return dg.Definitions(
-        assets=[*data_layer_assets],
+        assets=[*data_layer_assets, *model_layer_assets],
         resources={"s2vec": S2VecResource.from_settings(settings)},
-        jobs=[data_layer_job, *(jobs or [])],
+        jobs=[data_layer_job, train_job, embed_job, *(jobs or [])],
         sensors=[register_source_partitions],
     )
 

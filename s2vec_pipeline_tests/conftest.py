@@ -10,6 +10,7 @@ from s2vec_pipeline.settings import PipelineSettings, bundled_source
 
 HELSINKI_L6 = "4693"
 MONACO_L6 = "12cd"
+DATA_STAGES = ["extract", "features", "raster"]
 
 
 @pytest.fixture(scope="session")
@@ -28,14 +29,14 @@ def materialized_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     real Dagster instance (temporary DAGSTER_HOME) running real materializations."""
     import dagster as dg
 
-    from s2vec_pipeline.defs.runner import STAGES, materialize, parse_stages
+    from s2vec_pipeline.defs.runner import materialize, parse_stages
 
     root = tmp_path_factory.mktemp("s2vec_root")
     home = tmp_path_factory.mktemp("dagster_home")
     settings = PipelineSettings(root=str(root), profile_name="city")
     with dg.DagsterInstance.local_temp(str(home)) as instance:
         report = materialize(
-            settings, [HELSINKI_L6, MONACO_L6], parse_stages(list(STAGES)), instance
+            settings, [HELSINKI_L6, MONACO_L6], parse_stages(DATA_STAGES), instance
         )
     assert report.checks_failed == []
     return root

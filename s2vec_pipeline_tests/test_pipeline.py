@@ -13,12 +13,12 @@ import pytest
 from s2vec_pipeline import delta_store
 from s2vec_pipeline.cell_features import aggregate_cell_features
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.defs.runner import STAGES, materialize, parse_stages
+from s2vec_pipeline.defs.runner import materialize, parse_stages
 from s2vec_pipeline.profiles import PROFILES
 from s2vec_pipeline.raster import tensor_array
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.taxonomy import load_taxonomy
-from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
+from s2vec_pipeline_tests.conftest import DATA_STAGES, HELSINKI_L6, MONACO_L6
 
 TABLES = ["osm_features", "cell_features", "raster_tiles"]
 SHARED_CHECKS = Path(__file__).resolve().parents[2] / "shared" / "checks"
@@ -78,7 +78,7 @@ def _partition_files(root: Path, table: str, token: str) -> dict[str, float]:
 
 def test_rerun_is_idempotent_and_isolated(tmp_path: Path) -> None:
     settings = PipelineSettings(root=str(tmp_path / "root"), profile_name="city")
-    assets = parse_stages(list(STAGES))
+    assets = parse_stages(DATA_STAGES)
     with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
         first = materialize(settings, [HELSINKI_L6, MONACO_L6], assets, instance)
         assert len(first.run_ids) == 1  # contiguous keys: one run, each source read once
@@ -117,7 +117,9 @@ def _cli(*args: str) -> int:
 @pytest.fixture(scope="module")
 def monaco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli_root")
-    assert _cli("--root", str(root), "--cells", MONACO_L6) == 0
+    assert (
+        _cli("--root", str(root), "--cells", MONACO_L6, "--stages", "extract,features,raster") == 0
+    )
     return root
 
 
@@ -210,7 +212,7 @@ def test_no_matching_features(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 def test_metadata_in_instance(tmp_path: Path) -> None:
     settings = PipelineSettings(root=str(tmp_path / "root"), profile_name="city")
     with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
-        report = materialize(settings, [MONACO_L6], parse_stages(list(STAGES)), instance)
+        report = materialize(settings, [MONACO_L6], parse_stages(DATA_STAGES), instance)
         rec = instance.fetch_materializations(dg.AssetKey("raster_tiles"), limit=1).records[0]
         assert rec.partition_key == MONACO_L6
         meta = rec.asset_materialization.metadata

@@ -58,6 +58,18 @@ DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 
 
+def latest_data_version(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
+) -> str | None:
+    """The data version recorded by the latest materialization of one partition."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    return records[0].asset_materialization.tags.get(DATA_VERSION_TAG)
+
+
 def partition_materializations(
     context: dg.AssetExecutionContext,
     df: pl.DataFrame,

@@ -22,6 +22,15 @@ STAGES: dict[str, list[str]] = {
     "extract": ["osm_features"],
     "features": ["cell_features"],
     "raster": ["raster_tiles"],
+    "train": ["mae_model"],
+    "embed": ["cell_embeddings", "image_embeddings"],
+}
+UNPARTITIONED = {"mae_model"}
+# The op that computes each asset (the two embedding tables come from one multi-asset).
+OP_OF = {
+    "mae_model": "mae_model",
+    "cell_embeddings": "embeddings",
+    "image_embeddings": "embeddings",
 }
 
 
@@ -59,16 +68,28 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
 
 
 def _user_error(exc: BaseException) -> S2VecError | None:
-    """Find the S2VecError a Dagster step failure wraps."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, S2VecError):
-            return seen
-        user = getattr(seen, "user_exception", None)
-        if isinstance(user, S2VecError):
-            return user
-        seen = seen.__cause__ or seen.__context__
+    """Find the S2VecError a Dagster step failure wraps (chains can loop: track visits)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, S2VecError):
+            return e
+        todo += [getattr(e, "user_exception", None), e.__cause__, e.__context__]
     return None
+
+
+def _phases(assets: Sequence[str]) -> list[list[str]]:
+    """Consecutive runs of partitioned / unpartitioned assets (a job cannot mix them)."""
+    phases: list[list[str]] = []
+    for a in assets:
+        if phases and (a in UNPARTITIONED) == (phases[-1][0] in UNPARTITIONED):
+            phases[-1].append(a)
+        else:
+            phases.append([a])
+    return phases
 
 
 def materialize(
@@ -77,33 +98,48 @@ def materialize(
     assets: Sequence[str],
     instance: dg.DagsterInstance,
     log_level: str = "WARNING",
+    op_config: dict[str, dict] | None = None,
 ) -> RunReport:
-    """Materialize ``assets`` for ``partitions`` (level-6 tokens) in as few runs as possible."""
+    """Materialize ``assets`` for ``partitions`` (level-6 tokens) in as few runs as possible.
+
+    ``op_config`` maps op names (``mae_model``, ``embeddings``) to their run config.
+    """
     from s2vec_pipeline.definitions import build_definitions
 
     settings.sources_for(partitions)  # every partition must be covered: fail before any run
     add_partitions(instance, list(settings.source_cells))
-    job = dg.define_asset_job("s2vec_materialize", selection=dg.AssetSelection.assets(*assets))
-    job_def = build_definitions(settings, jobs=[job]).resolve_job_def("s2vec_materialize")
     report = RunReport(partitions=sorted(partitions), assets=list(assets))
     all_keys = instance.get_dynamic_partitions(L6_PARTITIONS_NAME)
-    for start, end in contiguous_ranges(all_keys, list(partitions)):
-        try:
-            result = job_def.execute_in_process(
-                instance=instance,
-                tags={
+    for n, phase in enumerate(_phases(assets)):
+        name = f"s2vec_materialize_{n}"
+        job = dg.define_asset_job(name, selection=dg.AssetSelection.assets(*phase))
+        job_def = build_definitions(settings, jobs=[job]).resolve_job_def(name)
+        ops = {OP_OF[a] for a in phase if a in OP_OF}
+        run_config: dict = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+        if ops and op_config:
+            run_config["ops"] = {op: {"config": op_config[op]} for op in ops if op in op_config}
+        if phase[0] in UNPARTITIONED:
+            ranges: list[dict[str, str]] = [{}]
+        else:
+            ranges = [
+                {
                     "dagster/asset_partition_range_start": start,
                     "dagster/asset_partition_range_end": end,
-                },
-                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-            )
-        except Exception as e:  # unwrap Dagster's step failure into the user's error
-            user = _user_error(e)
-            if user is not None:
-                raise user from None
-            raise
-        report.run_ids.append(result.run_id)
-        for ev in result.get_asset_check_evaluations():
-            name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
-            report.checks[name] = report.checks.get(name, True) and ev.passed
+                }
+                for start, end in contiguous_ranges(all_keys, list(partitions))
+            ]
+        for tags in ranges:
+            try:
+                result = job_def.execute_in_process(
+                    instance=instance, tags=tags, run_config=run_config
+                )
+            except Exception as e:  # unwrap Dagster's step failure into the user's error
+                user = _user_error(e)
+                if user is not None:
+                    raise user from None
+                raise
+            report.run_ids.append(result.run_id)
+            for ev in result.get_asset_check_evaluations():
+                name_ = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
+                report.checks[name_] = report.checks.get(name_, True) and ev.passed
     return report

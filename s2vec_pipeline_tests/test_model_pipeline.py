@@ -1,0 +1,146 @@
+"""Model layer through Dagster and the CLI on the bundled extracts: train on CPU with a real
+Lightning Trainer, embed every pixel, query with SQL."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+
+from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline.cli import main
+from s2vec_pipeline.defs.runner import materialize, parse_stages
+from s2vec_pipeline.model.train import list_models
+from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
+from s2vec_pipeline_tests.test_pipeline import SHARED_CHECKS
+
+TINY = {
+    "epochs": 3,
+    "embed_dim": 32,
+    "depth": 1,
+    "num_heads": 4,
+    "decoder_embed_dim": 16,
+    "decoder_depth": 1,
+    "decoder_num_heads": 2,
+    "batch_size": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def embedded(materialized_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("model_root")
+    shutil.copytree(materialized_root, root, dirs_exist_ok=True)
+    settings = PipelineSettings(root=str(root))
+    home = tmp_path_factory.mktemp("home")
+    instance = dg.DagsterInstance.local_temp(str(home))
+    report = materialize(
+        settings,
+        [HELSINKI_L6, MONACO_L6],
+        parse_stages(["train", "embed"]),
+        instance,
+        op_config={"mae_model": TINY},
+    )
+    yield root, instance, report
+    instance.dispose()
+
+
+def test_embeddings_cover_every_pixel(embedded) -> None:
+    root, _, report = embedded
+    assert len(report.run_ids) == 2  # one training run, one embedding run for both partitions
+    (version,) = list_models(root)
+    raster = delta_store.read_partitions(root, "raster_tiles")
+    cells = delta_store.read_partitions(root, "cell_embeddings")
+    images = delta_store.read_partitions(root, "image_embeddings")
+    assert cells.height == 256 * raster.height and images.height == raster.height
+    assert set(cells["model_version"]) == {version} == set(images["model_version"])
+    assert set(cells["level"]) == {17} and set(images["level"]) == {13}
+    # every image's 256 S2 children, each at its own cell id
+    for token in raster["image_token"].to_list()[:4]:
+        kids = s2.children_grid(s2.from_token(np.array([token])), 17)[0].ravel()
+        got = cells.filter(pl.col("image_token") == token)
+        assert set(got["cell_token"]) == set(s2.to_token(kids))
+        assert set(got["cell_id"]) == set(s2.to_signed(kids).tolist())
+    emb = np.asarray(cells["embedding"].to_list(), dtype=np.float32)
+    assert emb.shape == (cells.height, 32) and np.isfinite(emb).all()
+
+
+def test_dagster_records_model_and_partition_versions(embedded) -> None:
+    root, instance, _ = embedded
+    (version,) = list_models(root)
+    model_event = instance.get_latest_materialization_event(dg.AssetKey("mae_model"))
+    meta = model_event.asset_materialization.metadata
+    assert meta["model_version"].value == version
+    assert meta["val_loss"].value > 0 and meta["loss_curve"].value.startswith("![loss curve]")
+    assert model_event.asset_materialization.tags["dagster/data_version"] == version
+    records = instance.fetch_materializations(dg.AssetKey("cell_embeddings"), limit=10).records
+    tagged = {
+        r.partition_key: r.asset_materialization.tags["dagster/data_version"]
+        for r in records
+        if "rows" in r.asset_materialization.metadata
+    }
+    assert set(tagged) == {HELSINKI_L6, MONACO_L6}
+    assert all(v.startswith(version + "-") for v in tagged.values())
+
+
+@pytest.mark.skipif(not SHARED_CHECKS.exists(), reason="../shared/checks not beside this clone")
+def test_independent_model_check(embedded) -> None:
+    root, _, _ = embedded
+    out = subprocess.run(
+        [sys.executable, str(SHARED_CHECKS / "check_model.py"), str(root), "13", "17"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_embeds_with_existing_model_and_rejects_unknown(
+    embedded, capsys: pytest.CaptureFixture
+) -> None:
+    root, _, _ = embedded
+    (version,) = list_models(root)
+    before = delta_store.table_version(root, "cell_embeddings")
+    args = ["materialize", "--root", str(root), "--cells", MONACO_L6]
+    assert main([*args, "--model-version", "0123456789abcdef"]) == 2
+    err = capsys.readouterr().err
+    assert "0123456789abcdef" in err and version in err
+    assert delta_store.table_version(root, "cell_embeddings") == before
+    assert main([*args, "--stages", "embed", "--model-version", version]) == 0
+    assert delta_store.table_version(root, "cell_embeddings") == before + 1
+
+
+def test_cli_sql_recipes(embedded, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root, _, _ = embedded
+    from s2vec_pipeline.sql import similar_cells
+
+    token = delta_store.read_partitions(root, "cell_features")["cell_token"][0]
+    top = pl.from_arrow(similar_cells(root, token, k=3))
+    assert top.height == 3 and top["cell_token"][0] == token
+    assert top["similarity"][0] == pytest.approx(1.0, abs=1e-5)
+    out = tmp_path / "region.parquet"
+    query = f"SELECT cell_token, embedding FROM cell_embeddings WHERE parent_l6 = '{MONACO_L6}'"
+    assert main(["sql", query, "--root", str(root), "--out", str(out)]) == 0
+    assert (
+        pl.read_parquet(out).height
+        == 256 * delta_store.read_partitions(root, "raster_tiles", [MONACO_L6]).height
+    )
+    assert main(["sql", "SELECT * FROM cell_embeddings WHERE false", "--root", str(root)]) == 0
+    capsys.readouterr()
+    assert main(["sql", "SELEC nonsense", "--root", str(root)]) == 2
+    assert "Tables you can query" in capsys.readouterr().err
+
+
+def test_train_without_raster_tiles(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert (
+        main(["materialize", "--root", str(tmp_path), "--cells", MONACO_L6, "--stages", "train"])
+        == 2
+    )
+    assert "raster_tiles" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists() or not list_models(tmp_path)
