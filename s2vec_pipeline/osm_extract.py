@@ -48,7 +48,9 @@ OSM_FEATURES_SCHEMA: dict[str, pl.DataType] = {
     "taxonomy_version": pl.String(),
 }
 
-_KIND_NODE, _KIND_WAY, _KIND_AREA = 0, 1, 2
+# Object kinds as small ints in the read loop; osm_type strings are derived in bulk afterwards.
+_KIND_NODE, _KIND_WAY, _KIND_AREA_WAY, _KIND_AREA_RELATION = 0, 1, 2, 3
+_OSM_TYPE_OF_KIND = np.array(["node", "way", "way", "relation"], dtype=object)
 _GEOMETRY_ERRORS = (RuntimeError, osmium.InvalidLocationError)
 _OSM_TYPE = {"n": "node", "w": "way", "r": "relation"}
 
@@ -120,7 +122,6 @@ class _Collector:
 
     def __init__(self) -> None:
         self.kind: list[int] = []
-        self.osm_type: list[str] = []
         self.osm_id: list[int] = []
         self.lat: list[float] = []  # nodes only; NaN for geometries
         self.lon: list[float] = []
@@ -143,9 +144,10 @@ def _read_source(
     wkb_factory = osmium.geom.WKBFactory()
     make_line, make_area = wkb_factory.create_linestring, wkb_factory.create_multipolygon
     # Append-method locals: this loop runs once per candidate object.
-    kind_a, type_a, id_a = col.kind.append, col.osm_type.append, col.osm_id.append
+    kind_a, id_a = col.kind.append, col.osm_id.append
     lat_a, lon_a, wkb_a = col.lat.append, col.lon.append, col.wkb.append
-    cobj_a, cidx_a = col.chan_obj.append, col.chan_idx.append
+    cobj_ext, cidx_ext = col.chan_obj.extend, col.chan_idx.extend
+    n_obj = len(col.kind)
     nan = float("nan")
 
     processor = (
@@ -166,7 +168,7 @@ def _read_source(
                 if not loc.valid():
                     failed += 1
                     continue
-                kind_a(_KIND_NODE), type_a("node"), id_a(obj.id)
+                kind_a(_KIND_NODE), id_a(obj.id)
                 lat_a(loc.lat), lon_a(loc.lon), wkb_a(None)
             elif obj.is_way():
                 ok = closed_way_ok if obj.is_closed() else open_way_ok
@@ -178,7 +180,7 @@ def _read_source(
                 except _GEOMETRY_ERRORS:  # too few nodes with locations (clipped extract)
                     failed += 1
                     continue
-                kind_a(_KIND_WAY), type_a("way"), id_a(obj.id)
+                kind_a(_KIND_WAY), id_a(obj.id)
                 lat_a(nan), lon_a(nan), wkb_a(geom)
             elif obj.is_area():
                 chans = [c for c in match(obj.tags) if c in area_ok]
@@ -189,14 +191,14 @@ def _read_source(
                 except _GEOMETRY_ERRORS:
                     failed += 1
                     continue
-                kind_a(_KIND_AREA), type_a("way" if obj.from_way() else "relation")
+                kind_a(_KIND_AREA_WAY if obj.from_way() else _KIND_AREA_RELATION)
                 id_a(obj.orig_id()), lat_a(nan), lon_a(nan), wkb_a(geom)
             else:  # relations themselves: multipolygons arrive as areas
                 continue
             matched += 1
-            obj_index = len(col.kind) - 1
-            for c in chans:
-                cobj_a(obj_index), cidx_a(c)
+            cobj_ext([n_obj] * len(chans))
+            cidx_ext(chans)
+            n_obj += 1
     except RuntimeError as e:
         raise InvalidSourceError(
             f"OSM source {path} is truncated or corrupt ({e}); re-download or re-export it "
@@ -278,7 +280,7 @@ def _rows_from_collector(
         return _empty_frame()
     kind = np.asarray(col.kind, dtype=np.int8)
     osm_id = np.asarray(col.osm_id, dtype=np.int64)
-    osm_type = np.asarray(col.osm_type, dtype=object)
+    osm_type = _OSM_TYPE_OF_KIND[kind]
     lat = np.asarray(col.lat, dtype=np.float64)
     lon = np.asarray(col.lon, dtype=np.float64)
     chan_obj = np.asarray(col.chan_obj, dtype=np.int64)
@@ -293,7 +295,7 @@ def _rows_from_collector(
     if len(geom_rows):
         geoms[geom_rows] = shapely.from_wkb([col.wkb[i] for i in geom_rows])
     way_rows = np.flatnonzero(kind == _KIND_WAY)
-    area_rows = np.flatnonzero(kind == _KIND_AREA)
+    area_rows = np.flatnonzero(kind >= _KIND_AREA_WAY)
     area_m2 = np.full(len(kind), np.nan)
     if len(way_rows):
         mid = shapely.line_interpolate_point(geoms[way_rows], 0.5, normalized=True)
