@@ -29,7 +29,7 @@ def ours(src: Path, repeat: int) -> tuple[float, float, float]:
             code = (
                 "import resource,sys,time;from s2vec_pipeline.cli import main;"
                 "t=time.perf_counter();"
-                f"rc=main(['materialize','--source',{str(src)!r},'--root',{root!r}]);"
+                f"rc=main(['materialize','--source',{str(src)!r},'--root',{root!r},'--stages','extract,features,raster']);"
                 "print('INPROC',time.perf_counter()-t);"
                 "print('PEAK',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss);sys.exit(rc)"
             )
