@@ -21,9 +21,9 @@ from s2vec_pipeline.settings import bundled_source
 HERE = Path(__file__).resolve().parent
 
 
-def ours(src: Path, repeat: int) -> tuple[float, float, float]:
-    """(process wall s, materialize call s, peak RSS MiB), medians."""
-    walls, inproc, peaks = [], [], []
+def ours(src: Path, repeat: int) -> tuple[float, float, float, float]:
+    """(process wall s, materialize call s, process CPU s, peak RSS MiB), medians."""
+    walls, inproc, cpus, peaks = [], [], [], []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as root:
             code = (
@@ -31,17 +31,27 @@ def ours(src: Path, repeat: int) -> tuple[float, float, float]:
                 "t=time.perf_counter();"
                 f"rc=main(['materialize','--source',{str(src)!r},'--root',{root!r},'--stages','extract,features,raster']);"
                 "print('INPROC',time.perf_counter()-t);"
-                "print('PEAK',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss);sys.exit(rc)"
+                "r=resource.getrusage(resource.RUSAGE_SELF);"
+                "print('CPU',r.ru_utime+r.ru_stime);"
+                "print('PEAK',r.ru_maxrss);sys.exit(rc)"
             )
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             walls.append(time.perf_counter() - t0)
             if out.returncode != 0:
                 raise SystemExit(out.stdout + out.stderr)
-            facts = dict(ln.split() for ln in out.stdout.splitlines() if ln[:4] in ("PEAK", "INPR"))
+            facts = dict(
+                ln.split() for ln in out.stdout.splitlines() if ln[:4] in ("PEAK", "INPR", "CPU ")
+            )
             peaks.append(int(facts["PEAK"]) / 1024)
             inproc.append(float(facts["INPROC"]))
-    return statistics.median(walls), statistics.median(inproc), statistics.median(peaks)
+            cpus.append(float(facts["CPU"]))
+    return (
+        statistics.median(walls),
+        statistics.median(inproc),
+        statistics.median(cpus),
+        statistics.median(peaks),
+    )
 
 
 def srai(python: str, src: Path, repeat: int) -> dict | None:
@@ -56,7 +66,7 @@ def srai(python: str, src: Path, repeat: int) -> dict | None:
     if out.returncode != 0:
         print(f"srai run failed: {out.stderr[-2000:]}", file=sys.stderr)
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["extracts"][0]["median"]
 
 
 def main() -> None:
@@ -67,23 +77,20 @@ def main() -> None:
     rows = []
     for name in ["helsinki", "monaco"]:
         src = bundled_source(name)
-        wall, inproc, peak = ours(src, args.repeat)
-        ref = srai(args.srai_python, src, args.repeat)
-        rows.append((name, wall, inproc, peak, ref))
+        rows.append((name, *ours(src, args.repeat), srai(args.srai_python, src, args.repeat)))
     print(
-        "| extract | s2vec process s | s2vec materialize s | peak MiB | srai load+prepare s | "
-        "srai peak MiB | speed-up (srai / materialize) |"
+        "| extract | s2vec process s | s2vec materialize s | s2vec CPU s | s2vec peak MiB "
+        "| srai load+prepare s | srai CPU s | srai peak MiB | wall speed-up | CPU ratio |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, wall, inproc, peak, ref in rows:
-        if ref:
-            s_wall, s_peak = ref["total_s"], ref["peak_rss_mib"]
-            print(
-                f"| {name} | {wall:.2f} | {inproc:.2f} | {peak:.0f} | {s_wall:.2f} | "
-                f"{s_peak:.0f} | {s_wall / inproc:.1f}x |"
-            )
-        else:
-            print(f"| {name} | {wall:.2f} | {inproc:.2f} | {peak:.0f} | n/a | n/a | n/a |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, wall, inproc, cpu, peak, ref in rows:
+        theirs = (
+            f"{ref['total_s']:.2f} | {ref['cpu_s']:.2f} | {ref['peak_rss_mib']:.0f} | "
+            f"{ref['total_s'] / inproc:.1f}x | {ref['cpu_s'] / cpu:.1f}x"
+            if ref
+            else "n/a | n/a | n/a | n/a | n/a"
+        )
+        print(f"| {name} | {wall:.2f} | {inproc:.2f} | {cpu:.2f} | {peak:.0f} | {theirs} |")
 
 
 if __name__ == "__main__":
