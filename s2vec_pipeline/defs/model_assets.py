@@ -7,6 +7,7 @@ written by ``model.embed.write_embeddings`` (one atomic commit per table and par
 """
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -20,8 +21,12 @@ from s2vec_pipeline.defs.data_assets import (
 from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.errors import MissingInputError
-from s2vec_pipeline.model.embed import write_embeddings
-from s2vec_pipeline.model.train import TrainConfig, list_models, load_model, train_model
+
+if TYPE_CHECKING:
+    from s2vec_pipeline.model.train import TrainConfig
+
+# torch and Lightning are imported inside the assets: loading the code location and running the
+# data layer then cost no torch import (~3 s of a ~4 s cold data-layer run on 2 cores).
 from s2vec_pipeline.preview import markdown_image
 
 GROUP = "model_layer"
@@ -44,7 +49,9 @@ class MAETrainingConfig(dg.Config):
     decoder_num_heads: int | None = None
     patch_size: int | None = None
 
-    def train_config(self, profile: str) -> TrainConfig:
+    def train_config(self, profile: str) -> "TrainConfig":
+        from s2vec_pipeline.model.train import TrainConfig
+
         overrides = {
             k: v for k, v in self.model_dump().items() if k != "partitions" and v is not None
         }
@@ -71,6 +78,8 @@ def mae_model(
     context: dg.AssetExecutionContext, config: MAETrainingConfig, s2vec: S2VecResource
 ) -> dg.MaterializeResult:
     """The S2Vec masked autoencoder trained on raster tiles (GPU when present, CPU otherwise)."""
+    from s2vec_pipeline.model.train import train_model
+
     settings = s2vec.settings()
     partitions = sorted(config.partitions) or delta_store.partition_keys(
         settings.root, "raster_tiles"
@@ -107,6 +116,8 @@ class EmbeddingConfig(dg.Config):
 
 
 def _model_version(context: dg.AssetExecutionContext, config: EmbeddingConfig, root: str) -> str:
+    from s2vec_pipeline.model.train import list_models
+
     if config.model_version:
         return config.model_version
     event = context.instance.get_latest_materialization_event(mae_model.key)
@@ -144,6 +155,9 @@ def _model_version(context: dg.AssetExecutionContext, config: EmbeddingConfig, r
 def embeddings(
     context: dg.AssetExecutionContext, config: EmbeddingConfig, s2vec: S2VecResource
 ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    from s2vec_pipeline.model.embed import write_embeddings
+    from s2vec_pipeline.model.train import load_model
+
     settings = s2vec.settings()
     keys = sorted(context.partition_keys)
     version = _model_version(context, config, settings.root)
