@@ -125,6 +125,78 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        action="append",
+        dest="sources",
+        metavar="PATH.osm.pbf",
+        help="OSM extract to read (repeatable; default: the bundled extracts)",
+    )
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    p.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        help="resolution profile: paper (image 8, pixel 12), city (13, 17) or custom:IMAGE:PIXEL",
+    )
+    p.add_argument("--taxonomy", default=None, help="feature taxonomy YAML (default: packaged)")
+
+
+def _settings(args: argparse.Namespace, changes_dir: str | None = None) -> PipelineSettings:
+    from s2vec_pipeline.osm_extract import validate_source
+
+    sources = tuple(str(validate_source(s).resolve()) for s in (args.sources or bundled_sources()))
+    return PipelineSettings(
+        root=str(Path(args.root).resolve()),
+        profile_name=args.profile,
+        sources=sources,
+        taxonomy_path=args.taxonomy,
+        changes_dir=changes_dir,
+    )
+
+
+def _add_refresh(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "refresh",
+        help="apply new OSM change files and recompute only the partitions that changed",
+        description="Runs in the foreground what the nightly schedule runs: applies the change "
+        "files not applied yet (--changes), re-extracts the touched partitions (all "
+        "materialized ones without --changes), then recomputes cell_features, raster_tiles and "
+        "embeddings only where an upstream data version changed. Uses $DAGSTER_HOME's instance, "
+        "else one under ROOT/_dagster.",
+    )
+    _add_source_options(p)
+    p.add_argument(
+        "--changes", default=None, metavar="DIR", help="folder of .osc / .osc.gz change files"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
+    p.set_defaults(func=_cmd_refresh)
+
+
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    from s2vec_pipeline.defs.refresh import refresh
+    from s2vec_pipeline.defs.runner import persistent_instance
+
+    changes = str(Path(args.changes).resolve()) if args.changes else None
+    if changes is not None and not Path(changes).is_dir():
+        raise S2VecError(f"--changes {args.changes} is not a folder of .osc/.osc.gz files")
+    settings = _settings(args, changes)
+    _ = (settings.profile, settings.taxonomy)  # validate before any run
+    t0 = time.perf_counter()
+    with persistent_instance(settings.root) as instance:
+        report = refresh(settings, instance, log_level="INFO" if args.verbose else "WARNING")
+    for src, files in report.applied.items():
+        print(f"applied to {src}: {', '.join(files)}")
+    if not report.applied:
+        print("applied: no new change file")
+    print(f"touched cells: {report.touched_cells}")
+    print("recomputed:")
+    for asset, parts in report.recomputed.items():
+        print(f"  {asset}: {parts}")
+    print(f"{len(report.run_ids)} Dagster run(s) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _add_sql(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sql",
@@ -184,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
+    _add_refresh(sub)
     _add_sql(sub)
     return parser
 
