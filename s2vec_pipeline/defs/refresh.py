@@ -35,7 +35,7 @@ from s2vec_pipeline.defs.data_assets import (
     latest_tags,
     source_batches,
 )
-from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME, contiguous_ranges, l6_partitions
+from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME, contiguous_ranges
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.versioning import config_hash
@@ -171,7 +171,6 @@ refresh_sources_job = dg.define_asset_job(
 reextract_job = dg.define_asset_job(
     "reextract_osm_features",
     selection=dg.AssetSelection.assets("osm_features"),
-    partitions_def=l6_partitions,
     description="Re-extract osm_features partitions touched by applied change files",
 )
 
