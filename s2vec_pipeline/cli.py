@@ -44,6 +44,12 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
         help="level-6 cell tokens to materialize (default: all the sources cover)",
     )
     p.add_argument(
+        "--region",
+        default=None,
+        metavar="NAME",
+        help="materialize the cells of a registered region (s2vec region add)",
+    )
+    p.add_argument(
         "--stages",
         type=_csv,
         default=None,
@@ -85,7 +91,19 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         "mae_model": {"epochs": args.epochs} if args.epochs else {},
         "embeddings": {"model_version": args.model_version} if args.model_version else {},
     }
-    cells = parse_partition_tokens(args.cells) if args.cells else list(settings.source_cells)
+    if args.region and args.cells:
+        raise S2VecError("give --cells or --region, not both")
+    if args.region:
+        from s2vec_pipeline.regions import RegionRegistry
+
+        registry = RegionRegistry(settings.root)
+        region = registry.get(args.region)
+        registry.check_covered(region, settings.source_cells)
+        cells = list(region.cells)
+    elif args.cells:
+        cells = parse_partition_tokens(args.cells)
+    else:
+        cells = list(settings.source_cells)
     settings.sources_for(cells)
     print(
         f"profile {profile.name}: images level {profile.image_level}, pixels level "
@@ -197,6 +215,83 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_region(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "region",
+        help="register named regions (sets of level-6 cells) and list them",
+        description="Regions live in ROOT/regions.yaml. A new region must lie inside the "
+        "configured sources ($S2VEC_SOURCES, default: the bundled extracts); its cells are "
+        "added as Dagster partitions in $DAGSTER_HOME's instance when set, and the "
+        "materialize_new_regions sensor launches them when the daemon runs.",
+    )
+    rsub = p.add_subparsers(dest="region_command", required=True)
+    add = rsub.add_parser("add", help="register a region")
+    add.add_argument("name", help="lowercase letters, digits, - and _")
+    what = add.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bbox", metavar="MIN_LAT,MIN_LNG,MAX_LAT,MAX_LNG", help="lat/lng box")
+    what.add_argument("--geojson", metavar="FILE", help="GeoJSON polygon(s)")
+    what.add_argument("--source", metavar="PBF", help="the header box of an OSM extract")
+    add.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    add.set_defaults(func=_cmd_region_add)
+    ls = rsub.add_parser("list", help="list the registered regions")
+    ls.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    ls.set_defaults(func=_cmd_region_list)
+
+
+def _parse_bbox(value: str) -> tuple[float, float, float, float]:
+    from s2vec_pipeline.errors import InvalidBoundingBoxError
+
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) != 4:
+        raise InvalidBoundingBoxError(
+            f"--bbox expects MIN_LAT,MIN_LNG,MAX_LAT,MAX_LNG (4 numbers), got {value!r}"
+        )
+    return nums[0], nums[1], nums[2], nums[3]
+
+
+def _cmd_region_add(args: argparse.Namespace) -> int:
+    import os
+
+    from s2vec_pipeline import regions as rg
+
+    root = str(Path(args.root).resolve())
+    if args.bbox:
+        region = rg.region_from_bbox(args.name, *_parse_bbox(args.bbox))
+    elif args.geojson:
+        region = rg.region_from_geojson(args.name, args.geojson)
+    else:
+        region = rg.region_from_source(args.name, args.source)
+    registry = rg.RegionRegistry(root)
+    settings = PipelineSettings.from_env()
+    registry.check_covered(region, settings.source_cells)  # before anything is written
+    registry.add(region)
+    print(f"region {region.name}: {len(region.cells)} cells: {', '.join(region.cells)}")
+    if os.environ.get("DAGSTER_HOME"):
+        import dagster as dg
+
+        from s2vec_pipeline.defs.partitions import add_partitions
+
+        with dg.DagsterInstance.get() as instance:
+            new = add_partitions(instance, list(region.cells))
+        print(f"added {len(new)} new partition(s) to the Dagster instance in $DAGSTER_HOME")
+    return 0
+
+
+def _cmd_region_list(args: argparse.Namespace) -> int:
+    from s2vec_pipeline.regions import RegionRegistry
+
+    regions = RegionRegistry(Path(args.root).resolve()).list()
+    if not regions:
+        print("no region registered (s2vec region add NAME --bbox ...)")
+    for r in regions:
+        print(f"{r.name:<20} {r.kind:<8} {len(r.cells):>4} cells  {', '.join(r.cells)}")
+    return 0
+
+
 def _add_sql(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sql",
@@ -257,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
     _add_refresh(sub)
+    _add_region(sub)
     _add_sql(sub)
     return parser
 

@@ -21,7 +21,7 @@ from s2vec_pipeline.defs.refresh import (
     weekly_training_schedule,
 )
 from s2vec_pipeline.defs.resources import S2VecResource
-from s2vec_pipeline.defs.sensors import register_source_partitions
+from s2vec_pipeline.defs.sensors import materialize_new_regions, register_source_partitions
 from s2vec_pipeline.settings import PipelineSettings
 
 data_layer_job = dg.define_asset_job(
@@ -59,7 +59,12 @@ def build_definitions(
             reextract_job,
             *(jobs or []),
         ],
-        sensors=[register_source_partitions, reextract_touched_partitions, automation_sensor],
+        sensors=[
+            register_source_partitions,
+            materialize_new_regions,
+            reextract_touched_partitions,
+            automation_sensor,
+        ],
         schedules=[nightly_refresh_schedule(), weekly_training_schedule()],
     )
 
