@@ -44,6 +44,7 @@ def register_source_partitions(
 
 @dg.sensor(
     name="materialize_new_regions",
+    job_name="data_layer",
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches the data layer (osm_features -> cell_features -> raster_tiles) for "
