@@ -16,7 +16,12 @@ from s2vec_pipeline import delta_store
 from s2vec_pipeline import osm_changes as oc
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
-from s2vec_pipeline.defs.refresh import refresh
+from s2vec_pipeline.defs.refresh import (
+    partitions_to_reextract,
+    reextract_touched_partitions,
+    refresh,
+)
+from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.runner import materialize, parse_stages
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.settings import PipelineSettings
@@ -121,6 +126,20 @@ def test_automation_requests_only_the_changed_partition(env: dict, station: tupl
     for src in _settings(env, True).sources:  # what osm_sources does, by hand
         applied = oc.apply_changes(root, src, env["changes"])
         assert [p.name for p in applied.applied] == ["0001.osc"]
+    # What the sensor after osm_sources launches: Helsinki's partition only, as one range.
+    assert partitions_to_reextract(_settings(env, True), instance) == [HELSINKI_L6]
+    resources = {"s2vec": S2VecResource.from_settings(_settings(env, True))}
+    sensed = reextract_touched_partitions(
+        dg.build_sensor_context(instance=instance, resources=resources)
+    )
+    (request,) = sensed.run_requests
+    assert request.job_name == "reextract_osm_features"
+    assert request.tags["dagster/asset_partition_range_start"] == HELSINKI_L6
+    assert request.tags["dagster/asset_partition_range_end"] == HELSINKI_L6
+    again = reextract_touched_partitions(
+        dg.build_sensor_context(instance=instance, resources=resources, cursor=sensed.cursor)
+    )
+    assert not again.run_requests  # once per osm_sources materialization
     materialize(_settings(env, True), [HELSINKI_L6, MONACO_L6], ["osm_features"], instance)
 
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)

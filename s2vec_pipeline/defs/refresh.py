@@ -146,14 +146,14 @@ def partitions_to_reextract(settings: PipelineSettings, instance: dg.DagsterInst
 
 
 def range_run_requests(
-    instance: dg.DagsterInstance, partitions: list[str], job_name: str
+    instance: dg.DagsterInstance, partitions: list[str], job_name: str, key_prefix: str
 ) -> list[dg.RunRequest]:
     """One run per contiguous key range (each source is read once per run)."""
     keys = instance.get_dynamic_partitions(L6_PARTITIONS_NAME)
     return [
         dg.RunRequest(
             job_name=job_name,
-            run_key=None,
+            run_key=f"{key_prefix}:{start}-{end}",
             tags={
                 "dagster/asset_partition_range_start": start,
                 "dagster/asset_partition_range_end": end,
@@ -175,22 +175,32 @@ reextract_job = dg.define_asset_job(
 )
 
 
-@dg.asset_sensor(
-    asset_key=dg.AssetKey("osm_sources"),
+@dg.sensor(
     name="reextract_touched_partitions",
     job_name="reextract_osm_features",
+    minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="After osm_sources, re-extracts the osm_features partitions the changes touched.",
+    description="After each osm_sources materialization, re-extracts the osm_features "
+    "partitions the applied change files touched (all materialized ones without a change "
+    "folder).",
 )
 def reextract_touched_partitions(
-    context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry, s2vec: S2VecResource
+    context: dg.SensorEvaluationContext, s2vec: S2VecResource
 ) -> dg.SensorResult:
+    records = context.instance.fetch_materializations(osm_sources.key, limit=1).records
+    last = int(context.cursor) if context.cursor else -1
+    if not records or records[0].storage_id <= last:
+        return dg.SensorResult(skip_reason="no new osm_sources materialization")
+    event_id = records[0].storage_id
     partitions = partitions_to_reextract(s2vec.settings(), context.instance)
-    if not partitions:
-        return dg.SensorResult(skip_reason="no materialized partition touched by the changes")
-    return dg.SensorResult(
-        run_requests=range_run_requests(context.instance, partitions, "reextract_osm_features")
+    requests = range_run_requests(
+        context.instance, partitions, "reextract_osm_features", f"osm_sources:{event_id}"
     )
+    if not requests:
+        return dg.SensorResult(
+            skip_reason="no materialized partition touched by the changes", cursor=str(event_id)
+        )
+    return dg.SensorResult(run_requests=requests, cursor=str(event_id))
 
 
 # ---------------------------------------------------------------------------------------------
