@@ -208,3 +208,33 @@ def test_bad_change_files_apply_nothing(
     stale.unlink()
     assert oc.read_ledger(root, helsinki_pbf) == ledger
     assert _versions(root) == versions
+
+
+def test_new_model_makes_every_embedding_partition_stale(env: dict) -> None:
+    """Weekly training, then the nightly run: a new model version requests every embedding
+    partition (automation) and the refresh recomputes exactly those."""
+    root, instance = env["root"], env["instance"]
+    defs = build_definitions(_settings(env, True))
+    cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
+    materialize(
+        _settings(env, True),
+        [HELSINKI_L6, MONACO_L6],
+        ["mae_model"],
+        instance,
+        op_config={"mae_model": {**TINY, "seed": 7}},
+    )
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+    both = {HELSINKI_L6, MONACO_L6}
+    assert result.get_requested_partitions(dg.AssetKey("cell_embeddings")) == both
+    assert result.get_requested_partitions(dg.AssetKey("cell_features")) == set()
+    versions = _versions(root)
+    report = refresh(_settings(env, True), instance)
+    assert report.recomputed == {
+        "osm_features": [],
+        "cell_features": [],
+        "raster_tiles": [],
+        "cell_embeddings": [MONACO_L6, HELSINKI_L6],
+        "image_embeddings": [MONACO_L6, HELSINKI_L6],
+    }
+    after = _versions(root)
+    assert {t: after[t] for t in TABLES[:3]} == {t: versions[t] for t in TABLES[:3]}
