@@ -30,10 +30,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _graphql(port: int, query: str) -> dict:
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=20) as resp:
@@ -43,6 +43,9 @@ def _graphql(port: int, query: str) -> dict:
 RUNS = """{ runsOrError(filter: {tags: [{key: "s2vec/region", value: "hki"}]}) {
   ... on Runs { results { runId status tags { key value } } } } }"""
 ASSETS = """{ assetNodes { assetKey { path } isPartitioned partitionKeys } }"""
+SENSOR = """query ($loc: String!) { sensorOrError(sensorSelector: {repositoryLocationName: $loc,
+  repositoryName: "__repository__", sensorName: "materialize_new_regions"}) {
+  ... on Sensor { description sensorState { ticks(limit: 5) { status runIds } } } } }"""
 LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries { name
   locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 
@@ -107,6 +110,11 @@ def test_dagster_dev_launches_a_region_and_answers_graphql(tmp_path: Path, monke
         tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
         assert tags["dagster/asset_partition_range_start"] == HELSINKI_L6
         assert (root / "raster_tiles" / f"parent_l6={HELSINKI_L6}").is_dir()
+        # The region sensor, its description and the tick that launched the region's run.
+        sensor = _graphql(port, SENSOR, {"loc": entry["name"]})["sensorOrError"]
+        assert "regions.yaml" in sensor["description"]
+        ticks = sensor["sensorState"]["ticks"]
+        assert any(runs[0]["runId"] in t["runIds"] for t in ticks), ticks
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
