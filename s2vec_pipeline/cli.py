@@ -44,6 +44,12 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
         help="level-6 cell tokens to materialize (default: all the sources cover)",
     )
     p.add_argument(
+        "--region",
+        default=None,
+        metavar="NAME",
+        help="materialize the cells of a registered region (s2vec region add)",
+    )
+    p.add_argument(
         "--stages",
         type=_csv,
         default=None,
@@ -85,7 +91,19 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         "mae_model": {"epochs": args.epochs} if args.epochs else {},
         "embeddings": {"model_version": args.model_version} if args.model_version else {},
     }
-    cells = parse_partition_tokens(args.cells) if args.cells else list(settings.source_cells)
+    if args.region and args.cells:
+        raise S2VecError("give --cells or --region, not both")
+    if args.region:
+        from s2vec_pipeline.regions import RegionRegistry
+
+        registry = RegionRegistry(settings.root)
+        region = registry.get(args.region)
+        registry.check_covered(region, settings.source_cells)
+        cells = list(region.cells)
+    elif args.cells:
+        cells = parse_partition_tokens(args.cells)
+    else:
+        cells = list(settings.source_cells)
     settings.sources_for(cells)
     print(
         f"profile {profile.name}: images level {profile.image_level}, pixels level "
@@ -124,6 +142,155 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     if report.checks_failed:
         print(f"FAILED asset checks: {', '.join(report.checks_failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        action="append",
+        dest="sources",
+        metavar="PATH.osm.pbf",
+        help="OSM extract to read (repeatable; default: the bundled extracts)",
+    )
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    p.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        help="resolution profile: paper (image 8, pixel 12), city (13, 17) or custom:IMAGE:PIXEL",
+    )
+    p.add_argument("--taxonomy", default=None, help="feature taxonomy YAML (default: packaged)")
+
+
+def _settings(args: argparse.Namespace, changes_dir: str | None = None) -> PipelineSettings:
+    from s2vec_pipeline.osm_extract import validate_source
+
+    sources = tuple(str(validate_source(s).resolve()) for s in (args.sources or bundled_sources()))
+    return PipelineSettings(
+        root=str(Path(args.root).resolve()),
+        profile_name=args.profile,
+        sources=sources,
+        taxonomy_path=args.taxonomy,
+        changes_dir=changes_dir,
+    )
+
+
+def _add_refresh(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "refresh",
+        help="apply new OSM change files and recompute only the partitions that changed",
+        description="Runs in the foreground what the nightly schedule runs: applies the change "
+        "files not applied yet (--changes), re-extracts the touched partitions (all "
+        "materialized ones without --changes), then recomputes cell_features, raster_tiles and "
+        "embeddings only where an upstream data version changed. Uses $DAGSTER_HOME's instance, "
+        "else one under ROOT/_dagster.",
+    )
+    _add_source_options(p)
+    p.add_argument(
+        "--changes", default=None, metavar="DIR", help="folder of .osc / .osc.gz change files"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
+    p.set_defaults(func=_cmd_refresh)
+
+
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    from s2vec_pipeline.defs.refresh import refresh
+    from s2vec_pipeline.defs.runner import persistent_instance
+
+    changes = str(Path(args.changes).resolve()) if args.changes else None
+    if changes is not None and not Path(changes).is_dir():
+        raise S2VecError(f"--changes {args.changes} is not a folder of .osc/.osc.gz files")
+    settings = _settings(args, changes)
+    _ = (settings.profile, settings.taxonomy)  # validate before any run
+    t0 = time.perf_counter()
+    with persistent_instance(settings.root) as instance:
+        report = refresh(settings, instance, log_level="INFO" if args.verbose else "WARNING")
+    for src, files in report.applied.items():
+        print(f"applied to {src}: {', '.join(files)}")
+    if not report.applied:
+        print("applied: no new change file")
+    print(f"touched cells: {report.touched_cells}")
+    print("recomputed:")
+    for asset, parts in report.recomputed.items():
+        print(f"  {asset}: {parts}")
+    print(f"{len(report.run_ids)} Dagster run(s) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _add_region(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "region",
+        help="register named regions (sets of level-6 cells) and list them",
+        description="Regions live in ROOT/regions.yaml. A new region must lie inside the "
+        "configured sources ($S2VEC_SOURCES, default: the bundled extracts); its cells are "
+        "added as Dagster partitions in $DAGSTER_HOME's instance when set, and the "
+        "materialize_new_regions sensor launches them when the daemon runs.",
+    )
+    rsub = p.add_subparsers(dest="region_command", required=True)
+    add = rsub.add_parser("add", help="register a region")
+    add.add_argument("name", help="lowercase letters, digits, - and _")
+    what = add.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bbox", metavar="MIN_LAT,MIN_LNG,MAX_LAT,MAX_LNG", help="lat/lng box")
+    what.add_argument("--geojson", metavar="FILE", help="GeoJSON polygon(s)")
+    what.add_argument("--source", metavar="PBF", help="the header box of an OSM extract")
+    add.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    add.set_defaults(func=_cmd_region_add)
+    ls = rsub.add_parser("list", help="list the registered regions")
+    ls.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    ls.set_defaults(func=_cmd_region_list)
+
+
+def _parse_bbox(value: str) -> tuple[float, float, float, float]:
+    from s2vec_pipeline.errors import InvalidBoundingBoxError
+
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) != 4:
+        raise InvalidBoundingBoxError(
+            f"--bbox expects MIN_LAT,MIN_LNG,MAX_LAT,MAX_LNG (4 numbers), got {value!r}"
+        )
+    return nums[0], nums[1], nums[2], nums[3]
+
+
+def _cmd_region_add(args: argparse.Namespace) -> int:
+    import os
+
+    from s2vec_pipeline import regions as rg
+
+    root = str(Path(args.root).resolve())
+    if args.bbox:
+        region = rg.region_from_bbox(args.name, *_parse_bbox(args.bbox))
+    elif args.geojson:
+        region = rg.region_from_geojson(args.name, args.geojson)
+    else:
+        region = rg.region_from_source(args.name, args.source)
+    registry = rg.RegionRegistry(root)
+    settings = PipelineSettings.from_env()
+    registry.check_covered(region, settings.source_cells)  # before anything is written
+    registry.add(region)
+    print(f"region {region.name}: {len(region.cells)} cells: {', '.join(region.cells)}")
+    if os.environ.get("DAGSTER_HOME"):
+        import dagster as dg
+
+        from s2vec_pipeline.defs.partitions import add_partitions
+
+        with dg.DagsterInstance.get() as instance:
+            new = add_partitions(instance, list(region.cells))
+        print(f"added {len(new)} new partition(s) to the Dagster instance in $DAGSTER_HOME")
+    return 0
+
+
+def _cmd_region_list(args: argparse.Namespace) -> int:
+    from s2vec_pipeline.regions import RegionRegistry
+
+    regions = RegionRegistry(Path(args.root).resolve()).list()
+    if not regions:
+        print("no region registered (s2vec region add NAME --bbox ...)")
+    for r in regions:
+        print(f"{r.name:<20} {r.kind:<8} {len(r.cells):>4} cells  {', '.join(r.cells)}")
     return 0
 
 
@@ -186,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
+    _add_refresh(sub)
+    _add_region(sub)
     _add_sql(sub)
     return parser
 

@@ -27,6 +27,7 @@ ENV_ROOT = "S2VEC_ROOT"
 ENV_SOURCES = "S2VEC_SOURCES"  # os.pathsep-separated list of .osm.pbf paths
 ENV_PROFILE = "S2VEC_PROFILE"
 ENV_TAXONOMY = "S2VEC_TAXONOMY"
+ENV_CHANGES = "S2VEC_CHANGES"  # folder of OSM change files (.osc / .osc.gz) for the refresh
 DEFAULT_ROOT = "s2vec_data"
 DEFAULT_PROFILE = "city"
 
@@ -46,6 +47,7 @@ class PipelineSettings:
     profile_name: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sources()))
     taxonomy_path: str | None = None
+    changes_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> PipelineSettings:
@@ -58,6 +60,7 @@ class PipelineSettings:
             if sources
             else tuple(bundled_sources()),
             taxonomy_path=env.get(ENV_TAXONOMY) or None,
+            changes_dir=env.get(ENV_CHANGES) or None,
         )
 
     @cached_property
@@ -101,6 +104,14 @@ class PipelineSettings:
             )
         wanted = {s for p in partitions for s in self.source_cells[p]}
         return [s for s in self.sources if s in wanted]
+
+    def current_sources_for(self, partitions: Iterable[str]) -> list[str]:
+        """Like ``sources_for``, but each source replaced by its current extract: the copy under
+        the root with the applied change files, or the source itself when none was applied.
+        The user's files are never modified."""
+        from s2vec_pipeline.osm_changes import current_extract
+
+        return [str(current_extract(self.root, s)) for s in self.sources_for(partitions)]
 
 
 def cells_covering_source(path: str | os.PathLike) -> list[str]:

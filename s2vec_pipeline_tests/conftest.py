@@ -24,9 +24,15 @@ def monaco_pbf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def materialized_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def materialized_root(materialized: tuple[Path, Path]) -> Path:
+    return materialized[0]
+
+
+@pytest.fixture(scope="session")
+def materialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Both bundled extracts through extract -> features -> raster with the city profile, via a
-    real Dagster instance (temporary DAGSTER_HOME) running real materializations."""
+    real Dagster instance (temporary DAGSTER_HOME) running real materializations. Returns the
+    storage root and the Dagster home holding the runs' records (copy both to change them)."""
     import dagster as dg
 
     from s2vec_pipeline.defs.runner import materialize, parse_stages
@@ -39,4 +45,4 @@ def materialized_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             settings, [HELSINKI_L6, MONACO_L6], parse_stages(DATA_STAGES), instance
         )
     assert report.checks_failed == []
-    return root
+    return root, home

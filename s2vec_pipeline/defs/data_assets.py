@@ -15,8 +15,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from s2vec_pipeline import delta_store, table_checks
+from s2vec_pipeline import delta_store, osm_changes, table_checks
 from s2vec_pipeline.cell_features import aggregate_cell_features, cell_features_schema
+from s2vec_pipeline.defs.automation import on_upstream_change
 from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.errors import MissingInputError, NoFeaturesError
@@ -56,18 +57,40 @@ def _commit_metadata(context: dg.AssetExecutionContext) -> dict[str, str]:
 
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
+# Data version of the upstream partition a partition was computed from (our own tag: Dagster's
+# ``dagster/input_data_version/*`` tags come with event pointers we do not log).
+INPUT_VERSION_TAG = "s2vec/input_data_version."
+# osm_features partition metadata: {source path: change batch of the extract it was read from}.
+SOURCE_BATCHES = "source_batches"
+
+
+def source_batches(root: str, sources: list[str]) -> dict[str, int]:
+    """How many change batches each source's current extract holds (0: the original file)."""
+    out = {}
+    for src in sources:
+        ledger = osm_changes.read_ledger(root, src)
+        out[src] = int(ledger["batches"]) if ledger else 0
+    return out
+
+
+def latest_tags(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
+) -> dict[str, str] | None:
+    """Tags of the latest materialization of one partition (None if never materialized)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    return dict(records[0].asset_materialization.tags or {})
 
 
 def latest_data_version(
     instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
 ) -> str | None:
     """The data version recorded by the latest materialization of one partition."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    return records[0].asset_materialization.tags.get(DATA_VERSION_TAG)
+    tags = latest_tags(instance, key, partition)
+    return None if tags is None else tags.get(DATA_VERSION_TAG)
 
 
 def partition_materializations(
@@ -77,24 +100,31 @@ def partition_materializations(
     sort_by: list[str],
     metadata: dict[str, Any],
     per_partition: dict[str, dict[str, Any]] | None = None,
+    upstream: str | None = None,
 ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
     """The run's result, then one materialization per partition carrying the content hash of
     that partition's rows as its data version.
 
     Dagster gives every partition of a multi-partition run the same data version; the
     per-partition events that follow supersede it, so a partition whose rows did not change
-    keeps its version and only really changed partitions make their downstream stale.
+    keeps its version and only really changed partitions make their downstream stale. With
+    ``upstream``, each event also records the upstream partition's data version it was computed
+    from (``INPUT_VERSION_TAG``): the refresh compares it with the upstream's latest version.
     """
     yield dg.MaterializeResult(metadata={"partitions_in_run": len(keys), **metadata})
     counts = _per_partition_counts(df, keys)
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or ""
     for k in keys:
         version = frame_hash(df.filter(pl.col("parent_l6") == k), sort_by)
+        tags = {DATA_VERSION_TAG: version, CODE_VERSION_TAG: code_version}
+        if upstream is not None:
+            up = latest_data_version(context.instance, dg.AssetKey(upstream), k)
+            tags[INPUT_VERSION_TAG + upstream] = up or ""
         yield dg.AssetMaterialization(
             asset_key=context.asset_key,
             partition=k,
             metadata={"rows": counts[k], **(per_partition or {}).get(k, {})},
-            tags={DATA_VERSION_TAG: version, CODE_VERSION_TAG: code_version},
+            tags=tags,
         )
 
 
@@ -104,6 +134,7 @@ def partition_materializations(
     group_name=GROUP,
     kinds={"osm", "delta"},
     code_version="1",
+    deps=["osm_sources"],
     check_specs=[
         dg.AssetCheckSpec("schema", asset="osm_features"),
         dg.AssetCheckSpec("valid_cells", asset="osm_features"),
@@ -115,7 +146,7 @@ def osm_features(
     """One row per (OSM object, matched channel, pixel cell), read with pyosmium."""
     settings = s2vec.settings()
     keys = sorted(context.partition_keys)
-    sources = settings.sources_for(keys)
+    sources = settings.current_sources_for(keys)  # with applied change files, if any
     t0 = time.perf_counter()
     df, stats = extract_features(sources, settings.taxonomy, settings.profile, partitions=keys)
     seconds = time.perf_counter() - t0
@@ -124,6 +155,7 @@ def osm_features(
             f"no OSM object in {sources} matches the taxonomy inside cells {keys}: check that "
             f"the sources cover these cells and carry mapped tags"
         )
+    batches = source_batches(settings.root, settings.sources_for(keys))
     version = delta_store.write_partitions(
         settings.root,
         "osm_features",
@@ -150,6 +182,7 @@ def osm_features(
             "table": dg.MetadataValue.path(delta_store.table_uri(settings.root, "osm_features")),
             "delta_version": version,
         },
+        {k: {SOURCE_BATCHES: dg.MetadataValue.json(batches)} for k in keys},
     )
     yield _check("schema", table_checks.schema_matches(df, OSM_FEATURES_SCHEMA))
     yield _check(
@@ -175,6 +208,7 @@ def _read_upstream(root: str, table: str, keys: list[str]) -> pl.DataFrame:
     kinds={"polars", "delta"},
     code_version="1",
     deps=[osm_features],
+    automation_condition=on_upstream_change(),
     check_specs=[
         dg.AssetCheckSpec("schema", asset="cell_features"),
         dg.AssetCheckSpec("no_nan", asset="cell_features"),
@@ -210,6 +244,7 @@ def cell_features(
             "table": dg.MetadataValue.path(delta_store.table_uri(settings.root, "cell_features")),
             "delta_version": version,
         },
+        upstream="osm_features",
     )
     yield _check("schema", table_checks.schema_matches(df, cell_features_schema(settings.taxonomy)))
     yield _check("no_nan", table_checks.no_nan(df, channels))
@@ -222,6 +257,7 @@ def cell_features(
     kinds={"numpy", "delta"},
     code_version="1",
     deps=[cell_features],
+    automation_condition=on_upstream_change(),
     check_specs=[
         dg.AssetCheckSpec("no_nan", asset="raster_tiles"),
         dg.AssetCheckSpec("agrees_with_cell_features", asset="raster_tiles"),
@@ -274,6 +310,7 @@ def raster_tiles(
             "delta_version": version,
         },
         previews,
+        upstream="cell_features",
     )
     finite = np.isfinite(tensors)
     yield _check("no_nan", (bool(finite.all()), {"non_finite": int((~finite).sum())}))

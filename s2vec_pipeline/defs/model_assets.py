@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from s2vec_pipeline import delta_store
+from s2vec_pipeline.defs.automation import on_upstream_change
 from s2vec_pipeline.defs.data_assets import (
     CODE_VERSION_TAG,
     DATA_VERSION_TAG,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 from s2vec_pipeline.preview import markdown_image
 
 GROUP = "model_layer"
+EMBEDDINGS_CODE_VERSION = "1"
 
 
 class MAETrainingConfig(dg.Config):
@@ -115,23 +117,29 @@ class EmbeddingConfig(dg.Config):
     model_version: str | None = None  # None: the latest materialized mae_model
 
 
-def _model_version(context: dg.AssetExecutionContext, config: EmbeddingConfig, root: str) -> str:
+def current_model_version(instance: dg.DagsterInstance, root: str) -> str | None:
+    """The latest materialized mae_model's version, else the newest model under the root."""
     from s2vec_pipeline.model.train import list_models
 
-    if config.model_version:
-        return config.model_version
-    event = context.instance.get_latest_materialization_event(mae_model.key)
+    event = instance.get_latest_materialization_event(mae_model.key)
     if event and event.asset_materialization:
         meta = event.asset_materialization.metadata.get("model_version")
         if meta is not None:
             return str(meta.value)
     available = list_models(root)
-    if not available:
+    return available[-1] if available else None
+
+
+def _model_version(context: dg.AssetExecutionContext, config: EmbeddingConfig, root: str) -> str:
+    if config.model_version:
+        return config.model_version
+    version = current_model_version(context.instance, root)
+    if version is None:
         raise MissingInputError(
             f"no trained model under {root}: materialize mae_model first (s2vec materialize "
             f"--stages train) or pass a model_version"
         )
-    return available[-1]
+    return version
 
 
 @dg.multi_asset(
@@ -140,10 +148,11 @@ def _model_version(context: dg.AssetExecutionContext, config: EmbeddingConfig, r
             name,
             group_name=GROUP,
             kinds={"pytorch", "delta"},
-            code_version="1",
+            code_version=EMBEDDINGS_CODE_VERSION,
             partitions_def=l6_partitions,
             deps=[raster_tiles, mae_model],
             description=desc,
+            automation_condition=on_upstream_change(),
         )
         for name, desc in [
             ("cell_embeddings", "One embedding per pixel cell of every image with data."),
@@ -170,7 +179,7 @@ def embeddings(
         )
     # Per partition: the data version is (model version, its raster tiles' version), so a new
     # model or a changed partition marks exactly the right partitions as changed.
-    code = "1"
+    code = EMBEDDINGS_CODE_VERSION
     for k in keys:
         raster_version = latest_data_version(context.instance, raster_tiles.key, k) or ""
         for name, rows in (("cell_embeddings", "cells"), ("image_embeddings", "images")):

@@ -17,6 +17,10 @@ class S2VecResource(dg.ConfigurableResource):
     taxonomy_path: str | None = Field(
         default=None, description="Feature taxonomy YAML (None: packaged)"
     )
+    changes_dir: str | None = Field(
+        default=None,
+        description="Folder of OSM change files (.osc/.osc.gz) the nightly refresh applies",
+    )
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings) -> S2VecResource:
@@ -25,6 +29,7 @@ class S2VecResource(dg.ConfigurableResource):
             profile=settings.profile_name,
             sources=list(settings.sources),
             taxonomy_path=settings.taxonomy_path,
+            changes_dir=settings.changes_dir,
         )
 
     def settings(self) -> PipelineSettings:
@@ -33,4 +38,5 @@ class S2VecResource(dg.ConfigurableResource):
             profile_name=self.profile,
             sources=tuple(self.sources),
             taxonomy_path=self.taxonomy_path,
+            changes_dir=self.changes_dir,
         )

@@ -25,7 +25,7 @@ STAGES: dict[str, list[str]] = {
     "train": ["mae_model"],
     "embed": ["cell_embeddings", "image_embeddings"],
 }
-UNPARTITIONED = {"mae_model"}
+UNPARTITIONED = {"mae_model", "osm_sources"}
 # The op that computes each asset (the two embedding tables come from one multi-asset).
 OP_OF = {
     "mae_model": "mae_model",
@@ -64,6 +64,20 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
             yield instance
     else:
         with dg.DagsterInstance.ephemeral() as instance:
+            yield instance
+
+
+@contextlib.contextmanager
+def persistent_instance(root: str) -> Iterator[dg.DagsterInstance]:
+    """The instance under $DAGSTER_HOME when set, else one kept under ``<root>/_dagster``: the
+    refresh compares data versions with the ones recorded by earlier runs, so they must last."""
+    if os.environ.get("DAGSTER_HOME"):
+        with dg.DagsterInstance.get() as instance:
+            yield instance
+    else:
+        home = os.path.join(root, "_dagster")
+        os.makedirs(home, exist_ok=True)
+        with dg.DagsterInstance.local_temp(home) as instance:
             yield instance
 
 
