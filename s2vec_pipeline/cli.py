@@ -204,7 +204,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     _ = (settings.profile, settings.taxonomy)  # validate before any run
     t0 = time.perf_counter()
     with persistent_instance(settings.root) as instance:
-        report = refresh(settings, instance, log_level="INFO" if args.verbose else "WARNING")
+        report = refresh(settings, instance, log_level="INFO" if args.verbose else "ERROR")
     for src, files in report.applied.items():
         print(f"applied to {src}: {', '.join(files)}")
     if not report.applied:
