@@ -23,19 +23,7 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
         description="Run the pipeline on OSM extracts. Defaults: the bundled Helsinki and "
         "Monaco extracts, the city profile, tables under ./s2vec_data.",
     )
-    p.add_argument(
-        "--source",
-        action="append",
-        dest="sources",
-        metavar="PATH.osm.pbf",
-        help="OSM extract to read (repeatable; default: the bundled extracts)",
-    )
-    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
-    p.add_argument(
-        "--profile",
-        default=DEFAULT_PROFILE,
-        help="resolution profile: paper (image 8, pixel 12), city (13, 17) or custom:IMAGE:PIXEL",
-    )
+    _add_source_options(p)
     p.add_argument(
         "--cells",
         type=_csv,
@@ -62,7 +50,6 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model-version", default=None, help="embed with this existing model instead of training"
     )
-    p.add_argument("--taxonomy", default=None, help="feature taxonomy YAML (default: packaged)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     p.set_defaults(func=_cmd_materialize)
 
@@ -70,16 +57,9 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline import delta_store
     from s2vec_pipeline.defs.runner import STAGES, dagster_instance, materialize, parse_stages
-    from s2vec_pipeline.osm_extract import validate_source
     from s2vec_pipeline.settings import parse_partition_tokens
 
-    sources = tuple(str(validate_source(s).resolve()) for s in (args.sources or bundled_sources()))
-    settings = PipelineSettings(
-        root=str(Path(args.root).resolve()),
-        profile_name=args.profile,
-        sources=sources,
-        taxonomy_path=args.taxonomy,
-    )
+    settings = _settings(args)
     profile, taxonomy = settings.profile, settings.taxonomy  # validate before any run
     stages = args.stages or list(STAGES)
     if args.model_version and args.stages is None:
