@@ -13,6 +13,7 @@ import polars as pl
 from s2vec_pipeline import s2
 from s2vec_pipeline.profiles import ResolutionProfile
 from s2vec_pipeline.taxonomy import Taxonomy
+from s2vec_pipeline.versioning import exact_sum
 
 KEY_COLUMNS = ["parent_l6", "image_token", "cell_token", "cell_id", "row", "col"]
 
@@ -54,7 +55,7 @@ def aggregate_cell_features(
             .alias("value")
         )
         .group_by("parent_l6", "cell_id", "channel")
-        .agg(pl.col("value").sum())
+        .agg(exact_sum("value"))
         .collect()
     )
     schema = cell_features_schema(taxonomy)

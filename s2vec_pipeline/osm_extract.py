@@ -31,6 +31,7 @@ from s2vec_pipeline import s2
 from s2vec_pipeline.errors import InvalidSourceError
 from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile
 from s2vec_pipeline.taxonomy import Taxonomy
+from s2vec_pipeline.versioning import exact_sum
 
 EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG), as used by S2's S2Earth
 
@@ -346,7 +347,7 @@ def _rows_from_collector(
         )
         per_cell = segs.group_by("obj", "cell").agg(
             # The first segment's midpoint lies in the cell: a faithful representative point.
-            pl.col("len").sum(),
+            exact_sum("len"),
             pl.col("lat").first(),
             pl.col("lon").first(),
         )

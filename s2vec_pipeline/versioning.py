@@ -31,3 +31,13 @@ def frame_hash(df: pl.DataFrame, sort_by: Sequence[str], length: int = 16) -> st
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return hashlib.sha256(sink.getvalue()).hexdigest()[:length]
+
+
+MICRO = 1_000_000  # sums are exact in micro-units (µm, µm²): see exact_sum
+
+
+def exact_sum(column: str) -> pl.Expr:
+    """Sum float values in integer micro-units, so the result does not depend on the order or
+    chunking in which rows arrive (float sums do, in the last bits, and a partition's data
+    version is a hash of its values: it must not change when its content did not)."""
+    return ((pl.col(column) * MICRO).round().cast(pl.Int64).sum() / MICRO).alias(column)

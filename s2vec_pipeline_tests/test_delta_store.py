@@ -75,3 +75,16 @@ def test_frame_hash_is_a_function_of_content() -> None:
     sliced = both.filter(pl.col("parent_l6") == "a")  # string views still share both's buffers
     assert frame_hash(sliced, ["s"]) == frame_hash(alone, ["s"])
     assert frame_hash(alone.with_columns(pl.lit("q").alias("s")), ["s"]) != frame_hash(alone, ["s"])
+
+
+def test_exact_sum_ignores_row_order() -> None:
+    import numpy as np
+    import polars as pl
+
+    from s2vec_pipeline.versioning import exact_sum
+
+    values = np.random.default_rng(0).uniform(0, 1e4, 10_000)
+    a = pl.DataFrame({"k": 1, "v": values}).group_by("k").agg(exact_sum("v"))
+    b = pl.DataFrame({"k": 1, "v": values[::-1]}).group_by("k").agg(exact_sum("v"))
+    assert a["v"][0] == b["v"][0]
+    assert a["v"][0] == pytest.approx(values.sum(), rel=1e-12)

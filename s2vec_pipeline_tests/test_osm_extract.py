@@ -122,7 +122,8 @@ def test_way_lengths_split_per_cell(helsinki, taxonomy) -> None:
             )
             for a, b in zip(locs[:-1], locs[1:], strict=True)
         ) * (EARTH_RADIUS_M / OSMIUM_EARTH_RADIUS_M)
-        assert per_way[wid] == pytest.approx(ref_len, rel=1e-9, abs=1e-6)
+        # per-cell lengths are exact sums in micrometres: allow a few µm per way
+        assert per_way[wid] == pytest.approx(ref_len, rel=1e-9, abs=1e-4)
         cells = set(rows.filter(pl.col("osm_id") == wid)["cell_id"].to_list())
         mids = {
             official_cell((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, CITY.pixel_level)
