@@ -152,7 +152,9 @@ def _read_source(
     nan = float("nan")
 
     processor = (
-        osmium.FileProcessor(str(path))
+        # Relations are not needed in the main pass: the area manager reads multipolygon
+        # relations in its own first pass, and they reach us assembled as areas.
+        osmium.FileProcessor(str(path), osmium.osm.NODE | osmium.osm.WAY | osmium.osm.AREA)
         .with_locations(location_store)
         .with_areas()
         .with_filter(osmium.filter.KeyFilter(*taxonomy.keys))
