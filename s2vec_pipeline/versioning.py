@@ -33,6 +33,21 @@ def frame_hash(df: pl.DataFrame, sort_by: Sequence[str], length: int = 16) -> st
     return hashlib.sha256(sink.getvalue()).hexdigest()[:length]
 
 
+# The columns that order a partition's rows before hashing (unique per row in each table). The
+# one definition of a partition's data version: Dagster's tags, the refresh and the model
+# version all use ``partition_data_version``.
+PARTITION_SORT_KEYS: dict[str, list[str]] = {
+    "osm_features": ["cell_id", "channel", "osm_type", "osm_id"],
+    "cell_features": ["cell_id"],
+    "raster_tiles": ["image_id"],
+}
+
+
+def partition_data_version(table: str, rows: pl.DataFrame) -> str:
+    """Data version of one partition of ``table``: a hash of its rows, in any order."""
+    return frame_hash(rows, PARTITION_SORT_KEYS[table])
+
+
 MICRO = 1_000_000  # sums are exact in micro-units (µm, µm²): see exact_sum
 
 
