@@ -56,7 +56,7 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline import delta_store
-    from s2vec_pipeline.defs.runner import STAGES, dagster_instance, materialize, parse_stages
+    from s2vec_pipeline.runner import CLI_TAG, STAGES, dagster_instance, materialize, parse_stages
     from s2vec_pipeline.settings import parse_partition_tokens
 
     settings = _settings(args)
@@ -91,16 +91,15 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         f"({len(taxonomy.channels)} channels)\npartitions: {', '.join(cells)}"
     )
     t0 = time.perf_counter()
-    with dagster_instance() as instance:
+    with dagster_instance(settings.root) as instance:
         report = materialize(
             settings,
             cells,
             assets,
             instance,
-            # Dagster warns about every per-partition data version it did not compute itself
-            # ("Data version mismatch"): by design here, so only errors unless -v.
             log_level="INFO" if args.verbose else "ERROR",
             op_config=op_config,
+            tags={CLI_TAG: " ".join(["s2vec", *(args.argv or [])])[:1000]},
         )
     seconds = time.perf_counter() - t0
     print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
@@ -112,13 +111,12 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
             f"{asset:<16} {n:>10}  {delta_store.table_version(settings.root, asset):>13}  "
             f"{delta_store.table_uri(settings.root, asset)}"
         )
-    if "mae_model" in assets or "cell_embeddings" in assets:
-        from s2vec_pipeline.model.train import list_models
-
-        models = list_models(settings.root)
-        if models:
-            print(f"model            {models[-1]}  {Path(settings.root) / 'models' / models[-1]}")
+    if report.model_version:
+        model = report.model_version
+        print(f"model            {model}  {Path(settings.root) / 'models' / model}")
     print(f"\n{len(report.run_ids)} Dagster run(s) in {seconds:.1f} s")
+    if report.warnings_raised:
+        print(f"warning: asset checks {', '.join(report.warnings_raised)}", file=sys.stderr)
     if report.checks_failed:
         print(f"FAILED asset checks: {', '.join(report.checks_failed)}", file=sys.stderr)
         return 1
@@ -174,8 +172,7 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    from s2vec_pipeline.defs.refresh import refresh
-    from s2vec_pipeline.defs.runner import persistent_instance
+    from s2vec_pipeline.runner import dagster_instance, refresh
 
     changes = str(Path(args.changes).resolve()) if args.changes else None
     if changes is not None and not Path(changes).is_dir():
@@ -183,7 +180,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     settings = _settings(args, changes)
     _ = (settings.profile, settings.taxonomy)  # validate before any run
     t0 = time.perf_counter()
-    with persistent_instance(settings.root) as instance:
+    with dagster_instance(settings.root) as instance:
         report = refresh(settings, instance, log_level="INFO" if args.verbose else "ERROR")
     for src, files in report.applied.items():
         print(f"applied to {src}: {', '.join(files)}")
@@ -220,21 +217,6 @@ def _add_region(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=_cmd_region_list)
 
 
-def _parse_bbox(value: str) -> tuple[float, float, float, float]:
-    from s2vec_pipeline.errors import InvalidBoundingBoxError
-
-    parts = [p.strip() for p in value.split(",")]
-    try:
-        nums = [float(p) for p in parts]
-    except ValueError:
-        nums = []
-    if len(nums) != 4:
-        raise InvalidBoundingBoxError(
-            f"--bbox expects MIN_LAT,MIN_LNG,MAX_LAT,MAX_LNG (4 numbers), got {value!r}"
-        )
-    return nums[0], nums[1], nums[2], nums[3]
-
-
 def _cmd_region_add(args: argparse.Namespace) -> int:
     import os
 
@@ -242,7 +224,7 @@ def _cmd_region_add(args: argparse.Namespace) -> int:
 
     root = str(Path(args.root).resolve())
     if args.bbox:
-        region = rg.region_from_bbox(args.name, *_parse_bbox(args.bbox))
+        region = rg.region_from_bbox(args.name, *rg.parse_bbox(args.bbox))
     elif args.geojson:
         region = rg.region_from_geojson(args.name, args.geojson)
     else:
@@ -340,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in the tags of the Dagster runs it launches
     try:
         return args.func(args)
     except S2VecError as e:

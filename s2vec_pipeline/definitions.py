@@ -1,69 +1,57 @@
 """Dagster entry point (``workspace.yaml`` loads this module): ``defs``.
 
-``build_definitions`` is also what the CLI runs, so the UI and ``s2vec materialize`` share one
-code path; only the resource's settings differ.
+``build_definitions`` is also what the CLI runs (``runner.py``), so the UI and
+``s2vec materialize`` run the same jobs; a CLI run carries its settings in the run config.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
-from s2vec_pipeline.defs.automation import automation_sensor
-from s2vec_pipeline.defs.data_assets import data_layer_assets
-from s2vec_pipeline.defs.model_assets import model_layer_assets
-from s2vec_pipeline.defs.partitions import l6_partitions
-from s2vec_pipeline.defs.refresh import (
-    nightly_refresh_schedule,
-    osm_sources,
-    reextract_job,
-    reextract_touched_partitions,
-    refresh_sources_job,
+from s2vec_pipeline.defs.automation import refresh_stale_partitions
+from s2vec_pipeline.defs.data_layer import data_layer_assets, data_layer_job
+from s2vec_pipeline.defs.model import (
+    embed_job,
+    model_layer_assets,
+    train_job,
     weekly_training_schedule,
 )
+from s2vec_pipeline.defs.regions import (
+    launch_region_runs,
+    materialize_new_regions,
+    materialize_region,
+    partition_pipeline_job,
+    regions_metadata,
+    register_source_partitions,
+)
 from s2vec_pipeline.defs.resources import S2VecResource
-from s2vec_pipeline.defs.sensors import materialize_new_regions, register_source_partitions
+from s2vec_pipeline.defs.sources import (
+    nightly_refresh_schedule,
+    osm_sources_asset,
+    refresh_sources_job,
+)
 from s2vec_pipeline.settings import PipelineSettings
 
-data_layer_job = dg.define_asset_job(
-    "data_layer",
-    selection=dg.AssetSelection.groups("data_layer"),
-    partitions_def=l6_partitions,
-    description="OSM extract -> osm_features -> cell_features -> raster_tiles",
-)
-train_job = dg.define_asset_job(
-    "train_model",
-    selection=dg.AssetSelection.assets("mae_model"),
-    description="Train the MAE on the raster tiles of every materialized partition",
-)
-embed_job = dg.define_asset_job(
-    "embed",
-    selection=dg.AssetSelection.assets("cell_embeddings", "image_embeddings"),
-    partitions_def=l6_partitions,
-    description="Embed partitions with the latest (or a configured) model",
-)
 
-
-def build_definitions(
-    settings: PipelineSettings | None = None,
-    jobs: list[dg.UnresolvedAssetJobDefinition] | None = None,
-) -> dg.Definitions:
+def build_definitions(settings: PipelineSettings | None = None) -> dg.Definitions:
     settings = settings or PipelineSettings.from_env()
+    sources = osm_sources_asset(regions_metadata(settings))
     return dg.Definitions(
-        assets=[osm_sources, *data_layer_assets, *model_layer_assets],
+        assets=[sources, *data_layer_assets, *model_layer_assets],
         resources={"s2vec": S2VecResource.from_settings(settings)},
         jobs=[
+            refresh_sources_job,
             data_layer_job,
             train_job,
             embed_job,
-            refresh_sources_job,
-            reextract_job,
-            *(jobs or []),
+            partition_pipeline_job,
+            materialize_region,
         ],
         sensors=[
             register_source_partitions,
             materialize_new_regions,
-            reextract_touched_partitions,
-            automation_sensor,
+            launch_region_runs,
+            refresh_stale_partitions,
         ],
         schedules=[nightly_refresh_schedule(), weekly_training_schedule()],
     )

@@ -173,6 +173,11 @@ def table_version(root: str | os.PathLike, name: str) -> int | None:
     return DeltaTable(table_uri(root, name)).version() if table_exists(root, name) else None
 
 
+def table_schema(root: str | os.PathLike, name: str) -> pa.Schema:
+    """The Arrow schema of a table as stored (list and string types as Delta keeps them)."""
+    return pa.schema(_open(root, name).schema().to_arrow())
+
+
 def remove_staging_leftovers(root: str | os.PathLike, name: str) -> list[Path]:
     """Delete ``*.parquet#N`` staging files a killed writer left behind (vacuum keeps them)."""
     base = Path(table_uri(root, name))

@@ -992,3 +992,20 @@ def applied_changes(root: str | os.PathLike, source: str | os.PathLike) -> list[
         )
         for e in ledger["applied"]
     ]
+
+
+def cell_source_version(
+    root: str | os.PathLike, sources: Iterable[str | os.PathLike], cell: str
+) -> str:
+    """What the OSM data of one level-6 cell depends on: each covering source's identity (path,
+    size, modification time) and the last applied change batch that touched the cell.
+
+    A change file touching other cells leaves this version unchanged, so only the partitions a
+    change really reaches are re-extracted.
+    """
+    parts = []
+    for src in sorted(str(s) for s in sources):
+        st = Path(src).stat()
+        touched = [e.batch for e in applied_changes(root, src) if cell in e.cells]
+        parts.append([src, st.st_size, st.st_mtime_ns, max(touched, default=0)])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

@@ -197,6 +197,31 @@ def region_from_bbox(
     )
 
 
+def parse_bbox(value: str) -> tuple[float, float, float, float]:
+    """``MIN_LAT,MIN_LNG,MAX_LAT,MAX_LNG`` as four floats (InvalidBoundingBoxError otherwise)."""
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) != 4:
+        raise InvalidBoundingBoxError(
+            f"a bounding box is MIN_LAT,MIN_LNG,MAX_LAT,MAX_LNG (4 numbers), got {value!r}"
+        )
+    return nums[0], nums[1], nums[2], nums[3]
+
+
+def regions_markdown(regions: Iterable[Region], source_cells: dict[str, Iterable[str]]) -> str:
+    """A Markdown table region -> cell -> its centre -> the sources covering it."""
+    rows = ["| region | cell | centre (lat, lng) | sources |", "|---|---|---|---|"]
+    for r in regions:
+        lats, lngs = s2.cell_center_latlng(s2.from_token(np.array(r.cells)))
+        for cell, lat, lng in zip(r.cells, lats, lngs, strict=True):
+            names = ", ".join(Path(s).name for s in source_cells.get(cell, ())) or "(none)"
+            rows.append(f"| {r.name} | `{cell}` | {lat:.3f}, {lng:.3f} | {names} |")
+    return "\n".join(rows) if len(rows) > 2 else "no region registered"
+
+
 def region_from_source(name: str, pbf: str | os.PathLike) -> Region:
     """The level-6 cells covering an OSM source's header box: the partitions it feeds."""
     validate_region_name(name)

@@ -8,14 +8,14 @@ Helsinki and Monaco extracts. Environment variables override them for ``dagster 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 
 from s2vec_pipeline import s2
 from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidCellError
@@ -41,27 +41,51 @@ def bundled_sources() -> list[str]:
     return [str(bundled_source("helsinki")), str(bundled_source("monaco"))]
 
 
-@dataclass(frozen=True)
-class PipelineSettings:
-    root: str = DEFAULT_ROOT
-    profile_name: str = DEFAULT_PROFILE
-    sources: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sources()))
-    taxonomy_path: str | None = None
-    changes_dir: str | None = None
+class PipelineSettings(pydantic.BaseModel):
+    """Where tables live and what to build them from: the one definition of these settings.
+
+    The Dagster resource (``defs/resources.py``) *is* a ``PipelineSettings`` (it inherits these
+    fields), so the launchpad, the CLI and the tests share one set of names, defaults and
+    descriptions.
+    """
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    root: str = pydantic.Field(
+        default=DEFAULT_ROOT, description="Storage root: the folder holding the Delta tables"
+    )
+    profile_name: str = pydantic.Field(
+        default=DEFAULT_PROFILE,
+        description="Resolution profile: paper (images level 8, pixels 12), city (13, 17) or "
+        "custom:IMAGE:PIXEL",
+    )
+    sources: list[str] = pydantic.Field(
+        default_factory=bundled_sources,
+        description="OSM .osm.pbf extracts to read (default: the bundled Helsinki and Monaco)",
+    )
+    taxonomy_path: str | None = pydantic.Field(
+        default=None, description="Feature taxonomy YAML (default: the packaged taxonomy)"
+    )
+    changes_dir: str | None = pydantic.Field(
+        default=None,
+        description="Folder of OSM change files (.osc / .osc.gz) the nightly refresh applies",
+    )
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> PipelineSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PipelineSettings:
         env = os.environ if environ is None else environ
         sources = env.get(ENV_SOURCES)
         return cls(
             root=str(Path(env.get(ENV_ROOT, DEFAULT_ROOT)).resolve()),
             profile_name=env.get(ENV_PROFILE, DEFAULT_PROFILE),
-            sources=tuple(s for s in sources.split(os.pathsep) if s)
-            if sources
-            else tuple(bundled_sources()),
+            sources=[s for s in sources.split(os.pathsep) if s] if sources else bundled_sources(),
             taxonomy_path=env.get(ENV_TAXONOMY) or None,
             changes_dir=env.get(ENV_CHANGES) or None,
         )
+
+    def settings_dict(self) -> dict[str, Any]:
+        """The fields alone (what a Dagster run config or a worker process needs)."""
+        return {name: getattr(self, name) for name in PipelineSettings.model_fields}
 
     @cached_property
     def profile(self) -> ResolutionProfile:

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
-from s2vec_pipeline import delta_store
-from s2vec_pipeline.cli import main
-from s2vec_pipeline.definitions import build_definitions
-from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
 from s2vec_pipeline.defs.refresh import nightly_refresh_schedule, weekly_training_schedule
-from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sensors import (
     REGION_TAG,
     materialize_new_regions,
     register_source_partitions,
 )
+
+from s2vec_pipeline import delta_store
+from s2vec_pipeline.cli import main
+from s2vec_pipeline.definitions import build_definitions
+from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
+from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.regions import REGIONS_FILE, RegionRegistry, region_from_bbox
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6

@@ -1,4 +1,5 @@
-"""The Dagster code location: loads, shows the lineage, registers partitions from sources."""
+"""The Dagster code location: loads, shows the lineage, the launchpad config, the checks, the
+owners; the partition sensor registers source cells and removes keys no source covers."""
 
 from __future__ import annotations
 
@@ -9,31 +10,82 @@ from pathlib import Path
 import dagster as dg
 
 from s2vec_pipeline.definitions import build_definitions, defs
-from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME, contiguous_ranges
+from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
+from s2vec_pipeline.defs.regions import register_source_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
-from s2vec_pipeline.defs.sensors import register_source_partitions
 from s2vec_pipeline.settings import PipelineSettings
 
 REPO = Path(__file__).resolve().parents[1]
+key = dg.AssetKey
 
 
-def test_lineage() -> None:
+def test_lineage_and_one_partition_per_run() -> None:
     graph = defs.resolve_asset_graph()
-    key = dg.AssetKey
+    assert graph.get(key("osm_features")).parent_keys == {key("osm_sources")}
     assert graph.get(key("cell_features")).parent_keys == {key("osm_features")}
     assert graph.get(key("raster_tiles")).parent_keys == {key("cell_features")}
-    for name in ["osm_features", "cell_features", "raster_tiles"]:
+    assert graph.get(key("cell_embeddings")).parent_keys == {key("raster_tiles"), key("mae_model")}
+    for name in ["osm_sources", "osm_features", "cell_features", "raster_tiles", "cell_embeddings"]:
         node = graph.get(key(name))
         assert node.partitions_def.name == L6_PARTITIONS_NAME
-        assert node.backfill_policy == dg.BackfillPolicy.single_run()
-    checks = (
-        {c.name for c in graph.asset_check_keys if c.asset_key == key("raster_tiles")}
-        if hasattr(graph, "asset_check_keys")
-        else None
+        # Dagster records one data version per run: so one partition per run.
+        assert node.backfill_policy in (None, dg.BackfillPolicy.multi_run(1)), name
+    assert graph.get(key("osm_sources")).is_observable
+    for job in ["data_layer", "train_model", "embed", "refresh_sources", "materialize_region"]:
+        assert defs.resolve_job_def(job) is not None
+
+
+def test_checks_have_descriptions_and_partitions() -> None:
+    graph = defs.resolve_asset_graph()
+    checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
+    assert {
+        ("osm_features", "schema"),
+        ("raster_tiles", "agrees_with_cell_features"),
+        ("mae_model", "finite_loss"),
+        ("mae_model", "enough_validation_images"),
+        ("cell_embeddings", "one_row_per_pixel"),
+        ("cell_embeddings", "no_nan"),
+        ("image_embeddings", "width"),
+    } <= checks
+    for spec in (s for a in defs.assets if hasattr(a, "check_specs") for s in a.check_specs):
+        assert spec.description, spec.key
+        if spec.asset_key != key("mae_model"):
+            assert spec.partitions_def is not None, spec.key
+
+
+def test_owners_tags_and_freshness() -> None:
+    graph = defs.resolve_asset_graph()
+    for name in ["osm_features", "raster_tiles", "mae_model", "cell_embeddings"]:
+        node = graph.get(key(name))
+        assert node.owners == ["team:s2vec"], name
+        assert node.tags.get("layer"), name
+    assert graph.get(key("cell_embeddings")).freshness_policy is not None
+
+
+def _fields(job: str, op: str) -> dict:
+    schema = defs.resolve_job_def(job).run_config_schema.config_type.fields
+    return schema["ops"].config_type.fields[op].config_type.fields["config"].config_type.fields
+
+
+def test_launchpad_config_has_defaults_and_descriptions() -> None:
+    train = _fields("train_model", "mae_model")
+    assert {"epochs", "embed_dim", "depth", "num_heads", "mask_ratio", "partitions"} <= set(train)
+    assert train["embed_dim"].default_value == 256 and train["mask_ratio"].default_value == 0.75
+    assert all(f.description for f in train.values())
+    embed = _fields("embed", "embeddings")
+    assert embed["model_version"].description
+    region = _fields("materialize_region", "resolve_region")
+    assert region["region"].description and region["bbox"].description
+    # The resource's fields are the settings' fields, described once.
+    resource = (
+        defs.resolve_job_def("data_layer")
+        .run_config_schema.config_type.fields["resources"]
+        .config_type.fields["s2vec"]
+        .config_type.fields["config"]
+        .config_type.fields
     )
-    if checks is not None:
-        assert checks == {"no_nan", "agrees_with_cell_features"}
-    assert defs.resolve_job_def("data_layer") is not None
+    assert set(resource) == set(PipelineSettings.model_fields)
+    assert all(f.description for f in resource.values())
 
 
 def test_workspace_loads_with_dagster_cli(tmp_path: Path) -> None:
@@ -49,7 +101,7 @@ def test_workspace_loads_with_dagster_cli(tmp_path: Path) -> None:
     assert "Validation successful" in out.stdout + out.stderr
 
 
-def test_sensor_registers_source_cells(tmp_path: Path) -> None:
+def test_sensor_registers_source_cells_and_removes_bad_keys(tmp_path: Path) -> None:
     settings = PipelineSettings(root=str(tmp_path / "root"))
     with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
         ctx = dg.build_sensor_context(
@@ -57,22 +109,22 @@ def test_sensor_registers_source_cells(tmp_path: Path) -> None:
         )
         result = register_source_partitions(ctx)
         (request,) = result.dynamic_partitions_requests
+        assert isinstance(request, dg.AddDynamicPartitionsRequest)
         assert list(request.partition_keys) == ["12cd", "4693"]
-        instance.add_dynamic_partitions(L6_PARTITIONS_NAME, list(request.partition_keys))
+        # what a user may type in "Add a partition": a name, a finer cell, an uncovered cell
+        instance.add_dynamic_partitions(
+            L6_PARTITIONS_NAME, [*request.partition_keys, "helsinki", "12cd4", "12cf"]
+        )
         again = register_source_partitions(ctx)
-        assert not again.dynamic_partitions_requests
+        (delete,) = again.dynamic_partitions_requests
+        assert isinstance(delete, dg.DeleteDynamicPartitionsRequest)
+        assert sorted(delete.partition_keys) == ["12cd4", "12cf", "helsinki"]
 
 
 def test_settings_from_env(tmp_path: Path) -> None:
     env = {"S2VEC_ROOT": str(tmp_path), "S2VEC_PROFILE": "paper", "S2VEC_SOURCES": "/a.osm.pbf"}
     s = PipelineSettings.from_env(env)
-    assert (s.root, s.profile.image_level, s.sources) == (str(tmp_path), 8, ("/a.osm.pbf",))
+    assert (s.root, s.profile.image_level, s.sources) == (str(tmp_path), 8, ["/a.osm.pbf"])
     d = build_definitions(s)
-    assert d.resolve_job_def("data_layer") is not None
-
-
-def test_contiguous_ranges() -> None:
-    keys = ["a", "b", "c", "d", "e"]
-    assert contiguous_ranges(keys, ["b", "c", "e"]) == [("b", "c"), ("e", "e")]
-    assert contiguous_ranges(keys, ["e", "a", "b"]) == [("a", "b"), ("e", "e")]
-    assert contiguous_ranges(keys, []) == []
+    resource = d.resources["s2vec"]
+    assert (resource.root, resource.sources) == (str(tmp_path), ["/a.osm.pbf"])

@@ -15,8 +15,8 @@ import pytest
 
 from s2vec_pipeline import delta_store, s2
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.defs.runner import materialize, parse_stages
 from s2vec_pipeline.model.train import list_models
+from s2vec_pipeline.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 from s2vec_pipeline_tests.test_pipeline import SHARED_CHECKS
@@ -53,7 +53,7 @@ def embedded(materialized_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_embeddings_cover_every_pixel(embedded) -> None:
     root, _, report = embedded
-    assert len(report.run_ids) == 2  # one training run, one embedding run for both partitions
+    assert len(report.run_ids) == 3  # one training run, one embedding run per partition
     (version,) = list_models(root)
     raster = delta_store.read_partitions(root, "raster_tiles")
     cells = delta_store.read_partitions(root, "cell_embeddings")
@@ -80,13 +80,28 @@ def test_dagster_records_model_and_partition_versions(embedded) -> None:
     assert meta["val_loss"].value > 0 and meta["loss_curve"].value.startswith("![loss curve]")
     assert model_event.asset_materialization.tags["dagster/data_version"] == version
     records = instance.fetch_materializations(dg.AssetKey("cell_embeddings"), limit=10).records
-    tagged = {
-        r.partition_key: r.asset_materialization.tags["dagster/data_version"]
-        for r in records
-        if "rows" in r.asset_materialization.metadata
+    assert sorted(r.partition_key for r in records) == sorted([HELSINKI_L6, MONACO_L6])
+    for r in records:
+        m = r.asset_materialization
+        assert m.tags["dagster/data_version"].startswith(version + "-")
+        raster = delta_store.read_partitions(root, "raster_tiles", [r.partition_key])
+        assert m.metadata["dagster/row_count"].value == 256 * raster.height
+        assert m.metadata["embedding_width"].value == TINY["embed_dim"]
+    # the model's and the embeddings' checks, per partition for the embeddings
+    checks = {
+        (e.asset_key.to_user_string(), e.check_name, e.partition): e.passed
+        for run in instance.get_runs()
+        for entry in instance.all_logs(
+            run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        )
+        for e in [entry.dagster_event.event_specific_data]
     }
-    assert set(tagged) == {HELSINKI_L6, MONACO_L6}
-    assert all(v.startswith(version + "-") for v in tagged.values())
+    assert checks[("mae_model", "finite_loss", None)]
+    assert not checks[("mae_model", "enough_validation_images", None)]  # 18 images: 1 held out
+    for k in (HELSINKI_L6, MONACO_L6):
+        for table in ("cell_embeddings", "image_embeddings"):
+            for check in ("one_row_per_pixel", "no_nan", "width"):
+                assert checks[(table, check, k)], (table, check, k)
 
 
 @pytest.mark.skipif(not SHARED_CHECKS.exists(), reason="../shared/checks not beside this clone")

@@ -13,9 +13,9 @@ import pytest
 from s2vec_pipeline import delta_store
 from s2vec_pipeline.cell_features import aggregate_cell_features
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.defs.runner import materialize, parse_stages
 from s2vec_pipeline.profiles import PROFILES
 from s2vec_pipeline.raster import tensor_array
+from s2vec_pipeline.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.taxonomy import load_taxonomy
 from s2vec_pipeline_tests.conftest import DATA_STAGES, HELSINKI_L6, MONACO_L6
@@ -81,7 +81,7 @@ def test_rerun_is_idempotent_and_isolated(tmp_path: Path) -> None:
     assets = parse_stages(DATA_STAGES)
     with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
         first = materialize(settings, [HELSINKI_L6, MONACO_L6], assets, instance)
-        assert len(first.run_ids) == 1  # contiguous keys: one run, each source read once
+        assert len(first.run_ids) == 3  # the sources' observation, then one run per partition
         before = {t: delta_store.read_partitions(settings.root, t) for t in TABLES}
         versions = {t: delta_store.table_version(settings.root, t) for t in TABLES}
         helsinki_files = {t: _partition_files(tmp_path / "root", t, HELSINKI_L6) for t in TABLES}
@@ -97,12 +97,13 @@ def test_rerun_is_idempotent_and_isolated(tmp_path: Path) -> None:
             # Helsinki's files were not rewritten by Monaco's rerun
             assert _partition_files(tmp_path / "root", t, HELSINKI_L6) == helsinki_files[t]
 
-        # per run: one run-level result, then one event per partition with its own data version
+        # one materialization per partition and run, each with its own data version
         records = instance.fetch_materializations(dg.AssetKey("osm_features"), limit=20).records
-        records = [r for r in records if "rows" in r.asset_materialization.metadata]
         assert sorted(r.partition_key for r in records) == [MONACO_L6, MONACO_L6, HELSINKI_L6]
         monaco = [r.asset_materialization for r in records if r.partition_key == MONACO_L6]
-        assert monaco[0].metadata["rows"].value > 0
+        assert monaco[0].metadata["dagster/row_count"].value == (
+            before["osm_features"].filter(pl.col("parent_l6") == MONACO_L6).height
+        )
         # re-extracting an unchanged source gives the same per-partition data version
         versions = {m.tags["dagster/data_version"] for m in monaco}
         assert len(versions) == 1
@@ -207,23 +208,3 @@ def test_no_matching_features(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert _cli("--root", str(root), "--source", str(src)) == 2
     assert "matches the taxonomy" in capsys.readouterr().err
     assert not (root / "osm_features").exists()
-
-
-def test_metadata_in_instance(tmp_path: Path) -> None:
-    settings = PipelineSettings(root=str(tmp_path / "root"), profile_name="city")
-    with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
-        report = materialize(settings, [MONACO_L6], parse_stages(DATA_STAGES), instance)
-        rec = instance.fetch_materializations(dg.AssetKey("raster_tiles"), limit=1).records[0]
-        assert rec.partition_key == MONACO_L6
-        meta = rec.asset_materialization.metadata
-        assert meta["preview"].value.startswith("![raster of 12cd](data:image/png;base64,")
-        assert meta["rows"].value > 10  # images of Monaco
-        assert report.checks == {
-            "osm_features:schema": True,
-            "osm_features:valid_cells": True,
-            "cell_features:schema": True,
-            "cell_features:no_nan": True,
-            "raster_tiles:no_nan": True,
-            "raster_tiles:agrees_with_cell_features": True,
-        }
-        assert len(rec.asset_materialization.tags["dagster/data_version"]) == 16

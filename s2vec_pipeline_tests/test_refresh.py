@@ -1,5 +1,6 @@
 """Incremental refresh on the bundled extracts with real osmium diffs, a real Dagster instance
-(on disk), real Delta tables and a tiny trained model. The tests run in order on one root."""
+(on disk), real Delta tables and a tiny trained model. Each test starts from its own copy of
+one embedded root and its Dagster records."""
 
 from __future__ import annotations
 
@@ -10,20 +11,16 @@ from xml.sax.saxutils import escape
 
 import dagster as dg
 import osmium
+import polars as pl
 import pytest
 
 from s2vec_pipeline import delta_store
 from s2vec_pipeline import osm_changes as oc
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
-from s2vec_pipeline.defs.refresh import (
-    partitions_to_reextract,
-    reextract_touched_partitions,
-    refresh,
-)
-from s2vec_pipeline.defs.resources import S2VecResource
-from s2vec_pipeline.defs.runner import materialize, parse_stages
+from s2vec_pipeline.defs.automation import refresh_stale_partitions, stale_partitions
 from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.runner import Launcher, materialize, parse_stages, refresh
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 from s2vec_pipeline_tests.test_model_pipeline import TINY
@@ -51,26 +48,32 @@ def _partition_files(root: Path, token: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def env(materialized: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
-    """A copy of the materialized data layer and its Dagster records, plus a tiny model and
-    embeddings of both partitions."""
+def embedded_base(materialized: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """The materialized data layer and its Dagster records, plus a tiny model and embeddings of
+    both partitions. Read-only: each test copies it."""
     src_root, src_home = materialized
     root = tmp_path_factory.mktemp("refresh_root")
     home = tmp_path_factory.mktemp("refresh_home")
     shutil.copytree(src_root, root, dirs_exist_ok=True)
     shutil.copytree(src_home, home, dirs_exist_ok=True)
-    settings = PipelineSettings(root=str(root))
-    instance = dg.DagsterInstance.local_temp(str(home))
-    materialize(
-        settings,
-        [HELSINKI_L6, MONACO_L6],
-        parse_stages(["train", "embed"]),
-        instance,
-        op_config={"mae_model": TINY},
-    )
-    state = {"root": root, "instance": instance, "changes": root.parent / "changes"}
-    yield state
-    instance.dispose()
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
+        materialize(
+            PipelineSettings(root=str(root)),
+            [HELSINKI_L6, MONACO_L6],
+            parse_stages(["train", "embed"]),
+            instance,
+            op_config={"mae_model": TINY},
+        )
+    return root, home
+
+
+@pytest.fixture
+def env(embedded_base: tuple[Path, Path], tmp_path: Path):
+    root, home = tmp_path / "root", tmp_path / "home"
+    shutil.copytree(embedded_base[0], root)
+    shutil.copytree(embedded_base[1], home)
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
+        yield {"root": root, "instance": instance, "changes": tmp_path / "changes"}
 
 
 @pytest.fixture(scope="module")
@@ -98,79 +101,40 @@ def _settings(env: dict, changes: bool) -> PipelineSettings:
     )
 
 
-def test_unchanged_source_recomputes_nothing_downstream(env: dict) -> None:
+def test_unchanged_source_recomputes_nothing(env: dict) -> None:
     root, instance = env["root"], env["instance"]
-    defs = build_definitions(_settings(env, False))
-    env["cursor"] = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
     before = _versions(root)
     report = refresh(_settings(env, False), instance)
     assert report.applied == {} and report.touched_cells == []
-    assert report.recomputed["osm_features"] == [MONACO_L6, HELSINKI_L6]  # re-read, same data
-    assert all(report.recomputed[t] == [] for t in DOWNSTREAM)
-    after = _versions(root)
-    assert {t: after[t] for t in DOWNSTREAM} == {t: before[t] for t in DOWNSTREAM}
-    # The daemon's view: rematerialized but unchanged partitions request nothing downstream.
-    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=env["cursor"])
-    assert result.total_requested == 0
-    env["cursor"] = result.cursor
-
-
-def test_automation_requests_only_the_changed_partition(env: dict, station: tuple) -> None:
-    """The daemon's automation conditions, evaluated without a daemon: after a change in
-    Helsinki is extracted, only Helsinki's cell_features partition is requested. A refresh
-    then finishes the chain from Dagster's records (as after an interrupted refresh)."""
-    root, instance = env["root"], env["instance"]
-    defs = build_definitions(_settings(env, True))
-    cursor = env["cursor"]
-    _osc(env["changes"] / "0001.osc", modify=_moved(station, 1, 0.002))
-    for src in _settings(env, True).sources:  # what osm_sources does, by hand
-        applied = oc.apply_changes(root, src, env["changes"])
-        assert [p.name for p in applied.applied] == ["0001.osc"]
-    # What the sensor after osm_sources launches: Helsinki's partition only, as one range.
-    assert partitions_to_reextract(_settings(env, True), instance) == [HELSINKI_L6]
-    resources = {"s2vec": S2VecResource.from_settings(_settings(env, True))}
-    sensed = reextract_touched_partitions(
-        dg.build_sensor_context(instance=instance, resources=resources)
-    )
-    (request,) = sensed.run_requests
-    assert request.job_name == "reextract_osm_features"
-    assert request.tags["dagster/asset_partition_range_start"] == HELSINKI_L6
-    assert request.tags["dagster/asset_partition_range_end"] == HELSINKI_L6
-    again = reextract_touched_partitions(
-        dg.build_sensor_context(instance=instance, resources=resources, cursor=sensed.cursor)
-    )
-    assert not again.run_requests  # once per osm_sources materialization
-    materialize(_settings(env, True), [HELSINKI_L6, MONACO_L6], ["osm_features"], instance)
-
-    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
-    assert result.get_requested_partitions(dg.AssetKey("cell_features")) == {HELSINKI_L6}
-    assert result.total_requested == 1
-
-    monaco = _partition_files(root, MONACO_L6)
-    report = refresh(_settings(env, True), instance)
-    assert report.recomputed == {"osm_features": [], **{t: [HELSINKI_L6] for t in DOWNSTREAM}}
-    assert _partition_files(root, MONACO_L6) == monaco
+    assert all(report.recomputed[t] == [] for t in TABLES)
+    assert _versions(root) == before  # not one Delta commit
 
 
 def test_change_file_recomputes_only_its_partition(
     env: dict, station: tuple, helsinki_pbf: Path, capsys
 ) -> None:
     root, instance = env["root"], env["instance"]
-    _osc(env["changes"] / "0002.osc", modify=_moved(station, 2, 0.004))
+    _osc(env["changes"] / "0001.osc", modify=_moved(station, 1, 0.004))
     source_sha = _sha(helsinki_pbf)
     monaco = _partition_files(root, MONACO_L6)
     assert len(monaco) >= len(TABLES)
+    before = delta_store.read_partitions(root, "osm_features", [HELSINKI_L6])
 
     report = refresh(_settings(env, True), instance)
     # The folder is applied to every source (replication diffs are planet-wide); the object is
     # in Helsinki, so only Helsinki's cell is touched.
-    assert report.applied == {s: ["0002.osc"] for s in _settings(env, True).sources}
+    assert report.applied == {s: ["0001.osc"] for s in _settings(env, True).sources}
     assert HELSINKI_L6 in report.touched_cells and MONACO_L6 not in report.touched_cells
     assert report.recomputed == {t: [HELSINKI_L6] for t in TABLES}
     assert _partition_files(root, MONACO_L6) == monaco  # not one Monaco file rewritten
     assert _sha(helsinki_pbf) == source_sha  # the user's file is never modified
     extract = oc.current_extract(root, helsinki_pbf)
     assert extract.parent == oc.source_dir(root, helsinki_pbf)
+    # the station really moved in the re-extracted rows (an independent look at the table)
+    after = delta_store.read_partitions(root, "osm_features", [HELSINKI_L6])
+    moved = after.filter(pl.col("osm_id") == STATION)["lat"].to_list()
+    was = before.filter(pl.col("osm_id") == STATION)["lat"].to_list()
+    assert moved and was and moved[0] == pytest.approx(was[0] + 0.004, abs=1e-6)
 
     # Same change files again: nothing applied, nothing recomputed, no Delta commit.
     versions = _versions(root)
@@ -188,12 +152,49 @@ def test_change_file_recomputes_only_its_partition(
     assert _versions(root) == versions
 
 
+def test_sensor_recomputes_the_changed_partition_step_by_step(env: dict, station: tuple) -> None:
+    """The daemon's path, without a daemon: after the nightly observation applied a change in
+    Helsinki, refresh_stale_partitions requests Helsinki's osm_features only; once that ran,
+    its cell_features; and so on. Monaco is never requested."""
+    instance = env["instance"]
+    settings = _settings(env, True)
+    defs = build_definitions(settings)
+    _osc(env["changes"] / "0001.osc", modify=_moved(station, 1, 0.004))
+    launcher = Launcher(settings, instance)
+    launcher.run("refresh_sources")  # what the nightly schedule launches
+    steps = []
+    for _ in range(5):
+        ctx = dg.build_sensor_context(instance=instance, definitions=defs)
+        result = refresh_stale_partitions(ctx)
+        if not result.run_requests:
+            break
+        (request,) = result.run_requests
+        assert request.partition_key == HELSINKI_L6
+        assets = [k.to_user_string() for k in request.asset_selection]
+        steps.append(assets)
+        # the same staleness is requested once (run keys), and a run does what it asked
+        again = refresh_stale_partitions(
+            dg.build_sensor_context(instance=instance, definitions=defs)
+        )
+        assert [r.run_key for r in again.run_requests] == [request.run_key]
+        launcher.run(request.job_name, request.partition_key, assets)
+    assert steps == [
+        ["osm_features"],
+        ["cell_features"],
+        ["raster_tiles"],
+        ["cell_embeddings", "image_embeddings"],
+    ]
+    graph = defs.resolve_asset_graph()
+    assert all(stale_partitions(instance, graph, t) == {} for t in TABLES)
+
+
 def test_bad_change_files_apply_nothing(
     env: dict, station: tuple, helsinki_pbf: Path, capsys
 ) -> None:
     root, instance = env["root"], env["instance"]
     ledger = oc.read_ledger(root, helsinki_pbf)
     versions = _versions(root)
+    env["changes"].mkdir()
     bad = env["changes"] / "0003.osc"
     bad.write_text("<osmChange version='0.6'><modify><node id='1' lat='60.1'")  # truncated
     with pytest.raises(S2VecError, match="0003.osc"):
@@ -211,24 +212,25 @@ def test_bad_change_files_apply_nothing(
 
 
 def test_new_model_makes_every_embedding_partition_stale(env: dict) -> None:
-    """Weekly training, then the nightly run: a new model version requests every embedding
-    partition (automation) and the refresh recomputes exactly those."""
+    """Weekly training, then the nightly run: a new model version makes every embedding
+    partition stale, and the refresh recomputes exactly those."""
     root, instance = env["root"], env["instance"]
-    defs = build_definitions(_settings(env, True))
-    cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
+    settings = _settings(env, False)
+    graph = build_definitions(settings).resolve_asset_graph()
+    assert stale_partitions(instance, graph, "cell_embeddings") == {}
     materialize(
-        _settings(env, True),
+        settings,
         [HELSINKI_L6, MONACO_L6],
         ["mae_model"],
         instance,
         op_config={"mae_model": {**TINY, "seed": 7}},
     )
-    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
-    both = {HELSINKI_L6, MONACO_L6}
-    assert result.get_requested_partitions(dg.AssetKey("cell_embeddings")) == both
-    assert result.get_requested_partitions(dg.AssetKey("cell_features")) == set()
+    stale = stale_partitions(instance, graph, "cell_embeddings")
+    assert set(stale) == {HELSINKI_L6, MONACO_L6}
+    assert all("mae_model" in " ".join(why) for why in stale.values())
+    assert stale_partitions(instance, graph, "cell_features") == {}
     versions = _versions(root)
-    report = refresh(_settings(env, True), instance)
+    report = refresh(settings, instance)
     assert report.recomputed == {
         "osm_features": [],
         "cell_features": [],

@@ -1,7 +1,14 @@
-"""The Dagster layer: thin assets over the pure modules, plus resources, partitions, jobs."""
+"""The Dagster layer: one file per stage, each holding that stage's assets, checks, jobs,
+sensors and schedules (sources, data_layer, model, regions, automation), over the plain modules
+of the package. ``definitions.py`` assembles them."""
 
 import warnings
 
-# single_run backfill policies are what make one run read a source once for many partitions;
-# Dagster still marks the parameter beta. Silence that one warning, not the category.
-warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy` of function `asset`")
+# Features we rely on knowingly, which Dagster marks preview/beta: per-partition asset checks,
+# and per-partition data versions of an observable source asset.
+for _pattern in (
+    r"Specifying a partitions_def on an AssetCheckSpec",
+    r"Function `observable_source_asset` is currently in beta",
+    r"Class `DataVersionsByPartition` is currently in beta",
+):
+    warnings.filterwarnings("ignore", message=_pattern)

@@ -1,0 +1,334 @@
+"""Model layer: raster_tiles -> mae_model -> cell_embeddings + image_embeddings, its jobs,
+checks and the weekly training schedule.
+
+``mae_model`` is not partitioned: it trains on the raster tiles of the chosen partitions (all
+materialized ones by default) and its data version is the model version, a content hash of
+what determines the weights. The embedding tables are partitioned like the data layer; each
+partition's data version is ``<model version>-<raster data version>``, so a new model or a
+changed raster partition makes exactly the right partitions stale.
+
+torch and Lightning are imported inside the functions: loading the code location and running
+the data layer then cost no torch import.
+"""
+
+import math
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import dagster as dg
+import numpy as np
+from pydantic import Field
+
+from s2vec_pipeline import delta_store
+from s2vec_pipeline.defs.data_layer import raster_tiles
+from s2vec_pipeline.defs.metadata import OWNERS, table_metadata
+from s2vec_pipeline.defs.partitions import l6_partitions
+from s2vec_pipeline.defs.resources import S2VecResource
+from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.preview import markdown_image
+
+if TYPE_CHECKING:
+    from s2vec_pipeline.model.train import ModelCard, TrainConfig  # noqa: F401
+
+GROUP = "model_layer"
+EMBEDDINGS_CODE_VERSION = "2"
+ENV_TRAIN_CRON = "S2VEC_TRAIN_CRON"
+DEFAULT_TRAIN_CRON = "0 3 * * 0"  # weekly, Sunday 03:00 UTC
+MIN_VALIDATION_IMAGES = 8
+
+
+class TrainingConfig(dg.Config):
+    """Launch config of ``mae_model``: which partitions train it, and its size and schedule.
+
+    Defaults are the paper's model (encoder 256-d, 6 blocks, 8 heads; decoder 128-d, 2 blocks);
+    epochs and batch size default to the resolution profile's.
+    """
+
+    partitions: list[str] = Field(
+        default=[], description="Level-6 cells whose raster tiles train the model (empty: all)"
+    )
+    epochs: int | None = Field(
+        default=None, description="Training epochs (empty: the profile's; city 20, paper 10)"
+    )
+    max_steps: int | None = Field(default=None, description="Stop after this many steps")
+    batch_size: int | None = Field(
+        default=None, description="Images per batch (empty: the profile's; city 32, paper 256)"
+    )
+    lr: float = Field(default=1e-3, description="Peak learning rate (AdamW, cosine schedule)")
+    seed: int = Field(default=0, description="Seed of initialisation, split and masks")
+    mask_ratio: float = Field(default=0.75, description="Share of pixels masked (paper: 0.75)")
+    embed_dim: int = Field(default=256, description="Encoder width = embedding size")
+    depth: int = Field(default=6, description="Encoder transformer blocks")
+    num_heads: int = Field(default=8, description="Encoder attention heads")
+    decoder_embed_dim: int = Field(default=128, description="Decoder width")
+    decoder_depth: int = Field(default=2, description="Decoder transformer blocks")
+    decoder_num_heads: int = Field(default=4, description="Decoder attention heads")
+    patch_size: int = Field(default=1, description="Pixels per token side (1: a token a pixel)")
+
+    def train_config(self, profile: str) -> "TrainConfig":
+        from s2vec_pipeline.model.train import TrainConfig
+
+        overrides = {
+            k: v for k, v in self.model_dump().items() if k != "partitions" and v is not None
+        }
+        # One process: DDP from inside a Dagster step would relaunch the step's command.
+        return TrainConfig.for_profile(profile, devices=1, **overrides)
+
+
+def _card_checks(card: "ModelCard") -> list[dg.AssetCheckResult]:
+    losses = {"train_loss": card.train_loss, "val_loss": card.val_loss}
+    finite = all(v is not None and math.isfinite(v) for v in losses.values())
+    return [
+        dg.AssetCheckResult(check_name="finite_loss", passed=finite, metadata=losses),
+        dg.AssetCheckResult(
+            check_name="enough_validation_images",
+            passed=card.n_val >= MIN_VALIDATION_IMAGES,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"validation_images": card.n_val, "minimum": MIN_VALIDATION_IMAGES},
+        ),
+    ]
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch", "lightning"},
+    owners=OWNERS,
+    tags={"layer": "model", "s2vec/stage": "train"},
+    code_version="2",
+    deps=[dg.AssetDep(raster_tiles, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "finite_loss",
+            asset="mae_model",
+            description="Training and validation losses are finite.",
+        ),
+        dg.AssetCheckSpec(
+            "enough_validation_images",
+            asset="mae_model",
+            description=f"At least {MIN_VALIDATION_IMAGES} held-out images measure the "
+            "validation loss (fewer: it describes a handful of images, not the model).",
+        ),
+    ],
+)
+def mae_model(
+    context: dg.AssetExecutionContext, config: TrainingConfig, s2vec: S2VecResource
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """The S2Vec masked autoencoder trained on raster tiles (GPU when present, CPU otherwise)."""
+    from s2vec_pipeline.model.train import train_model
+
+    settings = s2vec.settings()
+    partitions = sorted(config.partitions) or delta_store.partition_keys(
+        settings.root, "raster_tiles"
+    )
+    if not partitions:
+        raise MissingInputError(
+            f"raster_tiles has no partition under {settings.root}: run s2vec materialize "
+            f"--stages extract,features,raster first"
+        )
+    card = train_model(settings.root, partitions, config.train_config(settings.profile.name))
+    context.log.info(f"model {card.model_version} in {card.directory}")
+    with open(f"{card.directory}/loss_curve.png", "rb") as f:
+        curve_md = markdown_image(f.read(), "loss curve")
+    yield dg.MaterializeResult(
+        metadata={
+            "model_version": card.model_version,
+            "directory": dg.MetadataValue.path(card.directory),
+            "training_partitions": dg.MetadataValue.json(card.partitions),
+            "train_loss": card.train_loss,
+            "val_loss": card.val_loss,
+            "train_images": card.n_train,
+            "validation_images": card.n_val,
+            "epochs": card.epochs_completed,
+            "images_per_second": round(card.images_per_s, 1),
+            "hardware": dg.MetadataValue.json(card.hardware),
+            "duration_s": round(card.duration_s, 2),
+            "loss_curve": dg.MetadataValue.md(curve_md),
+        },
+        data_version=dg.DataVersion(card.model_version),
+    )
+    yield from _card_checks(card)
+
+
+class EmbeddingConfig(dg.Config):
+    model_version: str | None = Field(
+        default=None,
+        description="Model to embed with (a folder name under <root>/models; empty: the latest "
+        "materialized mae_model)",
+    )
+
+
+def current_model_version(instance: dg.DagsterInstance, root: str) -> str | None:
+    """The latest materialized mae_model's version, else the newest model under the root."""
+    from s2vec_pipeline.model.train import list_models
+
+    event = instance.get_latest_materialization_event(mae_model.key)
+    if event and event.asset_materialization:
+        meta = event.asset_materialization.metadata.get("model_version")
+        if meta is not None:
+            return str(meta.value)
+    available = list_models(root)
+    return available[-1] if available else None
+
+
+def _model_version(context: dg.AssetExecutionContext, config: EmbeddingConfig, root: str) -> str:
+    if config.model_version:
+        return config.model_version
+    version = current_model_version(context.instance, root)
+    if version is None:
+        raise MissingInputError(
+            f"no trained model under {root}: train one first (s2vec materialize --stages "
+            f"train) or name one with --model-version"
+        )
+    return version
+
+
+def _raster_data_version(context: dg.AssetExecutionContext, key: str) -> str:
+    record = context.instance.get_latest_data_version_record(raster_tiles.key, partition_key=key)
+    if record is None or record.asset_materialization is None:
+        return ""
+    return record.asset_materialization.tags.get("dagster/data_version", "")
+
+
+EMBEDDING_COLUMNS = {
+    "parent_l6": "level-6 token (the partition)",
+    "image_token": "image cell token",
+    "cell_token": "pixel cell token (image token for image_embeddings)",
+    "cell_id": "cell id (signed int64 of the S2 id)",
+    "level": "S2 level of the embedded cell",
+    "model_version": "the model that computed the embedding",
+    "embedding": "list<float32> of the model's width",
+}
+_EMBEDDING_CHECKS = {
+    "one_row_per_pixel": "One row per pixel of every image with data (S*S per raster row).",
+    "no_nan": "Every embedding value is finite.",
+    "width": "Every embedding has the model's width (embed_dim).",
+}
+
+
+def _embedding_check_results(
+    root: str, table: str, key: str, expected_rows: int, width: int
+) -> list[dg.AssetCheckResult]:
+    df = delta_store.read_partitions(root, table, [key], ["embedding"])
+    lengths = df["embedding"].list.len().to_numpy()
+    values = df["embedding"].explode().to_numpy() if df.height else np.zeros(0, dtype=np.float32)
+    return [
+        dg.AssetCheckResult(
+            asset_key=table,
+            check_name="one_row_per_pixel",
+            passed=df.height == expected_rows,
+            metadata={"rows": df.height, "expected": expected_rows},
+        ),
+        dg.AssetCheckResult(
+            asset_key=table,
+            check_name="no_nan",
+            passed=bool(np.isfinite(values).all()),
+            metadata={"non_finite": int((~np.isfinite(values)).sum())},
+        ),
+        dg.AssetCheckResult(
+            asset_key=table,
+            check_name="width",
+            passed=bool((lengths == width).all()),
+            metadata={"width": width, "rows_of_other_width": int((lengths != width).sum())},
+        ),
+    ]
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            name,
+            group_name=GROUP,
+            kinds={"pytorch", "delta"},
+            owners=OWNERS,
+            tags={"layer": "embeddings", "storage": "delta"},
+            code_version=EMBEDDINGS_CODE_VERSION,
+            partitions_def=l6_partitions,
+            deps=[raster_tiles, mae_model],
+            description=desc,
+            freshness_policy=dg.FreshnessPolicy.time_window(
+                # warn: nothing re-embedded since the last nightly refresh; fail: not even the
+                # weekly retraining re-embedded anything.
+                fail_window=timedelta(days=8),
+                warn_window=timedelta(hours=26),
+            ),
+        )
+        for name, desc in [
+            ("cell_embeddings", "One embedding per pixel cell of every image with data."),
+            ("image_embeddings", "One embedding per image: the mean of its pixel tokens."),
+        ]
+    ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            check,
+            asset=table,
+            description=desc.replace("pixel", "image")
+            if table == "image_embeddings" and check == "one_row_per_pixel"
+            else desc,
+            partitions_def=l6_partitions,
+        )
+        for table in ("cell_embeddings", "image_embeddings")
+        for check, desc in _EMBEDDING_CHECKS.items()
+    ],
+)
+def embeddings(
+    context: dg.AssetExecutionContext, config: EmbeddingConfig, s2vec: S2VecResource
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    from s2vec_pipeline.model.embed import write_embeddings
+    from s2vec_pipeline.model.train import load_model
+
+    settings = s2vec.settings()
+    key = context.partition_key
+    version = _model_version(context, config, settings.root)
+    model, card = load_model(settings.root, version)  # checks taxonomy, channels, side
+    written = write_embeddings(settings.root, model, card, [key])[key]
+    # (model version, the raster partition's version): a new model or a changed partition
+    # changes exactly the right partitions' versions.
+    data_version = dg.DataVersion(f"{version}-{_raster_data_version(context, key)}")
+    width = int(card.config["embed_dim"])
+    for table, rows, per_image in (
+        ("cell_embeddings", written["cells"], card.side * card.side),
+        ("image_embeddings", written["images"], 1),
+    ):
+        yield dg.MaterializeResult(
+            asset_key=table,
+            data_version=data_version,
+            metadata={
+                **table_metadata(settings, table, rows, EMBEDDING_COLUMNS),
+                "model_version": version,
+                "embedding_width": width,
+            },
+        )
+        yield from _embedding_check_results(
+            settings.root, table, key, written["images"] * per_image, width
+        )
+
+
+model_layer_assets = [mae_model, embeddings]
+
+train_job = dg.define_asset_job(
+    "train_model",
+    selection=dg.AssetSelection.assets(mae_model),
+    description="Train the MAE on the raster tiles of every materialized partition (config: "
+    "partitions, epochs, model size)",
+    tags={"s2vec/stage": "train"},
+)
+embed_job = dg.define_asset_job(
+    "embed",
+    selection=dg.AssetSelection.assets("cell_embeddings", "image_embeddings"),
+    description="Embed one partition per run with the latest (or a configured) model",
+    tags={"s2vec/stage": "embed"},
+)
+
+
+def weekly_training_schedule(cron: str | None = None) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name="weekly_training",
+        cron_schedule=cron or os.environ.get(ENV_TRAIN_CRON) or DEFAULT_TRAIN_CRON,
+        execution_timezone="UTC",
+        job=train_job,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Retrains mae_model (not nightly); a new model version makes every "
+        "embedding partition stale, and refresh_stale_partitions re-embeds them.",
+    )

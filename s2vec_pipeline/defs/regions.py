@@ -1,0 +1,217 @@
+"""Regions in the UI: named sets of level-6 cells, and the partitions they become.
+
+- ``materialize_region`` (job, launchpad config ``region`` and optional ``bbox``): registers
+  the region when a box is given, then ``launch_region_runs`` starts one run per cell of the
+  data layer (and the embeddings when a model exists), tagged ``s2vec/region``. Its output
+  shows the region -> cell -> centre -> source table.
+- ``register_source_partitions`` (sensor): partitions = the cells of the sources and regions;
+  keys typed by hand that are not level-6 tokens covered by a source are deleted, so they never
+  linger as failed partitions.
+- ``materialize_new_regions`` (sensor): launches regions added with ``s2vec region add``.
+"""
+
+import json
+from collections.abc import Iterable
+
+import dagster as dg
+from pydantic import Field
+
+from s2vec_pipeline import regions as rg
+from s2vec_pipeline.defs.partitions import (
+    L6_PARTITIONS_NAME,
+    add_partitions,
+    invalid_partition_keys,
+)
+from s2vec_pipeline.defs.resources import S2VecResource
+from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.settings import PipelineSettings
+
+REGION_TAG = "s2vec/region"
+PARTITION_PIPELINE = "partition_pipeline"  # every partitioned asset, for region runs
+
+
+partition_pipeline_job = dg.define_asset_job(
+    PARTITION_PIPELINE,
+    selection=dg.AssetSelection.assets(
+        "osm_features", "cell_features", "raster_tiles", "cell_embeddings", "image_embeddings"
+    ),
+    description="Every partitioned asset of one level-6 cell (region and refresh runs pick "
+    "the assets they need).",
+    tags={"s2vec/stage": "data"},
+)
+
+
+class RegionRequest(dg.Config):
+    region: str = Field(
+        description="Name of a registered region (s2vec region list), or a new name with bbox"
+    )
+    bbox: str | None = Field(
+        default=None,
+        description="MIN_LAT,MIN_LNG,MAX_LAT,MAX_LNG: register (or replace) the region as the "
+        "level-6 cells meeting this box before materializing it",
+    )
+
+
+@dg.op(
+    description="Resolve a region to its level-6 cells (registering it from a box if given); "
+    "launch_region_runs then materializes each cell.",
+    tags={"s2vec/stage": "regions"},
+)
+def resolve_region(
+    context: dg.OpExecutionContext, config: RegionRequest, s2vec: S2VecResource
+) -> dg.Output[list[str]]:
+    settings = s2vec.settings()
+    registry = rg.RegionRegistry(settings.root)
+    if config.bbox:
+        region = rg.region_from_bbox(config.region, *rg.parse_bbox(config.bbox))
+        registry.check_covered(region, settings.source_cells)  # before anything is written
+        registry.add(region, replace=True)
+    region = registry.get(config.region)  # an unknown name lists the registered ones
+    registry.check_covered(region, settings.source_cells)
+    add_partitions(context.instance, region.cells)
+    context.log.info(f"region {region.name}: {len(region.cells)} cells {list(region.cells)}")
+    return dg.Output(
+        list(region.cells),
+        metadata={
+            "region": region.name,
+            "cells": dg.MetadataValue.md(rg.regions_markdown([region], settings.source_cells)),
+        },
+    )
+
+
+@dg.job(
+    description="Materialize a registered region (or register one from a bounding box): one "
+    "run per level-6 cell, tagged s2vec/region.",
+    tags={"s2vec/stage": "regions"},
+)
+def materialize_region() -> None:
+    resolve_region()
+
+
+def _has_model(root: str) -> bool:
+    from pathlib import Path
+
+    return any((Path(root) / "models").glob("*/model_card.json"))
+
+
+def region_run_requests(
+    settings: PipelineSettings, region: str, cells: Iterable[str], key_prefix: str
+) -> list[dg.RunRequest]:
+    """One run per cell: the data layer, and the embeddings when a model exists."""
+    assets = ["osm_features", "cell_features", "raster_tiles"]
+    if _has_model(settings.root):
+        assets += ["cell_embeddings", "image_embeddings"]
+    return [
+        dg.RunRequest(
+            run_key=f"{key_prefix}:{cell}",
+            job_name=PARTITION_PIPELINE,
+            partition_key=cell,
+            asset_selection=[dg.AssetKey(a) for a in assets],
+            tags={REGION_TAG: region},
+        )
+        for cell in cells
+    ]
+
+
+@dg.run_status_sensor(
+    name="launch_region_runs",
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[materialize_region],
+    request_jobs=[partition_pipeline_job],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After a materialize_region run, launches one run per cell of the region.",
+)
+def launch_region_runs(context: dg.RunStatusSensorContext, s2vec: S2VecResource) -> dg.SensorResult:
+    run = context.dagster_run
+    region = run.run_config["ops"]["resolve_region"]["config"]["region"]
+    cells = rg.RegionRegistry(s2vec.root).get(region).cells
+    return dg.SensorResult(
+        run_requests=region_run_requests(s2vec.settings(), region, cells, run.run_id)
+    )
+
+
+@dg.sensor(
+    name="register_source_partitions",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Partitions = the level-6 cells covering the configured OSM sources and the "
+    "registered regions; deletes keys that are not level-6 tokens covered by a source.",
+)
+def register_source_partitions(
+    context: dg.SensorEvaluationContext, s2vec: S2VecResource
+) -> dg.SensorResult:
+    settings = s2vec.settings()
+    covered = set(settings.source_cells)
+    wanted = covered | (set(rg.RegionRegistry(settings.root).all_cells()) & covered)
+    known = context.instance.get_dynamic_partitions(L6_PARTITIONS_NAME)
+    new = sorted(wanted - set(known))
+    bad = invalid_partition_keys(known, covered)
+    requests: list = []
+    if new:
+        requests.append(
+            dg.AddDynamicPartitionsRequest(
+                partitions_def_name=L6_PARTITIONS_NAME, partition_keys=new
+            )
+        )
+    if bad:
+        context.log.warning(f"deleting partition keys no source covers: {bad}")
+        requests.append(
+            dg.DeleteDynamicPartitionsRequest(
+                partitions_def_name=L6_PARTITIONS_NAME, partition_keys=bad
+            )
+        )
+    if not requests:
+        return dg.SensorResult(skip_reason="partitions match the sources and regions")
+    return dg.SensorResult(dynamic_partitions_requests=requests)
+
+
+@dg.sensor(
+    name="materialize_new_regions",
+    jobs=[partition_pipeline_job],
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Launches the cells of each region newly added with s2vec region add (one run "
+    "per cell, tagged s2vec/region).",
+)
+def materialize_new_regions(
+    context: dg.SensorEvaluationContext, s2vec: S2VecResource
+) -> dg.SensorResult:
+    settings = s2vec.settings()
+    regions = rg.RegionRegistry(settings.root).list()
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    new = [r for r in regions if seen.get(r.name) != r.created_at]
+    cursor = json.dumps({r.name: r.created_at for r in regions})
+    if not new:
+        return dg.SensorResult(skip_reason="no new region", cursor=cursor)
+    covered = [(r, [c for c in r.cells if c in settings.source_cells]) for r in new]
+    missing = sorted(
+        {c for _, cells in covered for c in cells}
+        - set(context.instance.get_dynamic_partitions(L6_PARTITIONS_NAME))
+    )
+    return dg.SensorResult(
+        run_requests=[
+            req
+            for r, cells in covered
+            for req in region_run_requests(
+                settings, r.name, cells, f"region:{r.name}:{r.created_at}"
+            )
+        ],
+        dynamic_partitions_requests=[
+            dg.AddDynamicPartitionsRequest(
+                partitions_def_name=L6_PARTITIONS_NAME, partition_keys=missing
+            )
+        ]
+        if missing
+        else [],
+        cursor=cursor,
+    )
+
+
+def regions_metadata(settings: PipelineSettings) -> dict[str, dg.MetadataValue]:
+    """Definition metadata for the sources asset: the registered regions and their cells."""
+    try:
+        regions = rg.RegionRegistry(settings.root).list()
+        table = rg.regions_markdown(regions, settings.source_cells)
+    except S2VecError as e:  # a missing source must not stop the code location from loading
+        return {"regions": dg.MetadataValue.text(f"unavailable: {e}")}
+    return {"regions": dg.MetadataValue.md(table)}

@@ -1,0 +1,249 @@
+"""Launch the code location's jobs from Python: what ``s2vec materialize`` and ``s2vec refresh``
+run, and what the tests run.
+
+Every run is a run of a real job of ``definitions.py`` (``refresh_sources``, ``data_layer``,
+``train_model``, ``embed``), one partition per run, with the settings in its run config and the
+CLI's request in its tags: the UI lists these runs under their job and re-executes them as they
+were. Runs execute in this process (``execute_in_process``) against a persistent instance:
+``$DAGSTER_HOME`` when set, else ``<root>/_dagster``, so later refreshes compare with what these
+runs recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from s2vec_pipeline import osm_changes
+from s2vec_pipeline.errors import NoFeaturesError, S2VecError
+from s2vec_pipeline.settings import PipelineSettings
+
+# CLI stage name -> asset keys, in pipeline order.
+STAGES: dict[str, list[str]] = {
+    "extract": ["osm_features"],
+    "features": ["cell_features"],
+    "raster": ["raster_tiles"],
+    "train": ["mae_model"],
+    "embed": ["cell_embeddings", "image_embeddings"],
+}
+DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
+EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
+CLI_TAG = "s2vec/cli"
+
+
+@dataclass
+class RunReport:
+    run_ids: list[str] = field(default_factory=list)
+    partitions: list[str] = field(default_factory=list)
+    assets: list[str] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
+    warnings: dict[str, bool] = field(default_factory=dict)  # WARN-severity checks
+    model_version: str | None = None  # the model that embedded, when embeddings ran
+
+    @property
+    def checks_failed(self) -> list[str]:
+        return [name for name, passed in self.checks.items() if not passed]
+
+    @property
+    def warnings_raised(self) -> list[str]:
+        return [name for name, passed in self.warnings.items() if not passed]
+
+
+def parse_stages(stages: Sequence[str]) -> list[str]:
+    names = [s.strip() for s in stages if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise S2VecError(f"unknown stage(s) {unknown or list(stages)}: choose from {list(STAGES)}")
+    return [a for stage in STAGES if stage in names for a in STAGES[stage]]
+
+
+@contextlib.contextmanager
+def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
+    """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
+    kept under ``<root>/_dagster``: refreshes compare with the versions earlier runs recorded."""
+    if os.environ.get("DAGSTER_HOME"):
+        with dg.DagsterInstance.get() as instance:
+            yield instance
+    else:
+        home = os.path.join(root, "_dagster")
+        os.makedirs(home, exist_ok=True)
+        with dg.DagsterInstance.local_temp(home) as instance:
+            yield instance
+
+
+def _user_error(exc: BaseException) -> S2VecError | None:
+    """Find the S2VecError a Dagster step failure wraps (chains can loop: track visits)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, S2VecError):
+            return e
+        todo += [getattr(e, "user_exception", None), e.__cause__, e.__context__]
+    return None
+
+
+class Launcher:
+    """Runs jobs of the definitions built from ``settings`` on ``instance``, collecting a report."""
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        instance: dg.DagsterInstance,
+        log_level: str = "WARNING",
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        from s2vec_pipeline.definitions import build_definitions
+        from s2vec_pipeline.defs.partitions import add_partitions
+
+        self.settings = settings
+        self.instance = instance
+        self.log_level = log_level
+        self.tags = tags or {}
+        self.defs = build_definitions(settings)
+        self.report = RunReport()
+        add_partitions(instance, settings.source_cells)
+
+    def run(
+        self,
+        job_name: str,
+        partition: str | None = None,
+        assets: Sequence[str] | None = None,
+        op_config: dict[str, dict[str, Any]] | None = None,
+    ) -> dg.ExecuteInProcessResult:
+        from s2vec_pipeline.defs.resources import resource_run_config
+
+        job = self.defs.resolve_job_def(job_name)
+        run_config: dict[str, Any] = {
+            "resources": resource_run_config(self.settings),
+            "loggers": {"console": {"config": {"log_level": self.log_level}}},
+        }
+        if op_config:
+            run_config["ops"] = {op: {"config": cfg} for op, cfg in op_config.items()}
+        try:
+            result = job.execute_in_process(
+                run_config=run_config,
+                instance=self.instance,
+                partition_key=partition,
+                asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
+                tags=self.tags,
+            )
+        except Exception as e:  # unwrap Dagster's step failure into the user's error
+            user = _user_error(e)
+            if user is not None:
+                raise user from None
+            raise
+        self.report.run_ids.append(result.run_id)
+        for ev in result.get_asset_check_evaluations():
+            name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
+            book = (
+                self.report.warnings
+                if ev.severity == dg.AssetCheckSeverity.WARN
+                else self.report.checks
+            )
+            book[name] = book.get(name, True) and ev.passed
+        return result
+
+
+def materialize(
+    settings: PipelineSettings,
+    partitions: Sequence[str],
+    assets: Sequence[str],
+    instance: dg.DagsterInstance,
+    log_level: str = "WARNING",
+    op_config: dict[str, dict] | None = None,
+    tags: dict[str, str] | None = None,
+) -> RunReport:
+    """Materialize ``assets`` for ``partitions`` (level-6 tokens): the source observation, one
+    data-layer run per partition, training, then one embedding run per partition.
+
+    ``op_config`` maps op names (``mae_model``, ``embeddings``) to their run config.
+    """
+    from s2vec_pipeline.defs.model import current_model_version
+
+    partitions = sorted(set(partitions))
+    settings.sources_for(partitions)  # every partition must be covered: fail before any run
+    launcher = Launcher(settings, instance, log_level, tags)
+    launcher.report.partitions, launcher.report.assets = partitions, list(assets)
+    data = [a for a in DATA_ASSETS if a in assets]
+    if "osm_features" in data:
+        launcher.run("refresh_sources")  # versions of every cell's OSM data, before extraction
+    for k in partitions if data else []:
+        launcher.run("data_layer", k, data)
+    if "osm_features" in data:
+        _require_features(settings, partitions)
+    if "mae_model" in assets:
+        launcher.run("train_model", op_config={"mae_model": (op_config or {}).get("mae_model", {})})
+    if any(a in assets for a in EMBEDDING_ASSETS):
+        embed_config = dict((op_config or {}).get("embeddings", {}))
+        launcher.report.model_version = embed_config.get("model_version") or (
+            current_model_version(instance, settings.root)
+        )
+        embed_config["model_version"] = launcher.report.model_version
+        for k in partitions:
+            launcher.run("embed", k, EMBEDDING_ASSETS, {"embeddings": embed_config})
+    return launcher.report
+
+
+def _require_features(settings: PipelineSettings, partitions: list[str]) -> None:
+    from s2vec_pipeline import delta_store
+
+    if (
+        not delta_store.table_exists(settings.root, "osm_features")
+        or not (
+            delta_store.read_partitions(settings.root, "osm_features", partitions, ["parent_l6"])
+        ).height
+    ):
+        raise NoFeaturesError(
+            f"no OSM object in {[str(s) for s in settings.sources_for(partitions)]} matches the "
+            f"taxonomy inside cells {partitions}: check that the sources cover these cells and "
+            f"carry mapped tags"
+        )
+
+
+@dataclass
+class RefreshReport:
+    applied: dict[str, list[str]] = field(default_factory=dict)  # source -> change files
+    touched_cells: list[str] = field(default_factory=list)
+    recomputed: dict[str, list[str]] = field(default_factory=dict)  # asset -> partitions
+    reasons: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # asset -> k -> why
+    run_ids: list[str] = field(default_factory=list)
+
+
+def refresh(
+    settings: PipelineSettings, instance: dg.DagsterInstance, log_level: str = "WARNING"
+) -> RefreshReport:
+    """What the nightly schedule and ``refresh_stale_partitions`` do, in the foreground: observe
+    the sources (applying new change files), then recompute stale partitions step by step."""
+    from s2vec_pipeline.defs.automation import PARTITIONED_STEPS, stale_partitions
+
+    report = RefreshReport()
+    before = {s: len(osm_changes.applied_changes(settings.root, s)) for s in settings.sources}
+    launcher = Launcher(settings, instance, log_level, {CLI_TAG: "s2vec refresh"})
+    launcher.run("refresh_sources")
+    for src in settings.sources:
+        new = osm_changes.applied_changes(settings.root, src)[before[src] :]
+        if new:
+            report.applied[src] = [e.name for e in new]
+            report.touched_cells += [c for e in new for c in e.cells]
+    report.touched_cells = sorted(set(report.touched_cells))
+    graph = launcher.defs.resolve_asset_graph()
+    for job, assets in PARTITIONED_STEPS:
+        stale: dict[str, list[str]] = {}
+        for a in assets:
+            for k, why in stale_partitions(instance, graph, a).items():
+                stale.setdefault(k, []).extend(why)
+        for a in assets:
+            report.recomputed[a] = sorted(stale)
+            report.reasons[a] = stale
+        for k in sorted(stale):
+            launcher.run(job, k, assets)
+    report.run_ids = launcher.report.run_ids
+    return report
