@@ -9,18 +9,20 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from s2vec_pipeline.defs.refresh import nightly_refresh_schedule, weekly_training_schedule
-from s2vec_pipeline.defs.sensors import (
-    REGION_TAG,
-    materialize_new_regions,
-    register_source_partitions,
-)
 
 from s2vec_pipeline import delta_store
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
+from s2vec_pipeline.defs.model import weekly_training_schedule
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
-from s2vec_pipeline.defs.resources import S2VecResource
+from s2vec_pipeline.defs.regions import (
+    REGION_TAG,
+    launch_region_runs,
+    materialize_new_regions,
+    register_source_partitions,
+)
+from s2vec_pipeline.defs.resources import S2VecResource, resource_run_config
+from s2vec_pipeline.defs.sources import nightly_refresh_schedule
 from s2vec_pipeline.regions import REGIONS_FILE, RegionRegistry, region_from_bbox
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
@@ -51,16 +53,13 @@ def test_nightly_schedule_tick_launches_the_source_refresh(tmp_path: Path, monke
     assert weekly_training_schedule().cron_schedule == "0 4 1 * *"
 
 
-def test_automation_wiring() -> None:
+def test_staleness_sensor_wiring() -> None:
     defs = build_definitions(PipelineSettings())
-    graph = defs.resolve_asset_graph()
-    for name in ["cell_features", "raster_tiles", "cell_embeddings", "image_embeddings"]:
-        assert graph.get(dg.AssetKey(name)).automation_condition is not None, name
-    for name in ["osm_features", "mae_model"]:  # extraction and training are scheduled
-        assert graph.get(dg.AssetKey(name)).automation_condition is None, name
-    assert graph.get(dg.AssetKey("osm_features")).parent_keys == {dg.AssetKey("osm_sources")}
-    sensor = defs.resolve_sensor_def("s2vec_automation")
+    sensor = defs.resolve_sensor_def("refresh_stale_partitions")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert {j.name for j in sensor.jobs} == {"data_layer", "embed"}
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("osm_features")).parent_keys == {dg.AssetKey("osm_sources")}
 
 
 def test_region_cli_registers_partitions_and_refuses_outside(
@@ -106,16 +105,21 @@ def test_materialize_region(tmp_path: Path, monkeypatch, capsys) -> None:
 
 def test_region_sensors_register_and_launch_new_regions(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    settings = PipelineSettings(root=str(root), sources=(PipelineSettings().sources[0],))
+    settings = PipelineSettings(root=str(root), sources=[PipelineSettings().sources[0]])
     RegionRegistry(root).add(region_from_bbox("hki", 60.15, 24.90, 60.20, 25.00))
     resources = {"s2vec": S2VecResource.from_settings(settings)}
     with dg.DagsterInstance.ephemeral() as instance:
         ctx = dg.build_sensor_context(instance=instance, resources=resources)
         result = materialize_new_regions(ctx)
         (request,) = result.run_requests
-        assert request.job_name == "data_layer" and request.tags[REGION_TAG] == "hki"
-        assert request.tags["dagster/asset_partition_range_start"] == HELSINKI_L6
-        assert request.tags["dagster/asset_partition_range_end"] == HELSINKI_L6
+        assert request.job_name == "partition_pipeline" and request.tags[REGION_TAG] == "hki"
+        assert request.partition_key == HELSINKI_L6
+        # no model yet: the data layer only
+        assert [k.to_user_string() for k in request.asset_selection] == [
+            "osm_features",
+            "cell_features",
+            "raster_tiles",
+        ]
         (added,) = result.dynamic_partitions_requests
         assert list(added.partition_keys) == [HELSINKI_L6]
         assert json.loads(result.cursor) == {"hki": RegionRegistry(root).get("hki").created_at}
@@ -123,16 +127,74 @@ def test_region_sensors_register_and_launch_new_regions(tmp_path: Path) -> None:
         again = materialize_new_regions(
             dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor)
         )
-        assert not again.run_requests and "hki (1 cells: 4693)" in str(
-            again.skip_reason.skip_message
-        )
-        # A region registered by hand in another cell becomes a partition too.
+        assert not again.run_requests
+        # A region written into regions.yaml by hand outside every source never becomes a
+        # partition (it could only fail), and its runs are not launched.
         RegionRegistry(root).add(region_from_bbox("mc", 43.72, 7.40, 43.75, 7.44))
         reg = register_source_partitions(
             dg.build_sensor_context(instance=instance, resources=resources)
         )
-        (request,) = reg.dynamic_partitions_requests
-        assert list(request.partition_keys) == [MONACO_L6]
+        assert not reg.dynamic_partitions_requests
+        launched = materialize_new_regions(
+            dg.build_sensor_context(instance=instance, resources=resources, cursor=again.cursor)
+        )
+        assert not launched.run_requests
+
+
+def test_materialize_region_job_registers_a_box_and_launches_its_cells(tmp_path: Path) -> None:
+    """The UI path: launch materialize_region with a name and a box; the run-status sensor then
+    requests one run per cell of the region, which materializes it."""
+    root = tmp_path / "root"
+    settings = PipelineSettings(root=str(root))
+    defs = build_definitions(settings)
+    with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
+        job = defs.resolve_job_def("materialize_region")
+        bad = job.execute_in_process(
+            instance=instance,
+            run_config={
+                "resources": resource_run_config(settings),
+                "ops": {"resolve_region": {"config": {"region": "nowhere"}}},
+            },
+            raise_on_error=False,
+        )
+        assert not bad.success and not (root / REGIONS_FILE).exists()
+        run_config = {
+            "resources": resource_run_config(settings),
+            "ops": {
+                "resolve_region": {"config": {"region": "mc", "bbox": "43.72,7.40,43.75,7.44"}}
+            },
+        }
+        result = job.execute_in_process(instance=instance, run_config=run_config)
+        assert result.output_for_node("resolve_region") == [MONACO_L6]
+        assert RegionRegistry(root).get("mc").cells == (MONACO_L6,)
+        assert MONACO_L6 in instance.get_dynamic_partitions(L6_PARTITIONS_NAME)
+        (event,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+        table = event.event_specific_data.metadata["cells"].value
+        assert "| mc | `12cd` |" in table and "monaco.osm.pbf" in table
+
+        run = instance.get_run_by_id(result.run_id)
+        success = next(
+            e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_SUCCESS
+        )
+        ctx = dg.build_run_status_sensor_context(
+            sensor_name="launch_region_runs",
+            dagster_event=success,
+            dagster_instance=instance,
+            dagster_run=run,
+            resources={"s2vec": S2VecResource.from_settings(settings)},
+        )
+        (request,) = launch_region_runs(ctx).run_requests
+        assert (request.partition_key, request.tags[REGION_TAG]) == (MONACO_L6, "mc")
+        pipeline = defs.resolve_job_def(request.job_name)
+        done = pipeline.execute_in_process(
+            instance=instance,
+            partition_key=request.partition_key,
+            asset_selection=request.asset_selection,
+            run_config={"resources": resource_run_config(settings)},
+            tags=request.tags,
+        )
+        assert done.success
+        assert delta_store.partition_keys(root, "raster_tiles") == [MONACO_L6]
 
 
 @pytest.mark.parametrize("bad", ["--source", "--geojson"])

@@ -108,11 +108,11 @@ def test_dagster_dev_launches_a_region_and_answers_graphql(tmp_path: Path, monke
             assert time.monotonic() < deadline, f"region run not done: {runs}"
             time.sleep(2)
         tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
-        assert tags["dagster/asset_partition_range_start"] == HELSINKI_L6
+        assert tags["dagster/partition"] == HELSINKI_L6
         assert (root / "raster_tiles" / f"parent_l6={HELSINKI_L6}").is_dir()
         # The region sensor, its description and the tick that launched the region's run.
         sensor = _graphql(port, SENSOR, {"loc": entry["name"]})["sensorOrError"]
-        assert "regions.yaml" in sensor["description"]
+        assert "s2vec region add" in sensor["description"]
         ticks = sensor["sensorState"]["ticks"]
         assert any(runs[0]["runId"] in t["runIds"] for t in ticks), ticks
     finally:

@@ -23,6 +23,7 @@ from s2vec_pipeline.defs.partitions import (
     invalid_partition_keys,
 )
 from s2vec_pipeline.defs.resources import S2VecResource
+from s2vec_pipeline.defs.sources import refresh_sources_job
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.settings import PipelineSettings
 
@@ -132,10 +133,12 @@ def launch_region_runs(context: dg.RunStatusSensorContext, s2vec: S2VecResource)
 
 @dg.sensor(
     name="register_source_partitions",
+    jobs=[refresh_sources_job],
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Partitions = the level-6 cells covering the configured OSM sources and the "
-    "registered regions; deletes keys that are not level-6 tokens covered by a source.",
+    "registered regions; deletes keys that are not level-6 tokens covered by a source, and "
+    "observes osm_sources when partitions appear (so extraction records what it read).",
 )
 def register_source_partitions(
     context: dg.SensorEvaluationContext, s2vec: S2VecResource
@@ -160,9 +163,15 @@ def register_source_partitions(
                 partitions_def_name=L6_PARTITIONS_NAME, partition_keys=bad
             )
         )
-    if not requests:
+    runs = []
+    observed = context.instance.get_latest_data_version_record(dg.AssetKey("osm_sources"), True)
+    if new or observed is None:
+        runs.append(
+            dg.RunRequest(job_name=refresh_sources_job.name, run_key=f"observe:{sorted(wanted)}")
+        )
+    if not requests and not runs:
         return dg.SensorResult(skip_reason="partitions match the sources and regions")
-    return dg.SensorResult(dynamic_partitions_requests=requests)
+    return dg.SensorResult(dynamic_partitions_requests=requests, run_requests=runs)
 
 
 @dg.sensor(
