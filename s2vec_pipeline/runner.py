@@ -72,6 +72,10 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     else:
         home = os.path.join(root, "_dagster")
         os.makedirs(home, exist_ok=True)
+        config = os.path.join(home, "dagster.yaml")
+        if not os.path.exists(config):
+            with open(config, "w") as f:
+                f.write("telemetry:\n  enabled: false\n")
         with dg.DagsterInstance.local_temp(home) as instance:
             yield instance
 
