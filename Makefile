@@ -1,11 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   # create .venv, install, run the whole pipeline on the bundled extracts
-#   make test   # create .venv, install, lint and run the test suite
+#   make test   # create .venv, install, lint and run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ROOT ?= s2vec_data
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+PORT ?= 3000
+# The demo's and the UI's Dagster instance. Only demo and ui use it: tests never touch it.
+DEMO_HOME ?= $(CURDIR)/.dagster_home
 
 .PHONY: setup demo test lint ui bench clean
 
@@ -19,22 +21,26 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME)
+$(DEMO_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DEMO_HOME)
 	cp dagster.yaml $@
 
-demo: setup $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/s2vec materialize --root $(ROOT)
+demo: setup $(DEMO_HOME)/dagster.yaml
+	DAGSTER_HOME=$(DEMO_HOME) $(BIN)/s2vec materialize --root $(ROOT)
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	env -u DAGSTER_HOME $(BIN)/python -m pytest -q
 
-ui: setup $(DAGSTER_HOME)/dagster.yaml
-	S2VEC_ROOT=$(abspath $(ROOT)) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+# Fails at once when PORT is taken (dagster dev would otherwise run on without a webserver).
+ui: setup $(DEMO_HOME)/dagster.yaml
+	@$(BIN)/python -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', $(PORT)))" \
+	  2>/dev/null || { echo "port $(PORT) is taken: make ui PORT=NNNN"; exit 2; }
+	DAGSTER_HOME=$(DEMO_HOME) S2VEC_ROOT=$(abspath $(ROOT)) \
+	  $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_s2.py
@@ -42,4 +48,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_data_layer.py
 
 clean:
-	rm -rf $(ROOT) $(DAGSTER_HOME)
+	rm -rf $(ROOT) $(DEMO_HOME)
