@@ -98,6 +98,29 @@ def _old_files(paths: list[Path], retention_hours: float) -> list[Path]:
     return old
 
 
+def _vacuum(uri: str, retention_hours: float) -> int:
+    """Vacuum (full) and return how many files it deleted.
+
+    delta-rs lists expired tombstones again on every later vacuum, files long gone included,
+    and each vacuum adds two commits: only vacuum when a listed file is still on disk, and only
+    count those.
+    """
+
+    def run(dry_run: bool) -> list[str]:
+        return DeltaTable(uri).vacuum(
+            retention_hours=int(retention_hours),
+            dry_run=dry_run,
+            enforce_retention_duration=False,  # the retention is ours, see the module docstring
+            full=True,
+        )
+
+    base = Path(uri)
+    if not any((base / f).is_file() for f in run(dry_run=True)):
+        return 0
+    present = {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()}
+    return len(present.intersection(run(dry_run=False)))
+
+
 def maintain_table(
     root: str | os.PathLike, name: str, retention_hours: float = DEFAULT_RETENTION_HOURS
 ) -> TableMaintenance:
@@ -109,13 +132,7 @@ def maintain_table(
         version_before = dt.version()
         active_before = len(dt.file_uris())
         metrics = delta_store.retry_commit(lambda _i: DeltaTable(uri).optimize.compact())
-        dt = DeltaTable(uri)
-        vacuumed = dt.vacuum(
-            retention_hours=int(retention_hours),
-            dry_run=False,
-            enforce_retention_duration=False,  # the retention is ours, documented above
-            full=True,
-        )
+        vacuumed = _vacuum(uri, retention_hours)
         staging = _old_files(list(Path(uri).rglob("*.parquet#*")), retention_hours)
         for p in staging:
             p.unlink(missing_ok=True)
@@ -133,7 +150,7 @@ def maintain_table(
             active_files_after=len(dt.file_uris()),
             compacted_removed=int(metrics.get("numFilesRemoved", 0)),
             compacted_added=int(metrics.get("numFilesAdded", 0)),
-            vacuumed=len(vacuumed),
+            vacuumed=vacuumed,
             staging_removed=len(staging),
         )
 

@@ -6,8 +6,6 @@ that module) and reports files and bytes before and after per table as output me
 the run log. ``s2vec maintain --root DIR`` runs the same function in the foreground.
 """
 
-from __future__ import annotations
-
 import os
 
 import dagster as dg
@@ -41,7 +39,7 @@ class MaintainConfig(dg.Config):
 )
 def maintain_delta_tables(
     context: dg.OpExecutionContext, config: MaintainConfig, s2vec: S2VecResource
-) -> dg.Output[list[dict[str, int | str]]]:
+) -> dg.Output[list]:
     root = s2vec.settings().root
     reports = maintain_root(root, config.retention_hours)
     text = format_report(reports)
