@@ -24,6 +24,7 @@ Reads go through polars or through a pyarrow dataset opened with a ``SubTreeFile
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -33,7 +34,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -249,11 +249,14 @@ class _ReplayableData:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        for f in self._replays:
-            f.close()
-        self._path.unlink(missing_ok=True)
+        try:
+            for f in self._replays:
+                f.close()
+            if self._writer is not None:
+                with contextlib.suppress(OSError):  # e.g. a full disk: the copy goes anyway
+                    self._writer.close()
+        finally:
+            self._path.unlink(missing_ok=True)
 
     def for_attempt(self, i: int) -> pa.Table | pa.RecordBatchReader:
         if isinstance(self._data, pa.Table):
@@ -308,8 +311,9 @@ _STORAGE_FAULTS: dict[int, tuple[str, str]] = {
         "make {root} writable for this user or use another --root / S2VEC_ROOT",
     ),
 }
-# delta-rs (Rust) reports OS errors inside its messages: "... (os error 28)" or "Os { code: 30"
-_OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+# delta-rs reports OS errors inside its messages: "(os error 28)", "Os { code: 30, ..." (Rust),
+# "[Errno 28]" (a Python error raised while it read our stream)
+_OS_ERROR_IN_MESSAGE = re.compile(r"(?:os error|\bcode:|\berrno)\s*(\d+)", re.IGNORECASE)
 
 
 def storage_fault(error: BaseException) -> int | None:
@@ -321,14 +325,14 @@ def storage_fault(error: BaseException) -> int | None:
         if isinstance(e, OSError) and e.errno in _STORAGE_FAULTS:
             return e.errno
         for m in _OS_ERROR_IN_MESSAGE.finditer(str(e)):
-            code = int(m.group(1) or m.group(2))
+            code = int(m.group(1))
             if code in _STORAGE_FAULTS:
                 return code
         e = e.__cause__ or e.__context__
     return None
 
 
-@contextmanager
+@contextlib.contextmanager
 def storage_errors(
     root: str | os.PathLike, name: str, action: str = "write table"
 ) -> Iterator[None]:
