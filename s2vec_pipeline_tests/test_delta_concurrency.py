@@ -223,3 +223,20 @@ def test_concurrent_cli_materializations(
             got = delta_store.read_partitions(root, table)
             assert sorted(got["parent_l6"].unique().to_list()) == sorted(cells), (r, table)
             assert _sorted_frame(got).equals(_sorted_frame(expected[table])), (r, table)
+
+
+def test_streamed_data_replays_after_a_failed_attempt(tmp_path: Path) -> None:
+    """A retry of a streamed write gets every batch again, from the staged copy, even when the
+    failed attempt stopped reading early; the copy is deleted afterwards."""
+    table = _rows("p00")
+    batches = table.to_batches(13)
+    staging = tmp_path / delta_store.STAGING_DIR
+    reader = pa.RecordBatchReader.from_batches(table.schema, iter(batches))
+    with delta_store._ReplayableData(reader, staging, "t") as data:
+        first = data.for_attempt(0)
+        first.read_next_batch()  # the first attempt read one batch, then failed
+        second = data.for_attempt(1).read_all()
+        third = data.for_attempt(2).read_all()
+        assert len(list(staging.glob("t-*.arrows"))) == 1
+    assert second.equals(table) and third.equals(table)
+    assert not any(staging.glob("*"))
