@@ -143,8 +143,7 @@ def _write_partitions(
     commit_metadata: dict[str, str] | None,
 ) -> int:
     uri = table_uri(root, name)
-    check_contract(root, name, contract)  # fail fast, before any data is streamed
-    ensure_table(root, name, data.schema, contract)
+    ensure_table(root, name, data.schema, contract)  # before any data is streamed
     keys = sorted(set(partitions))
     in_list = ", ".join("'" + k.replace("'", "''") + "'" for k in keys)
     write_id = uuid.uuid4().hex
@@ -197,6 +196,7 @@ def ensure_table(
                             description=json.dumps({CONTRACT_KEY: contract}, sort_keys=True),
                         )
                     )
+                    return  # created with this contract
                 except DeltaError as e:
                     # a creator that does not take the lock (another tool, another host) won
                     if "already exists" not in str(e):
@@ -223,7 +223,7 @@ def retry_commit(attempt: Callable[[int], _T], attempts: int = COMMIT_ATTEMPTS) 
 def _version_of_write(uri: str, write_id: str) -> int:
     """The version of the commit tagged ``write_id`` (later commits may exist already)."""
     dt = DeltaTable(uri)
-    for entry in dt.history(limit=256):
+    for entry in dt.history(limit=64):
         if entry.get("s2vec.write_id") == write_id:
             return int(entry["version"])
     return dt.version()
