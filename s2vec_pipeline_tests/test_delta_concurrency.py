@@ -143,9 +143,9 @@ def test_retry_backoff_is_bounded_and_jittered() -> None:
 
 # -- through the real CLI: one `s2vec materialize` process per partition, at once -----------
 
-# 5 rounds take ~75 s on 2 shared cores; the library-level test above does 5 rounds, this one
-# 2 by default (S2VEC_CLI_ROUNDS=5 for the full trial)
-CLI_ROUNDS = int(os.environ.get("S2VEC_CLI_ROUNDS", "2"))
+# 5 rounds took 77 s on 2 shared cores (2 rounds: 78 s under heavier load); the library-level
+# test above does 5 rounds, this one 1 by default (S2VEC_CLI_ROUNDS=5 for the full trial)
+CLI_ROUNDS = int(os.environ.get("S2VEC_CLI_ROUNDS", "1"))
 CLI_TABLES = ("osm_features", "cell_features", "raster_tiles")
 
 
