@@ -311,6 +311,41 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_maintain(sub: argparse._SubParsersAction) -> None:
+    from s2vec_pipeline.maintenance import DEFAULT_RETENTION_HOURS
+
+    p = sub.add_parser(
+        "maintain",
+        help="compact small files and vacuum unreferenced files of every table under a root",
+        description="For every Delta table under --root: compact small files, vacuum files no "
+        "version within the retention uses (and files of failed or killed writes older than "
+        "the retention), delete staging leftovers of killed writes; prints files and bytes "
+        "before and after. The default retention (7 days) is safe beside running writers and "
+        "readers of older versions; a shorter one is safe only on a quiet root.",
+    )
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    p.add_argument(
+        "--retention-hours",
+        type=float,
+        default=DEFAULT_RETENTION_HOURS,
+        help=f"keep unreferenced files younger than this (default {DEFAULT_RETENTION_HOURS})",
+    )
+    p.set_defaults(func=_cmd_maintain)
+
+
+def _cmd_maintain(args: argparse.Namespace) -> int:
+    from s2vec_pipeline.maintenance import format_report, maintain_root
+
+    t0 = time.perf_counter()
+    reports = maintain_root(Path(args.root).resolve(), args.retention_hours)
+    if not reports:
+        print(f"no Delta table under {args.root}")
+        return 0
+    print(format_report(reports))
+    print(f"\n{len(reports)} table(s) maintained in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refresh(sub)
     _add_region(sub)
     _add_sql(sub)
+    _add_maintain(sub)
     return parser
 
 

@@ -21,8 +21,8 @@ from s2vec_pipeline.defs.regions import (
     materialize_new_regions,
     materialize_region,
     partition_pipeline_job,
-    regions_metadata,
     register_source_partitions,
+    sources_metadata,
 )
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import (
@@ -35,7 +35,7 @@ from s2vec_pipeline.settings import PipelineSettings
 
 def build_definitions(settings: PipelineSettings | None = None) -> dg.Definitions:
     settings = settings or PipelineSettings.from_env()
-    sources = osm_sources_asset(regions_metadata(settings))
+    sources = osm_sources_asset(sources_metadata(settings))
     return dg.Definitions(
         assets=[sources, *data_layer_assets, *model_layer_assets],
         resources={"s2vec": S2VecResource.from_settings(settings)},

@@ -6,29 +6,65 @@ rerun never duplicates rows. Each table carries a *contract* (profile, taxonomy 
 names, image side...) as JSON in its Delta description, so later writers and readers can refuse
 to mix incompatible data.
 
+Any number of processes may write different partitions of one table at once, also while the table
+does not exist yet: the first writer creates it with an empty commit of the schema and contract
+(creators serialize on a lock file, so exactly one creates and the others check its contract),
+every write is an overwrite with a partition predicate, and a commit that loses to a concurrent
+one (``CommitFailedError``) is written again after a jittered exponential back-off. A streamed
+write keeps an LZ4-compressed Arrow IPC copy of what it streamed under ``<root>/_staging/`` so
+that a retry does not need the data again; the copy is deleted when the write ends.
+
+A full, read-only or unwritable root raises :class:`StorageUnavailableError` naming the root and
+what to do; nothing is committed, and the files the failed write left are removed by
+``s2vec maintain`` (:mod:`s2vec_pipeline.maintenance`).
+
 Reads go through polars or through a pyarrow dataset opened with a ``SubTreeFileSystem``: plain
 ``DeltaTable.to_pyarrow_*`` reads can abort the interpreter at exit (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
-from collections.abc import Iterator, Sequence
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from s2vec_pipeline.errors import IncompatibleTableError, MissingInputError
+from s2vec_pipeline.errors import (
+    IncompatibleTableError,
+    MissingInputError,
+    StorageUnavailableError,
+)
+from s2vec_pipeline.locks import exclusive
 
 PARTITION_COLUMN = "parent_l6"
 CONTRACT_KEY = "s2vec"
+STAGING_DIR = "_staging"  # under the root: replay copies of streamed writes, deleted after each
+# Application-level retries of a commit that lost to a concurrent writer (the data is written
+# again): bounded, full-jitter exponential back-off, at most ~25 s of sleeping in all.
+COMMIT_ATTEMPTS = 10
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 5.0
+# delta-rs itself retries a commit whose version number was taken, re-checking only for logical
+# conflicts and without rewriting data; its default (15) can run out with many writers at once.
+DELTA_COMMIT_RETRIES = 100
+
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 def table_uri(root: str | os.PathLike, name: str) -> str:
@@ -86,35 +122,244 @@ def write_partitions(
     contract: dict[str, Any],
     commit_metadata: dict[str, str] | None = None,
 ) -> int:
-    """Replace the rows of ``partitions`` with ``data`` in one commit; returns the new version.
+    """Replace the rows of ``partitions`` with ``data`` in one commit; returns its version.
 
     Rows whose ``parent_l6`` is not in ``partitions`` make the whole write fail with nothing
     committed (Delta enforces the predicate). A partition with no rows in ``data`` ends up empty.
+    Safe to call from many processes at once for different partitions, also on a missing table.
     """
     if not partitions:
         raise ValueError("write_partitions needs at least one partition key")
-    check_contract(root, name, contract)
+    with storage_errors(root, name):
+        return _write_partitions(root, name, data, partitions, contract, commit_metadata)
+
+
+def _write_partitions(
+    root: str | os.PathLike,
+    name: str,
+    data: pa.Table | pa.RecordBatchReader,
+    partitions: Sequence[str],
+    contract: dict[str, Any],
+    commit_metadata: dict[str, str] | None,
+) -> int:
     uri = table_uri(root, name)
-    keys = ", ".join("'" + k.replace("'", "''") + "'" for k in sorted(set(partitions)))
+    ensure_table(root, name, data.schema, contract)  # before any data is streamed
+    keys = sorted(set(partitions))
+    in_list = ", ".join("'" + k.replace("'", "''") + "'" for k in keys)
+    write_id = uuid.uuid4().hex
     props = CommitProperties(
         custom_metadata={
-            "s2vec.partitions": ",".join(sorted(set(partitions))),
+            "s2vec.partitions": ",".join(keys),
+            "s2vec.write_id": write_id,
             **(commit_metadata or {}),
-        }
+        },
+        max_commit_retries=DELTA_COMMIT_RETRIES,
     )
-    Path(root).mkdir(parents=True, exist_ok=True)
-    exists = DeltaTable.is_deltatable(uri)
-    write_deltalake(
-        uri,
-        data,
-        mode="overwrite",
-        partition_by=[PARTITION_COLUMN],
-        predicate=f"{PARTITION_COLUMN} IN ({keys})" if exists else None,
-        name=None if exists else name,
-        description=None if exists else json.dumps({CONTRACT_KEY: contract}, sort_keys=True),
-        commit_properties=props,
-    )
-    return DeltaTable(uri).version()
+    with _ReplayableData(data, Path(root) / STAGING_DIR, name) as replayable:
+
+        def attempt(i: int) -> None:
+            write_deltalake(
+                uri,
+                replayable.for_attempt(i),
+                mode="overwrite",
+                partition_by=[PARTITION_COLUMN],
+                predicate=f"{PARTITION_COLUMN} IN ({in_list})",
+                commit_properties=props,
+            )
+
+        retry_commit(attempt)
+    return _version_of_write(uri, write_id)
+
+
+def ensure_table(
+    root: str | os.PathLike, name: str, schema: pa.Schema, contract: dict[str, Any]
+) -> None:
+    """Create the table, empty, with ``schema`` and ``contract`` unless it exists; check it.
+
+    Creators serialize on ``<root>/.<name>.create.lock`` (two racing delta-rs ``create`` calls
+    can both commit, one over the other), and a table found already there must carry
+    ``contract``.
+    """
+    uri = table_uri(root, name)
+    if not DeltaTable.is_deltatable(uri):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with exclusive(Path(root) / f".{name}.create.lock"):
+            if not DeltaTable.is_deltatable(uri):
+                try:
+                    retry_commit(
+                        lambda _i: DeltaTable.create(
+                            uri,
+                            schema,
+                            mode="error",
+                            partition_by=[PARTITION_COLUMN],
+                            name=name,
+                            description=json.dumps({CONTRACT_KEY: contract}, sort_keys=True),
+                        )
+                    )
+                    return  # created with this contract
+                except DeltaError as e:
+                    # a creator that does not take the lock (another tool, another host) won
+                    if "already exists" not in str(e):
+                        raise
+    check_contract(root, name, contract)
+
+
+def retry_commit(attempt: Callable[[int], _T], attempts: int = COMMIT_ATTEMPTS) -> _T:
+    """Call ``attempt(i)`` until it does not raise ``CommitFailedError`` (a concurrent commit
+    conflicted with this one), sleeping a full-jitter exponential back-off in between."""
+    for i in range(attempts):
+        try:
+            return attempt(i)
+        except CommitFailedError as e:
+            if i == attempts - 1:
+                raise
+            pause = random.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**i))
+            reason = str(e).splitlines()[0]
+            log.info("commit conflict (%s); retry %d in %.3f s", reason, i + 1, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _version_of_write(uri: str, write_id: str) -> int:
+    """The version of the commit tagged ``write_id`` (later commits may exist already)."""
+    dt = DeltaTable(uri)
+    for entry in dt.history(limit=64):
+        if entry.get("s2vec.write_id") == write_id:
+            return int(entry["version"])
+    return dt.version()
+
+
+class _ReplayableData:
+    """Hands ``data`` to a write attempt, again on a retry without needing the producer again.
+
+    A table is simply reused. A record-batch stream is consumed once: while the first attempt
+    streams it, each batch is also appended to an LZ4-compressed Arrow IPC file under
+    ``staging``; later attempts read that file (memory-mapped, streaming). Memory stays bounded
+    by one batch; the file is deleted on exit (and by maintenance if the process was killed).
+    """
+
+    def __init__(self, data: pa.Table | pa.RecordBatchReader, staging: Path, name: str) -> None:
+        self._data = data
+        self._path = staging / f"{name}-{uuid.uuid4().hex}.arrows"
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._tee: Iterator[pa.RecordBatch] | None = None
+        self._replays: list[pa.MemoryMappedFile] = []
+
+    def __enter__(self) -> _ReplayableData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for f in self._replays:
+                f.close()
+            if self._writer is not None:
+                with contextlib.suppress(OSError):  # e.g. a full disk: the copy goes anyway
+                    self._writer.close()
+        finally:
+            self._path.unlink(missing_ok=True)
+
+    def for_attempt(self, i: int) -> pa.Table | pa.RecordBatchReader:
+        if isinstance(self._data, pa.Table):
+            return self._data
+        if i == 0:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            options = pa.ipc.IpcWriteOptions(compression="lz4")
+            self._writer = pa.ipc.new_stream(str(self._path), self._data.schema, options=options)
+            self._tee = self._teed(self._data, self._writer)
+            return pa.RecordBatchReader.from_batches(self._data.schema, self._tee)
+        if self._writer is not None:  # first retry: finish the copy, then replay it
+            for _ in self._tee or ():
+                pass
+            self._writer.close()
+            self._writer = None
+        source = pa.memory_map(str(self._path))
+        self._replays.append(source)
+        return pa.ipc.open_stream(source)
+
+    @staticmethod
+    def _teed(
+        reader: pa.RecordBatchReader, writer: pa.ipc.RecordBatchStreamWriter
+    ) -> Iterator[pa.RecordBatch]:
+        for batch in reader:
+            writer.write_batch(batch)
+            yield batch
+
+
+# -- storage faults: a full, read-only or unwritable root -------------------------------------
+
+_STORAGE_FAULTS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: (
+        "no space left on device",
+        "free space on that disk (`s2vec maintain --root {root}` deletes the files of failed "
+        "writes and of old table versions) or use another --root / S2VEC_ROOT",
+    ),
+    errno.EDQUOT: (
+        "disk quota exceeded",
+        "free space within your quota (`s2vec maintain --root {root}` deletes the files of "
+        "failed writes and of old table versions) or use another --root / S2VEC_ROOT",
+    ),
+    errno.EROFS: (
+        "the file system is read-only",
+        "mount it read-write or use another --root / S2VEC_ROOT",
+    ),
+    errno.EACCES: (
+        "permission denied",
+        "make {root} writable for this user or use another --root / S2VEC_ROOT",
+    ),
+    errno.EPERM: (
+        "operation not permitted",
+        "make {root} writable for this user or use another --root / S2VEC_ROOT",
+    ),
+}
+# delta-rs reports OS errors inside its messages: "(os error 28)", "Os { code: 30, ..." (Rust),
+# "[Errno 28]" (a Python error raised while it read our stream)
+_OS_ERROR_IN_MESSAGE = re.compile(r"(?:os error|\bcode:|\berrno)\s*(\d+)", re.IGNORECASE)
+
+
+def storage_fault(error: BaseException) -> int | None:
+    """The errno of a full / read-only / unwritable storage behind ``error``, else None."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # the error, or what caused it
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE_FAULTS:
+            return e.errno
+        for m in _OS_ERROR_IN_MESSAGE.finditer(str(e)):
+            code = int(m.group(1))
+            if code in _STORAGE_FAULTS:
+                return code
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(
+    root: str | os.PathLike, name: str, action: str = "write table"
+) -> Iterator[None]:
+    """Turn an OS storage fault raised in the block into :class:`StorageUnavailableError`."""
+    try:
+        yield
+    except StorageUnavailableError:
+        raise
+    except Exception as e:
+        code = storage_fault(e)
+        if code is None:
+            raise
+        reason, todo = _STORAGE_FAULTS[code]
+        version = table_version_safe(root, name)
+        state = "no table exists" if version is None else f"the table's version is {version}"
+        raise StorageUnavailableError(
+            f"cannot {action} {name!r} under {root}: {reason}. Nothing of this write was "
+            f"committed ({state}); {todo.format(root=root)}."
+        ) from e
+
+
+def table_version_safe(root: str | os.PathLike, name: str) -> int | None:
+    """``table_version`` that answers None instead of raising on an unreadable root."""
+    try:
+        return table_version(root, name)
+    except Exception:
+        return None
 
 
 def scan_table(root: str | os.PathLike, name: str) -> pl.LazyFrame:

@@ -39,3 +39,7 @@ class IncompatibleTableError(S2VecError):
 
 class MissingInputError(S2VecError):
     """An upstream table or partition that this step needs has not been materialized."""
+
+
+class StorageUnavailableError(S2VecError):
+    """The storage root is full, read-only or not writable: a write committed nothing."""

@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import gzip
 import hashlib
 import json
@@ -91,6 +90,7 @@ import osmium.io
 
 from s2vec_pipeline import s2
 from s2vec_pipeline.errors import InvalidSourceError, S2VecError
+from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.osm_extract import validate_source
 from s2vec_pipeline.profiles import PARTITION_LEVEL
 
@@ -351,12 +351,8 @@ def _fsync_dir(path: Path) -> None:
 @contextlib.contextmanager
 def _locked(sdir: Path) -> Iterator[None]:
     """Exclusive lock on the source folder: two refreshes of one source never interleave."""
-    with (sdir / ".lock").open("a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with exclusive(sdir / ".lock"):
+        yield
 
 
 def _sha256(path: Path) -> tuple[str, int]:

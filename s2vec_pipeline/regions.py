@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import math
@@ -51,6 +50,7 @@ from s2vec_pipeline.errors import (
     InvalidCellError,
     S2VecError,
 )
+from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.osm_extract import validate_source
 from s2vec_pipeline.profiles import PARTITION_LEVEL
 from s2vec_pipeline.settings import cells_covering_source
@@ -490,13 +490,8 @@ class RegionRegistry:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / f".{REGIONS_FILE}.lock").open("a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        with exclusive(self.root / f".{REGIONS_FILE}.lock"):
+            yield
 
     # -- API -------------------------------------------------------------------------------
     def add(self, region: Region, replace: bool = False) -> Region:

@@ -19,6 +19,13 @@ Conventions
 * ``cover_bbox`` returns exactly the cells that intersect the box (the official exact test
   ``S2LatLngRect::Intersects(S2Cell)``); the official ``S2RegionCoverer`` at a fixed level returns
   the same cells plus, rarely, a corner cell whose lat/lng bound but not the cell touches the box.
+  Why not call ``S2RegionCoverer`` from the ``s2geometry`` bindings (checked November 2026 with
+  ``pip download --only-binary=:all: --platform ... s2geometry==0.14.0`` for CPython 3.11-3.13):
+  0.14.0 has wheels only for manylinux_2_28 x86_64 and macOS (arm64, x86_64), none for Windows
+  or Linux aarch64 (ARM servers, GH200-class GPU hosts), and no sdist, while osmium, deltalake,
+  polars and duckdb all have wheels for both. And at a fixed level its extra corner
+  cells do not touch the box: as partitions they would cover no data. So the cover stays here,
+  exact, and ``s2geometry`` stays a test-only oracle (``test_s2.py`` compares against it).
 * The Hilbert curve uses lookup tables built from the standard S2 ones (``kPosToIJ`` /
   ``kPosToOrientation``), widened to 6 levels (6 bits of i and of j) per lookup.
 """

@@ -22,15 +22,25 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import yaml
 from osmium.osm import TagList
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from s2vec_pipeline.errors import TaxonomyError
 
@@ -114,129 +124,216 @@ def _read_yaml(text: str, source: str) -> Any:
 
 
 # --------------------------------------------------------------------------- validation
+# The YAML schema as pydantic models (strict: no coercion, unknown fields refused). Their
+# errors are turned into one message naming the entry (channel i ('name'), selector j) and what
+# to fix; :meth:`_TaxonomySpec.canonical` gives the spec whose JSON hash is the version.
 
 
-_Err = Callable[[str], NoReturn]
+def _non_empty(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    return value
 
 
-def _str_list(value: Any, what: str, err: _Err) -> list[str]:
-    if not isinstance(value, list):
-        err(f"{what} must be a list of strings, got {type(value).__name__} {value!r}")
-    if not value:
-        err(f"{what} is an empty list")
-    for item in value:
-        if not isinstance(item, str) or not item:
-            err(
-                f"{what} holds {item!r} ({type(item).__name__}), not a non-empty string; "
-                "quote it in the YAML"
+def _not_null(value: Any, info: ValidationInfo) -> Any:
+    # an explicit `values:` / `exclude:` with nothing after it is a mistake, not "absent"
+    if value is None:
+        raise ValueError(f"'{info.field_name}' must be a list of strings, got null")
+    return value
+
+
+class _Selector(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: str
+    values: list[str] | None = Field(default=None, min_length=1)
+    exclude: list[str] | None = Field(default=None, min_length=1)
+    other: bool = False
+
+    _key = field_validator("key")(lambda v: _non_empty(v, "'key'"))
+    _lists_not_null = field_validator("values", "exclude", mode="before")(_not_null)
+
+    @field_validator("values", "exclude")
+    @classmethod
+    def _strings(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for item in value:
+            if not item:
+                raise ValueError(
+                    f"'{info.field_name}' holds {item!r} (str), not a non-empty string; "
+                    "quote it in the YAML"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _combination(self) -> _Selector:
+        if self.values is not None and self.other:
+            raise ValueError("'other: true' cannot be combined with 'values'")
+        if self.values is not None and self.exclude is not None:
+            raise ValueError("'exclude' only applies to selectors without 'values'")
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        sel: dict[str, Any] = {"key": self.key}
+        if self.values is not None:
+            sel["values"] = sorted(set(self.values))
+        else:
+            if self.exclude is not None:
+                sel["exclude"] = sorted(set(self.exclude))
+            if self.other:
+                sel["other"] = True
+        return sel
+
+
+class _ChannelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=_NAME_RE.pattern)
+    measure: Measure
+    group: str
+    selectors: list[_Selector] = Field(min_length=1)
+
+    _group = field_validator("group")(lambda v: _non_empty(v, "'group'"))
+
+    def canonical(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "measure": self.measure,
+            "group": self.group,
+            "selectors": [s.canonical() for s in self.selectors],
+        }
+
+
+class _TaxonomySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    channels: list[_ChannelSpec] = Field(min_length=1)
+
+    _name = field_validator("name")(lambda v: _non_empty(v, "top-level 'name'"))
+
+    @model_validator(mode="after")
+    def _unique(self) -> _TaxonomySpec:
+        first_index: dict[str, int] = {}
+        other_owner: dict[tuple[str, str], str] = {}
+        for i, ch in enumerate(self.channels):
+            label = f"channel {i} ({ch.name!r})"
+            if ch.name in first_index:
+                raise ValueError(
+                    f"{label}: duplicate channel name {ch.name!r} (also channel "
+                    f"{first_index[ch.name]})"
+                )
+            first_index[ch.name] = i
+            for j, sel in enumerate(ch.selectors):
+                if not sel.other:
+                    continue
+                owner = other_owner.setdefault((sel.key, ch.measure), ch.name)
+                if owner != ch.name:
+                    raise ValueError(
+                        f"{label}: selector {j}: channel {owner!r} already is the 'other' "
+                        f"channel for key {sel.key!r} and measure {ch.measure!r}"
+                    )
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        return {
+            "semantics": SEMANTICS_VERSION,
+            "name": self.name,
+            "channels": [c.canonical() for c in self.channels],
+        }
+
+
+_MISSING = {
+    "name": "has no 'name'",
+    "key": "has no 'key'",
+    "measure": f"unknown measure None; expected one of {list(MEASURES)}",
+    "group": "'group' must be a non-empty string, got None",
+    "selectors": "empty selector list: 'selectors' must list at least one {key: ...}",
+    "channels": "no channels at all: 'channels' must be a non-empty list",
+}
+
+
+def _where(loc: tuple[int | str, ...], data: Any) -> str:
+    """'channel 3 ('poi_x'): selector 0: ' for an error location inside a channel."""
+    if len(loc) < 2 or loc[0] != "channels" or not isinstance(loc[1], int):
+        return ""
+    i = loc[1]
+    raw = data["channels"][i]
+    label = f"channel {i}"
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+        label = f"channel {i} ({raw['name']!r})"
+    if len(loc) >= 4 and loc[2] == "selectors" and isinstance(loc[3], int):
+        label += f": selector {loc[3]}"
+    return label + ": "
+
+
+def _explain(errors: list[ErrorDetails], data: Any) -> str:
+    """One message for the first problem, in file order, worded as the schema's docs."""
+
+    def order(e: ErrorDetails) -> tuple[int, int, int]:
+        loc = e["loc"]
+        chan = loc[1] if len(loc) > 1 and loc[0] == "channels" and isinstance(loc[1], int) else -1
+        sel = loc[3] if len(loc) > 3 and isinstance(loc[3], int) else -1
+        return chan, sel, 0 if e["type"] == "extra_forbidden" else 1
+
+    err = min(errors, key=order)
+    loc, typ, value = err["loc"], err["type"], err.get("input")
+    where = _where(loc, data)
+    field = next((x for x in reversed(loc) if isinstance(x, str)), "")
+    if typ == "extra_forbidden":
+        extra = sorted(
+            str(e["loc"][-1]) for e in errors if e["type"] == typ and e["loc"][:-1] == loc[:-1]
+        )
+        if not where:
+            return f"unknown top-level field(s) {extra}; allowed: {list(_TOP_FIELDS)}"
+        allowed = _SELECTOR_FIELDS if "selectors" in loc[:-1] else _CHANNEL_FIELDS
+        return f"{where}unknown field(s) {extra}; allowed: {list(allowed)}"
+    if typ == "missing":
+        return where + _MISSING.get(str(field), f"has no {field!r}")
+    if typ in ("model_type", "dict_type"):
+        if not loc:
+            return (
+                "the file must be a mapping with 'name' and 'channels', got "
+                f"{type(value).__name__}; the file is empty or not a taxonomy"
             )
-    return sorted(set(value))
-
-
-def _normalize_selector(raw: Any, err: _Err) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        err(f"must be a mapping like {{key: K, values: [v1, v2]}}, got {raw!r}")
-    unknown = sorted(str(k) for k in raw if k not in _SELECTOR_FIELDS)
-    if unknown:
-        err(f"unknown field(s) {unknown}; allowed: {list(_SELECTOR_FIELDS)}")
-    key = raw.get("key")
-    if key is None:
-        err("has no 'key'")
-    if not isinstance(key, str) or not key.strip():
-        err(f"'key' must be a non-empty string, got {key!r}")
-    sel: dict[str, Any] = {"key": key}
-    other = raw.get("other", False)
-    if not isinstance(other, bool):
-        err(f"'other' must be true or false, got {other!r}")
-    if "values" in raw:
-        if other:
-            err("'other: true' cannot be combined with 'values'")
-        if "exclude" in raw:
-            err("'exclude' only applies to selectors without 'values'")
-        sel["values"] = _str_list(raw["values"], "'values'", err)
-    else:
-        if "exclude" in raw:
-            sel["exclude"] = _str_list(raw["exclude"], "'exclude'", err)
-        if other:
-            sel["other"] = True
-    return sel
+        if loc[-2:-1] == ("selectors",):
+            return f"{where}must be a mapping like {{key: K, values: [v1, v2]}}, got {value!r}"
+        return f"{where}must be a mapping with {list(_CHANNEL_FIELDS)}, got {value!r}"
+    if typ == "string_pattern_mismatch":
+        return f"{where}name {value!r} is not snake_case (lower-case letters, digits, '_')"
+    if typ == "literal_error":
+        return f"{where}unknown measure {value!r}; expected one of {list(MEASURES)}"
+    if typ == "too_short":
+        if field in _MISSING and field in ("selectors", "channels"):
+            return where + _MISSING[str(field)]
+        return f"{where}{field!r} is an empty list"
+    if typ == "list_type":
+        kind = " of strings" if field in ("values", "exclude") else ""
+        return f"{where}{field!r} must be a list{kind}, got {type(value).__name__} {value!r}"
+    if typ == "string_type":
+        if isinstance(loc[-1], int):  # an item of values / exclude
+            return (
+                f"{where}{field!r} holds {value!r} ({type(value).__name__}), not a non-empty "
+                "string; quote it in the YAML"
+            )
+        if field == "name" and where:
+            return f"{where}name {value!r} is not snake_case (lower-case letters, digits, '_')"
+        return f"{where}{field!r} must be a non-empty string, got {value!r}"
+    if typ == "bool_type":
+        return f"{where}{field!r} must be true or false, got {value!r}"
+    if typ == "value_error":
+        return where + str(err.get("ctx", {}).get("error", err["msg"]))
+    return f"{where}{field!r}: {err['msg']}"
 
 
 def _normalize(data: Any, source: str) -> dict[str, Any]:
     """Validate parsed YAML and return the canonical taxonomy spec (JSON-compatible)."""
-
-    def fail(msg: str) -> NoReturn:
-        raise TaxonomyError(f"taxonomy {source}: {msg}")
-
-    if not isinstance(data, dict):
-        fail(
-            "the file must be a mapping with 'name' and 'channels', got "
-            f"{type(data).__name__}; the file is empty or not a taxonomy"
-        )
-    unknown = sorted(str(k) for k in data if k not in _TOP_FIELDS)
-    if unknown:
-        fail(f"unknown top-level field(s) {unknown}; allowed: {list(_TOP_FIELDS)}")
-    name = data.get("name", Path(source).stem)
-    if not isinstance(name, str) or not name.strip():
-        fail(f"top-level 'name' must be a non-empty string, got {name!r}")
-    raw_channels = data.get("channels")
-    if raw_channels is None or raw_channels == []:
-        fail("no channels at all: 'channels' must be a non-empty list")
-    if not isinstance(raw_channels, list):
-        fail(f"'channels' must be a list, got {type(raw_channels).__name__}")
-
-    channels: list[dict[str, Any]] = []
-    first_index: dict[str, int] = {}
-    other_owner: dict[tuple[str, str], str] = {}
-    for i, raw in enumerate(raw_channels):
-        label = f"channel {i}"
-        if isinstance(raw, dict) and isinstance(raw.get("name"), str):
-            label = f"channel {i} ({raw['name']!r})"
-
-        def err(msg: str, label: str = label) -> NoReturn:
-            raise TaxonomyError(f"taxonomy {source}: {label}: {msg}")
-
-        if not isinstance(raw, dict):
-            err(f"must be a mapping with {list(_CHANNEL_FIELDS)}, got {raw!r}")
-        unknown = sorted(str(k) for k in raw if k not in _CHANNEL_FIELDS)
-        if unknown:
-            err(f"unknown field(s) {unknown}; allowed: {list(_CHANNEL_FIELDS)}")
-        cname = raw.get("name")
-        if cname is None:
-            err("has no 'name'")
-        if not isinstance(cname, str) or not _NAME_RE.match(cname):
-            err(f"name {cname!r} is not snake_case (lower-case letters, digits, '_')")
-        if cname in first_index:
-            err(f"duplicate channel name {cname!r} (also channel {first_index[cname]})")
-        first_index[cname] = i
-        measure = raw.get("measure")
-        if measure not in MEASURES:
-            err(f"unknown measure {measure!r}; expected one of {list(MEASURES)}")
-        group = raw.get("group")
-        if not isinstance(group, str) or not group.strip():
-            err(f"'group' must be a non-empty string, got {group!r}")
-        raw_selectors = raw.get("selectors")
-        if raw_selectors is None or raw_selectors == []:
-            err("empty selector list: 'selectors' must list at least one {key: ...}")
-        if not isinstance(raw_selectors, list):
-            err(f"'selectors' must be a list, got {type(raw_selectors).__name__}")
-        selectors: list[dict[str, Any]] = []
-        for j, raw_sel in enumerate(raw_selectors):
-
-            def sel_err(msg: str, j: int = j, err: _Err = err) -> NoReturn:
-                err(f"selector {j}: {msg}")
-
-            sel = _normalize_selector(raw_sel, sel_err)
-            if sel.get("other"):
-                owner = other_owner.setdefault((sel["key"], measure), cname)
-                if owner != cname:
-                    sel_err(
-                        f"channel {owner!r} already is the 'other' channel for key "
-                        f"{sel['key']!r} and measure {measure!r}"
-                    )
-            selectors.append(sel)
-        channels.append({"name": cname, "measure": measure, "group": group, "selectors": selectors})
-    return {"semantics": SEMANTICS_VERSION, "name": name, "channels": channels}
+    if isinstance(data, dict) and "name" not in data:
+        data = {"name": Path(source).stem, **data}
+    try:
+        spec = _TaxonomySpec.model_validate(data)
+    except ValidationError as exc:
+        raise TaxonomyError(f"taxonomy {source}: {_explain(exc.errors(), data)}") from None
+    return spec.canonical()
 
 
 def _canonical_json(spec: Mapping[str, Any]) -> str:

@@ -20,19 +20,20 @@ def _rows(keys: list[str], values: list[float]) -> pa.Table:
 
 def test_partition_replace_and_failure_atomic(tmp_path: Path) -> None:
     root = tmp_path
+    # version 0 is the table's creation (schema and contract, no rows), 1 the first write
     assert (
         delta_store.write_partitions(
             root, "t", _rows(["a", "a", "b"], [1, 2, 3]), ["a", "b"], CONTRACT
         )
-        == 0
+        == 1
     )
-    assert delta_store.write_partitions(root, "t", _rows(["a"], [9]), ["a"], CONTRACT) == 1
+    assert delta_store.write_partitions(root, "t", _rows(["a"], [9]), ["a"], CONTRACT) == 2
     df = delta_store.read_partitions(root, "t").sort("x")
     assert df["parent_l6"].to_list() == ["b", "a"] and df["x"].to_list() == [3, 9]
     # a row outside the named partitions fails the whole write: version and rows unchanged
     with pytest.raises(DeltaError):
         delta_store.write_partitions(root, "t", _rows(["a", "c"], [5, 6]), ["a"], CONTRACT)
-    assert delta_store.table_version(root, "t") == 1
+    assert delta_store.table_version(root, "t") == 2
     assert sorted(delta_store.read_partitions(root, "t")["x"].to_list()) == [3, 9]
     # an empty write empties exactly that partition
     delta_store.write_partitions(root, "t", _rows([], []), ["b"], CONTRACT)
@@ -45,7 +46,7 @@ def test_contract_mismatch_refused(tmp_path: Path) -> None:
         delta_store.write_partitions(
             tmp_path, "t", _rows(["a"], [1.0]), ["a"], {**CONTRACT, "taxonomy_version": "v2"}
         )
-    assert delta_store.table_version(tmp_path, "t") == 0
+    assert delta_store.table_version(tmp_path, "t") == 1
 
 
 def test_missing_table_error(tmp_path: Path) -> None:

@@ -127,6 +127,33 @@ def test_version_is_a_stable_content_hash(tax: Taxonomy, tmp_path: Path) -> None
     assert first == tax
 
 
+def test_version_is_the_hash_of_the_documented_canonical_form(tax: Taxonomy) -> None:
+    """Recompute the version independently of the loader: the YAML read by PyYAML, selectors
+    normalized as the file's header documents, canonical JSON, SHA-256. Table contracts carry
+    the version, so it must not move when the validation code changes."""
+    import hashlib
+    import json
+
+    raw = yaml.safe_load(packaged_yaml())
+    channels = []
+    for c in raw["channels"]:
+        selectors = []
+        for sel in c["selectors"]:
+            norm: dict[str, Any] = {"key": sel["key"]}
+            if "values" in sel:
+                norm["values"] = sorted(set(sel["values"]))
+            else:
+                if "exclude" in sel:
+                    norm["exclude"] = sorted(set(sel["exclude"]))
+                if sel.get("other"):
+                    norm["other"] = True
+            selectors.append(norm)
+        channels.append({k: c[k] for k in ("name", "measure", "group")} | {"selectors": selectors})
+    spec = {"semantics": 1, "name": raw["name"], "channels": channels}
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert tax.version == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _reversed_mappings(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _reversed_mappings(obj[k]) for k in reversed(list(obj))}
@@ -342,6 +369,15 @@ MALFORMED = {
         ["'poi_x'", "'group'"],
     ),
     "channel_not_a_mapping": ("channels:\n" + GOOD + "  - just_a_string\n", ["channel 1"]),
+    "selector_not_a_mapping": (one("amenity"), ["'poi_x'", "selector 0", "must be a mapping"]),
+    "other_not_a_bool": (one("{key: a, other: yes}"), ["'poi_x'", "'other' must be true or false"]),
+    "values_null": (one("{key: a, values: }"), ["'poi_x'", "'values' must be a list", "null"]),
+    "blank_key": (one("{key: ' '}"), ["'poi_x'", "selector 0", "'key' must be a non-empty"]),
+    "exclude_with_values": (
+        one("{key: a, values: [b], exclude: [c]}"),
+        ["'poi_x'", "'exclude' only applies to selectors without 'values'"],
+    ),
+    "top_level_list": ("- a\n- b\n", ["must be a mapping", "got list"]),
     "no_channels": ("name: empty\nchannels: []\n", ["no channels at all"]),
     "no_channels_key": ("name: empty\n", ["no channels at all"]),
     "empty_file": ("", ["must be a mapping"]),

@@ -154,7 +154,7 @@ def mae_model(
 class EmbeddingConfig(dg.Config):
     model_version: str | None = Field(
         default=None,
-        description="Model to embed with (a folder name under <root>/models; empty: the latest "
+        description="Model to embed with (a folder name under ROOT/models; empty: the latest "
         "materialized mae_model)",
     )
 

@@ -216,11 +216,19 @@ def materialize_new_regions(
     )
 
 
-def regions_metadata(settings: PipelineSettings) -> dict[str, dg.MetadataValue]:
-    """Definition metadata for the sources asset: the registered regions and their cells."""
+def sources_metadata(settings: PipelineSettings) -> dict[str, dg.MetadataValue]:
+    """Definition metadata for the sources asset: each source and its cells, and the registered
+    regions with their cells (as of the code location's last load)."""
     try:
-        regions = rg.RegionRegistry(settings.root).list()
-        table = rg.regions_markdown(regions, settings.source_cells)
+        cells = settings.source_cells
+        rows = ["| source | level-6 cells |", "|---|---|"] + [
+            f"| `{src}` | {', '.join(f'`{c}`' for c, s in cells.items() if src in s)} |"
+            for src in settings.sources
+        ]
+        regions = rg.regions_markdown(rg.RegionRegistry(settings.root).list(), cells)
     except S2VecError as e:  # a missing source must not stop the code location from loading
-        return {"regions": dg.MetadataValue.text(f"unavailable: {e}")}
-    return {"regions": dg.MetadataValue.md(table)}
+        return {"sources": dg.MetadataValue.text(f"unavailable: {e}")}
+    return {
+        "sources": dg.MetadataValue.md("\n".join(rows)),
+        "regions": dg.MetadataValue.md(regions),
+    }

@@ -10,9 +10,11 @@ from s2vec_pipeline.settings import PipelineSettings
 class S2VecResource(dg.ConfigurableResource, PipelineSettings):
     """Storage root, resolution profile, OSM sources and taxonomy of this deployment.
 
-    The fields are ``PipelineSettings``' own (defined once, there). A run launched by the CLI
-    carries them in its run config, so re-executing it from the UI reads the same root.
+    A run launched by s2vec materialize carries these settings in its run config, so
+    re-executing it from the UI reads and writes the same root.
     """
+
+    # The fields are PipelineSettings' own: defined once, in settings.py.
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings) -> S2VecResource:

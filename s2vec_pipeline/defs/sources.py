@@ -80,7 +80,7 @@ def osm_sources_asset(metadata: dict[str, Any] | None = None) -> dg.SourceAsset:
         metadata=metadata,
         description="The OSM data of each level-6 cell: the configured extracts with every "
         "applied change file. Observing it applies the change files of S2VEC_CHANGES not "
-        "applied yet (to copies under <root>/_sources/) and versions each cell by the change "
+        "applied yet (to copies under ROOT/_sources/) and versions each cell by the change "
         "batches that touched it.",
     )(observe_osm_sources)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -36,6 +35,7 @@ import torch
 
 from s2vec_pipeline import delta_store
 from s2vec_pipeline.errors import MissingInputError, S2VecError
+from s2vec_pipeline.locks import LockHeldError, exclusive
 from s2vec_pipeline.model.data import (
     RASTER_TABLE,
     EpochSetter,
@@ -325,19 +325,15 @@ def list_models(root: str | os.PathLike) -> list[str]:
 
 @contextlib.contextmanager
 def _version_lock(base: Path, version: str) -> Iterator[None]:
-    base.mkdir(parents=True, exist_ok=True)
-    with open(base / f".{version}.lock", "w") as f:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
+            held.enter_context(exclusive(base / f".{version}.lock", blocking=False))
+        except LockHeldError as e:
             raise TrainingInProgressError(
                 f"model {version} is being trained by another process under {base}: wait for "
                 "it to finish (its result will be reused)"
             ) from e
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def _hardware(trainer: L.Trainer) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""A full or read-only storage root: exit 2 with a message naming the root, nothing committed,
+leftovers removed by the next maintenance.
+
+Real file systems, not mocks: a 2 MiB tmpfs mounted for the test (really full), then remounted
+read-only. Mounting needs root (CAP_SYS_ADMIN); without it the tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from s2vec_pipeline import delta_store
+from s2vec_pipeline.cli import main
+from s2vec_pipeline.errors import StorageUnavailableError
+from s2vec_pipeline.maintenance import maintain_root
+
+CONTRACT = {"table": "t", "profile": "city", "taxonomy_version": "v1"}
+
+
+def _mount(target: Path, options: str) -> None:
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB file system, unmounted afterwards."""
+    target = tmp_path / "small"
+    target.mkdir()
+    _mount(target, "size=2m")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def _rows(key: str, n: int) -> pa.Table:
+    values = np.random.default_rng(n).random(n)  # random floats: incompressible
+    return pa.table({"parent_l6": pa.array([key] * n, pa.string()), "x": pa.array(values)})
+
+
+def _data_files(uri: Path) -> set[Path]:
+    return {p for p in uri.rglob("*") if p.is_file() and "_delta_log" not in p.parts}
+
+
+def test_disk_full_commits_nothing_and_maintenance_cleans(small_fs: Path) -> None:
+    root = small_fs / "root"
+    delta_store.write_partitions(root, "t", _rows("a", 1000), ["a"], CONTRACT)
+    before = delta_store.read_partitions(root, "t")
+    version = delta_store.table_version(root, "t")
+    big = _rows("b", 1_000_000)  # ~8 MB of parquet into 2 MiB
+    streamed = pa.RecordBatchReader.from_batches(big.schema, big.to_batches(100_000))
+    for data in (big, streamed):
+        with pytest.raises(StorageUnavailableError) as err:
+            delta_store.write_partitions(root, "t", data, ["b"], CONTRACT)
+        message = str(err.value)
+        assert "no space left on device" in message and str(root) in message
+        assert "s2vec maintain" in message and f"version is {version}" in message
+        assert delta_store.table_version(root, "t") == version
+        assert delta_store.read_partitions(root, "t").equals(before)
+        assert not any((root / delta_store.STAGING_DIR).glob("*"))  # replay copy deleted
+    # whatever the failed writes left, the next maintenance removes: only referenced files stay
+    maintain_root(root, retention_hours=0)
+    uri = root / "t"
+    referenced = {Path(u.removeprefix("file://")) for u in DeltaTable(str(uri)).file_uris()}
+    assert _data_files(uri) == referenced
+    assert not any((root / delta_store.STAGING_DIR).glob("*"))
+    assert delta_store.read_partitions(root, "t").equals(before)
+
+
+def test_disk_full_through_the_cli_exits_2(
+    small_fs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * (2 * 1024 * 1024 - 64 * 1024))  # leave 64 KiB: not enough
+    root = small_fs / "root"
+    rc = main(["materialize", "--root", str(root), "--cells", "12cd", "--stages", "extract"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]  # Dagster logs the step failure above it
+    assert last.startswith("error: cannot write table 'osm_features' under ")
+    assert "no space left on device" in last and str(root) in last and "Traceback" not in err
+    assert delta_store.table_version(root, "osm_features") in (None, 0)  # at most the empty table
+    if delta_store.table_exists(root, "osm_features"):
+        assert delta_store.read_partitions(root, "osm_features").height == 0
+
+
+def test_read_only_root(small_fs: Path) -> None:
+    root = small_fs / "root"
+    delta_store.write_partitions(root, "t", _rows("a", 100), ["a"], CONTRACT)
+    before = delta_store.read_partitions(root, "t")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    with pytest.raises(StorageUnavailableError, match="read-only") as err:
+        delta_store.write_partitions(root, "t", _rows("b", 100), ["b"], CONTRACT)
+    assert str(root) in str(err.value) and "another --root" in str(err.value)
+    with pytest.raises(StorageUnavailableError, match="read-only"):
+        delta_store.write_partitions(root, "new_table", _rows("b", 100), ["b"], CONTRACT)
+    assert delta_store.read_partitions(root, "t").equals(before)
+    assert delta_store.table_version(root, "t") == 1
