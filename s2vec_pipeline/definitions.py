@@ -10,6 +10,7 @@ import dagster as dg
 
 from s2vec_pipeline.defs.automation import refresh_stale_partitions
 from s2vec_pipeline.defs.data_layer import data_layer_assets, data_layer_job
+from s2vec_pipeline.defs.maintenance import maintain_tables, weekly_maintenance_schedule
 from s2vec_pipeline.defs.model import (
     embed_job,
     model_layer_assets,
@@ -46,6 +47,7 @@ def build_definitions(settings: PipelineSettings | None = None) -> dg.Definition
             embed_job,
             partition_pipeline_job,
             materialize_region,
+            maintain_tables,
         ],
         sensors=[
             register_source_partitions,
@@ -53,7 +55,11 @@ def build_definitions(settings: PipelineSettings | None = None) -> dg.Definition
             launch_region_runs,
             refresh_stale_partitions,
         ],
-        schedules=[nightly_refresh_schedule(), weekly_training_schedule()],
+        schedules=[
+            nightly_refresh_schedule(),
+            weekly_training_schedule(),
+            weekly_maintenance_schedule(),
+        ],
     )
 
 

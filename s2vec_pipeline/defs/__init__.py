@@ -1,6 +1,6 @@
 """The Dagster layer: one file per stage, each holding that stage's assets, checks, jobs,
-sensors and schedules (sources, data_layer, model, regions, automation), over the plain modules
-of the package. ``definitions.py`` assembles them."""
+sensors and schedules (sources, data_layer, model, regions, automation, maintenance), over the
+plain modules of the package. ``definitions.py`` assembles them."""
 
 import warnings
 

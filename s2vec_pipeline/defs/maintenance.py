@@ -71,7 +71,7 @@ def maintain_delta_tables(
     name="maintain_tables",
     description="Weekly Delta maintenance of every table under the storage root "
     "(s2vec maintain runs the same in the foreground).",
-    tags={"s2vec/kind": "maintenance"},
+    tags={"s2vec/stage": "maintenance"},
 )
 def maintain_tables() -> None:
     maintain_delta_tables()
