@@ -50,17 +50,35 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model-version", default=None, help="embed with this existing model instead of training"
     )
+    p.add_argument(
+        "--workers",
+        default=None,
+        metavar="N",
+        help="partitions materialized at once, each run in its own process (default: "
+        "$S2VEC_WORKERS, else one per core)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     p.set_defaults(func=_cmd_materialize)
 
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline import delta_store
-    from s2vec_pipeline.runner import CLI_TAG, STAGES, dagster_instance, materialize, parse_stages
+    from s2vec_pipeline.runner import (
+        CLI_TAG,
+        STAGES,
+        dagster_instance,
+        default_workers,
+        materialize,
+        parse_stages,
+        parse_workers,
+    )
     from s2vec_pipeline.settings import parse_partition_tokens
 
     settings = _settings(args)
     profile, taxonomy = settings.profile, settings.taxonomy  # validate before any run
+    workers = (
+        default_workers() if args.workers is None else parse_workers(args.workers, "--workers")
+    )
     stages = args.stages or list(STAGES)
     if args.model_version and args.stages is None:
         stages = [s for s in stages if s != "train"]  # embed with the given model
@@ -100,6 +118,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
             log_level="INFO" if args.verbose else "ERROR",
             op_config=op_config,
             tags={CLI_TAG: " ".join(["s2vec", *(args.argv or [])])[:1000]},
+            workers=workers,
         )
     seconds = time.perf_counter() - t0
     print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")

@@ -12,6 +12,8 @@ runs recorded.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
+import multiprocessing.connection
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +36,25 @@ STAGES: dict[str, list[str]] = {
 DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
 EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
 CLI_TAG = "s2vec/cli"
+ENV_WORKERS = "S2VEC_WORKERS"
+
+
+def default_workers() -> int:
+    """Partitions run at once: ``$S2VEC_WORKERS``, else one per core."""
+    value = os.environ.get(ENV_WORKERS)
+    if value is None:
+        return os.cpu_count() or 1
+    return parse_workers(value, ENV_WORKERS)
+
+
+def parse_workers(value: object, what: str) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise S2VecError(f"{what} must be a whole number of worker processes >= 1, got {value!r}")
+    return n
 
 
 @dataclass
@@ -44,6 +65,12 @@ class RunReport:
     checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
     warnings: dict[str, bool] = field(default_factory=dict)  # WARN-severity checks
     model_version: str | None = None  # the model that embedded, when embeddings ran
+
+    def merge(self, other: RunReport) -> None:
+        self.run_ids += other.run_ids
+        for mine, theirs in ((self.checks, other.checks), (self.warnings, other.warnings)):
+            for name, passed in theirs.items():
+                mine[name] = mine.get(name, True) and passed
 
     @property
     def checks_failed(self) -> list[str]:
@@ -155,6 +182,87 @@ class Launcher:
             book[name] = book.get(name, True) and ev.passed
         return result
 
+    def run_partitions(
+        self, job_name: str, partitions: Sequence[str], assets: Sequence[str], workers: int = 1
+    ) -> None:
+        """One run per partition, ``workers`` at a time, each in its own spawned process
+        (deltalake cannot run in forked children). A worker that fails or dies fails its
+        partition only: the others run to the end, then the first failure is raised."""
+        if workers <= 1 or len(partitions) <= 1:
+            for k in partitions:
+                self.run(job_name, k, assets)
+            return
+        ctx = mp.get_context("spawn")
+        pending, running = list(partitions), {}
+        failures: dict[str, BaseException] = {}
+        while pending or running:
+            while pending and len(running) < workers:
+                k = pending.pop(0)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(
+                    target=_partition_worker,
+                    args=(
+                        send,
+                        self.instance.get_ref(),
+                        self.settings.settings_dict(),
+                        self.log_level,
+                        self.tags,
+                        job_name,
+                        k,
+                        list(assets),
+                    ),
+                )
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (proc, k, receive)
+            for sentinel in mp.connection.wait(list(running)):
+                proc, k, receive = running.pop(sentinel)
+                outcome = receive.recv() if receive.poll() else None
+                proc.join()
+                if isinstance(outcome, RunReport):
+                    self.report.merge(outcome)
+                else:
+                    failures[k] = outcome or RuntimeError(
+                        f"the worker for partition {k} died (exit code {proc.exitcode})"
+                    )
+        if failures:
+            k, first = next(iter(sorted(failures.items())))
+            if len(failures) > 1 or not isinstance(first, S2VecError):
+                raise PartitionsFailedError(
+                    f"{len(failures)} of {len(partitions)} partitions failed "
+                    f"({', '.join(sorted(failures))}); the others were written. First, {k}: "
+                    f"{first}"
+                )
+            raise first
+
+
+class PartitionsFailedError(S2VecError):
+    """Some partitions of a parallel materialization failed; the others were written."""
+
+
+def _partition_worker(
+    send: mp.connection.Connection,
+    instance_ref: Any,
+    settings: dict[str, Any],
+    log_level: str,
+    tags: dict[str, str],
+    job_name: str,
+    partition: str,
+    assets: list[str],
+) -> None:
+    """One partition's run in a spawned process; sends back its report or its error."""
+    try:
+        with dg.DagsterInstance.from_ref(instance_ref) as instance:
+            launcher = Launcher(PipelineSettings(**settings), instance, log_level, tags)
+            launcher.run(job_name, partition, assets)
+        send.send(launcher.report)
+    except S2VecError as e:
+        send.send(e)
+    except BaseException as e:  # noqa: BLE001 - Dagster errors do not always pickle
+        send.send(RuntimeError(f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
+
 
 def materialize(
     settings: PipelineSettings,
@@ -164,9 +272,11 @@ def materialize(
     log_level: str = "WARNING",
     op_config: dict[str, dict] | None = None,
     tags: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> RunReport:
     """Materialize ``assets`` for ``partitions`` (level-6 tokens): the source observation, one
-    data-layer run per partition, training, then one embedding run per partition.
+    data-layer run per partition (``workers`` at once), training, then one embedding run per
+    partition.
 
     ``op_config`` maps op names (``mae_model``, ``embeddings``) to their run config.
     """
@@ -179,8 +289,8 @@ def materialize(
     data = [a for a in DATA_ASSETS if a in assets]
     if "osm_features" in data:
         launcher.run("refresh_sources")  # versions of every cell's OSM data, before extraction
-    for k in partitions if data else []:
-        launcher.run("data_layer", k, data)
+    if data:
+        launcher.run_partitions("data_layer", partitions, data, workers)
     if "osm_features" in data:
         _require_features(settings, partitions)
     if "mae_model" in assets:

@@ -208,3 +208,29 @@ def test_no_matching_features(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert _cli("--root", str(root), "--source", str(src)) == 2
     assert "matches the taxonomy" in capsys.readouterr().err
     assert not (root / "osm_features").exists()
+
+
+def test_parallel_partitions_fail_alone(
+    tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two partitions in two worker processes; one source is truncated. Its partition fails
+    with the user's error (exit 2), the other partition is written."""
+    data = helsinki_pbf.read_bytes()
+    bad = tmp_path / "helsinki-truncated.osm.pbf"
+    bad.write_bytes(data[: int(len(data) * 0.6)])
+    root = tmp_path / "root"
+    args = ["--root", str(root), "--source", str(monaco_pbf), "--source", str(bad)]
+    rc = _cli(
+        *args, "--cells", f"{MONACO_L6},{HELSINKI_L6}", "--workers", "2", "--stages", "extract"
+    )
+    assert rc == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert delta_store.partition_keys(root, "osm_features") == [MONACO_L6]
+    monaco = delta_store.read_partitions(root, "osm_features", [MONACO_L6])
+    assert monaco.height > 0 and set(monaco["parent_l6"]) == {MONACO_L6}
+
+
+def test_workers_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert _cli("--root", str(tmp_path), "--workers", "0") == 2
+    assert "--workers must be a whole number" in capsys.readouterr().err
+    assert not (tmp_path / "osm_features").exists()
