@@ -57,7 +57,7 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline import delta_store
     from s2vec_pipeline.defs.runner import STAGES, dagster_instance, materialize, parse_stages
-    from s2vec_pipeline.settings import parse_partition_tokens
+    from s2vec_pipeline.settings import check_root_writable, parse_partition_tokens
 
     settings = _settings(args)
     profile, taxonomy = settings.profile, settings.taxonomy  # validate before any run
@@ -90,6 +90,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         f"{profile.pixel_level} ({profile.side}x{profile.side}); taxonomy {taxonomy.version} "
         f"({len(taxonomy.channels)} channels)\npartitions: {', '.join(cells)}"
     )
+    check_root_writable(settings.root)
     t0 = time.perf_counter()
     with dagster_instance() as instance:
         report = materialize(
@@ -176,12 +177,14 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
 def _cmd_refresh(args: argparse.Namespace) -> int:
     from s2vec_pipeline.defs.refresh import refresh
     from s2vec_pipeline.defs.runner import persistent_instance
+    from s2vec_pipeline.settings import check_root_writable
 
     changes = str(Path(args.changes).resolve()) if args.changes else None
     if changes is not None and not Path(changes).is_dir():
         raise S2VecError(f"--changes {args.changes} is not a folder of .osc/.osc.gz files")
     settings = _settings(args, changes)
     _ = (settings.profile, settings.taxonomy)  # validate before any run
+    check_root_writable(settings.root)
     t0 = time.perf_counter()
     with persistent_instance(settings.root) as instance:
         report = refresh(settings, instance, log_level="INFO" if args.verbose else "ERROR")

@@ -39,3 +39,12 @@ class IncompatibleTableError(S2VecError):
 
 class MissingInputError(S2VecError):
     """An upstream table or partition that this step needs has not been materialized."""
+
+
+class InstanceUnavailableError(S2VecError):
+    """The Dagster instance ($DAGSTER_HOME) cannot be opened: its PostgreSQL is unreachable,
+    refuses the credentials, or its configuration is incomplete."""
+
+
+class RootNotWritableError(S2VecError):
+    """The storage root cannot be created or written."""

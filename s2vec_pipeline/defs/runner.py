@@ -60,7 +60,10 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
     in-memory one: runs are real Dagster runs, but nothing outlives the command (and nothing
     pays SQLite's per-event commits, ~3 s of a ~4 s small run here)."""
     if os.environ.get("DAGSTER_HOME"):
-        with dg.DagsterInstance.get() as instance:
+        from s2vec_pipeline.instance import open_dagster_instance
+
+        # An unreachable PostgreSQL or wrong credentials: InstanceUnavailableError (exit 2).
+        with open_dagster_instance() as instance:
             yield instance
     else:
         with dg.DagsterInstance.ephemeral() as instance:
