@@ -220,40 +220,71 @@ def test_every_service_command_is_a_real_command_of_the_installed_packages() -> 
         parse_cli(["dagster", "code-server", "start", "--no-such-option"])
 
 
-def test_the_code_server_command_serves_the_definitions_to_the_workspace(tmp_path: Path) -> None:
-    """The compose file's code-server command (host and port moved to a loopback port), its
-    health check, and docker/workspace.yaml (host and port likewise) loading the location."""
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_code_server_and_webserver_commands_serve_the_definitions(tmp_path: Path) -> None:
+    """The compose file's code-server and webserver commands and their health checks, run as
+    written except for loopback hosts, free ports and the workspace file's location; then
+    docker/workspace.yaml (host and port likewise) loads the code location's definitions."""
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import WorkspaceFileTarget
 
     services = _compose()["services"]
-    port = str(free_port())
+    code_port, web_port = str(free_port()), str(free_port())
+    workspace_file, home = tmp_path / "workspace.yaml", tmp_path / "home"
+    workspace = yaml.safe_load((DOCKER / "workspace.yaml").read_text())
+    workspace["load_from"][0]["grpc_server"].update(host="127.0.0.1", port=int(code_port))
+    workspace_file.write_text(yaml.safe_dump(workspace))
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    moved = {
+        "0.0.0.0": "127.0.0.1",
+        "4000": code_port,
+        "3000": web_port,
+        IMAGE_DAGSTER_HOME + "workspace.yaml": str(workspace_file),
+    }
 
     def localize(argv: list[str]) -> list[str]:
-        out = [{"0.0.0.0": "127.0.0.1", "4000": port}.get(a, a) for a in argv]
+        out = [moved.get(a, a).replace(":3000/", f":{web_port}/") for a in argv]
         return [str(Path(sys.executable).parent / out[0]), *out[1:]]
 
-    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
-    env.update(S2VEC_ROOT=str(tmp_path / "root"), PYTHONPATH=str(REPO))
-    log = (tmp_path / "code_server.log").open("w")
-    proc = subprocess.Popen(
-        localize(services["s2vec_code"]["command"]), env=env, cwd=tmp_path,
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        health = localize(_healthcheck_argv(services["s2vec_code"]))
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO)}
+    env["S2VEC_ROOT"] = str(tmp_path / "root")
+    log_path = tmp_path / "services.log"
+    log = log_path.open("w")
+    procs: list[subprocess.Popen] = []
+
+    def start_and_wait_healthy(service: str) -> None:
+        procs.append(
+            subprocess.Popen(
+                localize(services[service]["command"]),
+                env=env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        )
+        health = localize(_healthcheck_argv(services[service]))
         deadline = time.monotonic() + STARTUP_S
         while subprocess.run(health, env=env, capture_output=True, timeout=60).returncode != 0:
-            assert proc.poll() is None, (tmp_path / "code_server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the code server never became healthy"
+            assert procs[-1].poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{service} never became healthy"
             time.sleep(1)
-        workspace = yaml.safe_load((DOCKER / "workspace.yaml").read_text())
-        workspace["load_from"][0]["grpc_server"].update(host="127.0.0.1", port=int(port))
-        (tmp_path / "workspace.yaml").write_text(yaml.safe_dump(workspace))
-        (tmp_path / "home").mkdir()
-        target = WorkspaceFileTarget(paths=[str(tmp_path / "workspace.yaml")])
+
+    try:
+        start_and_wait_healthy("s2vec_code")
+        target = WorkspaceFileTarget(paths=[str(workspace_file)])
         with (
-            dg.DagsterInstance.local_temp(str(tmp_path / "home")) as instance,
+            dg.DagsterInstance.from_config(str(home)) as instance,
             WorkspaceProcessContext(instance, target) as process_context,
         ):
             request = process_context.create_request_context()
@@ -264,13 +295,14 @@ def test_the_code_server_command_serves_the_definitions_to_the_workspace(tmp_pat
             assert {"data_layer", "train_model", "embed"} <= jobs
             assets = {n.asset_key.to_user_string() for n in repo.get_asset_node_snaps()}
             assert {"osm_features", "raster_tiles", "mae_model", "cell_embeddings"} <= assets
+        start_and_wait_healthy("dagster_webserver")
+        # The health check can fail: nothing answers on a closed port.
+        closed = localize(_healthcheck_argv(services["dagster_webserver"]))
+        closed[-1] = closed[-1].replace(f":{web_port}/", f":{free_port()}/")
+        assert subprocess.run(closed, env=env, capture_output=True, timeout=60).returncode != 0
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        for proc in reversed(procs):
+            _stop(proc)
         log.close()
 
 
@@ -337,6 +369,23 @@ def test_local_dagster_yaml_monitors_runs_with_a_launcher_that_checks_health(
         assert instance.run_monitoring_enabled
         assert isinstance(instance.run_launcher, LocalProcessRunLauncher)
         assert instance.run_launcher.supports_check_run_worker_health
+
+
+def test_process_alive_tells_a_live_process_from_a_dead_reused_or_zombie_one() -> None:
+    from s2vec_pipeline.instance import process_alive
+
+    assert process_alive(os.getpid())
+    assert process_alive(os.getpid(), not_started_after=time.time())
+    # A pid recorded before this process started belongs to another (earlier) process.
+    assert not process_alive(os.getpid(), not_started_after=time.time() - 10 * 86400)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.1)
+    assert not process_alive(child.pid)  # exited, not reaped yet: a zombie
+    child.wait()
+    assert not process_alive(child.pid)  # gone
 
 
 def _snake(name: str) -> str:

@@ -215,6 +215,11 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
                 MONITOR_S, "the queued run to run once the first failed", log,
             )  # fmt: skip
             assert second_pid.exists()
+        # The compose file's health check of the daemon: its heartbeats are in PostgreSQL.
+        compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+        _cmd, exe, *args = compose["services"]["dagster_daemon"]["healthcheck"]["test"]
+        liveness = [str(Path(sys.executable).parent / exe), *args]
+        assert subprocess.run(liveness, env=env, capture_output=True, timeout=60).returncode == 0
     finally:
         for proc in reversed(procs):
             _stop(proc)
