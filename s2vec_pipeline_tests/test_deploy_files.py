@@ -113,11 +113,16 @@ def test_compose_runs_the_four_services_wired_to_each_other() -> None:
     # The Docker run launcher's network and volume are the compose file's, by name.
     launcher = instance["run_launcher"]["config"]
     assert compose["networks"]["s2vec_network"]["name"] == launcher["network"]
-    (volume,) = launcher["container_kwargs"]["volumes"]
-    vol_name, mount = volume.split(":")
-    assert compose["volumes"][vol_name]["name"] == vol_name
-    assert f"{vol_name}:{mount}" in services["s2vec_code"]["volumes"]
-    assert code_env["S2VEC_ROOT"].startswith(mount + "/")
+    mounts = dict(v.split(":") for v in launcher["container_kwargs"]["volumes"])
+    for vol_name in mounts:
+        assert compose["volumes"][vol_name]["name"] == vol_name
+    assert f"s2vec_data:{mounts['s2vec_data']}" in services["s2vec_code"]["volumes"]
+    assert code_env["S2VEC_ROOT"].startswith(mounts["s2vec_data"] + "/")
+    # Compute logs: written by run containers under $DAGSTER_HOME/storage, read by the UI.
+    assert mounts["dagster_storage"] == IMAGE_DAGSTER_HOME + "storage"
+    assert f"dagster_storage:{mounts['dagster_storage']}" in " ".join(
+        services["dagster_webserver"]["volumes"]
+    )
     # Run containers get the daemon's environment variables listed in env_vars.
     daemon_env = services["dagster_daemon"]["environment"]
     assert set(launcher["env_vars"]) <= set(daemon_env)
