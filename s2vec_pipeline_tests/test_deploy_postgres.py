@@ -175,6 +175,16 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
         spawn(dagster, *code_server, "-f", str(SLEEPY_LOCATION))
         _wait(healthy, STARTUP_S, "the code server's gRPC health check", log)
         spawn(daemon, "run", "-w", str(workspace_file))
+        # The compose file's health check of the daemon (heartbeats, here in PostgreSQL): once
+        # it passes, the run queue is being served.
+        compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+        _cmd, exe, *args = compose["services"]["dagster_daemon"]["healthcheck"]["test"]
+        liveness = [str(Path(sys.executable).parent / exe), *args]
+        _wait(
+            lambda: subprocess.run(liveness, env=env, capture_output=True, timeout=60).returncode
+            == 0,
+            STARTUP_S, "the daemon's liveness check", log,
+        )  # fmt: skip
         # The first run executes inside this CLI process (no code server involved).
         (tmp_path / "first.json").write_text(run_config(600, first_pid))  # JSON is YAML
         cli_run = spawn(
@@ -215,11 +225,6 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
                 MONITOR_S, "the queued run to run once the first failed", log,
             )  # fmt: skip
             assert second_pid.exists()
-        # The compose file's health check of the daemon: its heartbeats are in PostgreSQL.
-        compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
-        _cmd, exe, *args = compose["services"]["dagster_daemon"]["healthcheck"]["test"]
-        liveness = [str(Path(sys.executable).parent / exe), *args]
-        assert subprocess.run(liveness, env=env, capture_output=True, timeout=60).returncode == 0
     finally:
         for proc in reversed(procs):
             _stop(proc)
