@@ -61,8 +61,20 @@ def _postgres_target() -> str:
     )
 
 
-def describe_instance_error(exc: BaseException, home: str) -> str:
-    """One line saying why the instance under ``home`` did not open and what to set."""
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is not None and all(e is not s for s in seen):
+            seen.append(e)
+            todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def describe_instance_error(exc: BaseException, home: str) -> str | None:
+    """One line saying why the instance under ``home`` did not open and what to set, or None
+    when the failure is neither its configuration nor its database connection."""
     from dagster._core.errors import DagsterInvalidConfigError
 
     if isinstance(exc, DagsterInvalidConfigError):
@@ -72,14 +84,23 @@ def describe_instance_error(exc: BaseException, home: str) -> str:
             m = re.search(r"(?:PostProcessingError|Error): (.+?)(?:\n|$)", err.message)
             reasons.append(_one_line(m.group(1) if m else err.message.splitlines()[0]))
         reason = "; ".join(reasons) or _one_line(str(exc).splitlines()[0])
-        return (
-            f"the Dagster instance config in {home}/dagster.yaml cannot be loaded: {reason} "
-            f"(its PostgreSQL settings come from {', '.join(POSTGRES_ENV)})"
+        hint = (
+            f" (its PostgreSQL settings come from {', '.join(POSTGRES_ENV)})"
+            if "DAGSTER_POSTGRES_" in reason
+            else ""
         )
-    cause: BaseException = exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    detail = _one_line(str(getattr(cause, "orig", None) or cause).split("(Background on")[0])
+        return f"the instance config {home}/dagster.yaml cannot be loaded: {reason}{hint}"
+    database = [
+        e
+        for e in _chain(exc)
+        if type(e).__module__.split(".")[0] in ("psycopg2", "sqlalchemy")
+        or type(e).__name__ == "DagsterPostgresException"
+    ]
+    if not database:
+        return None
+    # The driver's own message says what failed (refused, authentication, unknown database).
+    cause = next((e for e in database if type(e).__module__.startswith("psycopg2")), database[-1])
+    detail = _one_line(str(cause).split("(Background on")[0])
     if "password authentication failed" in detail or "role" in detail:
         what = "check DAGSTER_POSTGRES_USER and DAGSTER_POSTGRES_PASSWORD"
     elif "database" in detail and "does not exist" in detail:
@@ -96,8 +117,9 @@ def describe_instance_error(exc: BaseException, home: str) -> str:
 
 
 def open_dagster_instance() -> dg.DagsterInstance:
-    """``DagsterInstance.get()`` ($DAGSTER_HOME must be set); failures to open it raise
-    ``InstanceUnavailableError`` with one actionable line (the CLI exits 2)."""
+    """``DagsterInstance.get()`` ($DAGSTER_HOME must be set); a configuration or database
+    connection failure raises ``InstanceUnavailableError`` with one actionable line (the CLI
+    exits 2). Anything else propagates unchanged."""
     home = os.environ.get("DAGSTER_HOME", "")
     root_logger = logging.getLogger()
     quiet = _DropConnectionRetryWarnings()
@@ -105,7 +127,10 @@ def open_dagster_instance() -> dg.DagsterInstance:
     try:
         return dg.DagsterInstance.get()
     except Exception as e:  # only instance creation is wrapped, never a run
-        raise InstanceUnavailableError(describe_instance_error(e, home)) from e
+        message = describe_instance_error(e, home)
+        if message is None:
+            raise
+        raise InstanceUnavailableError(message) from e
     finally:
         root_logger.removeFilter(quiet)
 

@@ -285,3 +285,22 @@ def test_materialize_into_a_root_that_is_not_writable_exits_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not writable" in err[0] and "--root" in err[0], err
     assert blocker.read_text() == "not a folder"
+
+
+def test_instance_errors_name_the_variable_to_fix_and_leave_other_errors_alone(
+    pg: PostgresCluster,
+) -> None:
+    import psycopg2
+
+    from s2vec_pipeline.instance import describe_instance_error
+
+    try:  # a real driver error: the database does not exist
+        psycopg2.connect(
+            host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname="no_such_db"
+        )
+    except psycopg2.OperationalError as e:
+        message = describe_instance_error(e, "/home")
+    assert message is not None and 'database "no_such_db" does not exist' in message
+    assert "DAGSTER_POSTGRES_DB" in message and "\n" not in message
+    # Not a configuration or database failure: not ours to rephrase (the CLI shows it as is).
+    assert describe_instance_error(ValueError("a bug"), "/home") is None
