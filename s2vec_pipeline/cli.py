@@ -72,7 +72,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         parse_stages,
         parse_workers,
     )
-    from s2vec_pipeline.settings import parse_partition_tokens
+    from s2vec_pipeline.settings import check_root_writable, parse_partition_tokens
 
     settings = _settings(args)
     profile, taxonomy = settings.profile, settings.taxonomy  # validate before any run
@@ -108,6 +108,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         f"{profile.pixel_level} ({profile.side}x{profile.side}); taxonomy {taxonomy.version} "
         f"({len(taxonomy.channels)} channels)\npartitions: {', '.join(cells)}"
     )
+    check_root_writable(settings.root)
     t0 = time.perf_counter()
     with dagster_instance(settings.root) as instance:
         report = materialize(
@@ -192,12 +193,14 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
     from s2vec_pipeline.runner import dagster_instance, refresh
+    from s2vec_pipeline.settings import check_root_writable
 
     changes = str(Path(args.changes).resolve()) if args.changes else None
     if changes is not None and not Path(changes).is_dir():
         raise S2VecError(f"--changes {args.changes} is not a folder of .osc/.osc.gz files")
     settings = _settings(args, changes)
     _ = (settings.profile, settings.taxonomy)  # validate before any run
+    check_root_writable(settings.root)
     t0 = time.perf_counter()
     with dagster_instance(settings.root) as instance:
         report = refresh(settings, instance, log_level="INFO" if args.verbose else "ERROR")
@@ -254,11 +257,10 @@ def _cmd_region_add(args: argparse.Namespace) -> int:
     registry.add(region)
     print(f"region {region.name}: {len(region.cells)} cells: {', '.join(region.cells)}")
     if os.environ.get("DAGSTER_HOME"):
-        import dagster as dg
-
         from s2vec_pipeline.defs.partitions import add_partitions
+        from s2vec_pipeline.instance import open_dagster_instance
 
-        with dg.DagsterInstance.get() as instance:
+        with open_dagster_instance() as instance:
             new = add_partitions(instance, list(region.cells))
         print(f"added {len(new)} new partition(s) to the Dagster instance in $DAGSTER_HOME")
     return 0

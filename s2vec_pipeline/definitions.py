@@ -31,6 +31,7 @@ from s2vec_pipeline.defs.sources import (
     osm_sources_asset,
     refresh_sources_job,
 )
+from s2vec_pipeline.k8s import executor_from_env
 from s2vec_pipeline.settings import PipelineSettings
 
 
@@ -55,6 +56,7 @@ def build_definitions(settings: PipelineSettings | None = None) -> dg.Definition
             launch_region_runs,
             refresh_stale_partitions,
         ],
+        executor=executor_from_env(),  # Kubernetes pods per step when S2VEC_EXECUTOR=k8s
         schedules=[
             nightly_refresh_schedule(),
             weekly_training_schedule(),

@@ -43,3 +43,12 @@ class MissingInputError(S2VecError):
 
 class StorageUnavailableError(S2VecError):
     """The storage root is full, read-only or not writable: a write committed nothing."""
+
+
+class InstanceUnavailableError(S2VecError):
+    """The Dagster instance ($DAGSTER_HOME) cannot be opened: its PostgreSQL is unreachable,
+    refuses the credentials, or its configuration is incomplete."""
+
+
+class RootNotWritableError(S2VecError):
+    """The storage root cannot be created or written."""

@@ -94,7 +94,10 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
     kept under ``<root>/_dagster``: refreshes compare with the versions earlier runs recorded."""
     if os.environ.get("DAGSTER_HOME"):
-        with dg.DagsterInstance.get() as instance:
+        from s2vec_pipeline.instance import open_dagster_instance
+
+        # An unreachable PostgreSQL or wrong credentials: InstanceUnavailableError (exit 2).
+        with open_dagster_instance() as instance:
             yield instance
     else:
         home = os.path.join(root, "_dagster")

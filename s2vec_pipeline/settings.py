@@ -164,3 +164,24 @@ def parse_partition_tokens(tokens: Sequence[str]) -> list[str]:
             )
         out.append(tok)
     return sorted(set(out))
+
+
+def check_root_writable(root: str) -> None:
+    """Fail before any run when a local storage root cannot be created or written (a run would
+    otherwise fail half-way through its first write). Object-storage URIs are left to their
+    writer."""
+    import tempfile
+
+    from s2vec_pipeline.errors import RootNotWritableError
+
+    if "://" in root:
+        return
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".s2vec-write-check-"):
+            pass
+    except OSError as e:
+        raise RootNotWritableError(
+            f"storage root {root} is not writable ({e.strerror or e}): pass a writable --root "
+            f"(or S2VEC_ROOT) or fix its permissions"
+        ) from None

@@ -1,0 +1,229 @@
+"""The Dagster instance as deployed: opening it with an actionable error, and a run launcher
+whose crashed runs run monitoring can detect on a single host.
+
+``open_dagster_instance`` is what the CLI calls: a PostgreSQL-backed instance
+(``docker/dagster.yaml``) that cannot connect becomes one line naming the
+``DAGSTER_POSTGRES_*`` variables to fix, instead of retry warnings and a traceback.
+
+``LocalProcessRunLauncher`` is Dagster's ``DefaultRunLauncher`` (runs as processes of the code
+server) plus a worker health check. Run monitoring only detects a crashed run worker when the
+launcher can check its health; the default launcher cannot, so a run whose process was killed
+stays STARTED forever and holds its place in the queue. Docker and Kubernetes launchers check
+their containers and pods; this one checks the run worker's process id, which Dagster records
+in the run's first engine event carrying a ``pid``. Processes are only visible on the host that
+runs them: use it where the daemon and the runs share one host (``dagster dev``, ``make ui``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+from dagster._core.events import DagsterEventType
+from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
+from dagster._serdes.config_class import ConfigurableClassData
+
+from s2vec_pipeline.errors import InstanceUnavailableError
+
+POSTGRES_ENV = (
+    "DAGSTER_POSTGRES_HOST",
+    "DAGSTER_POSTGRES_PORT",
+    "DAGSTER_POSTGRES_USER",
+    "DAGSTER_POSTGRES_PASSWORD",
+    "DAGSTER_POSTGRES_DB",
+)
+_RETRY_WARNING = "Retrying failed database connection"
+
+
+class _DropConnectionRetryWarnings(logging.Filter):
+    """dagster-postgres logs each of its ~6 connection attempts as a multi-line warning on the
+    root logger; the CLI reports the outcome once instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_RETRY_WARNING)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _postgres_target() -> str:
+    env = os.environ
+    return (
+        f"PostgreSQL {env.get('DAGSTER_POSTGRES_USER', '?')}@"
+        f"{env.get('DAGSTER_POSTGRES_HOST', '?')}:{env.get('DAGSTER_POSTGRES_PORT', '?')}/"
+        f"{env.get('DAGSTER_POSTGRES_DB', '?')}"
+    )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is not None and all(e is not s for s in seen):
+            seen.append(e)
+            todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def describe_instance_error(exc: BaseException, home: str) -> str | None:
+    """One line saying why the instance under ``home`` did not open and what to set, or None
+    when the failure is neither its configuration nor its database connection."""
+    from dagster._core.errors import DagsterInvalidConfigError
+
+    if isinstance(exc, DagsterInvalidConfigError):
+        # Config errors carry a stack trace in their message: keep the reason only.
+        reasons = []
+        for err in exc.errors or []:
+            m = re.search(r"(?:PostProcessingError|Error): (.+?)(?:\n|$)", err.message)
+            reasons.append(_one_line(m.group(1) if m else err.message.splitlines()[0]))
+        reason = "; ".join(reasons) or _one_line(str(exc).splitlines()[0])
+        hint = (
+            f" (its PostgreSQL settings come from {', '.join(POSTGRES_ENV)})"
+            if "DAGSTER_POSTGRES_" in reason
+            else ""
+        )
+        return f"the instance config {home}/dagster.yaml cannot be loaded: {reason}{hint}"
+    database = [
+        e
+        for e in _chain(exc)
+        if type(e).__module__.split(".")[0] in ("psycopg2", "sqlalchemy")
+        or type(e).__name__ == "DagsterPostgresException"
+    ]
+    if not database:
+        return None
+    # The driver's own message says what failed (refused, authentication, unknown database).
+    cause = next((e for e in database if type(e).__module__.startswith("psycopg2")), database[-1])
+    detail = _one_line(str(cause).split("(Background on")[0])
+    if "password authentication failed" in detail or "role" in detail:
+        what = "check DAGSTER_POSTGRES_USER and DAGSTER_POSTGRES_PASSWORD"
+    elif "database" in detail and "does not exist" in detail:
+        what = "check DAGSTER_POSTGRES_DB (create the database first)"
+    else:
+        what = (
+            "check that PostgreSQL is running and that DAGSTER_POSTGRES_HOST and "
+            "DAGSTER_POSTGRES_PORT point at it"
+        )
+    return (
+        f"cannot open the Dagster instance (DAGSTER_HOME={home}) on {_postgres_target()}: "
+        f"{detail.rstrip('.?')}; {what}"
+    )
+
+
+def open_dagster_instance() -> dg.DagsterInstance:
+    """``DagsterInstance.get()`` ($DAGSTER_HOME must be set); a configuration or database
+    connection failure raises ``InstanceUnavailableError`` with one actionable line (the CLI
+    exits 2). Anything else propagates unchanged."""
+    home = os.environ.get("DAGSTER_HOME", "")
+    root_logger = logging.getLogger()
+    quiet = _DropConnectionRetryWarnings()
+    root_logger.addFilter(quiet)
+    try:
+        return dg.DagsterInstance.get()
+    except Exception as e:  # only instance creation is wrapped, never a run
+        message = describe_instance_error(e, home)
+        if message is None:
+            raise
+        raise InstanceUnavailableError(message) from e
+    finally:
+        root_logger.removeFilter(quiet)
+
+
+def _process_start_epoch(pid: int) -> float | None:
+    """When a process started (Linux /proc), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces
+    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_alive(pid: int, not_started_after: float | None = None) -> bool:
+    """Whether process ``pid`` runs (not a zombie) and, when ``not_started_after`` is given,
+    started no later than that time (a newer process reusing the id is not the same one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):  # exited, not yet reaped by its parent
+            return False
+    except OSError:
+        pass
+    if not_started_after is not None:
+        started = _process_start_epoch(pid)
+        # /proc start times are in clock ticks: allow a second of rounding.
+        if started is not None and started > not_started_after + 1.0:
+            return False
+    return True
+
+
+class LocalProcessRunLauncher(dg.DefaultRunLauncher):
+    """``DefaultRunLauncher`` whose run workers run monitoring can health-check by process id.
+
+    In ``dagster.yaml``::
+
+        run_launcher:
+          module: s2vec_pipeline.instance
+          class: LocalProcessRunLauncher
+        run_monitoring:
+          enabled: true
+    """
+
+    def __init__(self, inst_data: ConfigurableClassData | None = None) -> None:
+        super().__init__(inst_data=inst_data)
+        self._worker_pids: dict[str, tuple[int, float]] = {}
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
+    ) -> LocalProcessRunLauncher:
+        return cls(inst_data=inst_data)
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def _worker_pid(self, run_id: str) -> tuple[int, float] | None:
+        """(pid, time it was recorded) of the run worker: the first engine event with a pid
+        ("Started process for run" from a code server, "Executing steps in process" from
+        ``execute_in_process``)."""
+        if run_id in self._worker_pids:
+            return self._worker_pids[run_id]
+        for entry in self._instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+            event = entry.dagster_event
+            data = event.engine_event_data if event else None
+            pid = data.metadata.get("pid") if data and data.metadata else None
+            if pid is not None:
+                found = (int(pid.value), entry.timestamp)
+                self._worker_pids[run_id] = found
+                return found
+        return None
+
+    def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
+        found = self._worker_pid(run.run_id)
+        if found is None:  # started, pid not recorded yet: nothing to conclude
+            return CheckRunHealthResult(WorkerStatus.RUNNING, msg="run worker pid not recorded")
+        pid, recorded_at = found
+        if process_alive(pid, not_started_after=recorded_at):
+            return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=str(pid))
+        self._worker_pids.pop(run.run_id, None)
+        return CheckRunHealthResult(
+            WorkerStatus.FAILED,
+            msg=f"run worker process {pid} is gone (checked {time.strftime('%H:%M:%S')})",
+            run_worker_id=str(pid),
+        )
