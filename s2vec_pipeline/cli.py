@@ -329,6 +329,65 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="linear probes of the embeddings on your labels, against raw-feature baselines",
+        description="Ridge probes (alpha by inner cross-validation) predicting each numeric "
+        "label column from S2Vec embeddings, raw log1p features, raw 3x3 neighbourhood, PCA of "
+        "the raw features and fusions, in random k-fold and spatially blocked folds. Labels: "
+        "Parquet or CSV with a cell_token (pixel level) or lat/lon column and numeric targets.",
+    )
+    p.add_argument("--labels", required=True, metavar="FILE", help="labels (.parquet or .csv)")
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    p.add_argument("--model-version", default=None, help="model whose embeddings to evaluate")
+    p.add_argument(
+        "--with",
+        dest="with_file",
+        default=None,
+        metavar="OTHER.parquet",
+        help="another embedding source keyed by cell_token (a list column or numeric columns)",
+    )
+    p.add_argument("--targets", type=_csv, default=None, metavar="COL,...", help="label columns")
+    p.add_argument("--folds", type=int, default=5, help="folds per protocol (default 5)")
+    p.add_argument(
+        "--block-level",
+        type=int,
+        default=None,
+        help="S2 level of the cells the spatial protocol holds out whole (default: image level)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="fold seed (default 0)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from s2vec_pipeline import evaluation
+
+    if args.out and not args.out.endswith(".json"):
+        raise S2VecError(f"--out must end in .json, got {args.out}")
+    root = Path(args.root)
+    if not root.is_dir():
+        raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
+    labels = evaluation.read_table_file(args.labels, "labels")
+    other = evaluation.read_embedding_file(args.with_file) if args.with_file else None
+    report = evaluation.evaluate(
+        root.resolve(),
+        labels,
+        model_version=args.model_version,
+        with_embeddings=other,
+        folds=args.folds,
+        seed=args.seed,
+        block_level=args.block_level,
+        targets=args.targets,
+    )
+    print(report.table())
+    if args.out:
+        evaluation.write_report(report, args.out)
+        print(f"\nreport written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -336,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refresh(sub)
     _add_region(sub)
     _add_sql(sub)
+    _add_evaluate(sub)
     return parser
 
 
