@@ -388,6 +388,54 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_map(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "map",
+        help="draw embeddings (first 3 principal components as RGB) or a channel on a map",
+        description="Cells drawn as their true S2 polygons, north up, with legend and "
+        "coordinates. --out FILE.png (matplotlib) or FILE.html (self-contained: inline SVG, "
+        "opens offline; hover shows the cell token and its top channels).",
+    )
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--cells",
+        type=_csv,
+        metavar="TOKEN,...",
+        help="cells to draw: level-6 partitions, image cells or any cells down to pixels",
+    )
+    where.add_argument("--region", metavar="NAME", help="a registered region (s2vec region add)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--embedding", action="store_true", help="the cells' embeddings")
+    what.add_argument("--channel", metavar="NAME", help="one raster channel, e.g. road_primary_m")
+    p.add_argument("--model-version", default=None, help="embeddings of this model")
+    p.add_argument("--out", required=True, metavar="FILE.png|FILE.html", help="output file")
+    p.set_defaults(func=_cmd_map)
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    from s2vec_pipeline import maps
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
+    if Path(args.out).suffix.lower() not in (".png", ".html", ".htm"):
+        raise S2VecError(f"--out must end in .png or .html, got {args.out}")
+    if args.region:
+        from s2vec_pipeline.regions import RegionRegistry
+
+        cells = list(RegionRegistry(root.resolve()).get(args.region).cells)
+    else:
+        cells = args.cells
+    if args.embedding:
+        layer = maps.embedding_layer(root.resolve(), cells, args.model_version)
+    else:
+        layer = maps.channel_layer(root.resolve(), cells, args.channel)
+    out = maps.write_map(layer, args.out)
+    print(f"{layer.title}\nwritten to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -396,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_region(sub)
     _add_sql(sub)
     _add_evaluate(sub)
+    _add_map(sub)
     return parser
 
 
