@@ -404,7 +404,12 @@ def select_alphas(
         std[std == 0] = 1.0  # StandardScaler's rule for constant columns
         xt, xv = (x[tr] - mean) / std, (x[va] - mean) / std
         y_mean = y[tr].mean(axis=0)
-        u, sv, vt = np.linalg.svd(xt, full_matrices=False)
+        try:
+            u, sv, vt = np.linalg.svd(xt, full_matrices=False)
+        except np.linalg.LinAlgError:  # LAPACK's divide and conquer can fail; QR-based won't
+            import scipy.linalg
+
+            u, sv, vt = scipy.linalg.svd(xt, full_matrices=False, lapack_driver="gesvd")
         uty = u.T @ (y[tr] - y_mean)
         xv_v = xv @ vt.T
         for k, alpha in enumerate(alphas):
@@ -450,14 +455,20 @@ def fit_predict(
         return np.broadcast_to(y[train].mean(axis=0), (len(test), y.shape[1])).copy(), None
     x_train = x[train]
     reduce = None
+    keep = slice(None)
     if pca_components is not None:
         # PCA is fitted on the outer training fold only; the alpha search runs on its scores.
+        # Components without variance (more requested than the features' rank) are dropped:
+        # standardizing their rounding noise would swamp the solve.
         reduce = make_pipeline(StandardScaler(), PCA(pca_components, random_state=0))
         x_train = reduce.fit_transform(x_train)
+        variance = reduce[-1].explained_variance_
+        keep = variance > 1e-9 * max(float(variance.max()), 1e-300)
+        x_train = x_train[:, keep]
     alphas = select_alphas(x_train, y[train], _inner_splits(len(train), inner_groups, seed))
     probe = make_pipeline(StandardScaler(), Ridge(alpha=alphas))
     probe.fit(x_train, y[train])
-    x_test = x[test] if reduce is None else reduce.transform(x[test])
+    x_test = x[test] if reduce is None else reduce.transform(x[test])[:, keep]
     return probe.predict(x_test).reshape(len(test), -1), alphas
 
 
@@ -665,6 +676,11 @@ def evaluate(
     groups = s2.to_signed(s2.parent(ids, block_level))
     n_blocks = len(np.unique(groups))
     notes: list[str] = []
+    if dim >= len(channels):
+        notes.append(
+            f"raw_pca: the embedding width {dim} is not below the {len(channels)} channels, so "
+            f"the PCA keeps every component (a rotation of raw)"
+        )
     fold_plan: dict[str, tuple[np.ndarray, np.ndarray | None]] = {
         "random": (assign_folds(ids, folds, seed), None)
     }
@@ -729,10 +745,23 @@ def _run_probes(
                             "n_test": len(test),
                         }
                     )
-            width = 0 if x is None else (pca if pca is not None else x.shape[1])
+            width = 0 if x is None else min(pca or x.shape[1], x.shape[1])
             for t, target in enumerate(target_names):
                 report.results.append(MethodResult(target, protocol, method, width, per_fold[t]))
     report.results.sort(key=lambda r: target_names.index(r.target))  # stable: keeps order
+
+
+def evaluate_files(
+    root: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    with_path: str | os.PathLike | None = None,
+    **options: Any,
+) -> EvaluationReport:
+    """``evaluate`` on a label file (and a ``--with`` file): what the CLI and a Dagster
+    ``evaluation`` asset call. ``options``: model_version, folds, seed, block_level, targets."""
+    labels = read_table_file(labels_path, "labels")
+    other = read_embedding_file(with_path) if with_path else None
+    return evaluate(root, labels, with_embeddings=other, **options)
 
 
 def write_report(report: EvaluationReport, path: str | os.PathLike) -> None:
@@ -750,6 +779,7 @@ __all__ = [
     "MethodResult",
     "assign_folds",
     "evaluate",
+    "evaluate_files",
     "read_embedding_file",
     "read_table_file",
     "write_report",
