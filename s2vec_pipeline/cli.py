@@ -357,6 +357,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="S2 level of the cells the spatial protocol holds out whole (default: image level)",
     )
     p.add_argument("--seed", type=int, default=0, help="fold seed (default 0)")
+    p.add_argument(
+        "--mlp", action="store_true", help="also a small MLP probe on embeddings and raw features"
+    )
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -380,6 +383,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         block_level=args.block_level,
         targets=args.targets,
+        mlp=args.mlp,
     )
     print(report.table())
     if args.out:

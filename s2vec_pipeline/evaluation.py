@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -472,6 +473,29 @@ def fit_predict(
     return probe.predict(x_test).reshape(len(test), -1), alphas
 
 
+def fit_predict_mlp(
+    x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int
+) -> np.ndarray:
+    """A small MLP probe: standardized features → 64 ReLU units → standardized targets
+    (scikit-learn's ``MLPRegressor``, L-BFGS, L2 penalty 1.0, at most 300 iterations: the
+    full-batch solver suits these few-thousand-row probes far better than Adam)."""
+    from sklearn.compose import TransformedTargetRegressor
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    net = MLPRegressor(
+        hidden_layer_sizes=(64,), solver="lbfgs", alpha=1.0, max_iter=300, random_state=seed
+    )
+    probe = TransformedTargetRegressor(
+        regressor=make_pipeline(StandardScaler(), net), transformer=StandardScaler()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter: the fit is used as is
+        probe.fit(x[train], y[train])
+    return np.asarray(probe.predict(x[test])).reshape(len(test), -1)
+
+
 def fold_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
 
@@ -620,13 +644,15 @@ def evaluate(
     seed: int = 0,
     block_level: int | None = None,
     targets: Sequence[str] | None = None,
+    mlp: bool = False,
 ) -> EvaluationReport:
     """Ridge probes of every target under both protocols; see the module docstring.
 
     ``labels``: a ``cell_token`` (pixel level) or ``lat``/``lon`` key and numeric targets.
     ``with_embeddings``: ``cell_token`` + ``embedding`` (``read_embedding_file``).
     ``block_level``: level of the cells held out whole by the spatial protocol (default: the
-    image level).
+    image level). ``mlp``: also a small MLP probe on the embeddings (``s2vec_mlp``) and on the
+    raw features (``raw_mlp``), on the same folds.
     """
     root = str(root)
     if isinstance(folds, bool) or not 2 <= int(folds) <= 100:
@@ -672,6 +698,9 @@ def evaluate(
         other = with_matrix(with_embeddings, ids)
         features["with"] = (other, None)
         features["s2vec+with"] = (np.hstack([emb, other]), None)
+    if mlp:
+        features["s2vec_mlp"] = (emb, None)
+        features["raw_mlp"] = (raw, None)
 
     groups = s2.to_signed(s2.parent(ids, block_level))
     n_blocks = len(np.unique(groups))
@@ -736,7 +765,10 @@ def _run_probes(
                 train, test = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
                 n_comp = None if pca is None else max(1, min(pca, x.shape[1], len(train) - 1))
                 inner_groups = None if grp is None else grp[train]
-                pred, alphas = fit_predict(x, y_all, train, test, inner_groups, seed, n_comp)
+                if method.endswith("_mlp"):
+                    pred, alphas = fit_predict_mlp(x, y_all, train, test, seed), None
+                else:
+                    pred, alphas = fit_predict(x, y_all, train, test, inner_groups, seed, n_comp)
                 for t in range(len(target_names)):
                     per_fold[t].append(
                         {

@@ -162,13 +162,19 @@ def test_cli_writes_json(labelled, tmp_path: Path, capsys: pytest.CaptureFixture
     path = tmp_path / "labels.csv"
     labels.select("cell_token", "linear_road").head(300).write_csv(path)
     out = tmp_path / "report.json"
-    args = ["evaluate", "--labels", str(path), "--root", str(root), "--folds", "3"]
-    assert main([*args, "--out", str(out)]) == 0
+    images = tmp_path / "images.parquet"
+    delta_store.read_partitions(
+        root, "image_embeddings", columns=["cell_token", "embedding"]
+    ).write_parquet(images)
+    args = ["evaluate", "--labels", str(path), "--root", str(root), "--folds", "3", "--mlp"]
+    assert main([*args, "--with", str(images), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "linear_road — random 3-fold" in printed and "raw_3x3" in printed
     data = json.loads(out.read_text())
     rows = {(r["protocol"], r["method"]): r for r in data["results"]}
     assert rows[("random", "raw")]["r2"]["mean"] > 0.999
+    assert rows[("random", "raw_mlp")]["r2"]["mean"] > 0.8  # the MLP learns it too
+    assert rows[("random", "s2vec+with")]["n_features"] == 32 + 32
     assert len(rows[("spatial", "s2vec")]["folds"]) == data["folds"]["spatial"]
 
 
