@@ -412,6 +412,12 @@ def _add_map(sub: argparse._SubParsersAction) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--embedding", action="store_true", help="the cells' embeddings")
     what.add_argument("--channel", metavar="NAME", help="one raster channel, e.g. road_primary_m")
+    what.add_argument(
+        "--reconstruction",
+        action="store_true",
+        help="one image (--cells IMAGE_TOKEN): input, masked input and the model's "
+        "reconstruction side by side (PNG only)",
+    )
     p.add_argument("--model-version", default=None, help="embeddings of this model")
     p.add_argument("--out", required=True, metavar="FILE.png|FILE.html", help="output file")
     p.set_defaults(func=_cmd_map)
@@ -431,6 +437,13 @@ def _cmd_map(args: argparse.Namespace) -> int:
         cells = list(RegionRegistry(root.resolve()).get(args.region).cells)
     else:
         cells = args.cells
+    if args.reconstruction:
+        if len(cells) != 1 or not args.out.lower().endswith(".png"):
+            raise S2VecError("--reconstruction draws one image: --cells IMAGE_TOKEN --out F.png")
+        png = maps.reconstruction_png(root.resolve(), cells[0], args.model_version)
+        Path(args.out).write_bytes(png)
+        print(f"reconstruction of image {cells[0]} written to {args.out}")
+        return 0
     if args.embedding:
         layer = maps.embedding_layer(root.resolve(), cells, args.model_version)
     else:

@@ -479,3 +479,92 @@ def partition_embedding_png(
     except InvalidCellError as e:
         raise MapError(str(e)) from e
     return render_png(embedding_layer(root, [partition], model_version))
+
+
+def reconstruction_png(
+    root: str | os.PathLike,
+    image_token: str,
+    model_version: str | None = None,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    scale: int = 16,
+) -> bytes:
+    """Input, masked input and the model's reconstruction of one image, side by side.
+
+    Colours as in the raster preview (red: POI counts, green: areas, blue: line lengths, sums
+    of log1p channels), one scale for all three panels (the input's 99th percentile per band);
+    masked pixels are grey in the middle panel. The masks are drawn as in training (seeded).
+    """
+    import torch
+    from PIL import Image, ImageDraw
+
+    from s2vec_pipeline import preview
+    from s2vec_pipeline.model.data import tensors_to_numpy
+    from s2vec_pipeline.model.train import list_models, load_model
+
+    image_id = s2.from_token(np.array([image_token]))
+    if int(s2.cell_level(image_id)[0]) < 7:
+        raise MapError(f"{image_token} is not an image cell: give an image token (raster_tiles)")
+    partition = str(s2.to_token(s2.parent(image_id, 6))[0])
+    row = (
+        delta_store.scan_table(root, "raster_tiles")
+        .filter((pl.col("parent_l6") == partition) & (pl.col("image_token") == image_token))
+        .select("tensor")
+        .collect()
+    )
+    if row.height == 0:
+        raise MapError(f"no raster tile {image_token} under {root}: it holds no data")
+    if model_version is None:
+        versions = list_models(root)
+        if not versions:
+            raise MissingInputError(f"no trained model under {root}: train one first")
+        model_version = versions[-1]
+    model, card = load_model(root, model_version)
+    shape = (len(card.channels), card.side, card.side)
+    x = np.array(tensors_to_numpy(row["tensor"].to_arrow(), shape))
+    ratio = float(card.config.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio)
+    noise = torch.rand(1, model.num_patches, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        _, pred, mask = model(torch.from_numpy(x), mask_ratio=ratio, noise=noise)
+        recon = model.unpatchify(pred).float().numpy()
+    mean = model.channel_mean.numpy()[None, :, None, None]
+    std = model.channel_std.numpy()[None, :, None, None]
+    recon = np.maximum(recon * std + mean, 0.0)  # back to log1p units
+    p, grid = model.patch_size, model.grid
+    masked = mask.numpy().reshape(grid, grid).repeat(p, axis=0).repeat(p, axis=1) > 0
+    measures = _channel_measures(root, list(card.channels))
+    bands_in = preview.band_sums(x, measures)[0]
+    # MAE convention: the decoder's output where pixels were masked, the input where visible.
+    bands_out = np.where(masked, preview.band_sums(recon, measures)[0], bands_in)
+    scales = np.array([np.percentile(b[b > 0], 99) if (b > 0).any() else 1.0 for b in bands_in])[
+        :, None, None
+    ]
+
+    def to_image(bands: np.ndarray, grey: np.ndarray | None = None) -> Image.Image:
+        rgb = (np.clip(bands / np.maximum(scales, 1e-6), 0, 1) * 255).astype(np.uint8)
+        rgb = rgb.transpose(1, 2, 0).copy()
+        if grey is not None:
+            rgb[grey] = 128
+        side = rgb.shape[0] * scale
+        return Image.fromarray(rgb, "RGB").resize((side, side), Image.Resampling.NEAREST)
+
+    panels = [
+        ("input", to_image(bands_in)),
+        (f"masked input ({ratio:.0%} grey)", to_image(bands_in, masked)),
+        ("reconstruction of the grey pixels", to_image(bands_out)),
+    ]
+    w, h = panels[0][1].size
+    out = Image.new("RGB", (3 * w + 40, h + 60), "white")
+    draw = ImageDraw.Draw(out)
+    for k, (label, img) in enumerate(panels):
+        out.paste(img, (10 + k * (w + 10), 30))
+        draw.text((10 + k * (w + 10), 10), label, fill="black")
+    draw.text(
+        (10, h + 38),
+        f"image {image_token}, model {model_version}; red POI counts, green areas, blue "
+        f"lengths; rows = S2 i, columns = S2 j",
+        fill="black",
+    )
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()

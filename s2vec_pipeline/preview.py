@@ -87,6 +87,18 @@ def orientation(image_id: int, side: int) -> Orientation:
     )
 
 
+def band_sums(tensors: np.ndarray, measures: list[str]) -> np.ndarray:
+    """(n, 3, S, S): per image, the sum of the count, area and length channels (red, green,
+    blue), in the tensors' log1p units."""
+    m = np.asarray(measures)
+    out = np.zeros((tensors.shape[0], 3, *tensors.shape[2:]), dtype=np.float32)
+    for band, (measure, _, _) in enumerate(BANDS):
+        sel = np.flatnonzero(m == measure)
+        if len(sel):
+            out[:, band] = tensors[:, sel].sum(axis=1)
+    return out
+
+
 def mosaic_rgb(
     image_ids: np.ndarray, tensors: np.ndarray, measures: list[str], partition_level: int = 6
 ) -> np.ndarray:

@@ -201,3 +201,23 @@ def test_map_of_a_region_and_of_image_cells(embedded_root: Path, tmp_path: Path)
         == 256
         * pl.read_delta(str(root / "raster_tiles")).filter(pl.col("parent_l6") == MONACO_L6).height
     )
+
+
+def test_reconstruction_png(embedded_root: Path, tmp_path: Path) -> None:
+    """Middle panel: exactly the masked pixels are grey; right panel: the visible pixels are
+    the input's, the masked ones the model's (not all grey, not the input)."""
+    tiles = delta_store.read_partitions(embedded_root, "raster_tiles", [MONACO_L6])
+    token = tiles.sort("nonempty_pixels", descending=True)["image_token"][0]
+    out = tmp_path / "recon.png"
+    args = ["map", "--root", str(embedded_root), "--cells", token, "--reconstruction"]
+    assert main([*args, "--out", str(out)]) == 0
+    img = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    side = 16 * 16  # 16 pixels drawn 16 times larger
+    panels = [
+        img[30 : 30 + side, 10 + k * (side + 10) : 10 + k * (side + 10) + side] for k in range(3)
+    ]
+    cells = [p[8::16, 8::16] for p in panels]  # one sample per raster pixel
+    grey = (cells[1] == 128).all(axis=2)
+    assert grey.sum() == 256 - int(256 * (1 - 0.75))  # the model's mask ratio
+    np.testing.assert_array_equal(cells[2][~grey], cells[0][~grey])
+    assert not (cells[2][grey] == 128).all(axis=1).all()
