@@ -466,6 +466,8 @@ def fit_predict(
         variance = reduce[-1].explained_variance_
         keep = variance > 1e-9 * max(float(variance.max()), 1e-300)
         x_train = x_train[:, keep]
+        if x_train.shape[1] == 0:  # constant features on this fold: the probe is the mean
+            return fit_predict(None, y, train, test, inner_groups, seed)
     alphas = select_alphas(x_train, y[train], _inner_splits(len(train), inner_groups, seed))
     probe = make_pipeline(StandardScaler(), Ridge(alpha=alphas))
     probe.fit(x_train, y[train])
@@ -500,7 +502,8 @@ def fold_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
 
     return {
-        "r2": float(r2_score(y_true, y_pred)),
+        # R² needs two test rows (sklearn warns and returns NaN): say NaN without the warning
+        "r2": float(r2_score(y_true, y_pred)) if len(y_true) >= 2 else float("nan"),
         "mae": float(mean_absolute_error(y_true, y_pred)),
         "rmse": float(root_mean_squared_error(y_true, y_pred)),
     }
@@ -520,7 +523,11 @@ class MethodResult:
     folds: list[dict[str, float | int | None]]
 
     def stat(self, metric: str) -> tuple[float, float]:
+        """(mean, standard deviation) over the folds where the metric is defined."""
         vals = np.array([f[metric] for f in self.folds], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) == 0:
+            return float("nan"), float("nan")
         return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -569,7 +576,18 @@ class EvaluationReport:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+        """Strict JSON: undefined values (NaN R² of a one-row fold) become null."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not np.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return json.dumps(clean(self.to_dict()), indent=2, allow_nan=False)
 
     def _rows(self) -> list[tuple[str, str, list[list[str]]]]:
         out = []
@@ -578,7 +596,8 @@ class EvaluationReport:
                 res = [r for r in self.results if r.target == target and r.protocol == protocol]
                 if not res:
                     continue
-                best = max(res, key=lambda r: r.stat("r2")[0]).method
+                scored = [r for r in res if np.isfinite(r.stat("r2")[0])]
+                best = max(scored, key=lambda r: r.stat("r2")[0]).method if scored else None
                 rows = []
                 for r in res:
                     cells = [r.method + (" *" if r.method == best else ""), str(r.n_features)]
@@ -726,6 +745,13 @@ def evaluate(
             f"all labelled cells lie in one level-{block_level} cell: no spatial protocol "
             f"(label a larger area or pass a finer block level)"
         )
+    for protocol, (fold_of, _) in fold_plan.items():
+        smallest = int(np.bincount(fold_of).min())
+        if smallest < 2:
+            notes.append(
+                f"{protocol}: a test fold holds {smallest} cell: R² is undefined there and "
+                f"left out of its mean (label more cells)"
+            )
     report = EvaluationReport(
         root=root,
         model_version=version,

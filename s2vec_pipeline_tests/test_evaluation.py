@@ -226,3 +226,48 @@ def test_cli_bad_input_exits_2_with_one_line(
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert expected in lines[0]
     assert captured.out == ""
+
+
+def test_tiny_label_set_reports_undefined_r2_as_null(labelled, tmp_path: Path) -> None:
+    """Six cells, three spatial folds: a one-cell test fold has no R² (null in the JSON, left
+    out of the mean, said in a note); MAE and RMSE stay defined."""
+    root, labels, _ = labelled
+    parents = labels.with_columns(
+        pl.Series(
+            "block", [s2g.S2CellId.FromToken(t).parent(13).ToToken() for t in labels["cell_token"]]
+        )
+    )
+    blocks = parents["block"].unique(maintain_order=True).to_list()[:3]
+    # 4 cells in one image, 1 in each of two others
+    rows = pl.concat(
+        [
+            parents.filter(pl.col("block") == blocks[0]).head(4),
+            parents.filter(pl.col("block") == blocks[1]).head(1),
+            parents.filter(pl.col("block") == blocks[2]).head(1),
+        ]
+    ).select("cell_token", "noise")
+    path = tmp_path / "tiny.csv"
+    rows.write_csv(path)
+    out = tmp_path / "tiny.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--labels",
+                str(path),
+                "--root",
+                str(root),
+                "--folds",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    data = json.loads(out.read_text())  # strict JSON: no NaN
+    spatial = [r for r in data["results"] if r["protocol"] == "spatial" and r["method"] == "raw"][0]
+    assert sorted(f["n_test"] for f in spatial["folds"]) == [1, 1, 4]
+    assert [f["r2"] is None for f in spatial["folds"]].count(True) == 2
+    assert all(f["mae"] is not None for f in spatial["folds"])
+    assert any("R² is undefined" in n for n in data["notes"])
