@@ -6,22 +6,21 @@ cross-validation on the training folds only) under two protocols, as in the S2Ve
 
 * ``random``: k folds of cells drawn at random (interpolation);
 * ``spatial``: k folds of whole coarser cells (the image cells by default, or any level-N
-  parents), so a test cell's neighbours are never in the training set (geographic adaptation).
+  parents), so no test cell shares its block with a training cell (geographic adaptation).
 
 Every method sees exactly the same folds. Methods:
 
-============  ===============================================================================
-``mean``      the training fold's mean (a floor: R² ≈ 0)
-``s2vec``     the cell's embedding (``cell_embeddings``, one model version)
-``raw``       log1p of the cell's ``cell_features`` values (zero for cells without a row)
-``raw_3x3``   ``raw`` plus log1p of the sum over the cell's 3×3 neighbourhood (neighbours by
-              S2 (i, j) on the same face; a neighbour across a cube-face edge counts as empty)
-``raw_pca``   the standardized ``raw`` features projected on their first D principal
-              components (D = the embedding width), fitted on the training fold
-``s2vec+raw`` fusion: the embedding next to ``raw``
-``with``      another embedding source (``with_embeddings``), keyed by cell token
-``s2vec+with`` fusion: the embedding next to ``with``
-============  ===============================================================================
+* ``mean``: the training fold's mean (a floor: R² ≈ 0);
+* ``s2vec``: the cell's embedding (``cell_embeddings``, one model version);
+* ``raw``: log1p of the cell's ``cell_features`` values (zero for cells without a row);
+* ``raw_3x3``: ``raw`` plus log1p of the summed values of the cell's 3×3 neighbourhood
+  (neighbours by S2 (i, j) on the same face; one across a cube-face edge counts as empty);
+* ``raw_pca``: the standardized ``raw`` features projected on their first D principal
+  components (D = the embedding width), fitted on the training fold;
+* ``s2vec+raw``: fusion, the embedding next to ``raw``;
+* ``with`` / ``s2vec+with``: another embedding source (``with_embeddings``, keyed by cell
+  token) alone and next to the embedding;
+* ``s2vec_mlp`` / ``raw_mlp`` (``mlp=True``): a small MLP probe instead of ridge.
 
 Metrics per fold: R², MAE, RMSE (scikit-learn); the report gives their mean and standard
 deviation over folds for each (target, protocol, method), and keeps every fold's values and
