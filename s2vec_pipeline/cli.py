@@ -367,6 +367,130 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="linear probes of the embeddings on your labels, against raw-feature baselines",
+        description="Ridge probes (alpha by inner cross-validation) predicting each numeric "
+        "label column from S2Vec embeddings, raw log1p features, raw 3x3 neighbourhood, PCA of "
+        "the raw features and fusions, in random k-fold and spatially blocked folds. Labels: "
+        "Parquet or CSV with a cell_token (pixel level) or lat/lon column and numeric targets.",
+    )
+    p.add_argument("--labels", required=True, metavar="FILE", help="labels (.parquet or .csv)")
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    p.add_argument("--model-version", default=None, help="model whose embeddings to evaluate")
+    p.add_argument(
+        "--with",
+        dest="with_file",
+        default=None,
+        metavar="OTHER.parquet",
+        help="another embedding source keyed by cell_token (a list column or numeric columns)",
+    )
+    p.add_argument("--targets", type=_csv, default=None, metavar="COL,...", help="label columns")
+    p.add_argument("--folds", type=int, default=5, help="folds per protocol (default 5)")
+    p.add_argument(
+        "--block-level",
+        type=int,
+        default=None,
+        help="S2 level of the cells the spatial protocol holds out whole (default: image level)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="fold seed (default 0)")
+    p.add_argument(
+        "--mlp", action="store_true", help="also a small MLP probe on embeddings and raw features"
+    )
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from s2vec_pipeline import evaluation
+
+    if args.out and not args.out.endswith(".json"):
+        raise S2VecError(f"--out must end in .json, got {args.out}")
+    root = Path(args.root)
+    if not root.is_dir():
+        raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
+    labels = evaluation.read_table_file(args.labels, "labels")
+    other = evaluation.read_embedding_file(args.with_file) if args.with_file else None
+    report = evaluation.evaluate(
+        root.resolve(),
+        labels,
+        model_version=args.model_version,
+        with_embeddings=other,
+        folds=args.folds,
+        seed=args.seed,
+        block_level=args.block_level,
+        targets=args.targets,
+        mlp=args.mlp,
+    )
+    print(report.table())
+    if args.out:
+        evaluation.write_report(report, args.out)
+        print(f"\nreport written to {args.out}")
+    return 0
+
+
+def _add_map(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "map",
+        help="draw embeddings (first 3 principal components as RGB) or a channel on a map",
+        description="Cells drawn as their true S2 polygons, north up, with legend and "
+        "coordinates. --out FILE.png (matplotlib) or FILE.html (self-contained: inline SVG, "
+        "opens offline; hover shows the cell token and its top channels).",
+    )
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--cells",
+        type=_csv,
+        metavar="TOKEN,...",
+        help="cells to draw: level-6 partitions, image cells or any cells down to pixels",
+    )
+    where.add_argument("--region", metavar="NAME", help="a registered region (s2vec region add)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--embedding", action="store_true", help="the cells' embeddings")
+    what.add_argument("--channel", metavar="NAME", help="one raster channel, e.g. road_primary_m")
+    what.add_argument(
+        "--reconstruction",
+        action="store_true",
+        help="one image (--cells IMAGE_TOKEN): input, masked input and the model's "
+        "reconstruction side by side (PNG only)",
+    )
+    p.add_argument("--model-version", default=None, help="embeddings of this model")
+    p.add_argument("--out", required=True, metavar="FILE.png|FILE.html", help="output file")
+    p.set_defaults(func=_cmd_map)
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    from s2vec_pipeline import maps
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
+    if Path(args.out).suffix.lower() not in (".png", ".html", ".htm"):
+        raise S2VecError(f"--out must end in .png or .html, got {args.out}")
+    if args.region:
+        from s2vec_pipeline.regions import RegionRegistry
+
+        cells = list(RegionRegistry(root.resolve()).get(args.region).cells)
+    else:
+        cells = args.cells
+    if args.reconstruction:
+        if len(cells) != 1 or not args.out.lower().endswith(".png"):
+            raise S2VecError("--reconstruction draws one image: --cells IMAGE_TOKEN --out F.png")
+        png = maps.reconstruction_png(root.resolve(), cells[0], args.model_version)
+        Path(args.out).write_bytes(png)
+        print(f"reconstruction of image {cells[0]} written to {args.out}")
+        return 0
+    if args.embedding:
+        layer = maps.embedding_layer(root.resolve(), cells, args.model_version)
+    else:
+        layer = maps.channel_layer(root.resolve(), cells, args.channel)
+    out = maps.write_map(layer, args.out)
+    print(f"{layer.title}\nwritten to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -375,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_region(sub)
     _add_sql(sub)
     _add_maintain(sub)
+    _add_evaluate(sub)
+    _add_map(sub)
     return parser
 
 

@@ -46,3 +46,34 @@ def materialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         )
     assert report.checks_failed == []
     return root, home
+
+
+#: A tiny MAE: a few seconds on 2 CPU cores, enough for embeddings with structure.
+TINY_MODEL = {
+    "epochs": 3,
+    "embed_dim": 32,
+    "depth": 1,
+    "num_heads": 4,
+    "decoder_embed_dim": 16,
+    "decoder_depth": 1,
+    "decoder_num_heads": 2,
+    "batch_size": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def embedded_root(materialized_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``materialized_root`` with a tiny model trained by the real Lightning Trainer
+    (``train_model``) and every partition embedded (``write_embeddings``). Read-only for tests:
+    copy it to change it."""
+    import shutil
+
+    from s2vec_pipeline.model.embed import write_embeddings
+    from s2vec_pipeline.model.train import TrainConfig, load_model, train_model
+
+    root = tmp_path_factory.mktemp("embedded_root")
+    shutil.copytree(materialized_root, root, dirs_exist_ok=True)
+    card = train_model(root, config=TrainConfig(**TINY_MODEL))
+    model, card = load_model(root, card.model_version)
+    write_embeddings(root, model, card, [HELSINKI_L6, MONACO_L6])
+    return root
