@@ -73,25 +73,24 @@ def test_materialize_records_its_run_in_postgres(
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         assert instance.run_monitoring_enabled
-        (record,) = instance.get_run_records()
-        run = record.dagster_run
-        assert run.status == dg.DagsterRunStatus.SUCCESS
-        assert run.tags["dagster/asset_partition_range_start"] == MONACO_L6
+        records = instance.get_run_records()
+        assert sorted(r.dagster_run.job_name for r in records) == ["data_layer", "refresh_sources"]
+        assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records)
+        (run,) = [r.dagster_run for r in records if r.dagster_run.job_name == "data_layer"]
+        assert run.tags["dagster/partition"] == MONACO_L6
         mats = instance.fetch_materializations(dg.AssetKey("osm_features"), limit=10).records
         assert mats and {(m.run_id, m.asset_materialization.partition) for m in mats} == {
             (run.run_id, MONACO_L6)
         }
         (rows_recorded,) = [
-            m.asset_materialization.metadata["rows"].value
-            for m in mats
-            if "rows" in m.asset_materialization.metadata
+            m.asset_materialization.metadata["dagster/row_count"].value for m in mats
         ]
 
     # The same history read straight from PostgreSQL, not through Dagster.
     conn = pg.connect(db)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT run_id, status FROM runs")
+            cur.execute("SELECT run_id, status FROM runs WHERE pipeline_name = 'data_layer'")
             assert cur.fetchall() == [(run.run_id, "SUCCESS")]
             cur.execute(
                 "SELECT DISTINCT partition FROM event_logs WHERE run_id = %s AND asset_key = %s "
