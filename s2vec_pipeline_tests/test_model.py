@@ -18,7 +18,7 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from s2vec_pipeline import delta_store, s2
-from s2vec_pipeline.errors import MissingInputError, S2VecError
+from s2vec_pipeline.errors import IncompatibleTableError, MissingInputError, S2VecError
 from s2vec_pipeline.model.data import (
     RasterTileDataModule,
     plan_split,
@@ -42,7 +42,7 @@ from s2vec_pipeline.model.train import (
     model_version,
     train_model,
 )
-from s2vec_pipeline.raster import RASTER_SCHEMA
+from s2vec_pipeline.raster import RASTER_SCHEMA, tensor_array
 from s2vec_pipeline.versioning import frame_hash
 
 TINY = {
@@ -123,6 +123,22 @@ def test_encode_shape_and_patch_size_two() -> None:
 
 
 # --- data ---------------------------------------------------------------------------------
+
+
+def test_tensor_decoder_one_for_every_reader() -> None:
+    x = np.arange(3 * C * 4 * 4, dtype=np.float32).reshape(3, C, 4, 4)
+    offsets = pa.array(np.arange(0, x.size + 1, C * 16, dtype=np.int32))
+    col = pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))
+    table = pa.table({"tensor": col})
+    frame = __import__("polars").from_arrow(table)
+    for tiles in (col, table, table.to_batches()[0], frame, frame["tensor"]):
+        assert np.array_equal(tensor_array(tiles, C, 4), x)
+    assert np.array_equal(tensor_array(col.slice(1), C, 4), x[1:])  # honours slice offsets
+    short = pa.array([[0.0] * (C * 16), [0.0] * 5], pa.list_(pa.float32()))
+    with pytest.raises(IncompatibleTableError, match="5 values"):
+        tensor_array(short, C, 4)
+    with pytest.raises(IncompatibleTableError, match="null"):
+        tensor_array(pa.array([None], pa.list_(pa.float32())), C, 4)
 
 
 def test_split_and_stats(tmp_path: Path) -> None:
