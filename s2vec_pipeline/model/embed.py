@@ -111,9 +111,13 @@ def _submit(
     """Start encoding (n, C, S, S) tiles; on CUDA the result lands in page-locked host memory
     asynchronously and ``_collect`` waits for it."""
     cuda = device.type == "cuda"
-    xt = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
     if cuda:
-        xt = xt.pin_memory()  # page-locked, so the host-to-device copy runs asynchronously
+        # One copy, into page-locked memory, so the host-to-device copy runs asynchronously
+        # (the caching host allocator keeps the block until that copy has finished).
+        xt = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
+        xt.numpy()[...] = x
+    else:
+        xt = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     # Inference mode per batch, never held across a ``yield``: it is thread-local, and
     # write_embeddings' consumer (deltalake) resumes these generators from its own threads.
