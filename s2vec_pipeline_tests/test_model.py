@@ -318,6 +318,12 @@ def test_training_reads_one_snapshot(
     assert pinned.partitions == card.partitions and pinned.model_version != latest.model_version
     with pytest.raises(MissingInputError, match="no version 7"):
         train_model(work, config=CONFIG, raster_version=7)
+    # A vacuum removed version 0's files of partition 4693: a clear error, not a crash.
+    DeltaTable(str(work / "raster_tiles")).vacuum(
+        retention_hours=0, enforce_retention_duration=False, dry_run=False
+    )
+    with pytest.raises(MissingInputError, match="vacuum removed its files"):
+        train_model(work, config=one_epoch, raster_version=0)
     # Quiet training: no Lightning advertising tips, no deprecation from Lightning's internals.
     assert not [r for r in caplog.records if "Tip" in r.getMessage()]
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)]

@@ -3,9 +3,9 @@
 Tiles are read from one Delta version of ``raster_tiles`` (a snapshot: a concurrent refresh
 changes nothing here), one partition at a time in a content-determined order
 (``stream_raster_tiles``): memory is bounded by one partition, the shuffle buffer and the
-training batch. The train/val
-split is a pure function of each ``image_token`` (hash), so it is the same on every run, rank
-and worker. Per-channel mean/std come from one streaming pass over the training split.
+training batch. The train/val split is a pure function of each ``image_token`` (hash), so it
+is the same on every run, rank and worker. Per-channel mean/std come from one streaming pass
+over the training split.
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ def read_raster_partition(
     after a compaction, on every rank and worker.
     """
     cols = None if columns is None else list(dict.fromkeys([*columns, "image_id"]))
-    rows = delta_store.read_partitions(root, RASTER_TABLE, [partition], cols, version=version)
-    rows = rows.sort("image_id")
+    rows = _read_version(root, [partition], cols, version).sort("image_id")
     return rows if columns is None else rows.select(list(columns))
 
 
@@ -91,11 +90,33 @@ def raster_partition_versions(
     from Dagster or from Python on the same data has the same ``model_version``.
     """
     return {
-        p: partition_data_version(
-            RASTER_TABLE, delta_store.read_partitions(root, RASTER_TABLE, [p], version=version)
-        )
+        p: partition_data_version(RASTER_TABLE, _read_version(root, [p], None, version))
         for p in sorted(partitions)
     }
+
+
+def raster_partition_keys(root: str | os.PathLike, version: int) -> list[str]:
+    """The partitions with tiles at ``raster_tiles`` version ``version``."""
+    try:
+        return delta_store.partition_keys(root, RASTER_TABLE, version)
+    except FileNotFoundError as e:
+        raise _vacuumed(root, version) from e
+
+
+def _read_version(
+    root: str | os.PathLike, partitions: list[str], columns: list[str] | None, version: int
+) -> pl.DataFrame:
+    try:
+        return delta_store.read_partitions(root, RASTER_TABLE, partitions, columns, version)
+    except FileNotFoundError as e:
+        raise _vacuumed(root, version) from e
+
+
+def _vacuumed(root: str | os.PathLike, version: int) -> MissingInputError:
+    return MissingInputError(
+        f"raster_tiles version {version} under {root} can no longer be read (a vacuum removed "
+        "its files): use a later version, or none for the latest"
+    )
 
 
 def token_unit_hash(tokens: Sequence[str]) -> np.ndarray:
@@ -312,7 +333,7 @@ class RasterTileDataModule(L.LightningDataModule):
         self.shape = (len(self.channels), self.side, self.side)
         self.version = raster_snapshot(self.root, self.version)
         if self.partitions is None:
-            self.partitions = delta_store.partition_keys(self.root, RASTER_TABLE, self.version)
+            self.partitions = raster_partition_keys(self.root, self.version)
         self.rule, self.n_train, self.n_val = plan_split(
             self.root, self.partitions, self.val_fraction, self.version
         )

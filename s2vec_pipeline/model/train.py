@@ -54,6 +54,7 @@ from s2vec_pipeline.model.data import (
     RASTER_TABLE,
     EpochSetter,
     RasterTileDataModule,
+    raster_partition_keys,
     raster_partition_versions,
     raster_snapshot,
 )
@@ -441,7 +442,7 @@ def train_model(
             "(the model trains on its tiles)"
         )
     snapshot = raster_snapshot(root, raster_version)
-    available = delta_store.partition_keys(root, RASTER_TABLE, snapshot)
+    available = raster_partition_keys(root, snapshot)
     if partitions is None:
         partitions = available
     partitions = sorted(set(partitions))
