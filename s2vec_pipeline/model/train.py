@@ -432,8 +432,9 @@ def train_model(
 
     ``partitions``: training partitions (default: all with data at the snapshot).
     ``raster_version``: the Delta version of ``raster_tiles`` to train on (default: the
-    latest when this call starts). Returns the model card; the model lives in
-    ``card.directory``.
+    latest when this call starts). ``callbacks`` run where training runs: in this process
+    with one device, in each spawned worker with several. Returns the model card; the model
+    lives in ``card.directory``.
     """
     contract = delta_store.table_contract(root, RASTER_TABLE)
     if contract is None:
