@@ -331,16 +331,19 @@ def test_training_reads_one_snapshot(
 
 def test_two_process_ddp_training_on_cpu(tmp_path: Path) -> None:
     """DDP (gloo) with two CPU processes through ddp_spawn: the caller holds the lock."""
-    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
-    ddp = dataclasses.replace(CONFIG, epochs=2, devices=2, accelerator="cpu")
+    synthetic_raster_tiles(tmp_path, {"4693": 8, "12cd": 4}, channels=C)
+    ddp = dataclasses.replace(CONFIG, epochs=2, batch_size=4, devices=2, accelerator="cpu")
     card = train_model(tmp_path, config=ddp)
     assert card.world_size == 2 and card.hardware["device_count"] == 2
+    assert (card.n_train, card.n_val) == (11, 1)
     per_rank = card.n_train // 2  # each rank reads its own half (remainder dropped)
-    assert card.steps == 2 * math.ceil(per_rank / CONFIG.batch_size)
+    assert card.steps == 2 * math.ceil(per_rank / 4)
     assert card.images_seen == 2 * 2 * per_rank
     losses = card.loss_history["train_loss"]
     assert len(losses) == card.steps and all(map(math.isfinite, losses))
-    assert card.val_loss is not None and math.isfinite(card.val_loss)
+    # One validation image and two ranks: both validate on it, it is not lost.
+    assert len(card.loss_history["val_loss"]) == 2
+    assert all(v is not None and math.isfinite(v) for v in card.loss_history["val_loss"])
     # Several processes train another model than one process on the same data and config.
     contract = delta_store.table_contract(tmp_path, "raster_tiles")
     single = dataclasses.replace(ddp, devices=1)

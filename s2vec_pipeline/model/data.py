@@ -190,9 +190,12 @@ def _replica() -> tuple[int, int]:
 class RasterTileStream(IterableDataset):
     """Batches of (B, C, S, S) float32 tiles of one split, streamed from Delta.
 
-    Sharded over ranks and dataloader workers by position in the stream. Under several ranks
-    every shard yields the same number of tiles (the remainder is dropped) so that DDP ranks
-    step in lockstep. Training shuffles within a bounded buffer seeded by (seed, epoch, shard).
+    The training split is sharded over ranks and dataloader workers by position in the
+    stream. Under several ranks every shard yields the same number of tiles (the remainder is
+    dropped) so that DDP ranks step in lockstep. The validation split is sharded over workers
+    only: every rank validates on all of it (small by design), so a validation set smaller
+    than the number of ranks is not silently lost. Training shuffles within a bounded buffer
+    seeded by (seed, epoch, shard).
     """
 
     def __init__(
@@ -227,9 +230,12 @@ class RasterTileStream(IterableDataset):
             return [self.n_tiles // shards] * shards
         return [(self.n_tiles - s + shards - 1) // shards for s in range(shards)]
 
+    def _replica(self) -> tuple[int, int]:
+        return (0, 1) if self.split == "val" else _replica()
+
     def __len__(self) -> int:
         """Batches this rank yields per epoch (summed over its workers)."""
-        rank, world = _replica()
+        rank, world = self._replica()
         sizes = self._shard_sizes(world)[rank * self.num_workers : (rank + 1) * self.num_workers]
         return sum(math.ceil(s / self.batch_size) for s in sizes)
 
@@ -270,7 +276,7 @@ class RasterTileStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        rank, world = _replica()
+        rank, world = self._replica()
         info = get_worker_info()
         worker = info.id if info is not None else 0
         shard, shards = rank * self.num_workers + worker, world * self.num_workers
