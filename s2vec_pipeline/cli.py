@@ -57,6 +57,13 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
         help="partitions materialized at once, each run in its own process (default: "
         "$S2VEC_WORKERS, else one per core)",
     )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train with DDP on N GPUs (N CPU processes without a GPU); default 1",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     p.set_defaults(func=_cmd_materialize)
 
@@ -85,8 +92,13 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     assets = parse_stages(stages)
     if args.epochs is not None and args.epochs < 1:
         raise S2VecError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.devices is not None and args.devices < 1:
+        raise S2VecError(f"--devices must be at least 1, got {args.devices}")
     op_config = {
-        "mae_model": {"epochs": args.epochs} if args.epochs else {},
+        "mae_model": {
+            **({"epochs": args.epochs} if args.epochs else {}),
+            **({"devices": args.devices} if args.devices is not None else {}),
+        },
         "embeddings": {"model_version": args.model_version} if args.model_version else {},
     }
     if args.region and args.cells:

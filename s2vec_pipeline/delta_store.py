@@ -362,10 +362,11 @@ def table_version_safe(root: str | os.PathLike, name: str) -> int | None:
         return None
 
 
-def scan_table(root: str | os.PathLike, name: str) -> pl.LazyFrame:
-    """A lazy polars scan; filter on ``parent_l6`` to prune partitions."""
+def scan_table(root: str | os.PathLike, name: str, version: int | None = None) -> pl.LazyFrame:
+    """A lazy polars scan (of table ``version``, default the latest); filter on ``parent_l6``
+    to prune partitions."""
     _open(root, name)  # clear error when the table is missing
-    return pl.scan_delta(table_uri(root, name))
+    return pl.scan_delta(table_uri(root, name), version=version)
 
 
 def read_partitions(
@@ -373,8 +374,9 @@ def read_partitions(
     name: str,
     partitions: Sequence[str] | None = None,
     columns: Sequence[str] | None = None,
+    version: int | None = None,
 ) -> pl.DataFrame:
-    lf = scan_table(root, name)
+    lf = scan_table(root, name, version)
     if partitions is not None:
         lf = lf.filter(pl.col(PARTITION_COLUMN).is_in(list(partitions)))
     if columns is not None:
@@ -382,11 +384,11 @@ def read_partitions(
     return lf.collect()
 
 
-def partition_keys(root: str | os.PathLike, name: str) -> list[str]:
-    """The ``parent_l6`` values that hold at least one row."""
+def partition_keys(root: str | os.PathLike, name: str, version: int | None = None) -> list[str]:
+    """The ``parent_l6`` values that hold at least one row (at table ``version``)."""
     if not table_exists(root, name):
         return []
-    keys = scan_table(root, name).select(pl.col(PARTITION_COLUMN).unique()).collect()
+    keys = scan_table(root, name, version).select(pl.col(PARTITION_COLUMN).unique()).collect()
     return sorted(keys[PARTITION_COLUMN].to_list())
 
 

@@ -12,8 +12,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from s2vec_pipeline import s2
+from s2vec_pipeline.errors import IncompatibleTableError
 
 RASTER_SCHEMA = pa.schema(
     [
@@ -88,12 +90,30 @@ def rasterize(cell_features: pl.DataFrame, channel_names: Sequence[str], side: i
     )
 
 
-def tensor_array(raster_tiles: pl.DataFrame | pa.Table, channels: int, side: int) -> np.ndarray:
-    """The ``tensor`` column as an (n, C, S, S) float32 array, without a per-row loop."""
-    col = raster_tiles["tensor"]
+def tensor_array(
+    tiles: pl.DataFrame | pa.Table | pa.RecordBatch | pl.Series | pa.Array | pa.ChunkedArray,
+    channels: int,
+    side: int,
+) -> np.ndarray:
+    """The ``tensor`` column (or the column itself) as an (n, C, S, S) float32 array.
+
+    The one decoder of raster tensors: no per-row loop, and every row's length is checked
+    against C×S×S (a null or a wrong length raises ``IncompatibleTableError``).
+    """
+    col = tiles["tensor"] if isinstance(tiles, pl.DataFrame | pa.Table | pa.RecordBatch) else tiles
     arr = col.to_arrow() if isinstance(col, pl.Series) else col
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    arr = arr.cast(pa.large_list(pa.float32())) if pa.types.is_list(arr.type) else arr
+    n, size = len(arr), channels * side * side
+    if arr.null_count:
+        raise IncompatibleTableError("raster_tiles has null tensors: rebuild the raster table")
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    if n and (lengths != size).any():
+        bad = int(lengths[lengths != size][0])
+        raise IncompatibleTableError(
+            f"raster_tiles holds a tensor of {bad} values where its contract says "
+            f"C×S×S = {channels}×{side}×{side} = {size}: rebuild the raster table"
+        )
+    # flatten() honours the array's offset (slices) and skips nothing: lengths are all equal.
     values = arr.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(len(arr), channels, side, side)
+    return values.astype(np.float32, copy=False).reshape(n, channels, side, side)

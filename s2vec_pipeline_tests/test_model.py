@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
+from deltalake import DeltaTable
 from PIL import Image
 
 from s2vec_pipeline import delta_store, s2
-from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.errors import IncompatibleTableError, MissingInputError, S2VecError
 from s2vec_pipeline.model.data import (
     RasterTileDataModule,
     plan_split,
@@ -24,6 +28,7 @@ from s2vec_pipeline.model.embed import (
     CELL_TABLE,
     IMAGE_TABLE,
     embed_partition,
+    resolve_device,
     write_embeddings,
 )
 from s2vec_pipeline.model.mae import S2VecMAE
@@ -33,8 +38,12 @@ from s2vec_pipeline.model.train import (
     TrainConfig,
     list_models,
     load_model,
+    loss_curve_caption,
+    model_version,
     train_model,
 )
+from s2vec_pipeline.raster import RASTER_SCHEMA, tensor_array
+from s2vec_pipeline.versioning import frame_hash
 
 TINY = {
     "embed_dim": 32,
@@ -114,6 +123,22 @@ def test_encode_shape_and_patch_size_two() -> None:
 
 
 # --- data ---------------------------------------------------------------------------------
+
+
+def test_tensor_decoder_one_for_every_reader() -> None:
+    x = np.arange(3 * C * 4 * 4, dtype=np.float32).reshape(3, C, 4, 4)
+    offsets = pa.array(np.arange(0, x.size + 1, C * 16, dtype=np.int32))
+    col = pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))
+    table = pa.table({"tensor": col})
+    frame = __import__("polars").from_arrow(table)
+    for tiles in (col, table, table.to_batches()[0], frame, frame["tensor"]):
+        assert np.array_equal(tensor_array(tiles, C, 4), x)
+    assert np.array_equal(tensor_array(col.slice(1), C, 4), x[1:])  # honours slice offsets
+    short = pa.array([[0.0] * (C * 16), [0.0] * 5], pa.list_(pa.float32()))
+    with pytest.raises(IncompatibleTableError, match="5 values"):
+        tensor_array(short, C, 4)
+    with pytest.raises(IncompatibleTableError, match="null"):
+        tensor_array(pa.array([None], pa.list_(pa.float32())), C, 4)
 
 
 def test_split_and_stats(tmp_path: Path) -> None:
@@ -206,12 +231,22 @@ def test_training_learns_and_writes_a_complete_model(trained) -> None:
         "last.ckpt",
         "model_card.json",
         "loss_curve.png",
+        "logs",  # CSVLogger: one folder per attempt
     }
-    assert Image.open(d / "loss_curve.png").size == (800, 480)
+    assert [p.parent.name for p in (d / "logs").glob("*/metrics.csv")] == ["version_0"]
+    with Image.open(d / "loss_curve.png") as png:
+        assert png.size == (800, 480)
     saved = json.loads((d / "model_card.json").read_text())
     assert saved["model_version"] == card.model_version and saved["channels"] == card.channels
     assert saved["images_seen"] == 4 * card.n_train and saved["images_per_s"] > 0
-    assert saved["hardware"]["accelerator"] == "cpu" and saved["partitions"].keys() == IMAGES.keys()
+    assert saved["hardware"]["accelerator"] == "cpu" and saved["world_size"] == 1
+    # The snapshot read, and each partition's data version there computed the way Dagster
+    # computes raster_tiles' (content hash of the partition's rows, sorted by image id).
+    assert saved["raster_tiles_version"] == delta_store.table_version(root, "raster_tiles") == 0
+    table = delta_store.read_partitions(root, "raster_tiles")
+    assert saved["partitions"] == {
+        k: frame_hash(table.filter(table["parent_l6"] == k), ["image_id"]) for k in IMAGES
+    }
     assert len(saved["normalization"]["mean"]) == C
     assert list_models(root) == [card.model_version]
     assert not list((root / "models").glob(".*.partial"))
@@ -225,12 +260,26 @@ def test_checkpoint_reload_gives_identical_embeddings(trained) -> None:
     assert torch.equal(model.channel_std, torch.tensor(card.normalization["std"]))
 
 
+def copy_raster_reordered(src: Path, dst: Path) -> None:
+    """The same raster rows in another table layout: rows reversed, partitions written in
+    reverse order in separate commits (so other files and another Delta version)."""
+    table = delta_store.read_partitions(src, "raster_tiles").to_arrow()
+    contract = delta_store.table_contract(src, "raster_tiles")
+    for k in sorted(IMAGES, reverse=True):
+        rows = table.filter(pc.equal(table["parent_l6"], k))
+        rows = rows.take(pa.array(np.arange(rows.num_rows)[::-1]))
+        rows = rows.select(RASTER_SCHEMA.names).cast(RASTER_SCHEMA)
+        delta_store.write_partitions(dst, "raster_tiles", rows, [k], contract)
+
+
 def test_same_seed_same_model_and_no_retraining(trained, tmp_path: Path) -> None:
     root, card, _ = trained
-    # Same data in another root: same version, bit-identical weights.
-    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    # Same content in another root, another layout and Delta version: same model version and
+    # bit-identical weights (the tiles stream in an order fixed by their content).
+    copy_raster_reordered(root, tmp_path)
     again = train_model(tmp_path, config=CONFIG)
-    assert again.model_version == card.model_version
+    assert again.model_version == card.model_version and again.partitions == card.partitions
+    assert (again.raster_tiles_version, card.raster_tiles_version) == (1, 0)
     a, _ = load_model(root, card.model_version)
     b, _ = load_model(tmp_path, card.model_version)
     assert torch.equal(embeddings(a), embeddings(b))
@@ -242,6 +291,78 @@ def test_same_seed_same_model_and_no_retraining(trained, tmp_path: Path) -> None
     # Another seed is another model.
     other = TrainConfig(**{**CONFIG.__dict__, "seed": 1, "epochs": 1})
     assert train_model(tmp_path, config=other).model_version != card.model_version
+
+
+def test_training_reads_one_snapshot(
+    trained, tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    root, card, _ = trained
+    work = tmp_path / "root"
+    shutil.copytree(root, work)
+    # A refresh rewrites partition 4693 (10 of its 24 images left) after the model was trained.
+    rows = delta_store.read_partitions(work, "raster_tiles", ["4693"]).head(10).to_arrow()
+    contract = delta_store.table_contract(work, "raster_tiles")
+    rows = rows.select(RASTER_SCHEMA.names).cast(RASTER_SCHEMA)
+    assert delta_store.write_partitions(work, "raster_tiles", rows, ["4693"], contract) == 1
+    # Pinned to version 0: the same inputs, so the finished model, not a new one.
+    assert train_model(work, config=CONFIG, raster_version=0) == card
+    # The latest version: new data, a new model trained on 10 + 16 images.
+    one_epoch = dataclasses.replace(CONFIG, epochs=1)
+    latest = train_model(work, config=one_epoch)
+    assert latest.raster_tiles_version == 1 and latest.n_train + latest.n_val == 26
+    assert latest.partitions["12cd"] == card.partitions["12cd"]
+    assert latest.partitions["4693"] != card.partitions["4693"]
+    # Version 0 again with that config: the 40 images of that snapshot.
+    pinned = train_model(work, config=one_epoch, raster_version=0)
+    assert pinned.raster_tiles_version == 0 and pinned.n_train + pinned.n_val == 40
+    assert pinned.partitions == card.partitions and pinned.model_version != latest.model_version
+    with pytest.raises(MissingInputError, match="no version 7"):
+        train_model(work, config=CONFIG, raster_version=7)
+    # A vacuum removed version 0's files of partition 4693: a clear error, not a crash.
+    DeltaTable(str(work / "raster_tiles")).vacuum(
+        retention_hours=0, enforce_retention_duration=False, dry_run=False
+    )
+    with pytest.raises(MissingInputError, match="vacuum removed its files"):
+        train_model(work, config=one_epoch, raster_version=0)
+    # Quiet training: no Lightning advertising tips, no deprecation from Lightning's internals.
+    assert not [r for r in caplog.records if "Tip" in r.getMessage()]
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
+
+
+def test_two_process_ddp_training_on_cpu(tmp_path: Path) -> None:
+    """DDP (gloo) with two CPU processes through ddp_spawn: the caller holds the lock."""
+    synthetic_raster_tiles(tmp_path, {"4693": 8, "12cd": 4}, channels=C)
+    ddp = dataclasses.replace(CONFIG, epochs=2, batch_size=4, devices=2, accelerator="cpu")
+    card = train_model(tmp_path, config=ddp)
+    assert card.world_size == 2 and card.hardware["device_count"] == 2
+    assert (card.n_train, card.n_val) == (11, 1)
+    per_rank = card.n_train // 2  # each rank reads its own half (remainder dropped)
+    assert card.steps == 2 * math.ceil(per_rank / 4)
+    assert card.images_seen == 2 * 2 * per_rank
+    losses = card.loss_history["train_loss"]
+    assert len(losses) == card.steps and all(map(math.isfinite, losses))
+    # One validation image and two ranks: both validate on it, it is not lost.
+    assert len(card.loss_history["val_loss"]) == 2
+    assert all(v is not None and math.isfinite(v) for v in card.loss_history["val_loss"])
+    # Several processes train another model than one process on the same data and config.
+    contract = delta_store.table_contract(tmp_path, "raster_tiles")
+    single = dataclasses.replace(ddp, devices=1)
+    assert model_version(single, contract, card.partitions) != card.model_version
+    model, _ = load_model(tmp_path, card.model_version)
+    assert torch.isfinite(embeddings(model)).all()
+    assert not list((tmp_path / "models").glob(".*.partial"))
+
+
+def test_loss_curve_says_how_many_images() -> None:
+    assert loss_curve_caption(36, 4) == (
+        "training set: 36 images; validation set: 4 images",
+        "validation loss from only 4 images: noisy, not a measure of generalization",
+    )
+    sizes, warning = loss_curve_caption(1200, 1)
+    assert sizes == "training set: 1,200 images; validation set: 1 image"
+    assert warning is not None and "only 1 image" in warning
+    assert loss_curve_caption(30, 0)[1] == "no validation images: no validation loss"
+    assert loss_curve_caption(900, 100)[1] is None
 
 
 def test_interrupted_training_resumes_from_last_checkpoint(trained, tmp_path: Path) -> None:
@@ -260,6 +381,8 @@ def test_interrupted_training_resumes_from_last_checkpoint(trained, tmp_path: Pa
     assert resumed.resumed_from == {"epoch": 2, "step": 2 * -(-card.n_train // 8)}
     assert resumed.loss_history == card.loss_history and resumed.images_seen == card.images_seen
     assert not partial.exists()
+    logs = Path(resumed.directory) / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0", "version_1"]  # two attempts
     a, _ = load_model(root, card.model_version)
     b, _ = load_model(tmp_path, card.model_version)
     assert torch.equal(embeddings(a), embeddings(b))  # same as the uninterrupted run
@@ -271,7 +394,7 @@ def test_interrupted_training_resumes_from_last_checkpoint(trained, tmp_path: Pa
 def test_embeddings_rows_ids_and_means(trained) -> None:
     root, card, _ = trained
     model, card = load_model(root, card.model_version)
-    cells, images = embed_partition(root, model, card, "4693")
+    cells, images = embed_partition(root, model, card, "4693", device="cpu")
     n = IMAGES["4693"]
     assert images.num_rows == n and cells.num_rows == n * S * S
     emb = np.asarray(cells.column("embedding").to_pylist(), dtype=np.float32)
@@ -315,11 +438,26 @@ def test_write_embeddings_replaces_partitions(trained, tmp_path: Path) -> None:
     blank.update(nonempty_pixels=0, tensor=[0.0] * len(blank["tensor"]))
     raster = pa.concat_tables([raster, pa.Table.from_pylist([blank], schema=raster.schema)])
     contract = delta_store.table_contract(work, "raster_tiles")
-    delta_store.write_partitions(work, "raster_tiles", raster, ["12cd"], contract)
+    raster = raster.select(RASTER_SCHEMA.names).cast(RASTER_SCHEMA)
+    assert delta_store.write_partitions(work, "raster_tiles", raster, ["12cd"], contract) == 1
     model, card = load_model(work, card.model_version)
-    # Small batches: deltalake pulls all but the first from its own threads.
-    counts = write_embeddings(work, model, card, list(IMAGES), batch_size=5)
+    # Small batches: deltalake pulls them from its own threads.
+    counts = write_embeddings(work, model, card, list(IMAGES), batch_size=5, device="cpu")
     assert counts["12cd"]["cells"] == IMAGES["12cd"] * S * S
+    # What was read is recorded: the raster snapshot (result and commit info) and the
+    # partition's data version there, computed as Dagster computes raster_tiles' versions.
+    latest = delta_store.read_partitions(work, "raster_tiles", ["12cd"])
+    assert counts["12cd"]["raster_tiles_version"] == 1
+    assert counts["12cd"]["raster_data_version"] == frame_hash(latest, ["image_id"])
+    assert counts["4693"]["raster_data_version"] == card.partitions["4693"]  # unchanged
+    for table in (CELL_TABLE, IMAGE_TABLE):
+        commit = DeltaTable(str(work / table)).history(1)[0]
+        assert commit["s2vec.raster_tiles_version"] == "1"
+        assert commit["s2vec.model_version"] == card.model_version
+    # Pinned to version 0: the 12cd partition as the model was trained on it.
+    pinned = write_embeddings(work, model, card, ["12cd"], device="cpu", raster_version=0)
+    assert pinned["12cd"]["raster_tiles_version"] == 0
+    assert pinned["12cd"]["raster_data_version"] == card.partitions["12cd"]
     write_embeddings(work, model, card, ["12cd"])  # a rerun replaces, never duplicates
     cells = delta_store.read_partitions(work, CELL_TABLE, columns=["parent_l6"])
     assert cells.height == sum(IMAGES.values()) * S * S
@@ -335,6 +473,29 @@ def test_write_embeddings_replaces_partitions(trained, tmp_path: Path) -> None:
         atol=1e-5,
     )
     assert imgs.schema["embedding"].inner == __import__("polars").Float32
+
+
+def test_embedding_device_choice(trained) -> None:
+    root, card, _ = trained
+    cuda = torch.cuda.is_available()
+    assert resolve_device("auto").type == ("cuda" if cuda else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(S2VecError, match="'auto', 'cpu' or 'cuda"):
+        resolve_device("tpu")
+    if not cuda:  # this machine: asking for a GPU is a clear error, not a crash
+        with pytest.raises(S2VecError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    model, card = load_model(root, card.model_version)
+    assert next(model.parameters()).device.type == "cpu"  # loaded on the CPU, moved by embed
+    # Batch size changes nothing: one big batch equals many small ones.
+    _, big = embed_partition(root, model, card, "12cd", batch_size=64, device="cpu")
+    _, small = embed_partition(root, model, card, "12cd", batch_size=3, device="auto")
+    assert big.column("image_token").equals(small.column("image_token"))
+    assert np.allclose(
+        np.asarray(big.column("embedding").to_pylist()),
+        np.asarray(small.column("embedding").to_pylist()),
+        atol=1e-5,
+    )
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from s2vec_pipeline import delta_store, s2
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.model.train import list_models
+from s2vec_pipeline.model.train import ModelCard, TrainConfig, list_models, train_model
 from s2vec_pipeline.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
@@ -34,11 +34,13 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def embedded(materialized_root: Path, tmp_path_factory: pytest.TempPathFactory):
+def embedded(materialized: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("model_root")
-    shutil.copytree(materialized_root, root, dirs_exist_ok=True)
+    shutil.copytree(materialized[0], root, dirs_exist_ok=True)
     settings = PipelineSettings(root=str(root))
+    # A copy of the data layer's instance: training and embedding see its records.
     home = tmp_path_factory.mktemp("home")
+    shutil.copytree(materialized[1], home, dirs_exist_ok=True)
     instance = dg.DagsterInstance.local_temp(str(home))
     report = materialize(
         settings,
@@ -79,11 +81,26 @@ def test_dagster_records_model_and_partition_versions(embedded) -> None:
     assert meta["model_version"].value == version
     assert meta["val_loss"].value > 0 and meta["loss_curve"].value.startswith("![loss curve]")
     assert model_event.asset_materialization.tags["dagster/data_version"] == version
+    # One raster-partition hash: the card's training partitions carry exactly the data
+    # versions Dagster recorded for raster_tiles, read at one Delta version of the table.
+    card = ModelCard.load(root / "models" / version)
+    raster = instance.fetch_materializations(dg.AssetKey("raster_tiles"), limit=50).records
+    recorded: dict[str, str] = {}
+    for r in sorted(raster, key=lambda r: r.storage_id):  # the latest per partition wins
+        if r.partition_key:
+            recorded[r.partition_key] = r.asset_materialization.tags["dagster/data_version"]
+    assert card.partitions == recorded
+    assert card.raster_tiles_version == delta_store.table_version(root, "raster_tiles")
+    # The same training launched from Python names the same model, and reuses it.
+    card_file = root / "models" / version / "model_card.json"
+    before = card_file.stat().st_mtime_ns
+    from_python = train_model(root, config=TrainConfig.for_profile("city", **TINY))
+    assert from_python.model_version == version and card_file.stat().st_mtime_ns == before
     records = instance.fetch_materializations(dg.AssetKey("cell_embeddings"), limit=10).records
     assert sorted(r.partition_key for r in records) == sorted([HELSINKI_L6, MONACO_L6])
     for r in records:
         m = r.asset_materialization
-        assert m.tags["dagster/data_version"].startswith(version + "-")
+        assert m.tags["dagster/data_version"] == f"{version}-{recorded[r.partition_key]}"
         raster = delta_store.read_partitions(root, "raster_tiles", [r.partition_key])
         assert m.metadata["dagster/row_count"].value == 256 * raster.height
         assert m.metadata["embedding_width"].value == TINY["embed_dim"]
@@ -150,6 +167,13 @@ def test_cli_sql_recipes(embedded, tmp_path: Path, capsys: pytest.CaptureFixture
     capsys.readouterr()
     assert main(["sql", "SELEC nonsense", "--root", str(root)]) == 2
     assert "Tables you can query" in capsys.readouterr().err
+
+
+def test_devices_flag_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["materialize", "--root", str(tmp_path), "--cells", MONACO_L6, "--stages", "train"]
+    assert main([*args, "--devices", "0"]) == 2
+    assert "--devices must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
 
 
 def test_train_without_raster_tiles(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -66,6 +66,11 @@ class TrainingConfig(dg.Config):
     decoder_depth: int = Field(default=2, description="Decoder transformer blocks")
     decoder_num_heads: int = Field(default=4, description="Decoder attention heads")
     patch_size: int = Field(default=1, description="Pixels per token side (1: a token a pixel)")
+    devices: int = Field(
+        default=1,
+        description="Devices to train on: GPUs with DDP (ddp_spawn, which works inside a "
+        "step), or CPU processes without a GPU",
+    )
 
     def train_config(self, profile: str) -> "TrainConfig":
         from s2vec_pipeline.model.train import TrainConfig
@@ -73,8 +78,7 @@ class TrainingConfig(dg.Config):
         overrides = {
             k: v for k, v in self.model_dump().items() if k != "partitions" and v is not None
         }
-        # One process: DDP from inside a Dagster step would relaunch the step's command.
-        return TrainConfig.for_profile(profile, devices=1, **overrides)
+        return TrainConfig.for_profile(profile, **overrides)
 
 
 def _card_checks(card: "ModelCard") -> list[dg.AssetCheckResult]:
@@ -119,15 +123,15 @@ def mae_model(
     from s2vec_pipeline.model.train import train_model
 
     settings = s2vec.settings()
-    partitions = sorted(config.partitions) or delta_store.partition_keys(
-        settings.root, "raster_tiles"
-    )
-    if not partitions:
+    if not delta_store.table_exists(settings.root, "raster_tiles"):
         raise MissingInputError(
-            f"raster_tiles has no partition under {settings.root}: run s2vec materialize "
+            f"raster_tiles does not exist under {settings.root}: run s2vec materialize "
             f"--stages extract,features,raster first"
         )
-    card = train_model(settings.root, partitions, config.train_config(settings.profile.name))
+    # One snapshot of raster_tiles: its partitions and their versions at the same Delta version.
+    card = train_model(
+        settings.root, sorted(config.partitions) or None, config.train_config(settings.profile.name)
+    )
     context.log.info(f"model {card.model_version} in {card.directory}")
     with open(f"{card.directory}/loss_curve.png", "rb") as f:
         curve_md = markdown_image(f.read(), "loss curve")
@@ -136,6 +140,7 @@ def mae_model(
             "model_version": card.model_version,
             "directory": dg.MetadataValue.path(card.directory),
             "training_partitions": dg.MetadataValue.json(card.partitions),
+            "raster_tiles_version": card.raster_tiles_version,
             "train_loss": card.train_loss,
             "val_loss": card.val_loss,
             "train_images": card.n_train,
@@ -182,13 +187,6 @@ def _model_version(context: dg.AssetExecutionContext, config: EmbeddingConfig, r
             f"train) or name one with --model-version"
         )
     return version
-
-
-def _raster_data_version(context: dg.AssetExecutionContext, key: str) -> str:
-    record = context.instance.get_latest_data_version_record(raster_tiles.key, partition_key=key)
-    if record is None or record.asset_materialization is None:
-        return ""
-    return record.asset_materialization.tags.get("dagster/data_version", "")
 
 
 EMBEDDING_COLUMNS = {
@@ -283,9 +281,9 @@ def embeddings(
     version = _model_version(context, config, settings.root)
     model, card = load_model(settings.root, version)  # checks taxonomy, channels, side
     written = write_embeddings(settings.root, model, card, [key])[key]
-    # (model version, the raster partition's version): a new model or a changed partition
-    # changes exactly the right partitions' versions.
-    data_version = dg.DataVersion(f"{version}-{_raster_data_version(context, key)}")
+    # (model version, the version of the raster partition it read): a new model or a changed
+    # partition changes exactly the right partitions' versions.
+    data_version = dg.DataVersion(f"{version}-{written['raster_data_version']}")
     width = int(card.config["embed_dim"])
     for table, rows, per_image in (
         ("cell_embeddings", written["cells"], card.side * card.side),
@@ -297,6 +295,7 @@ def embeddings(
             metadata={
                 **table_metadata(settings, table, rows, EMBEDDING_COLUMNS),
                 "model_version": version,
+                "raster_tiles_version": written["raster_tiles_version"],
                 "embedding_width": width,
             },
         )

@@ -1,9 +1,11 @@
 """Streaming training data: raster tiles from Delta, split, shuffled and normalized.
 
-Tiles are read in record batches (``iter_raster_batches``) and never all held in memory:
-memory is bounded by the read batch, the shuffle buffer and the training batch. The train/val
-split is a pure function of each ``image_token`` (hash), so it is the same on every run, rank
-and worker. Per-channel mean/std come from one streaming pass over the training split.
+Tiles are read from one Delta version of ``raster_tiles`` (a snapshot: a concurrent refresh
+changes nothing here), one partition at a time in a content-determined order
+(``stream_raster_tiles``): memory is bounded by one partition, the shuffle buffer and the
+training batch. The train/val split is a pure function of each ``image_token`` (hash), so it
+is the same on every run, rank and worker. Per-channel mean/std come from one streaming pass
+over the training split.
 """
 
 from __future__ import annotations
@@ -17,40 +19,104 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from s2vec_pipeline import delta_store
-from s2vec_pipeline.errors import IncompatibleTableError, MissingInputError
+from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.raster import tensor_array
+from s2vec_pipeline.versioning import partition_data_version
 
 RASTER_TABLE = "raster_tiles"
 
 
-def iter_raster_batches(
+def raster_snapshot(root: str | os.PathLike, version: int | None = None) -> int:
+    """The ``raster_tiles`` Delta version to read: ``version`` if it exists, else the latest."""
+    latest = delta_store.table_version(root, RASTER_TABLE)
+    if latest is None:
+        raise MissingInputError(
+            f"no raster_tiles table under {root}: materialize raster_tiles first"
+        )
+    if version is None:
+        return latest
+    if not 0 <= version <= latest:
+        raise MissingInputError(
+            f"raster_tiles under {root} has no version {version} (versions 0..{latest}): "
+            "pass an existing version, or none for the latest"
+        )
+    return version
+
+
+def read_raster_partition(
     root: str | os.PathLike,
-    partitions: Sequence[str] | None,
+    partition: str,
+    version: int,
+    columns: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """One ``raster_tiles`` partition at Delta ``version``, rows sorted by ``image_id``.
+
+    A partition fits in memory by design. The row order depends on the content only (not on
+    how the rows are spread over files), so a stream built from it is the same in every root,
+    after a compaction, on every rank and worker.
+    """
+    cols = None if columns is None else list(dict.fromkeys([*columns, "image_id"]))
+    rows = _read_version(root, [partition], cols, version).sort("image_id")
+    return rows if columns is None else rows.select(list(columns))
+
+
+def stream_raster_tiles(
+    root: str | os.PathLike,
+    partitions: Sequence[str],
+    version: int,
     columns: Sequence[str],
     batch_size: int = 256,
 ) -> Iterator[pa.RecordBatch]:
-    """``raster_tiles`` record batches, file by file in path order: the same stream each run.
+    """``raster_tiles`` record batches at Delta ``version``: partitions in sorted order, rows by
+    ``image_id`` (``read_raster_partition``); memory is bounded by one partition."""
+    for p in sorted(partitions):
+        rows = read_raster_partition(root, p, version, columns)
+        yield from rows.to_arrow(compat_level=pl.CompatLevel.oldest()).to_batches(batch_size)
 
-    Like ``delta_store.iter_batches`` (same dataset, same bounded memory), but the order of a
-    Delta table's files varies between processes, and a reproducible model needs a
-    reproducible stream (shuffle input, float sums).
+
+def raster_partition_versions(
+    root: str | os.PathLike, partitions: Sequence[str], version: int
+) -> dict[str, str]:
+    """Data version of each ``raster_tiles`` partition at Delta ``version``.
+
+    The same hash as Dagster's ``raster_tiles`` data version
+    (``versioning.partition_data_version`` over the partition's rows), so a model trained
+    from Dagster or from Python on the same data has the same ``model_version``.
     """
-    dset = delta_store.dataset(root, RASTER_TABLE)
-    flt = (
-        None
-        if partitions is None
-        else ds.field(delta_store.PARTITION_COLUMN).isin(list(partitions))
+    return {
+        p: partition_data_version(RASTER_TABLE, _read_version(root, [p], None, version))
+        for p in sorted(partitions)
+    }
+
+
+def raster_partition_keys(root: str | os.PathLike, version: int) -> list[str]:
+    """The partitions with tiles at ``raster_tiles`` version ``version``."""
+    try:
+        return delta_store.partition_keys(root, RASTER_TABLE, version)
+    except FileNotFoundError as e:
+        raise _vacuumed(root, version) from e
+
+
+def _read_version(
+    root: str | os.PathLike, partitions: list[str], columns: list[str] | None, version: int
+) -> pl.DataFrame:
+    try:
+        return delta_store.read_partitions(root, RASTER_TABLE, partitions, columns, version)
+    except FileNotFoundError as e:
+        raise _vacuumed(root, version) from e
+
+
+def _vacuumed(root: str | os.PathLike, version: int) -> MissingInputError:
+    return MissingInputError(
+        f"raster_tiles version {version} under {root} can no longer be read (a vacuum removed "
+        "its files): use a later version, or none for the latest"
     )
-    for frag in sorted(dset.get_fragments(filter=flt), key=lambda f: f.path):
-        yield from frag.to_batches(
-            schema=dset.schema, columns=list(columns), filter=flt, batch_size=batch_size
-        )
 
 
 def token_unit_hash(tokens: Sequence[str]) -> np.ndarray:
@@ -82,6 +148,7 @@ def plan_split(
     root: str | os.PathLike,
     partitions: Sequence[str],
     val_fraction: float,
+    version: int | None = None,
     read_batch_size: int = 4096,
 ) -> tuple[SplitRule, int, int]:
     """One pass over ``image_token`` only: the split rule and the (train, val) tile counts.
@@ -92,7 +159,8 @@ def plan_split(
     n = n_val = 0
     lo: tuple[float, str] | None = None
     hi: tuple[float, str] | None = None
-    for batch in iter_raster_batches(root, partitions, ["image_token"], read_batch_size):
+    version = raster_snapshot(root, version)
+    for batch in stream_raster_tiles(root, partitions, version, ["image_token"], read_batch_size):
         tokens = batch.column("image_token").to_pylist()
         if not tokens:
             continue
@@ -112,24 +180,6 @@ def plan_split(
     return SplitRule(val_fraction, forced_val, forced_train), n - n_val, n_val
 
 
-def tensors_to_numpy(column: pa.Array | pa.ChunkedArray, shape: tuple[int, int, int]) -> np.ndarray:
-    """A ``list<float32>`` column → (n, C, S, S) float32, checking every length."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    n, size = len(column), math.prod(shape)
-    if column.null_count:
-        raise IncompatibleTableError("raster_tiles has null tensors: rebuild the raster table")
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    if n and (lengths != size).any():
-        bad = int(lengths[lengths != size][0])
-        raise IncompatibleTableError(
-            f"raster_tiles holds a tensor of {bad} values where its contract says "
-            f"C×S×S = {shape[0]}×{shape[1]}×{shape[2]} = {size}: rebuild the raster table"
-        )
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(n, *shape)
-
-
 def _replica() -> tuple[int, int]:
     """(rank, world size) of this process in torch.distributed, or (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -140,15 +190,19 @@ def _replica() -> tuple[int, int]:
 class RasterTileStream(IterableDataset):
     """Batches of (B, C, S, S) float32 tiles of one split, streamed from Delta.
 
-    Sharded over ranks and dataloader workers by position in the stream. Under several ranks
-    every shard yields the same number of tiles (the remainder is dropped) so that DDP ranks
-    step in lockstep. Training shuffles within a bounded buffer seeded by (seed, epoch, shard).
+    The training split is sharded over ranks and dataloader workers by position in the
+    stream. Under several ranks every shard yields the same number of tiles (the remainder is
+    dropped) so that DDP ranks step in lockstep. The validation split is sharded over workers
+    only: every rank validates on all of it (small by design), so a validation set smaller
+    than the number of ranks is not silently lost. Training shuffles within a bounded buffer
+    seeded by (seed, epoch, shard).
     """
 
     def __init__(
         self,
         root: str,
         partitions: Sequence[str],
+        version: int,
         rule: SplitRule,
         split: str,
         shape: tuple[int, int, int],
@@ -161,6 +215,7 @@ class RasterTileStream(IterableDataset):
     ) -> None:
         super().__init__()
         self.root, self.partitions, self.rule, self.split = root, list(partitions), rule, split
+        self.version = version
         self.shape, self.n_tiles, self.batch_size = shape, n_tiles, batch_size
         self.shuffle_buffer, self.seed, self.read_batch_size = shuffle_buffer, seed, read_batch_size
         self.num_workers = max(1, num_workers)
@@ -175,16 +230,23 @@ class RasterTileStream(IterableDataset):
             return [self.n_tiles // shards] * shards
         return [(self.n_tiles - s + shards - 1) // shards for s in range(shards)]
 
+    def _replica(self) -> tuple[int, int]:
+        return (0, 1) if self.split == "val" else _replica()
+
     def __len__(self) -> int:
         """Batches this rank yields per epoch (summed over its workers)."""
-        rank, world = _replica()
+        rank, world = self._replica()
         sizes = self._shard_sizes(world)[rank * self.num_workers : (rank + 1) * self.num_workers]
         return sum(math.ceil(s / self.batch_size) for s in sizes)
 
     def _tiles(self, shard: int, shards: int, cap: int) -> Iterator[np.ndarray]:
         i = kept = 0
-        for batch in iter_raster_batches(
-            self.root, self.partitions, ["image_token", "tensor"], self.read_batch_size
+        for batch in stream_raster_tiles(
+            self.root,
+            self.partitions,
+            self.version,
+            ["image_token", "tensor"],
+            self.read_batch_size,
         ):
             if batch.num_rows == 0:
                 continue
@@ -194,7 +256,7 @@ class RasterTileStream(IterableDataset):
             i += len(rows)
             if not picked:
                 continue
-            tensors = tensors_to_numpy(batch.column("tensor").take(picked), self.shape)
+            tensors = tensor_array(batch.column("tensor").take(picked), *self.shape[:2])
             for t in tensors:
                 if kept >= cap:
                     return
@@ -214,7 +276,7 @@ class RasterTileStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        rank, world = _replica()
+        rank, world = self._replica()
         info = get_worker_info()
         worker = info.id if info is not None else 0
         shard, shards = rank * self.num_workers + worker, world * self.num_workers
@@ -233,7 +295,8 @@ class RasterTileStream(IterableDataset):
 
 
 class RasterTileDataModule(L.LightningDataModule):
-    """Train/val tiles of ``raster_tiles`` (all partitions with data, or the given ones).
+    """Train/val tiles of ``raster_tiles`` at one Delta ``version`` (default: the latest when
+    ``setup`` runs), all partitions with data or the given ones.
 
     ``setup`` makes two cheap streaming passes: tokens (split) and training tensors
     (per-channel mean/std over all pixels, empty ones included, in float64 sums).
@@ -249,6 +312,7 @@ class RasterTileDataModule(L.LightningDataModule):
         shuffle_buffer: int = 2048,
         read_batch_size: int = 256,
         num_workers: int = 0,
+        version: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -258,6 +322,7 @@ class RasterTileDataModule(L.LightningDataModule):
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
         self.shuffle_buffer, self.read_batch_size = shuffle_buffer, read_batch_size
         self.num_workers = num_workers
+        self.version = version
         self._ready = False
 
     def setup(self, stage: str | None = None) -> None:
@@ -272,10 +337,11 @@ class RasterTileDataModule(L.LightningDataModule):
         self.channels: list[str] = list(contract["channels"])
         self.side: int = int(contract["side"])
         self.shape = (len(self.channels), self.side, self.side)
+        self.version = raster_snapshot(self.root, self.version)
         if self.partitions is None:
-            self.partitions = delta_store.partition_keys(self.root, RASTER_TABLE)
+            self.partitions = raster_partition_keys(self.root, self.version)
         self.rule, self.n_train, self.n_val = plan_split(
-            self.root, self.partitions, self.val_fraction
+            self.root, self.partitions, self.val_fraction, self.version
         )
         if self.n_train == 0:
             raise MissingInputError(
@@ -291,6 +357,7 @@ class RasterTileDataModule(L.LightningDataModule):
         stream = RasterTileStream(
             self.root,
             self.partitions or [],
+            self.version,
             self.rule,
             "train",
             self.shape,
@@ -316,6 +383,7 @@ class RasterTileDataModule(L.LightningDataModule):
         return RasterTileStream(
             self.root,
             self.partitions or [],
+            self.version,
             self.rule,
             split,
             self.shape,

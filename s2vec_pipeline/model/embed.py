@@ -4,25 +4,33 @@ Every pixel of every image with data gets a row, empty pixels included (their em
 depends on the image around them). Pixel ``k`` of an image's encoder output is the cell at
 ``(row, col) = divmod(k, S)``: ``s2.children_grid`` gives the cell ids in that same order.
 The image embedding is the mean of its pixel embeddings.
+
+Inference runs on the GPU when there is one (``device="auto"``): the model (loaded on the
+CPU) is moved there, tiles go through page-locked host memory with asynchronous copies, the
+encoder runs under bf16 autocast, and one batch is in flight while the previous one's rows
+are built. On the CPU it runs in fp32. Tiles are read from one Delta version of
+``raster_tiles``; the result and the commits record it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import torch
 
 from s2vec_pipeline import delta_store, s2
-from s2vec_pipeline.errors import MissingInputError
-from s2vec_pipeline.model.data import RASTER_TABLE, iter_raster_batches, tensors_to_numpy
+from s2vec_pipeline.errors import MissingInputError, S2VecError
+from s2vec_pipeline.model.data import RASTER_TABLE, raster_snapshot, read_raster_partition
 from s2vec_pipeline.model.mae import S2VecMAE
 from s2vec_pipeline.model.train import IncompatibleModelError, ModelCard, check_compatible
+from s2vec_pipeline.raster import tensor_array
+from s2vec_pipeline.versioning import partition_data_version
 
 CELL_TABLE = "cell_embeddings"
 IMAGE_TABLE = "image_embeddings"
@@ -78,57 +86,111 @@ def _check_model(model: S2VecMAE, card: ModelCard, root: str | os.PathLike) -> N
         )
 
 
-def _encode(model: S2VecMAE, x: np.ndarray) -> np.ndarray:
-    device = next(model.parameters()).device
-    xt = torch.from_numpy(np.require(x, requirements="W")).to(device)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the first CUDA GPU when there is one, else the CPU; ``"cpu"``; ``"cuda"``
+    (or ``"cuda:N"``), refused with a clear error when no GPU is visible."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise S2VecError(f"device must be 'auto', 'cpu' or 'cuda[:N]', not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise S2VecError(f"device {device!r}: no CUDA GPU is visible here; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per inference batch: 1024 on a GPU (262,144 tokens at 16×16), 256 on the CPU."""
+    return 1024 if device.type == "cuda" else 256
+
+
+def _submit(
+    model: S2VecMAE, x: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start encoding (n, C, S, S) tiles; on CUDA the result lands in page-locked host memory
+    asynchronously and ``_collect`` waits for it."""
+    cuda = device.type == "cuda"
+    if cuda:
+        # One copy, into page-locked memory, so the host-to-device copy runs asynchronously
+        # (the caching host allocator keeps the block until that copy has finished).
+        xt = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
+        xt.numpy()[...] = x
+    else:
+        xt = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    # Inference mode per batch, never held across a ``yield``: it is thread-local, and
+    # write_embeddings' consumer (deltalake) resumes these generators from its own threads.
     with torch.inference_mode(), autocast:
-        z = model.encode(xt)
-    return z.float().cpu().numpy()
+        z = model.encode(xt.to(device, non_blocking=cuda)).float()
+        if not cuda:
+            return z, None
+        out = torch.empty(z.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(z, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return out, event
 
 
-def iter_embeddings(
-    root: str | os.PathLike,
-    model: S2VecMAE,
-    card: ModelCard,
-    partition: str,
-    batch_size: int = 256,
+def _collect(key: Any, out: torch.Tensor, event: torch.cuda.Event | None) -> tuple[Any, np.ndarray]:
+    if event is not None:
+        event.synchronize()
+    return key, out.numpy()
+
+
+def encode_batches(
+    model: S2VecMAE, batches: Iterator[tuple[Any, np.ndarray]], device: torch.device
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """(key, (n, C, S, S) tiles) → (key, (n, S*S, D) float32 embeddings), in order.
+
+    ``model`` must already be on ``device``. On CUDA one batch is in flight while the caller
+    builds the previous one's rows on the CPU.
+    """
+    pending: tuple[Any, torch.Tensor, torch.cuda.Event | None] | None = None
+    for key, x in batches:
+        submitted = (key, *_submit(model, x, device))
+        if pending is not None:
+            yield _collect(*pending)
+        pending = submitted
+    if pending is not None:
+        yield _collect(*pending)
+
+
+_TILE_COLUMNS = ["parent_l6", "image_token", "image_id", "nonempty_pixels", "tensor"]
+
+
+def read_tiles(root: str | os.PathLike, partition: str, version: int) -> tuple[pa.Table, str]:
+    """A partition's tiles with data at ``raster_tiles`` version ``version`` (by image id),
+    and the partition's data version there (the hash Dagster records for it)."""
+    rows = read_raster_partition(root, partition, version)
+    data_version = partition_data_version(RASTER_TABLE, rows)
+    rows = rows.filter(pl.col("nonempty_pixels") > 0).select(_TILE_COLUMNS)
+    return rows.to_arrow(compat_level=pl.CompatLevel.oldest()), data_version
+
+
+def _embed_tiles(
+    model: S2VecMAE, card: ModelCard, tiles: pa.Table, batch_size: int, device: torch.device
 ) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
-    """(cell rows, image rows) per batch of images; memory bounded by ``batch_size`` images."""
+    c, side = len(card.channels), card.side
+    batches = ((b, tensor_array(b, c, side)) for b in tiles.to_batches(batch_size) if b.num_rows)
+    for batch, emb in encode_batches(model, batches, device):
+        yield _rows(card, batch, emb)
+
+
+def _prepare(
+    model: S2VecMAE, card: ModelCard, root: str | os.PathLike, device: str | torch.device
+) -> torch.device:
     _check_model(model, card, root)
-    side, level = card.side, card.pixel_level
-    shape = (len(card.channels), side, side)
-    # Eval mode stays on. Inference mode is entered per batch (in ``_encode``), never held
-    # across a ``yield``: it is thread-local, and write_embeddings' consumer (deltalake)
-    # resumes this generator from its own threads.
-    model.eval()
-    for batch in iter_raster_batches(
-        root,
-        [partition],
-        ["parent_l6", "image_token", "image_id", "nonempty_pixels", "tensor"],
-        batch_size,
-    ):
-        keep = np.flatnonzero(batch.column("nonempty_pixels").to_numpy() > 0)
-        if keep.size == 0:
-            continue
-        if keep.size < batch.num_rows:
-            batch = batch.take(pa.array(keep))
-        yield _embed_batch(model, card, batch, shape, level)
+    dev = resolve_device(device)
+    model.to(dev).eval()  # load_model loads on the CPU (map_location="cpu"); moved here
+    return dev
 
 
-def _embed_batch(
-    model: S2VecMAE,
-    card: ModelCard,
-    batch: pa.RecordBatch,
-    shape: tuple[int, int, int],
-    level: int,
+def _rows(
+    card: ModelCard, batch: pa.RecordBatch, emb: np.ndarray
 ) -> tuple[pa.RecordBatch, pa.RecordBatch]:
-    n, pixels = batch.num_rows, shape[1] * shape[2]
-    emb = _encode(model, tensors_to_numpy(batch.column("tensor"), shape))  # (n, S*S, D)
+    """Cell rows (S·S per image, encode order) and image rows of one batch; emb (n, S*S, D)."""
+    n, pixels, level = batch.num_rows, card.side * card.side, card.pixel_level
     image_ids = s2.from_signed(batch.column("image_id").to_numpy())
     cell_ids = s2.children_grid(image_ids, level).reshape(n * pixels)  # row-major = encode order
     parents = batch.column("parent_l6").to_numpy(zero_copy_only=False)
@@ -151,7 +213,7 @@ def _embed_batch(
             pa.array(parents, pa.string()),
             pa.array(image_tokens, pa.string()),
             pa.array(image_tokens, pa.string()),
-            batch.column("image_id"),
+            pa.array(batch.column("image_id").to_numpy(), pa.int64()),
             pa.array(np.full(n, card.image_level, np.int8)),
             pa.array(np.full(n, version, dtype=object), pa.string()),
             _list_column(emb.mean(axis=1, dtype=np.float64).astype(np.float32)),
@@ -161,12 +223,33 @@ def _embed_batch(
     return cells, images
 
 
+def iter_embeddings(
+    root: str | os.PathLike,
+    model: S2VecMAE,
+    card: ModelCard,
+    partition: str,
+    batch_size: int | None = None,
+    *,
+    device: str | torch.device = "auto",
+    raster_version: int | None = None,
+) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
+    """(cell rows, image rows) per batch of ``batch_size`` images of one partition, read at
+    ``raster_tiles`` version ``raster_version`` (default: the latest). The partition's tiles
+    are read whole (a partition fits in memory by design); its embeddings stream."""
+    dev = _prepare(model, card, root, device)
+    tiles, _ = read_tiles(root, partition, raster_snapshot(root, raster_version))
+    yield from _embed_tiles(model, card, tiles, batch_size or default_batch_size(dev), dev)
+
+
 def embed_partition(
     root: str | os.PathLike,
     model: S2VecMAE,
     card: ModelCard,
     partition: str,
-    batch_size: int = 256,
+    batch_size: int | None = None,
+    *,
+    device: str | torch.device = "auto",
+    raster_version: int | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """(cell_embeddings, image_embeddings) rows of one partition, held in memory.
 
@@ -174,7 +257,15 @@ def embed_partition(
     which streams the cell rows to Delta.
     """
     cells, images = [], []
-    for c, i in iter_embeddings(root, model, card, partition, batch_size):
+    for c, i in iter_embeddings(
+        root,
+        model,
+        card,
+        partition,
+        batch_size,
+        device=device,
+        raster_version=raster_version,
+    ):
         cells.append(c)
         images.append(i)
     return (
@@ -188,36 +279,48 @@ def write_embeddings(
     model: S2VecMAE,
     card: ModelCard,
     partitions: Sequence[str],
-    batch_size: int = 256,
-) -> dict[str, dict[str, int]]:
+    batch_size: int | None = None,
+    *,
+    device: str | torch.device = "auto",
+    raster_version: int | None = None,
+) -> dict[str, dict[str, Any]]:
     """Embed and write each partition to ``cell_embeddings`` and ``image_embeddings``.
 
-    Each table's partition is replaced in one atomic commit (cells first, then images;
-    a crash between the two leaves cells of the new model and images of the old one, fixed
-    by rerunning). Cell rows stream to Delta batch by batch. Returns per-partition row
-    counts and the new table versions.
+    Every partition is read at one ``raster_tiles`` version: ``raster_version``, default the
+    latest when this call starts. Each table's partition is replaced in one atomic commit
+    (cells first, then images; a crash between the two leaves cells of the new model and
+    images of the old one, fixed by rerunning); both commits carry ``s2vec.model_version``,
+    ``s2vec.raster_tiles_version`` and ``s2vec.raster_data_version`` in their commit info.
+    Cell rows stream to Delta batch by batch.
+
+    Returns, per partition: ``images``, ``cells`` (rows written), ``cell_table_version``,
+    ``image_table_version`` (the new Delta versions), ``raster_tiles_version`` (the raster
+    snapshot read) and ``raster_data_version`` (that partition's data version there: the hash
+    Dagster records for ``raster_tiles``).
     """
-    _check_model(model, card, root)
-    out: dict[str, dict[str, int]] = {}
+    dev = _prepare(model, card, root, device)
+    snapshot = raster_snapshot(root, raster_version)
+    size = batch_size or default_batch_size(dev)
+    out: dict[str, dict[str, Any]] = {}
     for partition in partitions:
+        # Read here, not inside the reader: deltalake pulls the reader from its own async
+        # runtime, where opening a Delta table panics ("Cannot start a runtime from within a
+        # runtime").
+        tiles, raster_data_version = read_tiles(root, partition, snapshot)
         images: list[pa.RecordBatch] = []
-        # deltalake pulls the reader from inside its async runtime, where opening a Delta
-        # table panics ("Cannot start a runtime from within a runtime"): open the raster
-        # table and embed the first batch here, outside, before handing over the rest.
-        stream = iter_embeddings(root, model, card, partition, batch_size)
-        first = next(stream, None)
 
         def cell_batches(
-            first: tuple[pa.RecordBatch, pa.RecordBatch] | None = first,
-            stream: Iterator[tuple[pa.RecordBatch, pa.RecordBatch]] = stream,
-            sink: list[pa.RecordBatch] = images,
+            tiles: pa.Table = tiles, sink: list[pa.RecordBatch] = images
         ) -> Iterator[pa.RecordBatch]:
-            if first is None:
-                return
-            for c, i in itertools.chain([first], stream):
+            for c, i in _embed_tiles(model, card, tiles, size, dev):
                 sink.append(i)  # image rows are small: kept for the second write
                 yield c
 
+        metadata = {
+            "s2vec.model_version": card.model_version,
+            "s2vec.raster_tiles_version": str(snapshot),
+            "s2vec.raster_data_version": raster_data_version,
+        }
         reader = pa.RecordBatchReader.from_batches(EMBEDDING_SCHEMA, cell_batches())
         cell_version = delta_store.write_partitions(
             root,
@@ -225,7 +328,7 @@ def write_embeddings(
             reader,
             [partition],
             embedding_contract(card, CELL_TABLE),
-            commit_metadata={"s2vec.model_version": card.model_version},
+            commit_metadata=metadata,
         )
         image_table = pa.Table.from_batches(images, schema=EMBEDDING_SCHEMA)
         image_version = delta_store.write_partitions(
@@ -234,12 +337,14 @@ def write_embeddings(
             image_table,
             [partition],
             embedding_contract(card, IMAGE_TABLE),
-            commit_metadata={"s2vec.model_version": card.model_version},
+            commit_metadata=metadata,
         )
         out[partition] = {
             "images": image_table.num_rows,
             "cells": image_table.num_rows * card.side * card.side,
             "cell_table_version": cell_version,
             "image_table_version": image_version,
+            "raster_tiles_version": snapshot,
+            "raster_data_version": raster_data_version,
         }
     return out

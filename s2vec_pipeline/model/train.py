@@ -1,21 +1,34 @@
 """Train the S2Vec MAE on ``raster_tiles`` into a versioned, atomically written model directory.
 
 ``<root>/models/<model_version>/`` holds ``model.ckpt`` (weights + hyperparameters +
-normalization buffers), ``last.ckpt`` (full training state), ``model_card.json`` and
-``loss_curve.png``. The version is a content hash of everything that determines the weights
-(config incl. seed, taxonomy version, channels, side, training partitions and their data
-versions), so the same inputs name the same model: a finished one is returned, not retrained.
+normalization buffers), ``last.ckpt`` (full training state, Lightning's
+``ModelCheckpoint``), ``logs/version_*/metrics.csv`` (Lightning's
+``CSVLogger``: one folder per attempt, a resumed run adds one), ``model_card.json`` and
+``loss_curve.png``.
+
+Training reads one Delta version of ``raster_tiles`` (the latest when it starts, or the one
+given): a refresh writing the table meanwhile changes nothing in this run. The version is a
+content hash of everything that determines the weights: config incl. seed, taxonomy version,
+channels, side, the number of training processes when above one, and each training
+partition's data version *at that snapshot* (``versioning.partition_data_version``, the very
+hash Dagster records for ``raster_tiles``), so the same inputs name the same model from
+Dagster or from Python, and a finished one is returned, not retrained. The card records the
+Delta version read (``raster_tiles_version``).
+
 Training runs in ``<root>/models/.<model_version>.partial/`` and is renamed into place at the
 end; an interrupted run leaves that directory and the next call resumes from its
-``last.ckpt``.
+``last.ckpt``. Several devices train with DDP through ``ddp_spawn``: the calling process holds
+the version lock and spawns one worker per device, so it works from a Dagster step, the CLI or
+a notebook alike (Lightning's default ``ddp`` would re-run the calling command per device).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
-import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -30,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from s2vec_pipeline import delta_store
 from s2vec_pipeline.errors import MissingInputError, S2VecError
@@ -40,15 +54,19 @@ from s2vec_pipeline.model.data import (
     RASTER_TABLE,
     EpochSetter,
     RasterTileDataModule,
-    iter_raster_batches,
+    raster_partition_keys,
+    raster_partition_versions,
+    raster_snapshot,
 )
 from s2vec_pipeline.model.mae import S2VecMAE
 from s2vec_pipeline.versioning import config_hash
 
 MODELS_DIR = "models"
 #: Bump when the architecture or training code changes what a config produces.
-MODEL_CODE_VERSION = "s2vec-mae-1"
+#: 2: tiles stream in a content-determined order from one snapshot; one partition hash.
+MODEL_CODE_VERSION = "s2vec-mae-2"
 _VERSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
+LOGS_DIR = "logs"
 
 
 class ModelNotFoundError(S2VecError):
@@ -63,15 +81,66 @@ class TrainingInProgressError(S2VecError):
     """Another process is training the same model version right now."""
 
 
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... litlogger / litmodels"), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _silence_lightning_tips() -> None:
+    # Lightning logs the tips through these loggers at INFO on every Trainer; the other INFO
+    # lines ("GPU available ...") stay.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
+            logger.addFilter(_DropLightningTips())
+
+
+_silence_lightning_tips()
+
+
+def _filter_known_warnings() -> None:
+    """Targeted filters for warnings about Lightning's internals, not about our inputs."""
+    # The stream's __len__ is exact per rank and worker (see RasterTileStream).
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`")
+    # The model directory holds the CSV logs, and last.ckpt when resuming: expected.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Lightning 2.6's utilities/_pytree.py builds torch's deprecated LeafSpec (torch 2.10+);
+    # nothing for us to change.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+
+
+@contextlib.contextmanager
+def _known_warnings() -> Iterator[None]:
+    """``_filter_known_warnings`` for the duration of a fit, in the calling process."""
+    with warnings.catch_warnings():
+        _filter_known_warnings()
+        yield
+
+
+class _QuietWorkers(L.Callback):
+    """The same filters in spawned DDP workers (fresh interpreters)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # In the calling process this runs inside ``_known_warnings``, which undoes it.
+        _filter_known_warnings()
+
+
 # --- configuration and versions ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings. Fields in ``RUNTIME_FIELDS`` do not enter the model version."""
+    """Training settings. Fields in ``RUNTIME_FIELDS`` do not enter the model version
+    (except through the resolved number of training processes, see ``world_size``)."""
 
     epochs: int = 20
-    batch_size: int = 32
+    batch_size: int = 32  # per device
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
@@ -90,11 +159,18 @@ class TrainConfig:
     shuffle_buffer: int = 2048
     # runtime only
     num_workers: int = 0
-    devices: int | str = "auto"
+    devices: int | str = "auto"  # "auto": every GPU (one CPU process without a GPU), or N
+    accelerator: str = "auto"  # "auto", "cpu", "gpu"/"cuda"
     read_batch_size: int = 256
     progress_bar: bool = False
 
-    RUNTIME_FIELDS = ("num_workers", "devices", "read_batch_size", "progress_bar")
+    RUNTIME_FIELDS = (
+        "num_workers",
+        "devices",
+        "accelerator",
+        "read_batch_size",
+        "progress_bar",
+    )
 
     @classmethod
     def for_profile(cls, profile: str, **overrides: Any) -> TrainConfig:
@@ -111,53 +187,51 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         return {k: v for k, v in d.items() if k not in self.RUNTIME_FIELDS}
 
+    def uses_cuda(self) -> bool:
+        return torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
+
+    def world_size(self) -> int:
+        """Training processes this config starts: one per device."""
+        d = self.devices
+        if isinstance(d, list | tuple):
+            return len(d)
+        cuda = self.uses_cuda()
+        if d == "auto":
+            return max(1, torch.cuda.device_count()) if cuda else 1
+        n = int(d)
+        if n == -1:
+            return torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
+        if n < 1:
+            raise S2VecError(f"devices must be 'auto', -1 or at least 1, not {d!r}")
+        return n
+
 
 def model_version(
-    config: TrainConfig, contract: dict[str, Any], partition_versions: dict[str, str]
+    config: TrainConfig,
+    contract: dict[str, Any],
+    partition_versions: dict[str, str],
+    world_size: int = 1,
 ) -> str:
-    """Content hash of what determines the weights (config, data contract, data versions)."""
-    return config_hash(
-        {
-            "code": MODEL_CODE_VERSION,
-            "config": config.version_dict(),
-            "profile": contract.get("profile"),
-            "image_level": contract.get("image_level"),
-            "pixel_level": contract.get("pixel_level"),
-            "side": contract["side"],
-            "taxonomy_version": contract["taxonomy_version"],
-            "channels": list(contract["channels"]),
-            "partitions": dict(sorted(partition_versions.items())),
-        }
-    )
+    """Content hash of what determines the weights (config, data contract, data versions).
 
-
-def partition_data_versions(
-    root: str | os.PathLike, partitions: Sequence[str], read_batch_size: int = 256
-) -> dict[str, str]:
-    """Content hash per raster partition, streamed and independent of row order.
-
-    Each row hashes (token, tensor bytes); a partition's version hashes the row count and the
-    sum of row hashes mod 2^128. Pass Dagster's data versions to ``train_model`` instead to
-    skip this pass.
+    ``partition_versions``: each training partition's data version at the snapshot read
+    (``data.raster_partition_versions``). ``world_size`` enters only above one: several
+    processes see other batches (and a single-process version stays what it always was).
     """
-    sums = dict.fromkeys(partitions, 0)
-    counts = dict.fromkeys(partitions, 0)
-    for batch in iter_raster_batches(
-        root, partitions, ["parent_l6", "image_token", "tensor"], read_batch_size
-    ):
-        if batch.num_rows == 0:
-            continue
-        col = batch.column("tensor")
-        values = col.flatten().to_numpy(zero_copy_only=False)
-        offsets = col.offsets.to_numpy() - col.offsets[0].as_py()
-        parts = batch.column("parent_l6").to_pylist()
-        tokens = batch.column("image_token").to_pylist()
-        for i, (p, t) in enumerate(zip(parts, tokens, strict=True)):
-            h = hashlib.blake2b(t.encode(), digest_size=16)
-            h.update(values[offsets[i] : offsets[i + 1]].tobytes())
-            sums[p] = (sums[p] + int.from_bytes(h.digest(), "big")) % 2**128
-            counts[p] += 1
-    return {p: config_hash([counts[p], str(sums[p])]) for p in partitions}
+    key: dict[str, Any] = {
+        "code": MODEL_CODE_VERSION,
+        "config": config.version_dict(),
+        "profile": contract.get("profile"),
+        "image_level": contract.get("image_level"),
+        "pixel_level": contract.get("pixel_level"),
+        "side": contract["side"],
+        "taxonomy_version": contract["taxonomy_version"],
+        "channels": list(contract["channels"]),
+        "partitions": dict(sorted(partition_versions.items())),
+    }
+    if world_size > 1:
+        key["world_size"] = world_size
+    return config_hash(key)
 
 
 # --- the model card ----------------------------------------------------------------------
@@ -175,7 +249,7 @@ class ModelCard:
     side: int
     taxonomy_version: str
     channels: list[str]
-    partitions: dict[str, str]
+    partitions: dict[str, str]  # training partition -> its data version at the snapshot
     normalization: dict[str, list[float]]
     n_train: int
     n_val: int
@@ -190,6 +264,10 @@ class ModelCard:
     steps: int
     resumed_from: dict[str, int] | None
     created: str
+    #: the Delta version of raster_tiles the model was trained on (its snapshot)
+    raster_tiles_version: int | None = None
+    #: training processes (DDP ranks); the batch per step is world_size × batch_size
+    world_size: int = 1
     code_version: str = MODEL_CODE_VERSION
     directory: str = field(default="", compare=False)
 
@@ -235,79 +313,40 @@ def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RAS
 # --- training ----------------------------------------------------------------------------
 
 
-class LossHistory(L.Callback):
-    """Per-step train loss, per-epoch val loss, images seen and time; kept in checkpoints."""
+class TrainingClock(L.Callback):
+    """Images seen and training seconds, kept in ``last.ckpt`` so a resumed run adds up.
+
+    At each epoch end it also flushes the CSV logger, so ``metrics.csv`` holds every step up
+    to the checkpoint that ``ModelCheckpoint`` writes right after (it runs last).
+    """
 
     def __init__(self) -> None:
-        self.state: dict[str, Any] = {
-            "step": [],
-            "train_loss": [],
-            "epoch": [],
-            "epoch_step": [],
-            "val_loss": [],
-            "epoch_train_loss": [],
-            "images_seen": 0,
-            "duration_s": 0.0,
-        }
-        self._pending: list[torch.Tensor] = []
+        self.state: dict[str, Any] = {"images_seen": 0, "duration_s": 0.0, "resumed_from": None}
         self._t0 = time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
+        if trainer.ckpt_path:
+            self.state["resumed_from"] = {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+            }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self._pending.append(outputs["loss"].detach())  # no GPU sync per step
         self.state["images_seen"] += int(batch.shape[0]) * trainer.world_size
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        s = self.state
-        if self._pending:
-            losses = torch.stack(self._pending).float().cpu().tolist()
-            first = trainer.global_step - len(losses) + 1
-            s["step"] += list(range(first, trainer.global_step + 1))
-            s["train_loss"] += losses
-            s["epoch_train_loss"].append(float(np.mean(losses)))
-            self._pending = []
-        val = trainer.callback_metrics.get("val_loss")
-        s["epoch"].append(trainer.current_epoch)
-        s["epoch_step"].append(trainer.global_step)
-        s["val_loss"].append(float(val) if val is not None else None)
         now = time.perf_counter()
-        s["duration_s"] += now - self._t0
+        self.state["duration_s"] += now - self._t0
         self._t0 = now
+        for logger in trainer.loggers:
+            logger.save()
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = dict(state_dict)
-
-
-class LastCheckpoint(L.Callback):
-    """Saves ``last.ckpt`` (full training state) at each epoch end, atomically (tmp + rename).
-
-    Put it after the callbacks whose state it should capture (callbacks run in list order).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
-        trainer.strategy.barrier()
-
-
-class _ResumeMarker(L.Callback):
-    """Remembers the epoch/step a run resumed from (read after ``fit``)."""
-
-    resumed_from: dict[str, int] | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.ckpt_path:
-            self.resumed_from = {"epoch": trainer.current_epoch, "step": trainer.global_step}
 
 
 def models_dir(root: str | os.PathLike) -> Path:
@@ -337,11 +376,11 @@ def _version_lock(base: Path, version: str) -> Iterator[None]:
 
 
 def _hardware(trainer: L.Trainer) -> dict[str, Any]:
-    if torch.cuda.is_available() and trainer.num_devices and trainer.root_device.type == "cuda":
-        name = torch.cuda.get_device_name(trainer.root_device)
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
         return {
             "accelerator": "cuda",
-            "device_name": name,
+            "device_name": torch.cuda.get_device_name(device),
             "device_count": trainer.num_devices,
             "precision": trainer.precision,
         }
@@ -354,24 +393,24 @@ def _hardware(trainer: L.Trainer) -> dict[str, Any]:
     return {
         "accelerator": "cpu",
         "device_name": cpu,
-        "device_count": 1,
+        "device_count": trainer.num_devices,
         "threads": torch.get_num_threads(),
         "precision": trainer.precision,
     }
 
 
 def _trainer_kwargs(config: TrainConfig) -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    n_gpus = torch.cuda.device_count() if cuda else 0
-    devices = config.devices
-    n_used = n_gpus if devices == "auto" else int(devices) if cuda else 1
+    cuda = config.uses_cuda()
     return {
-        "accelerator": "auto",
-        "devices": devices,
+        "accelerator": config.accelerator,
+        "devices": config.devices,
         "precision": "bf16-mixed" if cuda else "32-true",
-        # DDP re-launches the calling command once per extra GPU (Lightning's subprocess
-        # launcher): fine from a CLI; from a long-lived process set devices=1.
-        "strategy": "ddp" if n_used > 1 else "auto",
+        # Several devices: DDP in spawned workers (NCCL on GPUs, gloo on CPUs). The default
+        # "ddp" would re-run this process's command line once per extra device: a whole
+        # `s2vec materialize` or Dagster step. Spawned workers receive the pickled module,
+        # data module and callbacks instead; the caller keeps the lock and finishes the model
+        # from the files the workers wrote.
+        "strategy": "ddp_spawn" if config.world_size() > 1 else "auto",
         # Bitwise reproducible on CPU; on GPU bf16 / flash attention are not, so warn only.
         "deterministic": "warn" if cuda else True,
     }
@@ -382,14 +421,16 @@ def train_model(
     partitions: Sequence[str] | None = None,
     config: TrainConfig | None = None,
     *,
-    partition_versions: dict[str, str] | None = None,
+    raster_version: int | None = None,
     callbacks: Sequence[L.Callback] = (),
 ) -> ModelCard:
     """Train (or resume, or reuse) the model for ``raster_tiles`` under ``root``.
 
-    ``partitions``: training partitions (default: all with data). ``partition_versions``:
-    their data versions if the caller knows them (e.g. Dagster's); otherwise they are hashed
-    from the data. Returns the model card; the model lives in ``card.directory``.
+    ``partitions``: training partitions (default: all with data at the snapshot).
+    ``raster_version``: the Delta version of ``raster_tiles`` to train on (default: the
+    latest when this call starts). ``callbacks`` run where training runs: in this process
+    with one device, in each spawned worker with several. Returns the model card; the model
+    lives in ``card.directory``.
     """
     contract = delta_store.table_contract(root, RASTER_TABLE)
     if contract is None:
@@ -397,36 +438,40 @@ def train_model(
             f"no raster_tiles table under {root}: materialize raster_tiles first "
             "(the model trains on its tiles)"
         )
-    available = delta_store.partition_keys(root, RASTER_TABLE)
+    snapshot = raster_snapshot(root, raster_version)
+    available = raster_partition_keys(root, snapshot)
     if partitions is None:
         partitions = available
     partitions = sorted(set(partitions))
     missing = [p for p in partitions if p not in available]
     if missing or not partitions:
         raise MissingInputError(
-            f"raster_tiles under {root} has no tiles for partitions {missing or partitions}: "
-            f"materialize raster_tiles for them first (partitions with tiles: {available})"
+            f"raster_tiles under {root} (version {snapshot}) has no tiles for partitions "
+            f"{missing or partitions}: materialize raster_tiles for them first (partitions "
+            f"with tiles: {available})"
         )
     config = config or TrainConfig.for_profile(contract.get("profile", ""))
-    if partition_versions is None:
-        partition_versions = partition_data_versions(root, partitions, config.read_batch_size)
-    elif set(partition_versions) != set(partitions):
-        raise ValueError("partition_versions must have exactly one entry per training partition")
-    version = model_version(config, contract, partition_versions)
+    world_size = config.world_size()
+    partition_versions = raster_partition_versions(root, partitions, snapshot)
+    version = model_version(config, contract, partition_versions, world_size)
     base = models_dir(root)
     final = base / version
     if (final / "model_card.json").is_file():
         return ModelCard.load(final)
 
+    # Only this process takes the lock: DDP workers are spawned by it and never get here.
     with _version_lock(base, version):
         if (final / "model_card.json").is_file():  # finished while we waited for the lock
             return ModelCard.load(final)
-        return _train(root, partitions, config, contract, partition_versions, version, callbacks)
+        return _train(
+            root, partitions, snapshot, config, contract, partition_versions, version, callbacks
+        )
 
 
 def _train(
     root: str | os.PathLike,
     partitions: list[str],
+    snapshot: int,
     config: TrainConfig,
     contract: dict[str, Any],
     partition_versions: dict[str, str],
@@ -450,6 +495,7 @@ def _train(
         shuffle_buffer=config.shuffle_buffer,
         read_batch_size=config.read_batch_size,
         num_workers=config.num_workers,
+        version=snapshot,
     )
     dm.setup("fit")
     model = S2VecMAE(
@@ -472,31 +518,84 @@ def _train(
     )
     model.set_normalization(dm.channel_mean, dm.channel_std)
 
-    history, marker = LossHistory(), _ResumeMarker()
+    # last.ckpt at each epoch end, written atomically (Lightning saves through an fsspec
+    # transaction: temporary file, then rename). Not ``save_last=True``: since Lightning 2.6
+    # that writes last.ckpt only as a second copy of a top-k file.
+    last = ModelCheckpoint(
+        dirpath=work,
+        filename="last",
+        save_top_k=1,  # with no monitored metric: the latest epoch, replacing the previous
+        every_n_epochs=1,
+        # After the epoch's validation and after TrainingClock (checkpoint callbacks run
+        # last), so last.ckpt holds the whole epoch.
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
     trainer = L.Trainer(
         **_trainer_kwargs(config),
         max_epochs=config.epochs,
         max_steps=config.max_steps if config.max_steps is not None else -1,
-        callbacks=[history, marker, EpochSetter(), *callbacks, LastCheckpoint(resume)],
+        callbacks=[_QuietWorkers(), TrainingClock(), EpochSetter(), *callbacks, last],
         default_root_dir=str(work),
-        logger=False,
-        enable_checkpointing=False,
+        # One metrics.csv per attempt (version_0, version_1 after a resume...): CSVLogger
+        # would delete an earlier attempt's file if pointed at the same folder.
+        logger=CSVLogger(work, name=LOGS_DIR),
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if dm.n_val > 0 else 0,
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    with warnings.catch_warnings():
-        # The stream's __len__ is exact per rank and worker (see RasterTileStream).
-        warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`")
+    with _known_warnings():
         trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume.is_file() else None)
-    if not trainer.is_global_zero:
-        return ModelCard.load(final) if (final / "model_card.json").is_file() else None  # type: ignore[return-value]
+    # With ddp_spawn the workers trained; this (calling) process finishes from their files.
+    return _finish(
+        work,
+        final,
+        version,
+        snapshot,
+        config,
+        contract,
+        partition_versions,
+        dm,
+        _hardware(trainer),
+        trainer.world_size,
+    )
 
-    trainer.save_checkpoint(work / "model.ckpt", weights_only=True)
-    h = history.state
-    val_losses = [v for v in h["val_loss"] if v is not None]
+
+def _finish(
+    work: Path,
+    final: Path,
+    version: str,
+    snapshot: int,
+    config: TrainConfig,
+    contract: dict[str, Any],
+    partition_versions: dict[str, str],
+    dm: RasterTileDataModule,
+    hardware: dict[str, Any],
+    world_size: int,
+) -> ModelCard:
+    """Model file, card and loss curve from ``last.ckpt`` and the CSV logs; then the rename."""
+    state = torch.load(work / "last.ckpt", map_location="cpu", weights_only=False)
+    # What Trainer.save_checkpoint(weights_only=True) writes: no optimizer or loop state.
+    weights = {
+        k: state[k]
+        for k in (
+            "epoch",
+            "global_step",
+            "pytorch-lightning_version",
+            "state_dict",
+            "hparams_name",
+            "hyper_parameters",
+        )
+        if k in state
+    }
+    torch.save(weights, work / "model.ckpt")
+    clock = next(
+        (v for k, v in state.get("callbacks", {}).items() if k.startswith("TrainingClock")),
+        {"images_seen": 0, "duration_s": 0.0, "resumed_from": None},
+    )
+    history = read_loss_history(work / LOGS_DIR)
     card = ModelCard(
         model_version=version,
         config=dataclasses.asdict(config),
@@ -510,32 +609,77 @@ def _train(
         normalization=dm.normalization_stats(),
         n_train=dm.n_train,
         n_val=dm.n_val,
-        train_loss=h["epoch_train_loss"][-1] if h["epoch_train_loss"] else None,
-        val_loss=val_losses[-1] if val_losses else None,
-        loss_history={
-            k: h[k]
-            for k in ("step", "train_loss", "epoch", "epoch_step", "epoch_train_loss", "val_loss")
-        },
-        hardware=_hardware(trainer),
-        duration_s=round(h["duration_s"], 3),
-        images_seen=h["images_seen"],
-        images_per_s=round(h["images_seen"] / h["duration_s"], 1) if h["duration_s"] else 0.0,
-        epochs_completed=trainer.current_epoch,
-        steps=trainer.global_step,
-        resumed_from=marker.resumed_from,
+        train_loss=history["epoch_train_loss"][-1] if history["epoch_train_loss"] else None,
+        val_loss=next((v for v in reversed(history["val_loss"]) if v is not None), None),
+        loss_history=history,
+        hardware=hardware,
+        duration_s=round(clock["duration_s"], 3),
+        images_seen=clock["images_seen"],
+        images_per_s=(
+            round(clock["images_seen"] / clock["duration_s"], 1) if clock["duration_s"] else 0.0
+        ),
+        epochs_completed=int(state["epoch"]),  # saved after the epoch counter moved on
+        steps=int(state["global_step"]),
+        resumed_from=clock["resumed_from"],
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        raster_tiles_version=snapshot,
+        world_size=world_size,
         directory=str(final),
     )
     (work / "model_card.json").write_text(card.to_json())
-    draw_loss_curve(card.loss_history, work / "loss_curve.png", title=f"S2Vec MAE {version}")
+    draw_loss_curve(
+        card.loss_history,
+        work / "loss_curve.png",
+        title=f"S2Vec MAE {version}",
+        n_train=card.n_train,
+        n_val=card.n_val,
+    )
     os.replace(work, final)  # atomic: the finished directory appears complete or not at all
     return card
+
+
+def read_loss_history(logs: Path) -> dict[str, list]:
+    """Per-step train loss and per-epoch val loss from the CSV logs of every attempt.
+
+    A later attempt (a resume) overrides the steps it re-ran: after a crash the steps between
+    the last checkpoint and the crash were logged twice, with the same values on CPU.
+    """
+    train: dict[int, tuple[int, float]] = {}
+    val: dict[int, tuple[int, float]] = {}
+
+    def attempt(p: Path) -> int:
+        return int(p.parent.name.removeprefix("version_") or 0)
+
+    for path in sorted(logs.glob("version_*/metrics.csv"), key=attempt):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                step, epoch = int(row["step"]), int(float(row["epoch"]))
+                if row.get("train_loss"):
+                    train[step] = (epoch, float(row["train_loss"]))
+                if row.get("val_loss"):
+                    val[epoch] = (step, float(row["val_loss"]))
+    steps = sorted(train)
+    epochs = sorted({e for e, _ in train.values()} | set(val))
+    per_epoch = {e: [loss for s, (ep, loss) in sorted(train.items()) if ep == e] for e in epochs}
+    return {
+        # Lightning logs the loss of optimizer step k at step k-1; +1 counts steps from 1.
+        "step": [s + 1 for s in steps],
+        "train_loss": [train[s][1] for s in steps],
+        "epoch": epochs,
+        "epoch_step": [
+            max((s + 1 for s, (ep, _) in train.items() if ep == e), default=0) for e in epochs
+        ],
+        "epoch_train_loss": [
+            sum(per_epoch[e]) / len(per_epoch[e]) if per_epoch[e] else None for e in epochs
+        ],
+        "val_loss": [val[e][1] if e in val else None for e in epochs],
+    }
 
 
 def load_model(
     root: str | os.PathLike, version: str, table: str | None = RASTER_TABLE
 ) -> tuple[S2VecMAE, ModelCard]:
-    """The trained model (eval mode, on CPU) and its card.
+    """The trained model (eval mode, on CPU: ``embed`` moves it to its device) and its card.
 
     With ``table`` (default ``raster_tiles``), refuse a model that does not fit that table's
     contract (taxonomy version, channels, side) when the table exists.
@@ -566,14 +710,41 @@ def load_model(
 # --- loss curve (Pillow only) -------------------------------------------------------------
 
 
+FEW_VAL_IMAGES = 5
+
+
+def loss_curve_caption(n_train: int | None, n_val: int | None) -> tuple[str, str | None]:
+    """(set sizes line, warning or None) written on the loss curve."""
+    if n_train is None or n_val is None:
+        return "", None
+    plural = lambda n: "image" if n == 1 else "images"  # noqa: E731
+    sizes = (
+        f"training set: {n_train:,} {plural(n_train)}; validation set: {n_val:,} {plural(n_val)}"
+    )
+    if n_val == 0:
+        return sizes, "no validation images: no validation loss"
+    if n_val < FEW_VAL_IMAGES:
+        return sizes, (
+            f"validation loss from only {n_val} {plural(n_val)}: noisy, "
+            "not a measure of generalization"
+        )
+    return sizes, None
+
+
 def draw_loss_curve(
-    history: dict[str, list], path: str | os.PathLike, title: str = "", size=(800, 480)
+    history: dict[str, list],
+    path: str | os.PathLike,
+    title: str = "",
+    size: tuple[int, int] = (800, 480),
+    n_train: int | None = None,
+    n_val: int | None = None,
 ) -> None:
-    """Train loss per step (blue line) and val loss per epoch (orange dots) as a PNG."""
+    """Train loss per step (blue line) and val loss per epoch (orange dots) as a PNG, titled
+    with the training and validation set sizes (and a warning when validation is tiny)."""
     from PIL import Image, ImageDraw
 
     w, h = size
-    left, right, top, bottom = 70, 20, 40, 50
+    left, right, top, bottom = 70, 20, 64, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     steps, train = history.get("step", []), history.get("train_loss", [])
@@ -582,8 +753,12 @@ def draw_loss_curve(
         for s, v in zip(history.get("epoch_step", []), history.get("val_loss", []), strict=False)
         if v is not None
     ]
+    sizes, warning = loss_curve_caption(n_train, n_val)
+    d.text((left, 8), title or "loss", fill="black")
+    d.text((left, 24), sizes, fill="black")
+    if warning:
+        d.text((left, 40), warning, fill=(200, 0, 0))
     ys = [v for v in train if math.isfinite(v)] + [v for _, v in val if math.isfinite(v)]
-    d.text((left, 12), title or "loss", fill="black")
     if not ys or not steps:
         d.text((left, h // 2), "no losses recorded", fill="black")
         img.save(path)
@@ -619,7 +794,6 @@ def draw_loss_curve(
     for s, v in val:
         x, y = px(s, v)
         d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(255, 127, 14))
-    d.text(
-        (w - right - 230, top + 6), "line: train (per step)  dots: val (per epoch)", fill="black"
-    )
+    val_label = "val (per epoch)" if n_val is None else f"val (per epoch, {n_val} img)"
+    d.text((w - right - 300, top + 6), f"line: train (per step)  dots: {val_label}", fill="black")
     img.save(path)
