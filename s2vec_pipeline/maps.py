@@ -499,8 +499,8 @@ def reconstruction_png(
     from PIL import Image, ImageDraw
 
     from s2vec_pipeline import preview
-    from s2vec_pipeline.model.data import tensors_to_numpy
     from s2vec_pipeline.model.train import list_models, load_model
+    from s2vec_pipeline.raster import tensor_array
 
     image_id = s2.from_token(np.array([image_token]))
     if int(s2.cell_level(image_id)[0]) < 7:
@@ -521,7 +521,7 @@ def reconstruction_png(
         model_version = versions[-1]
     model, card = load_model(root, model_version)
     shape = (len(card.channels), card.side, card.side)
-    x = np.array(tensors_to_numpy(row["tensor"].to_arrow(), shape))
+    x = np.array(tensor_array(row, *shape[:2]))
     ratio = float(card.config.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio)
     noise = torch.rand(1, model.num_patches, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():

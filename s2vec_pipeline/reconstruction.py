@@ -108,16 +108,23 @@ def held_out_images(
     """Image tokens per partition that the model did not train on."""
     import pyarrow.compute as pc
 
-    from s2vec_pipeline.model.data import iter_raster_batches, plan_split
+    from s2vec_pipeline.model.data import plan_split, raster_snapshot, stream_raster_tiles
 
     available = delta_store.partition_keys(root, "raster_tiles")
     parts = sorted(set(partitions or available) & set(available))
     trained = sorted(set(card.partitions) & set(parts))
     rule = None
     if trained:
-        rule, _, _ = plan_split(root, sorted(card.partitions), card.config["val_fraction"])
+        # the split the model was trained with: same partitions, same raster_tiles version
+        rule, _, _ = plan_split(
+            root,
+            sorted(card.partitions),
+            card.config["val_fraction"],
+            getattr(card, "raster_tiles_version", None),
+        )
     out: dict[str, list[str]] = {}
-    for batch in iter_raster_batches(root, parts, ["parent_l6", "image_token", "nonempty_pixels"]):
+    columns = ["parent_l6", "image_token", "nonempty_pixels"]
+    for batch in stream_raster_tiles(root, parts, raster_snapshot(root), columns):
         keep = pc.greater(batch.column("nonempty_pixels"), 0)
         tokens = np.asarray(pc.filter(batch.column("image_token"), keep).to_pylist(), dtype=object)
         parents = np.asarray(pc.filter(batch.column("parent_l6"), keep).to_pylist(), dtype=object)
@@ -145,8 +152,8 @@ def reconstruction_quality(
     import polars as pl
     import torch
 
-    from s2vec_pipeline.model.data import tensors_to_numpy
     from s2vec_pipeline.model.train import list_models, load_model
+    from s2vec_pipeline.raster import tensor_array
 
     versions = list_models(root)
     if model_version is None:
@@ -170,7 +177,7 @@ def reconstruction_quality(
         .sort("image_token")
         .collect()
     )
-    x_all = tensors_to_numpy(tiles["tensor"].to_arrow(), shape)
+    x_all = tensor_array(tiles, shape[0], shape[1])
     generator = torch.Generator().manual_seed(seed)
     p, grid = model.patch_size, model.grid
     sums = {k: 0.0 for k in PREDICTORS}

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from s2vec_pipeline import delta_store
-from s2vec_pipeline.model.data import tensors_to_numpy
 from s2vec_pipeline.model.train import TrainConfig, list_models, load_model, train_model
+from s2vec_pipeline.raster import tensor_array
 from s2vec_pipeline.reconstruction import (
     NoHeldOutImagesError,
     held_out_images,
@@ -36,7 +36,7 @@ def test_scores_against_direct_computations(embedded_root: Path) -> None:
         .filter(pl.col("image_token").is_in(tokens))
         .sort("image_token")
     )
-    x = tensors_to_numpy(tiles["tensor"].to_arrow(), (len(card.channels), 16, 16))
+    x = tensor_array(tiles, len(card.channels), 16)
     # the same noise as the report draws; MAE keeps the (1 - ratio) lowest-noise tokens
     noise = torch.rand(len(x), 256, generator=torch.Generator().manual_seed(5))
     order = np.argsort(noise.numpy(), axis=1)
