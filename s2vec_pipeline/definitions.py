@@ -10,6 +10,7 @@ import dagster as dg
 
 from s2vec_pipeline.defs.automation import refresh_stale_partitions
 from s2vec_pipeline.defs.data_layer import data_layer_assets, data_layer_job
+from s2vec_pipeline.defs.evaluation import evaluation, evaluation_job
 from s2vec_pipeline.defs.maintenance import maintain_tables, weekly_maintenance_schedule
 from s2vec_pipeline.defs.model import (
     embed_job,
@@ -39,7 +40,7 @@ def build_definitions(settings: PipelineSettings | None = None) -> dg.Definition
     settings = settings or PipelineSettings.from_env()
     sources = osm_sources_asset(sources_metadata(settings))
     return dg.Definitions(
-        assets=[sources, *data_layer_assets, *model_layer_assets],
+        assets=[sources, *data_layer_assets, *model_layer_assets, evaluation],
         resources={"s2vec": S2VecResource.from_settings(settings)},
         jobs=[
             refresh_sources_job,
@@ -49,6 +50,7 @@ def build_definitions(settings: PipelineSettings | None = None) -> dg.Definition
             partition_pipeline_job,
             materialize_region,
             maintain_tables,
+            evaluation_job,
         ],
         sensors=[
             register_source_partitions,

@@ -271,3 +271,37 @@ def test_tiny_label_set_reports_undefined_r2_as_null(labelled, tmp_path: Path) -
     assert [f["r2"] is None for f in spatial["folds"]].count(True) == 2
     assert all(f["mae"] is not None for f in spatial["folds"])
     assert any("R² is undefined" in n for n in data["notes"])
+
+
+def test_evaluation_asset_shows_the_table(labelled, tmp_path: Path) -> None:
+    """The Dagster `evaluate` job on a labels file: the metadata holds the same probe results
+    as the plain function, here the raw probe recovering an exact linear target."""
+    import json
+
+    import dagster as dg
+
+    from s2vec_pipeline.definitions import build_definitions
+    from s2vec_pipeline.defs.resources import resource_run_config
+    from s2vec_pipeline.settings import PipelineSettings
+
+    root, labels, _ = labelled
+    path = tmp_path / "labels.parquet"
+    labels.select("cell_token", "linear_road").write_parquet(path)
+    settings = PipelineSettings(root=str(root))
+    job = build_definitions(settings).resolve_job_def("evaluate")
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            instance=instance,
+            run_config={
+                "resources": resource_run_config(settings),
+                "ops": {"evaluation": {"config": {"labels": str(path), "folds": 4}}},
+            },
+        )
+    (mat,) = result.asset_materializations_for_node("evaluation")
+    meta = mat.metadata
+    assert meta["labelled_cells"].value == labels.height
+    assert "linear_road" in meta["results"].value
+    body = json.loads(json.dumps(meta["report"].value))
+    assert "linear_road" in json.dumps(body)
+    direct = evaluate(root, labels.select("cell_token", "linear_road"), folds=4)
+    assert direct.result("linear_road", "spatial", "raw").stat("r2")[0] > 0.999

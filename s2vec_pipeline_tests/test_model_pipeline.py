@@ -104,6 +104,7 @@ def test_dagster_records_model_and_partition_versions(embedded) -> None:
         raster = delta_store.read_partitions(root, "raster_tiles", [r.partition_key])
         assert m.metadata["dagster/row_count"].value == 256 * raster.height
         assert m.metadata["embedding_width"].value == TINY["embed_dim"]
+        assert m.metadata["map"].value.startswith(f"![embeddings of {r.partition_key}](data:")
     # the model's and the embeddings' checks, per partition for the embeddings
     checks = {
         (e.asset_key.to_user_string(), e.check_name, e.partition): e.passed
@@ -114,6 +115,7 @@ def test_dagster_records_model_and_partition_versions(embedded) -> None:
         for e in [entry.dagster_event.event_specific_data]
     }
     assert checks[("mae_model", "finite_loss", None)]
+    assert ("mae_model", "reconstruction_beats_channel_mean", None) in checks
     assert not checks[("mae_model", "enough_validation_images", None)]  # 18 images: 1 held out
     for k in (HELSINKI_L6, MONACO_L6):
         for table in ("cell_embeddings", "image_embeddings"):

@@ -109,6 +109,13 @@ def _card_checks(card: "ModelCard") -> list[dg.AssetCheckResult]:
             description="Training and validation losses are finite.",
         ),
         dg.AssetCheckSpec(
+            "reconstruction_beats_channel_mean",
+            asset="mae_model",
+            description="On images the model did not train on, its masked reconstruction error "
+            "is below that of predicting each channel's mean (skill > 0); the metadata also "
+            "compares it with the mean of neighbouring visible pixels.",
+        ),
+        dg.AssetCheckSpec(
             "enough_validation_images",
             asset="mae_model",
             description=f"At least {MIN_VALIDATION_IMAGES} held-out images measure the "
@@ -154,6 +161,32 @@ def mae_model(
         data_version=dg.DataVersion(card.model_version),
     )
     yield from _card_checks(card)
+    yield _reconstruction_check(settings.root, card.model_version)
+
+
+def _reconstruction_check(root: str, model_version: str) -> dg.AssetCheckResult:
+    from s2vec_pipeline.reconstruction import NoHeldOutImagesError, reconstruction_quality
+
+    try:
+        report = reconstruction_quality(root, model_version)
+    except NoHeldOutImagesError as e:
+        return dg.AssetCheckResult(
+            check_name="reconstruction_beats_channel_mean",
+            passed=True,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"not measured: {e}",
+        )
+    skill = report.skill("channel_mean")
+    return dg.AssetCheckResult(
+        check_name="reconstruction_beats_channel_mean",
+        passed=bool(skill > 0),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "skill_vs_channel_mean": float(skill),
+            "skill_vs_neighbour_mean": float(report.skill("neighbour_mean")),
+            "report": dg.MetadataValue.md(report.to_markdown()),
+        },
+    )
 
 
 class EmbeddingConfig(dg.Config):
@@ -285,6 +318,12 @@ def embeddings(
     # partition changes exactly the right partitions' versions.
     data_version = dg.DataVersion(f"{version}-{written['raster_data_version']}")
     width = int(card.config["embed_dim"])
+    from s2vec_pipeline.maps import partition_embedding_png
+
+    # First three principal components as RGB on the cells' true polygons.
+    embedding_map = dg.MetadataValue.md(
+        markdown_image(partition_embedding_png(settings.root, key, version), f"embeddings of {key}")
+    )
     for table, rows, per_image in (
         ("cell_embeddings", written["cells"], card.side * card.side),
         ("image_embeddings", written["images"], 1),
@@ -297,6 +336,7 @@ def embeddings(
                 "model_version": version,
                 "raster_tiles_version": written["raster_tiles_version"],
                 "embedding_width": width,
+                **({"map": embedding_map} if table == "cell_embeddings" else {}),
             },
         )
         yield from _embedding_check_results(
