@@ -277,10 +277,13 @@ def _empty_frame() -> pl.DataFrame:
 
 
 def _rows_from_collector(
-    col: _Collector, taxonomy: Taxonomy, profile: ResolutionProfile
+    col: _Collector, taxonomy: Taxonomy, profile: ResolutionProfile, keep_object: bool = False
 ) -> pl.DataFrame:
+    """The rows of the collected objects; ``keep_object`` adds an ``obj`` column (the object's
+    index in the collector) after the schema's columns."""
     if not col.kind:
-        return _empty_frame()
+        empty = _empty_frame()
+        return empty.with_columns(pl.lit(None, pl.Int64).alias("obj")) if keep_object else empty
     kind = np.asarray(col.kind, dtype=np.int8)
     osm_id = np.asarray(col.osm_id, dtype=np.int64)
     osm_type = _OSM_TYPE_OF_KIND[kind]
@@ -321,6 +324,7 @@ def _rows_from_collector(
             "lon": lon[pt_obj],
             "length_m": np.full(len(pt_obj), np.nan),
             "area_m2": np.where(pt_measure == "area_m2", area_m2[pt_obj], np.nan),
+            "obj": pt_obj,
         }
     ).filter(pl.col("lat").is_finite() & pl.col("lon").is_finite())
     point_rows = point_rows.with_columns(
@@ -365,6 +369,7 @@ def _rows_from_collector(
                 "lon": joined["lon"].to_numpy(),
                 "length_m": joined["len"].to_numpy(),
                 "area_m2": np.full(joined.height, np.nan),
+                "obj": obj,
                 "cell": joined["cell"].to_numpy(),
             }
         )
@@ -379,6 +384,6 @@ def _rows_from_collector(
             pl.col("length_m").fill_nan(None),
             pl.col("area_m2").fill_nan(None),
         )
-        .select(list(OSM_FEATURES_SCHEMA))
-        .cast(OSM_FEATURES_SCHEMA)
+        .select([*OSM_FEATURES_SCHEMA, *(["obj"] if keep_object else [])])
+        .cast({**OSM_FEATURES_SCHEMA, "obj": pl.Int64} if keep_object else OSM_FEATURES_SCHEMA)
     )

@@ -1,0 +1,471 @@
+"""Large-area extraction: memory bounded by a group of partitions, groups in parallel.
+
+1. **Split** (C++, one read per batch of groups): ``osmium extract --strategy smart`` cuts each
+   source into one PBF per *group* of level-6 partitions (tokens sorted, so a group is a compact
+   run of the Hilbert curve). A group's region is the lat/lng bounding box of its cells plus a
+   margin. ``smart`` keeps every way with a node in the region whole (all its nodes) and every
+   multipolygon/boundary relation touching it complete, so each object a group sees has exactly
+   the geometry the single-process path gives it.
+2. **Extract** each (source, group) file in its own worker process (``spawn``: deltalake panics
+   in forked children), with the same code as :func:`osm_extract.extract_features`. A worker
+   keeps the rows that land in its own partitions, plus the rows an object it sees sends to
+   another requested partition whose group may *not* see it (the object has no vertex certainly
+   inside that group's region: a long segment, a large polygon). Such rows may then arrive
+   twice; the merge drops identical duplicates by the table key (osm_type, osm_id, channel,
+   cell_id), as the single-process path does across sources.
+3. **Merge**: workers spill rows to Parquet by partition; once every worker is done, each
+   partition is read, de-duplicated, sorted and handed to the caller's callback, one partition
+   at a time. Peak memory: the largest group's extraction in each worker, or one partition.
+
+Exactness: the rows of a requested partition equal the single-process path's whenever every
+object feeding it has at least one vertex within ``margin_deg`` of some requested partition's
+cells. That holds for a run over all the cells a source covers (the usual backfill); for a run
+of a few cells of a larger source, an object with *no* vertex near any requested cell (a single
+segment or polygon spanning more than ``margin_deg`` around them) is missed.
+
+A worker that dies (signal, out of memory) is retried once in a fresh process; if it dies again
+its partitions fail, and so do the requested partitions within its region (they could miss the
+rows described above). The other partitions are delivered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import shapely
+
+from s2vec_pipeline import s2
+from s2vec_pipeline.errors import InvalidSourceError, S2VecError
+from s2vec_pipeline.osm_extract import (
+    OSM_FEATURES_SCHEMA,
+    ExtractStats,
+    _Collector,
+    _read_source,
+    _rows_from_collector,
+    extract_features,
+    validate_source,
+)
+from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile
+from s2vec_pipeline.taxonomy import Taxonomy
+
+OSMIUM_TOOL = "osmium"
+#: Sources up to this many bytes in all are extracted in-process (faster: no split, no workers).
+IN_PROCESS_MAX_BYTES = 64 * 1024 * 1024
+#: Default number of level-6 partitions per group (one worker task, one split output file).
+PARTITIONS_PER_GROUP = 4
+#: Extracts per ``osmium extract`` pass: its memory grows with extracts x highest node id / 4.
+MAX_EXTRACTS_PER_PASS = 64
+DEFAULT_MARGIN_DEG = 0.05
+ROW_KEY = ["osm_type", "osm_id", "channel", "cell_id"]
+SORT_KEY = ["parent_l6", "cell_id", "channel", "osm_type", "osm_id"]
+_FIX = 10_000_000  # osmium stores coordinates as integers of 1e-7 degree
+
+
+class OsmiumToolMissingError(S2VecError):
+    """osmium-tool is needed to split a large source."""
+
+
+@dataclass(frozen=True)
+class PartitionGroup:
+    """Partitions extracted together; ``box`` = (min_lng, min_lat, max_lng, max_lat) in 1e-7°."""
+
+    index: int
+    partitions: tuple[str, ...]
+    box: tuple[int, int, int, int]
+
+    @property
+    def name(self) -> str:
+        return f"g{self.index:05d}"
+
+
+@dataclass
+class PartitionedResult:
+    """What :func:`extract_partitions` delivered: partitions passed to the callback, failed
+    partitions with the reason, and the summed statistics of the workers."""
+
+    delivered: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    stats: ExtractStats = field(default_factory=ExtractStats)
+    groups: int = 0
+    in_process: bool = False
+    seconds_split: float = 0.0
+    seconds_extract: float = 0.0
+    seconds_merge: float = 0.0
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def plan_groups(
+    partitions: Collection[str],
+    partitions_per_group: int = PARTITIONS_PER_GROUP,
+    margin_deg: float = DEFAULT_MARGIN_DEG,
+) -> list[PartitionGroup]:
+    """Cut the sorted tokens into runs of ``partitions_per_group``, each with its region."""
+    tokens = sorted({str(t) for t in partitions})
+    if partitions_per_group < 1:
+        raise ValueError(f"partitions_per_group must be >= 1, got {partitions_per_group}")
+    groups = []
+    for n, start in enumerate(range(0, len(tokens), partitions_per_group)):
+        chunk = tuple(tokens[start : start + partitions_per_group])
+        groups.append(PartitionGroup(n, chunk, _region(chunk, margin_deg)))
+    return groups
+
+
+def _region(tokens: Sequence[str], margin_deg: float) -> tuple[int, int, int, int]:
+    ids = s2.from_token(np.asarray(tokens))
+    face, i, j = s2.face_ij(ids, PARTITION_LEVEL)
+    lat_lo, lat_hi, lng_lo, lng_hi = (
+        np.degrees(a) for a in s2._cell_rect_bounds(face, i, j, PARTITION_LEVEL)
+    )
+    if np.any(lng_lo > lng_hi):  # a cell across the antimeridian: take every longitude
+        lng_min, lng_max = -180.0, 180.0
+    else:
+        lng_min, lng_max = float(lng_lo.min()) - margin_deg, float(lng_hi.max()) + margin_deg
+    lat_min, lat_max = float(lat_lo.min()) - margin_deg, float(lat_hi.max()) + margin_deg
+    return (
+        math.floor(max(lng_min, -180.0) * _FIX),
+        math.floor(max(lat_min, -90.0) * _FIX),
+        math.ceil(min(lng_max, 180.0) * _FIX),
+        math.ceil(min(lat_max, 90.0) * _FIX),
+    )
+
+
+def osmium_tool() -> str:
+    """Path of the ``osmium`` command, or an error naming how to install it."""
+    path = shutil.which(OSMIUM_TOOL)
+    if path is None:
+        raise OsmiumToolMissingError(
+            "osmium-tool is not installed, and sources above "
+            f"{IN_PROCESS_MAX_BYTES // 2**20} MiB are split with it: "
+            "install it with `apt-get install osmium-tool` (or `conda install osmium-tool`)"
+        )
+    return path
+
+
+def split_source(
+    source: str | os.PathLike,
+    groups: Sequence[PartitionGroup],
+    out_dir: str | os.PathLike,
+    workers: int = 1,
+    max_extracts_per_pass: int = MAX_EXTRACTS_PER_PASS,
+) -> dict[int, Path]:
+    """Cut ``source`` into one PBF per group (``<out_dir>/<group name>.osm.pbf``)."""
+    tool = osmium_tool()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [
+        groups[k : k + max_extracts_per_pass] for k in range(0, len(groups), max_extracts_per_pass)
+    ]
+    procs: list[tuple[subprocess.Popen, Path]] = []
+    pending = list(enumerate(batches))
+    errors: list[str] = []
+    while pending or procs:
+        while pending and len(procs) < max(1, workers):
+            n, batch = pending.pop(0)
+            config = out / f"extract-{n}.json"
+            config.write_text(
+                json.dumps(
+                    {
+                        "directory": str(out),
+                        "extracts": [
+                            {
+                                "output": f"{g.name}.osm.pbf",
+                                "bbox": [c / _FIX for c in g.box],
+                            }
+                            for g in batch
+                        ],
+                    }
+                )
+            )
+            # smart: ways complete, and multipolygon/boundary relations complete (pyosmium's
+            # area assembler builds areas from both relation types).
+            cmd = [
+                tool,
+                "extract",
+                "--strategy=smart",
+                "-S",
+                "types=multipolygon,boundary",
+                "--overwrite",
+                "--no-progress",
+                "-c",
+                str(config),
+                str(source),
+            ]
+            log = out / f"extract-{n}.log"
+            with log.open("wb") as f:
+                procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), log))
+        proc, log = procs.pop(0)
+        if proc.wait() != 0:
+            errors.append(" ".join(log.read_text(errors="replace").split())[-300:])
+    if errors:
+        raise InvalidSourceError(
+            f"osmium extract could not split {source}: {errors[0]}; check the file with "
+            f"`osmium fileinfo -e {source}`"
+        )
+    return {g.index: out / f"{g.name}.osm.pbf" for g in groups}
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@dataclass(frozen=True)
+class _Task:
+    source_index: int
+    group: PartitionGroup
+    pbf: str
+    out_dir: str
+    taxonomy: Taxonomy
+    profile: ResolutionProfile
+    location_store: str
+    partition_group: dict[str, int]  # every requested partition -> its group index
+    boxes: dict[int, tuple[int, int, int, int]]  # every group's region
+
+    @property
+    def name(self) -> str:
+        return f"s{self.source_index:03d}-{self.group.name}"
+
+
+def _run_task(task: _Task) -> None:
+    """Worker process entry point: extract one (source, group) file, spill rows by partition."""
+    out = Path(task.out_dir)
+    try:
+        stats = _extract_task(task)
+        (out / f"{task.name}.done.json").write_text(json.dumps(stats))
+    except BaseException as e:  # reported to the parent, which fails these partitions
+        (out / f"{task.name}.error.txt").write_text(
+            f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+        )
+        raise SystemExit(1) from e
+
+
+def _extract_task(task: _Task) -> dict[str, int]:
+    stats = ExtractStats()
+    col = _Collector()
+    _read_source(Path(task.pbf), task.taxonomy, col, stats, task.location_store)
+    rows = _rows_from_collector(col, task.taxonomy, task.profile, keep_object=True)
+    rows = rows.filter(pl.col("parent_l6").is_in(list(task.partition_group)))
+    own = set(task.group.partitions)
+    keep = rows["parent_l6"].is_in(list(own)).to_numpy().copy()
+    foreign = np.flatnonzero(~keep)
+    if len(foreign):
+        keep[foreign] = _not_surely_seen(task, col, rows[foreign])
+    rows = rows.filter(pl.Series(keep)).drop("obj")
+    for (token,), part in rows.partition_by("parent_l6", as_dict=True).items():
+        part_dir = Path(task.out_dir) / "rows" / str(token)
+        part_dir.mkdir(parents=True, exist_ok=True)
+        part.write_parquet(part_dir / f"{task.name}.parquet")
+    return {
+        "objects_read": stats.objects_read,
+        "objects_matched": stats.objects_matched,
+        "geometry_failures": stats.geometry_failures,
+        "rows": rows.height,
+    }
+
+
+def _not_surely_seen(task: _Task, col: _Collector, foreign: pl.DataFrame) -> np.ndarray:
+    """For rows landing in another group's partition: True where that group may not see the
+    object (no vertex strictly inside its region), so this worker must deliver the row."""
+    objs = foreign["obj"].to_numpy()
+    target = np.asarray([task.partition_group[t] for t in foreign["parent_l6"].to_list()])
+    out = np.ones(len(objs), dtype=bool)
+    verts: dict[int, np.ndarray] = {}
+    for k, (o, g) in enumerate(zip(objs.tolist(), target.tolist(), strict=True)):
+        v = verts.get(o)
+        if v is None:
+            wkb = col.wkb[o]
+            if wkb is None:
+                xy = np.array([[col.lon[o], col.lat[o]]])
+            else:
+                xy = shapely.get_coordinates(shapely.from_wkb(wkb))
+            v = verts[o] = np.rint(xy * _FIX).astype(np.int64)
+        x0, y0, x1, y1 = task.boxes[g]
+        # strictly inside by one unit: osmium's own border test cannot disagree
+        inside = (v[:, 0] > x0) & (v[:, 0] < x1) & (v[:, 1] > y0) & (v[:, 1] < y1)
+        out[k] = not inside.any()
+    return out
+
+
+# --------------------------------------------------------------------------- coordinator
+
+
+def _total_bytes(sources: Sequence[str | os.PathLike]) -> int:
+    return sum(Path(s).stat().st_size for s in sources)
+
+
+def extract_partitions(
+    sources: Sequence[str | os.PathLike],
+    taxonomy: Taxonomy,
+    profile: ResolutionProfile,
+    partitions: Collection[str],
+    on_partition: Callable[[str, pl.DataFrame], None],
+    *,
+    workers: int | None = None,
+    tmp_dir: str | os.PathLike | None = None,
+    partitions_per_group: int = PARTITIONS_PER_GROUP,
+    margin_deg: float = DEFAULT_MARGIN_DEG,
+    in_process_max_bytes: int = IN_PROCESS_MAX_BYTES,
+    location_store: str = "flex_mem",
+    max_extracts_per_pass: int = MAX_EXTRACTS_PER_PASS,
+) -> PartitionedResult:
+    """Extract ``osm_features`` for ``partitions``, calling ``on_partition(token, rows)`` once
+    per partition, in token order, with that partition's rows (sorted like
+    :func:`extract_features`; possibly empty). Memory is bounded by a group of
+    ``partitions_per_group`` partitions per worker and by one partition in this process.
+
+    Sources up to ``in_process_max_bytes`` in all are extracted in this process instead.
+    Failed partitions (their worker died twice) are returned, not raised; an exception from
+    ``on_partition`` propagates. Bad sources raise :class:`InvalidSourceError` before any
+    callback; a missing osmium-tool raises :class:`OsmiumToolMissingError`.
+    """
+    paths = [validate_source(s) for s in sources]
+    tokens = sorted({str(t) for t in partitions})
+    result = PartitionedResult()
+    result.stats.sources = [str(p) for p in paths]
+    workers = workers or default_workers()
+    if _total_bytes(paths) <= in_process_max_bytes:
+        result.in_process = True
+        t0 = time.perf_counter()
+        df, stats = extract_features(paths, taxonomy, profile, tokens, location_store)
+        result.stats = stats
+        result.seconds_extract = time.perf_counter() - t0
+        by_token = df.partition_by("parent_l6", as_dict=True)
+        del df
+        for token in tokens:
+            on_partition(token, by_token.pop((token,), _empty()))
+            result.delivered.append(token)
+        return result
+
+    tool_check = osmium_tool()  # fail before any work
+    del tool_check
+    groups = plan_groups(tokens, partitions_per_group, margin_deg)
+    result.groups = len(groups)
+    with tempfile.TemporaryDirectory(prefix="s2vec-extract-", dir=tmp_dir) as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        group_files = {
+            n: split_source(p, groups, work / f"split-{n}", workers, max_extracts_per_pass)
+            for n, p in enumerate(paths)
+        }
+        result.seconds_split = time.perf_counter() - t0
+        partition_group = {t: g.index for g in groups for t in g.partitions}
+        boxes = {g.index: g.box for g in groups}
+        tasks = [
+            _Task(
+                n,
+                g,
+                str(group_files[n][g.index]),
+                str(work),
+                taxonomy,
+                profile,
+                location_store,
+                partition_group,
+                boxes,
+            )  # fmt: skip
+            for g in groups
+            for n in range(len(paths))
+        ]
+        t0 = time.perf_counter()
+        failed_tasks = _run_tasks(tasks, workers, work)
+        result.seconds_extract = time.perf_counter() - t0
+        for task in tasks:
+            done = work / f"{task.name}.done.json"
+            if done.exists():
+                s = json.loads(done.read_text())
+                result.stats.objects_read += s["objects_read"]
+                result.stats.objects_matched += s["objects_matched"]
+                result.stats.geometry_failures += s["geometry_failures"]
+        for task in tasks:
+            reason = failed_tasks.get(task.name)
+            if reason is None:
+                continue
+            for token in _affected(task.group, groups):
+                result.failed.setdefault(token, f"worker {task.name} ({task.pbf}): {reason}")
+        t0 = time.perf_counter()
+        for token in tokens:
+            if token in result.failed:
+                continue
+            rows = _merge_partition(work / "rows" / token)
+            result.stats.rows += rows.height
+            on_partition(token, rows)
+            result.delivered.append(token)
+        result.seconds_merge = time.perf_counter() - t0
+    return result
+
+
+def _affected(group: PartitionGroup, groups: Sequence[PartitionGroup]) -> list[str]:
+    """A failed group's partitions and every requested partition overlapping its region (they
+    may lack rows only that group would have delivered)."""
+    x0, y0, x1, y1 = group.box
+    out = list(group.partitions)
+    for g in groups:
+        if g.index == group.index:
+            continue
+        for token in g.partitions:
+            a0, b0, a1, b1 = _region([token], 0.0)
+            if a0 <= x1 and x0 <= a1 and b0 <= y1 and y0 <= b1:
+                out.append(token)
+    return out
+
+
+def _empty() -> pl.DataFrame:
+    return pl.DataFrame(schema=OSM_FEATURES_SCHEMA)
+
+
+def _merge_partition(part_dir: Path) -> pl.DataFrame:
+    """One partition's spilled rows, in (source, group) order, duplicates dropped (keep first,
+    as the single-process path across sources), sorted."""
+    files = sorted(part_dir.glob("*.parquet")) if part_dir.exists() else []
+    if not files:
+        return _empty()
+    df = pl.concat([pl.read_parquet(f) for f in files])
+    return df.unique(subset=ROW_KEY, keep="first", maintain_order=True).sort(SORT_KEY)
+
+
+def _run_tasks(tasks: Sequence[_Task], workers: int, work: Path) -> dict[str, str]:
+    """Run each task in its own spawned process, ``workers`` at a time; a task whose process
+    fails is retried once. Returns the tasks that failed twice, with the reason."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = [(t, 1) for t in tasks]
+    running: dict[object, tuple[multiprocessing.process.BaseProcess, _Task, int]] = {}
+    failed: dict[str, str] = {}  # task name -> reason
+    while queue or running:
+        while queue and len(running) < max(1, workers):
+            task, attempt = queue.pop(0)
+            proc = ctx.Process(target=_run_task, args=(task,), name=f"s2vec-{task.name}")
+            proc.start()
+            running[proc.sentinel] = (proc, task, attempt)
+        for sentinel in wait(list(running)):
+            proc, task, attempt = running.pop(sentinel)
+            proc.join()
+            if proc.exitcode == 0:
+                continue
+            err = work / f"{task.name}.error.txt"
+            reason = (
+                err.read_text().splitlines()[0]
+                if err.exists()
+                else f"worker process died (exit code {proc.exitcode})"
+            )
+            # drop partial spill files of the failed attempt before any retry
+            for f in (work / "rows").glob(f"*/{task.name}.parquet"):
+                f.unlink()
+            if attempt == 1 and not err.exists():
+                queue.append((task, 2))
+            else:
+                failed[task.name] = reason
+    return failed
