@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -241,9 +242,16 @@ class _Task:
         return f"s{self.source_index:03d}-{self.group.name}"
 
 
+#: Fault injection for tests: a worker whose task name is listed here (comma-separated) kills
+#: itself with SIGKILL, as the kernel's OOM killer would.
+ENV_KILL_WORKER = "S2VEC_TEST_KILL_WORKER"
+
+
 def _run_task(task: _Task) -> None:
     """Worker process entry point: extract one (source, group) file, spill rows by partition."""
     out = Path(task.out_dir)
+    if task.name in os.environ.get(ENV_KILL_WORKER, "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
     try:
         stats = _extract_task(task)
         (out / f"{task.name}.done.json").write_text(json.dumps(stats))
@@ -302,6 +310,13 @@ def _not_surely_seen(task: _Task, col: _Collector, foreign: pl.DataFrame) -> np.
 
 
 # --------------------------------------------------------------------------- coordinator
+
+
+def _has_data(pbf: Path) -> bool:
+    """False for an extract holding only its header (the group lies outside the source)."""
+    if pbf.stat().st_size > 4096:
+        return True
+    return b"OSMData" in pbf.read_bytes()
 
 
 def _total_bytes(sources: Sequence[str | os.PathLike]) -> int:
@@ -379,6 +394,7 @@ def extract_partitions(
             )  # fmt: skip
             for g in groups
             for n in range(len(paths))
+            if _has_data(group_files[n][g.index])
         ]
         t0 = time.perf_counter()
         failed_tasks = _run_tasks(tasks, workers, work)
@@ -395,7 +411,8 @@ def extract_partitions(
             if reason is None:
                 continue
             for token in _affected(task.group, groups):
-                result.failed.setdefault(token, f"worker {task.name} ({task.pbf}): {reason}")
+                why = "" if token in task.group.partitions else "its rows may come from "
+                result.failed.setdefault(token, f"{why}worker {task.name} ({task.pbf}): {reason}")
         t0 = time.perf_counter()
         for token in tokens:
             if token in result.failed:
@@ -409,18 +426,12 @@ def extract_partitions(
 
 
 def _affected(group: PartitionGroup, groups: Sequence[PartitionGroup]) -> list[str]:
-    """A failed group's partitions and every requested partition overlapping its region (they
-    may lack rows only that group would have delivered)."""
-    x0, y0, x1, y1 = group.box
-    out = list(group.partitions)
-    for g in groups:
-        if g.index == group.index:
-            continue
-        for token in g.partitions:
-            a0, b0, a1, b1 = _region([token], 0.0)
-            if a0 <= x1 and x0 <= a1 and b0 <= y1 and y0 <= b1:
-                out.append(token)
-    return out
+    """A failed group's partitions, then every other requested partition whose cell meets its
+    region: an object only that group saw can have rows there (a long segment, a large area)."""
+    x0, y0, x1, y1 = (c / _FIX for c in group.box)
+    near = set(s2.to_token(s2.cover_bbox(y0, x0, y1, x1, PARTITION_LEVEL)).tolist())
+    others = [t for g in groups if g.index != group.index for t in g.partitions if t in near]
+    return list(group.partitions) + others
 
 
 def _empty() -> pl.DataFrame:
