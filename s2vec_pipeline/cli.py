@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -49,6 +50,12 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model-version", default=None, help="embed with this existing model instead of training"
+    )
+    p.add_argument(
+        "--workers",
+        default=None,
+        metavar="N",
+        help="worker processes for extraction (default: $S2VEC_WORKERS, else one per core)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     p.set_defaults(func=_cmd_materialize)
@@ -144,14 +151,20 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, changes_dir: str | None = None) -> PipelineSettings:
     from s2vec_pipeline.osm_extract import validate_source
+    from s2vec_pipeline.settings import ENV_WORKERS, default_workers, parse_workers
 
     sources = tuple(str(validate_source(s).resolve()) for s in (args.sources or bundled_sources()))
+    workers = getattr(args, "workers", None)
+    env_workers = os.environ.get(ENV_WORKERS)
     return PipelineSettings(
         root=str(Path(args.root).resolve()),
         profile_name=args.profile,
         sources=sources,
         taxonomy_path=args.taxonomy,
         changes_dir=changes_dir,
+        workers=parse_workers(workers, "--workers")
+        if workers is not None
+        else (parse_workers(env_workers) if env_workers else default_workers()),
     )
 
 

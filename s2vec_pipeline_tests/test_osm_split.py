@@ -182,3 +182,21 @@ def test_missing_osmium_tool(helsinki_pbf, taxonomy, monkeypatch) -> None:
     # small sources need no osmium-tool: they are extracted in-process
     got, result = run_partitioned([helsinki_pbf], taxonomy, ["4693"], in_process_max_bytes=10**9)
     assert result.in_process and got["4693"].height > 8_000
+
+
+def test_workers_setting_and_cli(tmp_path, monkeypatch, capsys) -> None:
+    import os
+
+    from s2vec_pipeline.cli import build_parser, main
+    from s2vec_pipeline.settings import PipelineSettings
+
+    assert PipelineSettings().workers == os.cpu_count()
+    assert PipelineSettings.from_env({"S2VEC_WORKERS": "3"}).workers == 3
+    with pytest.raises(S2VecError, match="S2VEC_WORKERS"):
+        PipelineSettings.from_env({"S2VEC_WORKERS": "many"})
+    args = build_parser().parse_args(["materialize", "--workers", "5"])
+    assert args.workers == "5"
+    # a bad value: exit 2 with one line naming the option, before any Dagster run
+    assert main(["materialize", "--workers", "0", "--root", str(tmp_path)]) == 2
+    assert "--workers must be" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
