@@ -151,13 +151,18 @@ def _read_source(
     n_obj = len(col.kind)
     nan = float("nan")
 
+    node_keys, way_keys, area_keys = _keys_by_kind(taxonomy, node_ok, open_way_ok, area_ok)
     processor = (
         # Relations are not needed in the main pass: the area manager reads multipolygon
-        # relations in its own first pass, and they reach us assembled as areas.
+        # relations in its own first pass (only those with a key an area can match), and they
+        # reach us assembled as areas.
         osmium.FileProcessor(str(path), osmium.osm.NODE | osmium.osm.WAY | osmium.osm.AREA)
         .with_locations(location_store)
-        .with_areas()
-        .with_filter(osmium.filter.KeyFilter(*taxonomy.keys))
+        .with_areas(osmium.filter.KeyFilter(*area_keys))
+        # Per kind, on the C++ side: Python only sees objects with a key that kind can use.
+        .with_filter(osmium.filter.KeyFilter(*node_keys).enable_for(osmium.osm.NODE))
+        .with_filter(osmium.filter.KeyFilter(*way_keys).enable_for(osmium.osm.WAY))
+        .with_filter(osmium.filter.KeyFilter(*area_keys).enable_for(osmium.osm.AREA))
     )
     read = matched = failed = 0
     try:
@@ -210,6 +215,21 @@ def _read_source(
     stats.objects_read += read
     stats.objects_matched += matched
     stats.geometry_failures += failed
+
+
+def _keys_by_kind(taxonomy: Taxonomy, *channel_sets: frozenset[int]) -> tuple[tuple[str, ...], ...]:
+    """For each set of usable channels, the taxonomy keys through which some value can feed one
+    of them (the compiled matcher's table: key -> ({value: channels}, channels of others))."""
+    table = getattr(taxonomy, "_table", None)
+    if table is None:  # another Taxonomy layout: every key for every kind
+        return tuple(taxonomy.keys for _ in channel_sets)
+    reachable = {
+        key: set(default).union(*by_value.values()) for key, (by_value, default) in table.items()
+    }
+    return tuple(
+        tuple(k for k in taxonomy.keys if reachable[k] & ok) or ("\x00no-key",)
+        for ok in channel_sets
+    )
 
 
 def _segments(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
