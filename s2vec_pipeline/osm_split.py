@@ -34,6 +34,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,7 @@ class PartitionedResult:
     seconds_split: float = 0.0
     seconds_extract: float = 0.0
     seconds_merge: float = 0.0
+    worker_peak_rss_bytes: int = 0  # the largest peak of any worker process
 
 
 def default_workers() -> int:
@@ -247,19 +249,20 @@ class _Task:
 ENV_KILL_WORKER = "S2VEC_TEST_KILL_WORKER"
 
 
-def _run_task(task: _Task) -> None:
-    """Worker process entry point: extract one (source, group) file, spill rows by partition."""
-    out = Path(task.out_dir)
-    if task.name in os.environ.get(ENV_KILL_WORKER, "").split(","):
-        os.kill(os.getpid(), signal.SIGKILL)
-    try:
-        stats = _extract_task(task)
-        (out / f"{task.name}.done.json").write_text(json.dumps(stats))
-    except BaseException as e:  # reported to the parent, which fails these partitions
-        (out / f"{task.name}.error.txt").write_text(
-            f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-        )
-        raise SystemExit(1) from e
+def _run_chunk(tasks: Sequence[_Task]) -> None:
+    """Worker process entry point: extract (source, group) files one after the other, spilling
+    rows by partition. A task's exception is recorded and the next task runs."""
+    for task in tasks:
+        out = Path(task.out_dir)
+        if task.name in os.environ.get(ENV_KILL_WORKER, "").split(","):
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            stats = _extract_task(task)
+            (out / f"{task.name}.done.json").write_text(json.dumps(stats))
+        except Exception as e:  # reported to the parent, which fails these partitions
+            (out / f"{task.name}.error.txt").write_text(
+                f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+            )
 
 
 def _extract_task(task: _Task) -> dict[str, int]:
@@ -279,6 +282,7 @@ def _extract_task(task: _Task) -> dict[str, int]:
         part_dir.mkdir(parents=True, exist_ok=True)
         part.write_parquet(part_dir / f"{task.name}.parquet")
     return {
+        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "objects_read": stats.objects_read,
         "objects_matched": stats.objects_matched,
         "geometry_failures": stats.geometry_failures,
@@ -406,6 +410,9 @@ def extract_partitions(
                 result.stats.objects_read += s["objects_read"]
                 result.stats.objects_matched += s["objects_matched"]
                 result.stats.geometry_failures += s["geometry_failures"]
+                result.worker_peak_rss_bytes = max(
+                    result.worker_peak_rss_bytes, s["peak_rss_kib"] * 1024
+                )
         for task in tasks:
             reason = failed_tasks.get(task.name)
             if reason is None:
@@ -449,34 +456,35 @@ def _merge_partition(part_dir: Path) -> pl.DataFrame:
 
 
 def _run_tasks(tasks: Sequence[_Task], workers: int, work: Path) -> dict[str, str]:
-    """Run each task in its own spawned process, ``workers`` at a time; a task whose process
-    fails is retried once. Returns the tasks that failed twice, with the reason."""
+    """Run the tasks in spawned processes, ``workers`` at a time, a few tasks per process (each
+    start imports the stack again). When a process dies, its unfinished tasks are retried one
+    per process; a task whose process dies again, or that raised, fails. Returns the failed
+    tasks' names with the reason."""
     ctx = multiprocessing.get_context("spawn")
-    queue = [(t, 1) for t in tasks]
-    running: dict[object, tuple[multiprocessing.process.BaseProcess, _Task, int]] = {}
+    per_process = max(1, min(8, len(tasks) // (2 * max(1, workers))))
+    queue = [(list(tasks[k : k + per_process]), 1) for k in range(0, len(tasks), per_process)]
+    running: dict[object, tuple[multiprocessing.process.BaseProcess, list[_Task], int]] = {}
     failed: dict[str, str] = {}  # task name -> reason
     while queue or running:
         while queue and len(running) < max(1, workers):
-            task, attempt = queue.pop(0)
-            proc = ctx.Process(target=_run_task, args=(task,), name=f"s2vec-{task.name}")
+            chunk, attempt = queue.pop(0)
+            proc = ctx.Process(target=_run_chunk, args=(chunk,), name=f"s2vec-{chunk[0].name}")
             proc.start()
-            running[proc.sentinel] = (proc, task, attempt)
+            running[proc.sentinel] = (proc, chunk, attempt)
         for sentinel in wait(list(running)):
-            proc, task, attempt = running.pop(sentinel)
+            proc, chunk, attempt = running.pop(sentinel)
             proc.join()
-            if proc.exitcode == 0:
-                continue
-            err = work / f"{task.name}.error.txt"
-            reason = (
-                err.read_text().splitlines()[0]
-                if err.exists()
-                else f"worker process died (exit code {proc.exitcode})"
-            )
-            # drop partial spill files of the failed attempt before any retry
-            for f in (work / "rows").glob(f"*/{task.name}.parquet"):
-                f.unlink()
-            if attempt == 1 and not err.exists():
-                queue.append((task, 2))
-            else:
-                failed[task.name] = reason
+            for task in chunk:
+                if (work / f"{task.name}.done.json").exists():
+                    continue
+                # it raised, or its process died during (or before) it: drop partial spill files
+                for f in (work / "rows").glob(f"*/{task.name}.parquet"):
+                    f.unlink()
+                err = work / f"{task.name}.error.txt"
+                if err.exists():
+                    failed[task.name] = err.read_text().splitlines()[0]
+                elif attempt == 1:
+                    queue.append(([task], 2))
+                else:
+                    failed[task.name] = f"worker process died (exit code {proc.exitcode})"
     return failed
