@@ -233,69 +233,104 @@ def split_source(
     workers: int = 1,
     max_extracts_per_pass: int = MAX_EXTRACTS_PER_PASS,
 ) -> dict[int, Path]:
-    """Cut ``source`` into one PBF per group (``<out_dir>/<group name>.osm.pbf``)."""
+    """Cut ``source`` into one PBF per group (``<out_dir>/<group name>.osm.pbf``).
+
+    Up to ``max_extracts_per_pass`` groups: one ``osmium extract`` pass. More: a pass first
+    cuts the source into at most that many clusters (groups sharing a coarser S2 ancestor),
+    then each cluster file is split further, clusters in parallel. Every object a group needs
+    is complete in its cluster's file (a group's region lies inside its cluster's), so the
+    result equals a direct split, while each pass keeps its memory bounded and reads less."""
     tool = osmium_tool()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    batches = [
-        groups[k : k + max_extracts_per_pass] for k in range(0, len(groups), max_extracts_per_pass)
+    _split(tool, Path(source), list(groups), out, max(1, workers), max(8, max_extracts_per_pass))
+    return {g.index: out / f"{g.name}.osm.pbf" for g in groups}
+
+
+def _rings(shape: shapely.Geometry) -> list:
+    polys = list(shape.geoms) if isinstance(shape, shapely.MultiPolygon) else [shape]
+    return [
+        [[[round(x, 7), round(y, 7)] for x, y in r.coords] for r in (p.exterior, *p.interiors)]
+        for p in polys
     ]
-    procs: list[tuple[subprocess.Popen, Path]] = []
-    pending = list(enumerate(batches))
-    errors: list[str] = []
-    while pending or procs:
-        while pending and len(procs) < max(1, workers):
-            n, batch = pending.pop(0)
-            config = out / f"extract-{n}.json"
-            config.write_text(
-                json.dumps(
-                    {
-                        "directory": str(out),
-                        "extracts": [
-                            {
-                                "output": f"{g.name}.osm.pbf",
-                                "output_format": SPLIT_FORMAT,
-                                **(
-                                    {
-                                        "multipolygon": [
-                                            [list(map(list, r)) for r in p] for p in g.polygons
-                                        ]
-                                    }
-                                    if g.polygons
-                                    else {"bbox": [c / _FIX for c in g.box]}
-                                ),
-                            }
-                            for g in batch
-                        ],
-                    }
+
+
+def _split(
+    tool: str, source: Path, groups: list[PartitionGroup], out: Path, workers: int, maxn: int
+) -> None:
+    if len(groups) <= maxn:
+        _osmium_extract(
+            tool,
+            source,
+            [
+                (
+                    f"{g.name}.osm.pbf",
+                    {"multipolygon": _rings(g.shape())}
+                    if g.polygons
+                    else {"bbox": [c / _FIX for c in g.box]},
                 )
-            )
-            # smart: ways complete, and multipolygon/boundary relations complete (pyosmium's
-            # area assembler builds areas from both relation types).
-            cmd = [
-                tool,
-                "extract",
-                "--strategy=smart",
-                "-S",
-                "types=multipolygon,boundary",
-                "--overwrite",
-                "--no-progress",
-                "-c",
-                str(config),
-                str(source),
-            ]
-            log = out / f"extract-{n}.log"
-            with log.open("wb") as f:
-                procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), log))
-        proc, log = procs.pop(0)
-        if proc.wait() != 0:
-            errors.append(" ".join(log.read_text(errors="replace").split())[-300:])
-    if errors:
+                for g in groups
+            ],
+            out,
+        )
+        return
+    first = s2.from_token(np.asarray([g.partitions[0] for g in groups]))
+    level = PARTITION_LEVEL
+    while True:  # the finest ancestor level with at most maxn clusters (>= 2 of them)
+        level -= 1
+        ancestors = s2.to_token(s2.parent(first, level)).tolist()
+        if len(set(ancestors)) <= maxn:
+            break
+    clusters: dict[str, list[PartitionGroup]] = {}
+    for g, anc in zip(groups, ancestors, strict=True):
+        clusters.setdefault(anc, []).append(g)
+    regions = [
+        (
+            f"c{level}-{anc}.osm.pbf",
+            {"multipolygon": _rings(shapely.union_all([g.shape() for g in members]).buffer(0.01))},
+        )
+        for anc, members in sorted(clusters.items())
+    ]
+    _osmium_extract(tool, source, regions, out)
+    from concurrent.futures import ThreadPoolExecutor  # threads: each waits on a subprocess
+
+    def child(item: tuple[str, list[PartitionGroup]]) -> None:
+        path = out / f"c{level}-{item[0]}.osm.pbf"
+        try:
+            _split(tool, path, item[1], out, 1, maxn)
+        finally:
+            path.unlink(missing_ok=True)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(child, sorted(clusters.items())))
+
+
+def _osmium_extract(tool: str, source: Path, regions: list[tuple[str, dict]], out: Path) -> None:
+    """One ``osmium extract`` pass writing each (file name, region) under ``out``."""
+    tag = regions[0][0].removesuffix(".osm.pbf")
+    config = out / f"extract-{tag}.json"
+    config.write_text(
+        json.dumps(
+            {
+                "directory": str(out),
+                "extracts": [
+                    {"output": name, "output_format": SPLIT_FORMAT, **region}
+                    for name, region in regions
+                ],
+            }
+        )
+    )
+    # smart: ways complete, and multipolygon/boundary relations complete (pyosmium's area
+    # assembler builds areas from both relation types).
+    cmd = [tool, "extract", "--strategy=smart", "-S", "types=multipolygon,boundary",
+           "--overwrite", "--no-progress", "-c", str(config), str(source)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        detail = " ".join((done.stderr or done.stdout).split())[-300:]
         raise InvalidSourceError(
-            f"osmium extract could not split {source}: {errors[0]}; check the file with "
+            f"osmium extract could not split {source}: {detail}; check the file with "
             f"`osmium fileinfo -e {source}`"
         )
-    return {g.index: out / f"{g.name}.osm.pbf" for g in groups}
 
 
 # --------------------------------------------------------------------------- worker side

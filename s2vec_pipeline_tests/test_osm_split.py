@@ -28,6 +28,7 @@ from s2vec_pipeline.settings import cells_covering_source
 from s2vec_pipeline.taxonomy import load_taxonomy
 
 CITY = PROFILES["city"]
+COPIES = 5
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +73,9 @@ def test_bundled_extracts_identical(helsinki_pbf, monaco_pbf, taxonomy) -> None:
 
 @pytest.fixture(scope="module")
 def straddling(tmp_path_factory, helsinki_pbf) -> Path:
-    """Three copies of Helsinki centred on level-6 cell vertices: each spans 3-4 cells."""
+    """Five copies of Helsinki centred on level-6 cell vertices: each spans 3-4 cells."""
     out = tmp_path_factory.mktemp("tiled") / "corners.osm.pbf"
-    tile_pbf(helsinki_pbf, cell_center_offsets(helsinki_pbf, 3, at="corner"), out)
+    tile_pbf(helsinki_pbf, cell_center_offsets(helsinki_pbf, COPIES, at="corner"), out)
     return out
 
 
@@ -90,8 +91,8 @@ def test_tiled_copies_are_shifted_originals(straddling, helsinki_pbf) -> None:
         return by_tags
 
     orig, tiled = tagged_nodes(helsinki_pbf), tagged_nodes(straddling)
-    offsets = cell_center_offsets(helsinki_pbf, 3, at="corner")
-    assert sum(map(len, tiled.values())) == 3 * sum(map(len, orig.values()))
+    offsets = cell_center_offsets(helsinki_pbf, COPIES, at="corner")
+    assert sum(map(len, tiled.values())) == COPIES * sum(map(len, orig.values()))
     fix = 10_000_000  # PBF coordinates are integers of 1e-7 degree; shifts are too
     for key, locs in list(orig.items())[:200]:
         want = sorted(
@@ -104,19 +105,22 @@ def test_tiled_copies_are_shifted_originals(straddling, helsinki_pbf) -> None:
     assert (
         len(set(ids))
         == len(ids)
-        == 3 * sum(1 for _ in osmium.FileProcessor(str(helsinki_pbf), osmium.osm.WAY))
+        == COPIES * sum(1 for _ in osmium.FileProcessor(str(helsinki_pbf), osmium.osm.WAY))
     )
 
 
-@pytest.mark.parametrize("per_group", [1, 3])
-def test_straddling_copies_identical(straddling, taxonomy, per_group) -> None:
+@pytest.mark.parametrize(("per_group", "per_pass"), [(1, 8), (4, 32)])
+def test_straddling_copies_identical(straddling, taxonomy, per_group, per_pass) -> None:
     partitions = cells_covering_source(straddling)
     old, _ = extract_features([straddling], taxonomy, CITY, partitions)
     # the copies really cross borders: rows in at least 8 partitions
     assert old["parent_l6"].n_unique() >= 8
+    # (1, 8): more groups than extracts per pass, so the split goes through cluster files
+    assert per_group > 1 or len(partitions) > per_pass
     got, result = run_partitioned(
-        [straddling], taxonomy, partitions, partitions_per_group=per_group, margin_deg=0.0
-    )
+        [straddling], taxonomy, partitions, partitions_per_group=per_group, margin_deg=0.0,
+        max_extracts_per_pass=per_pass,
+    )  # fmt: skip
     assert result.failed == {}
     assert_same_rows(old, got, partitions)
 
