@@ -136,7 +136,12 @@ def run_one(pbf: Path, args: argparse.Namespace, work: Path, partitions: list[st
 
 
 def main() -> None:
-    from s2vec_pipeline.osm_tile import cell_center_offsets, grid_offsets, tile_pbf
+    from s2vec_pipeline.osm_tile import (
+        cell_center_offsets,
+        fill_cell_offsets,
+        grid_offsets,
+        tile_pbf,
+    )
     from s2vec_pipeline.settings import bundled_source
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -147,6 +152,13 @@ def main() -> None:
     ap.add_argument("--source", default="helsinki")
     ap.add_argument("--grid", default=None, help="RxC: copies side by side instead")
     ap.add_argument("--spacing", type=float, default=1.0)
+    ap.add_argument(
+        "--fill-level",
+        type=int,
+        default=None,
+        help="tile copies over the cell at this level holding the source (dense images)",
+    )
+    ap.add_argument("--step", default="0.024,0.045", help="fill grid step: LAT,LNG degrees")
     ap.add_argument("--work", default=None, help="folder for the tiled PBFs and tables")
     ap.add_argument("--json", default=None, help="append results as JSON lines here")
     ap.add_argument("--plot", default=None, help="PNG of time per partition and peak memory")
@@ -155,7 +167,13 @@ def main() -> None:
     src = bundled_source(args.source)
     work = Path(args.work or tempfile.mkdtemp(prefix="s2vec-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.grid:
+    if args.fill_level is not None:
+        lat_step, lng_step = (float(v) for v in args.step.split(","))
+        layouts = [
+            (f"fill{args.fill_level}", fill_cell_offsets(src, args.fill_level, lat_step, lng_step))
+        ]
+        args.grid = "fill"
+    elif args.grid:
         r, c = (int(v) for v in args.grid.lower().split("x"))
         layouts = [(f"grid{r}x{c}", grid_offsets(src, r, c, args.spacing))]
     else:

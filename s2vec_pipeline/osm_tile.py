@@ -269,6 +269,28 @@ def grid_offsets(
     return [(r * dlat, c * dlng) for r in range(rows) for c in range(cols)]
 
 
+def fill_cell_offsets(
+    source: str | os.PathLike, level: int, lat_step: float, lng_step: float, grow: float = 0.02
+) -> list[tuple[float, float]]:
+    """Copies on a lat/lng grid (``lat_step`` × ``lng_step`` degrees) over the cell at ``level``
+    holding the source's centre (grown by ``grow`` degrees): with steps below a pixel's size
+    every pixel of that image gets data."""
+    import shapely
+
+    min_lat, min_lng, max_lat, max_lng = source_bbox(source)
+    clat, clng = (min_lat + max_lat) / 2, (min_lng + max_lng) / 2
+    cell = s2.latlng_to_cell_id(np.array([clat]), np.array([clng]), level)
+    corners = s2.cell_corners_latlng(cell)[0]
+    outline = shapely.Polygon(corners[:, ::-1]).buffer(grow)
+    x0, y0, x1, y1 = outline.bounds
+    lngs, lats = np.meshgrid(np.arange(x0, x1, lng_step), np.arange(y0, y1, lat_step))
+    keep = shapely.contains_xy(outline, lngs.ravel(), lats.ravel())
+    return [
+        (float(a - clat), float(b - clng))
+        for a, b in zip(lats.ravel()[keep], lngs.ravel()[keep], strict=True)
+    ]
+
+
 # --------------------------------------------------------------------------- writer
 
 
