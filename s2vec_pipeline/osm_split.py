@@ -344,7 +344,7 @@ class _Task:
     out_dir: str
     taxonomy: Taxonomy
     profile: ResolutionProfile
-    location_store: str
+    location_store: str | None  # None: a sparse_file_array index in out_dir
     partition_group: dict[str, int]  # every requested partition -> its group index
     groups: dict[int, PartitionGroup]  # every group, for its region
 
@@ -386,7 +386,12 @@ def _release_memory() -> None:
 def _extract_task(task: _Task) -> dict[str, int]:
     stats = ExtractStats()
     col = _Collector()
-    _read_source(Path(task.pbf), task.taxonomy, col, stats, task.location_store)
+    index = Path(task.out_dir) / f"{task.name}.nodes.idx"
+    store = task.location_store or f"sparse_file_array,{index}"
+    try:
+        _read_source(Path(task.pbf), task.taxonomy, col, stats, store)
+    finally:
+        index.unlink(missing_ok=True)
     rows = _rows_from_collector(col, task.taxonomy, task.profile, keep_object=True)
     rows = rows.filter(pl.col("parent_l6").is_in(list(task.partition_group)))
     own = set(task.group.partitions)
@@ -460,7 +465,7 @@ def extract_partitions(
     partitions_per_group: int = PARTITIONS_PER_GROUP,
     margin_deg: float = DEFAULT_MARGIN_DEG,
     in_process_max_bytes: int = IN_PROCESS_MAX_BYTES,
-    location_store: str = "flex_mem",
+    location_store: str | None = None,
     max_extracts_per_pass: int = MAX_EXTRACTS_PER_PASS,
 ) -> PartitionedResult:
     """Extract ``osm_features`` for ``partitions``, calling ``on_partition(token, rows)`` once
@@ -469,6 +474,9 @@ def extract_partitions(
     ``partitions_per_group`` partitions per worker and by one partition in this process.
 
     Sources up to ``in_process_max_bytes`` in all are extracted in this process instead.
+    ``location_store``: pyosmium's node-location index; default: ``flex_mem`` in-process, and
+    in workers a ``sparse_file_array`` file next to the group's file (as fast here, and the
+    index lives in the page cache, not the heap).
     Failed partitions (their worker died twice) are returned, not raised; an exception from
     ``on_partition`` propagates. Bad sources raise :class:`InvalidSourceError` before any
     callback; a missing osmium-tool raises :class:`OsmiumToolMissingError`.
@@ -481,7 +489,7 @@ def extract_partitions(
     if _total_bytes(paths) <= in_process_max_bytes:
         result.in_process = True
         t0 = time.perf_counter()
-        df, stats = extract_features(paths, taxonomy, profile, tokens, location_store)
+        df, stats = extract_features(paths, taxonomy, profile, tokens, location_store or "flex_mem")
         result.stats = stats
         result.seconds_extract = time.perf_counter() - t0
         by_token = df.partition_by("parent_l6", as_dict=True)
