@@ -1,31 +1,36 @@
 """Large-area extraction: memory bounded by a group of partitions, groups in parallel.
 
-1. **Split** (C++, one read per batch of groups): ``osmium extract --strategy smart`` cuts each
-   source into one PBF per *group* of level-6 partitions (tokens sorted, so a group is a compact
-   run of the Hilbert curve). A group's region is the lat/lng bounding box of its cells plus a
-   margin. ``smart`` keeps every way with a node in the region whole (all its nodes) and every
-   multipolygon/boundary relation touching it complete, so each object a group sees has exactly
-   the geometry the single-process path gives it.
-2. **Extract** each (source, group) file in its own worker process (``spawn``: deltalake panics
-   in forked children), with the same code as :func:`osm_extract.extract_features`. A worker
-   keeps the rows that land in its own partitions, plus the rows an object it sees sends to
-   another requested partition whose group may *not* see it (the object has no vertex certainly
-   inside that group's region: a long segment, a large polygon). Such rows may then arrive
-   twice; the merge drops identical duplicates by the table key (osm_type, osm_id, channel,
-   cell_id), as the single-process path does across sources.
+Public API: :func:`extract_partitions` (callback per partition), :func:`plan_groups`,
+:func:`split_source`.
+
+1. **Split** (C++): ``osmium extract --strategy smart`` cuts each source into one lz4 PBF per
+   *group* of level-6 partitions: the partitions under one ancestor cell (level 5 for groups of
+   4), so a group is compact. A group's region is its cells' outline (edges sampled along the
+   geodesics) grown by a margin: groups barely overlap. ``smart`` keeps every way with a node
+   in the region whole (all its nodes) and every multipolygon/boundary relation touching it
+   complete, so each object a group sees has exactly the geometry the single-process path
+   gives it. Above 32 groups the split goes in stages (cluster files by a coarser ancestor,
+   then groups), each pass with bounded memory, clusters in parallel.
+2. **Extract** each (source, group) file in a worker process (``spawn``: deltalake panics in
+   forked children), with the same code as :func:`osm_extract.extract_features` and a
+   file-backed node-location index. A worker keeps the rows that land in its own partitions,
+   plus the rows an object it sees sends to another requested partition whose group may *not*
+   see it (no vertex surely inside that group's region: a long segment, a large polygon). Such
+   rows may then arrive twice; the merge drops identical duplicates by the table key
+   (osm_type, osm_id, channel, cell_id), as the single-process path does across sources.
 3. **Merge**: workers spill rows to Parquet by partition; once every worker is done, each
    partition is read, de-duplicated, sorted and handed to the caller's callback, one partition
-   at a time. Peak memory: the largest group's extraction in each worker, or one partition.
+   at a time. Peak memory: the largest group's extraction in each worker, one partition here.
 
 Exactness: the rows of a requested partition equal the single-process path's whenever every
-object feeding it has at least one vertex within ``margin_deg`` of some requested partition's
-cells. That holds for a run over all the cells a source covers (the usual backfill); for a run
-of a few cells of a larger source, an object with *no* vertex near any requested cell (a single
-segment or polygon spanning more than ``margin_deg`` around them) is missed.
+object feeding it has at least one vertex in some requested group's region. That holds for a
+run over all the cells a source covers (the usual backfill); for a run of a few cells of a
+larger source, an object with *no* vertex within ``margin_deg`` of the requested cells (a
+single segment or polygon reaching over them from outside) is missed.
 
 A worker that dies (signal, out of memory) is retried once in a fresh process; if it dies again
-its partitions fail, and so do the requested partitions within its region (they could miss the
-rows described above). The other partitions are delivered.
+its partitions fail, and so do the requested partitions meeting its region (they could miss
+rows of objects only it saw). The other partitions are delivered.
 """
 
 from __future__ import annotations
