@@ -599,26 +599,31 @@ def _run_tasks(tasks: Sequence[_Task], workers: int, work: Path) -> dict[str, st
     queue = [(list(tasks[k : k + per_process]), 1) for k in range(0, len(tasks), per_process)]
     running: dict[object, tuple[multiprocessing.process.BaseProcess, list[_Task], int]] = {}
     failed: dict[str, str] = {}  # task name -> reason
-    while queue or running:
-        while queue and len(running) < max(1, workers):
-            chunk, attempt = queue.pop(0)
-            proc = ctx.Process(target=_run_chunk, args=(chunk,), name=f"s2vec-{chunk[0].name}")
-            proc.start()
-            running[proc.sentinel] = (proc, chunk, attempt)
-        for sentinel in wait(list(running)):
-            proc, chunk, attempt = running.pop(sentinel)
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, workers):
+                chunk, attempt = queue.pop(0)
+                proc = ctx.Process(target=_run_chunk, args=(chunk,), name=f"s2vec-{chunk[0].name}")
+                proc.start()
+                running[proc.sentinel] = (proc, chunk, attempt)
+            for sentinel in wait(list(running)):
+                proc, chunk, attempt = running.pop(sentinel)
+                proc.join()
+                for task in chunk:
+                    if (work / f"{task.name}.done.json").exists():
+                        continue
+                    # it raised, or its process died during (or before) it: drop partial spill files
+                    for f in (work / "rows").glob(f"*/{task.name}.parquet"):
+                        f.unlink()
+                    err = work / f"{task.name}.error.txt"
+                    if err.exists():
+                        failed[task.name] = err.read_text().splitlines()[0]
+                    elif attempt == 1:
+                        queue.append(([task], 2))
+                    else:
+                        failed[task.name] = f"worker process died (exit code {proc.exitcode})"
+    finally:  # interrupted (or failing) here: stop our workers, never leave them behind
+        for proc, _, _ in running.values():
+            proc.kill()
             proc.join()
-            for task in chunk:
-                if (work / f"{task.name}.done.json").exists():
-                    continue
-                # it raised, or its process died during (or before) it: drop partial spill files
-                for f in (work / "rows").glob(f"*/{task.name}.parquet"):
-                    f.unlink()
-                err = work / f"{task.name}.error.txt"
-                if err.exists():
-                    failed[task.name] = err.read_text().splitlines()[0]
-                elif attempt == 1:
-                    queue.append(([task], 2))
-                else:
-                    failed[task.name] = f"worker process died (exit code {proc.exitcode})"
     return failed
