@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -70,16 +71,13 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline import delta_store
-    from s2vec_pipeline.runner import (
-        CLI_TAG,
-        STAGES,
-        dagster_instance,
+    from s2vec_pipeline.runner import CLI_TAG, STAGES, dagster_instance, materialize, parse_stages
+    from s2vec_pipeline.settings import (
+        check_root_writable,
         default_workers,
-        materialize,
-        parse_stages,
+        parse_partition_tokens,
         parse_workers,
     )
-    from s2vec_pipeline.settings import check_root_writable, parse_partition_tokens
 
     settings = _settings(args)
     profile, taxonomy = settings.profile, settings.taxonomy  # validate before any run
@@ -252,7 +250,6 @@ def _add_region(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_region_add(args: argparse.Namespace) -> int:
-    import os
 
     from s2vec_pipeline import regions as rg
 

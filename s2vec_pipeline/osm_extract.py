@@ -151,13 +151,18 @@ def _read_source(
     n_obj = len(col.kind)
     nan = float("nan")
 
+    node_keys, way_keys, area_keys = _keys_by_kind(taxonomy, node_ok, open_way_ok, area_ok)
     processor = (
         # Relations are not needed in the main pass: the area manager reads multipolygon
-        # relations in its own first pass, and they reach us assembled as areas.
+        # relations in its own first pass (only those with a key an area can match), and they
+        # reach us assembled as areas.
         osmium.FileProcessor(str(path), osmium.osm.NODE | osmium.osm.WAY | osmium.osm.AREA)
         .with_locations(location_store)
-        .with_areas()
-        .with_filter(osmium.filter.KeyFilter(*taxonomy.keys))
+        .with_areas(osmium.filter.KeyFilter(*area_keys))
+        # Per kind, on the C++ side: Python only sees objects with a key that kind can use.
+        .with_filter(osmium.filter.KeyFilter(*node_keys).enable_for(osmium.osm.NODE))
+        .with_filter(osmium.filter.KeyFilter(*way_keys).enable_for(osmium.osm.WAY))
+        .with_filter(osmium.filter.KeyFilter(*area_keys).enable_for(osmium.osm.AREA))
     )
     read = matched = failed = 0
     try:
@@ -210,6 +215,21 @@ def _read_source(
     stats.objects_read += read
     stats.objects_matched += matched
     stats.geometry_failures += failed
+
+
+def _keys_by_kind(taxonomy: Taxonomy, *channel_sets: frozenset[int]) -> tuple[tuple[str, ...], ...]:
+    """For each set of usable channels, the taxonomy keys through which some value can feed one
+    of them (the compiled matcher's table: key -> ({value: channels}, channels of others))."""
+    table = getattr(taxonomy, "_table", None)
+    if table is None:  # another Taxonomy layout: every key for every kind
+        return tuple(taxonomy.keys for _ in channel_sets)
+    reachable = {
+        key: set(default).union(*by_value.values()) for key, (by_value, default) in table.items()
+    }
+    return tuple(
+        tuple(k for k in taxonomy.keys if reachable[k] & ok) or ("\x00no-key",)
+        for ok in channel_sets
+    )
 
 
 def _segments(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -277,10 +297,13 @@ def _empty_frame() -> pl.DataFrame:
 
 
 def _rows_from_collector(
-    col: _Collector, taxonomy: Taxonomy, profile: ResolutionProfile
+    col: _Collector, taxonomy: Taxonomy, profile: ResolutionProfile, keep_object: bool = False
 ) -> pl.DataFrame:
+    """The rows of the collected objects; ``keep_object`` adds an ``obj`` column (the object's
+    index in the collector) after the schema's columns."""
     if not col.kind:
-        return _empty_frame()
+        empty = _empty_frame()
+        return empty.with_columns(pl.lit(None, pl.Int64).alias("obj")) if keep_object else empty
     kind = np.asarray(col.kind, dtype=np.int8)
     osm_id = np.asarray(col.osm_id, dtype=np.int64)
     osm_type = _OSM_TYPE_OF_KIND[kind]
@@ -321,6 +344,7 @@ def _rows_from_collector(
             "lon": lon[pt_obj],
             "length_m": np.full(len(pt_obj), np.nan),
             "area_m2": np.where(pt_measure == "area_m2", area_m2[pt_obj], np.nan),
+            "obj": pt_obj,
         }
     ).filter(pl.col("lat").is_finite() & pl.col("lon").is_finite())
     point_rows = point_rows.with_columns(
@@ -365,6 +389,7 @@ def _rows_from_collector(
                 "lon": joined["lon"].to_numpy(),
                 "length_m": joined["len"].to_numpy(),
                 "area_m2": np.full(joined.height, np.nan),
+                "obj": obj,
                 "cell": joined["cell"].to_numpy(),
             }
         )
@@ -379,6 +404,6 @@ def _rows_from_collector(
             pl.col("length_m").fill_nan(None),
             pl.col("area_m2").fill_nan(None),
         )
-        .select(list(OSM_FEATURES_SCHEMA))
-        .cast(OSM_FEATURES_SCHEMA)
+        .select([*OSM_FEATURES_SCHEMA, *(["obj"] if keep_object else [])])
+        .cast({**OSM_FEATURES_SCHEMA, "obj": pl.Int64} if keep_object else OSM_FEATURES_SCHEMA)
     )

@@ -36,25 +36,6 @@ STAGES: dict[str, list[str]] = {
 DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
 EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
 CLI_TAG = "s2vec/cli"
-ENV_WORKERS = "S2VEC_WORKERS"
-
-
-def default_workers() -> int:
-    """Partitions run at once: ``$S2VEC_WORKERS``, else one per core."""
-    value = os.environ.get(ENV_WORKERS)
-    if value is None:
-        return os.cpu_count() or 1
-    return parse_workers(value, ENV_WORKERS)
-
-
-def parse_workers(value: object, what: str) -> int:
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise S2VecError(f"{what} must be a whole number of worker processes >= 1, got {value!r}")
-    return n
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 import pydantic
 
 from s2vec_pipeline import s2
-from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidCellError
+from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidCellError, S2VecError
 from s2vec_pipeline.osm_extract import source_bbox
 from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile, get_profile
 from s2vec_pipeline.taxonomy import Taxonomy, load_taxonomy
@@ -28,8 +28,27 @@ ENV_SOURCES = "S2VEC_SOURCES"  # os.pathsep-separated list of .osm.pbf paths
 ENV_PROFILE = "S2VEC_PROFILE"
 ENV_TAXONOMY = "S2VEC_TAXONOMY"
 ENV_CHANGES = "S2VEC_CHANGES"  # folder of OSM change files (.osc / .osc.gz) for the refresh
+ENV_WORKERS = "S2VEC_WORKERS"  # worker processes for partitioned extraction
 DEFAULT_ROOT = "s2vec_data"
 DEFAULT_PROFILE = "city"
+
+
+def default_workers() -> int:
+    """Worker processes (partitions at once, extraction workers): ``$S2VEC_WORKERS``, else one
+    per core."""
+    value = os.environ.get(ENV_WORKERS)
+    return parse_workers(value) if value else (os.cpu_count() or 1)
+
+
+def parse_workers(value: object, what: str = ENV_WORKERS) -> int:
+    """A worker count >= 1, or an error naming the bad value."""
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise S2VecError(f"{what} must be a whole number of worker processes >= 1, got {value!r}")
+    return n
 
 
 def bundled_source(name: str) -> Path:

@@ -28,7 +28,8 @@ from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import osm_sources
 from s2vec_pipeline.errors import MissingInputError
-from s2vec_pipeline.osm_extract import OSM_FEATURES_SCHEMA, extract_features
+from s2vec_pipeline.osm_extract import OSM_FEATURES_SCHEMA
+from s2vec_pipeline.osm_split import extract_partitions
 from s2vec_pipeline.preview import markdown_image, partition_mosaic, png_bytes
 from s2vec_pipeline.raster import RASTER_SCHEMA, iter_raster_batches, tensor_array
 from s2vec_pipeline.settings import PipelineSettings
@@ -143,7 +144,15 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
     key = context.partition_key
     sources = settings.current_sources_for([key])
     t0 = time.perf_counter()
-    df, stats = extract_features(sources, settings.taxonomy, settings.profile, partitions=[key])
+    # Small sources are read in this process; large ones are first cut by osmium-tool so that
+    # memory stays bounded by the partition (osm_split.py).
+    delivered: dict[str, pl.DataFrame] = {}
+    result = extract_partitions(
+        sources, settings.taxonomy, settings.profile, [key], delivered.__setitem__, workers=1
+    )
+    if key in result.failed:
+        raise RuntimeError(f"extraction of partition {key} failed: {result.failed[key]}")
+    df, stats = delivered[key], result.stats
     seconds = time.perf_counter() - t0
     _write(
         context,
