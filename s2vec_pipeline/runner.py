@@ -23,6 +23,7 @@ import dagster as dg
 
 from s2vec_pipeline import osm_changes
 from s2vec_pipeline.errors import NoFeaturesError, S2VecError
+from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.settings import PipelineSettings
 
 # CLI stage name -> asset keys, in pipeline order.
@@ -84,10 +85,15 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         home = os.path.join(root, "_dagster")
         os.makedirs(home, exist_ok=True)
         config = os.path.join(home, "dagster.yaml")
-        if not os.path.exists(config):
-            with open(config, "w") as f:
-                f.write("telemetry:\n  enabled: false\n")
-        with dg.DagsterInstance.local_temp(home) as instance:
+        # Several `s2vec materialize` processes may start on a fresh root at once: opening the
+        # instance creates its SQLite schemas, which must happen once ("table runs already
+        # exists" otherwise). Later opens only read the schemas.
+        with exclusive(os.path.join(home, ".open.lock")):
+            if not os.path.exists(config):
+                with open(config, "w") as f:
+                    f.write("telemetry:\n  enabled: false\n")
+            instance = dg.DagsterInstance.local_temp(home)
+        with instance:
             yield instance
 
 
