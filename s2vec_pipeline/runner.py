@@ -12,6 +12,7 @@ runs recorded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import dagster as dg
 
 from s2vec_pipeline import osm_changes
-from s2vec_pipeline.errors import NoFeaturesError, S2VecError
+from s2vec_pipeline.errors import NoFeaturesError, S2VecError, StorageUnavailableError
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.settings import PipelineSettings
 
@@ -88,13 +89,31 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         # Several `s2vec materialize` processes may start on a fresh root at once: opening the
         # instance creates its SQLite schemas, which must happen once ("table runs already
         # exists" otherwise). Later opens only read the schemas.
-        with exclusive(os.path.join(home, ".open.lock")):
-            if not os.path.exists(config):
-                with open(config, "w") as f:
-                    f.write("telemetry:\n  enabled: false\n")
-            instance = dg.DagsterInstance.local_temp(home)
+        try:
+            with exclusive(os.path.join(home, ".open.lock")):
+                if not os.path.exists(config):
+                    with open(config, "w") as f:
+                        f.write("telemetry:\n  enabled: false\n")
+                instance = dg.DagsterInstance.local_temp(home)
+        except Exception as e:
+            full = _storage_error(e, home)
+            if full is None:
+                raise
+            raise full from e
         with instance:
             yield instance
+
+
+def _storage_error(exc: BaseException, home: str) -> StorageUnavailableError | None:
+    """A full disk under the instance's SQLite files, as the error a user can act on."""
+    text = f"{exc} {exc.__cause__ or ''}".lower()
+    full = "disk is full" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    if not full:
+        return None
+    return StorageUnavailableError(
+        f"cannot write the Dagster records under {home}: no space left on device. Free space "
+        f"on that disk or use another --root; nothing was committed"
+    )
 
 
 def _user_error(exc: BaseException) -> S2VecError | None:
@@ -157,7 +176,7 @@ class Launcher:
                 tags=self.tags,
             )
         except Exception as e:  # unwrap Dagster's step failure into the user's error
-            user = _user_error(e)
+            user = _user_error(e) or _storage_error(e, str(self.instance.root_directory))
             if user is not None:
                 raise user from None
             raise

@@ -242,7 +242,8 @@ def test_training_learns_and_writes_a_complete_model(trained) -> None:
     assert saved["hardware"]["accelerator"] == "cpu" and saved["world_size"] == 1
     # The snapshot read, and each partition's data version there computed the way Dagster
     # computes raster_tiles' (content hash of the partition's rows, sorted by image id).
-    assert saved["raster_tiles_version"] == delta_store.table_version(root, "raster_tiles") == 0
+    # the table's only write so far (after its creation commit)
+    assert saved["raster_tiles_version"] == delta_store.table_version(root, "raster_tiles") == 1
     table = delta_store.read_partitions(root, "raster_tiles")
     assert saved["partitions"] == {
         k: frame_hash(table.filter(table["parent_l6"] == k), ["image_id"]) for k in IMAGES
@@ -279,7 +280,8 @@ def test_same_seed_same_model_and_no_retraining(trained, tmp_path: Path) -> None
     copy_raster_reordered(root, tmp_path)
     again = train_model(tmp_path, config=CONFIG)
     assert again.model_version == card.model_version and again.partitions == card.partitions
-    assert (again.raster_tiles_version, card.raster_tiles_version) == (1, 0)
+    # the copy: a creation commit, then one write per partition
+    assert again.raster_tiles_version == card.raster_tiles_version + 1
     a, _ = load_model(root, card.model_version)
     b, _ = load_model(tmp_path, card.model_version)
     assert torch.equal(embeddings(a), embeddings(b))
@@ -303,27 +305,28 @@ def test_training_reads_one_snapshot(
     rows = delta_store.read_partitions(work, "raster_tiles", ["4693"]).head(10).to_arrow()
     contract = delta_store.table_contract(work, "raster_tiles")
     rows = rows.select(RASTER_SCHEMA.names).cast(RASTER_SCHEMA)
-    assert delta_store.write_partitions(work, "raster_tiles", rows, ["4693"], contract) == 1
-    # Pinned to version 0: the same inputs, so the finished model, not a new one.
-    assert train_model(work, config=CONFIG, raster_version=0) == card
+    v0 = card.raster_tiles_version
+    assert delta_store.write_partitions(work, "raster_tiles", rows, ["4693"], contract) == v0 + 1
+    # Pinned to the trained version: the same inputs, so the finished model, not a new one.
+    assert train_model(work, config=CONFIG, raster_version=v0) == card
     # The latest version: new data, a new model trained on 10 + 16 images.
     one_epoch = dataclasses.replace(CONFIG, epochs=1)
     latest = train_model(work, config=one_epoch)
-    assert latest.raster_tiles_version == 1 and latest.n_train + latest.n_val == 26
+    assert latest.raster_tiles_version == v0 + 1 and latest.n_train + latest.n_val == 26
     assert latest.partitions["12cd"] == card.partitions["12cd"]
     assert latest.partitions["4693"] != card.partitions["4693"]
-    # Version 0 again with that config: the 40 images of that snapshot.
-    pinned = train_model(work, config=one_epoch, raster_version=0)
-    assert pinned.raster_tiles_version == 0 and pinned.n_train + pinned.n_val == 40
+    # The trained version again with that config: the 40 images of that snapshot.
+    pinned = train_model(work, config=one_epoch, raster_version=v0)
+    assert pinned.raster_tiles_version == v0 and pinned.n_train + pinned.n_val == 40
     assert pinned.partitions == card.partitions and pinned.model_version != latest.model_version
     with pytest.raises(MissingInputError, match="no version 7"):
         train_model(work, config=CONFIG, raster_version=7)
-    # A vacuum removed version 0's files of partition 4693: a clear error, not a crash.
+    # A vacuum removed that version's files of partition 4693: a clear error, not a crash.
     DeltaTable(str(work / "raster_tiles")).vacuum(
         retention_hours=0, enforce_retention_duration=False, dry_run=False
     )
     with pytest.raises(MissingInputError, match="vacuum removed its files"):
-        train_model(work, config=one_epoch, raster_version=0)
+        train_model(work, config=one_epoch, raster_version=v0)
     # Quiet training: no Lightning advertising tips, no deprecation from Lightning's internals.
     assert not [r for r in caplog.records if "Tip" in r.getMessage()]
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
@@ -439,7 +442,8 @@ def test_write_embeddings_replaces_partitions(trained, tmp_path: Path) -> None:
     raster = pa.concat_tables([raster, pa.Table.from_pylist([blank], schema=raster.schema)])
     contract = delta_store.table_contract(work, "raster_tiles")
     raster = raster.select(RASTER_SCHEMA.names).cast(RASTER_SCHEMA)
-    assert delta_store.write_partitions(work, "raster_tiles", raster, ["12cd"], contract) == 1
+    v0 = card.raster_tiles_version
+    assert delta_store.write_partitions(work, "raster_tiles", raster, ["12cd"], contract) == v0 + 1
     model, card = load_model(work, card.model_version)
     # Small batches: deltalake pulls them from its own threads.
     counts = write_embeddings(work, model, card, list(IMAGES), batch_size=5, device="cpu")
@@ -447,16 +451,16 @@ def test_write_embeddings_replaces_partitions(trained, tmp_path: Path) -> None:
     # What was read is recorded: the raster snapshot (result and commit info) and the
     # partition's data version there, computed as Dagster computes raster_tiles' versions.
     latest = delta_store.read_partitions(work, "raster_tiles", ["12cd"])
-    assert counts["12cd"]["raster_tiles_version"] == 1
+    assert counts["12cd"]["raster_tiles_version"] == v0 + 1
     assert counts["12cd"]["raster_data_version"] == frame_hash(latest, ["image_id"])
     assert counts["4693"]["raster_data_version"] == card.partitions["4693"]  # unchanged
     for table in (CELL_TABLE, IMAGE_TABLE):
         commit = DeltaTable(str(work / table)).history(1)[0]
-        assert commit["s2vec.raster_tiles_version"] == "1"
+        assert commit["s2vec.raster_tiles_version"] == str(v0 + 1)
         assert commit["s2vec.model_version"] == card.model_version
-    # Pinned to version 0: the 12cd partition as the model was trained on it.
-    pinned = write_embeddings(work, model, card, ["12cd"], device="cpu", raster_version=0)
-    assert pinned["12cd"]["raster_tiles_version"] == 0
+    # Pinned to the trained version: the 12cd partition as the model was trained on it.
+    pinned = write_embeddings(work, model, card, ["12cd"], device="cpu", raster_version=v0)
+    assert pinned["12cd"]["raster_tiles_version"] == v0
     assert pinned["12cd"]["raster_data_version"] == card.partitions["12cd"]
     write_embeddings(work, model, card, ["12cd"])  # a rerun replaces, never duplicates
     cells = delta_store.read_partitions(work, CELL_TABLE, columns=["parent_l6"])
