@@ -65,6 +65,11 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="train with DDP on N GPUs (N CPU processes without a GPU); default 1",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute partitions that are up to date (same inputs, code and settings)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     p.set_defaults(func=_cmd_materialize)
 
@@ -130,6 +135,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
             op_config=op_config,
             tags={CLI_TAG: " ".join(["s2vec", *(args.argv or [])])[:1000]},
             workers=workers,
+            force=args.force,
         )
     seconds = time.perf_counter() - t0
     print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
@@ -144,6 +150,9 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     if report.model_version:
         model = report.model_version
         print(f"model            {model}  {Path(settings.root) / 'models' / model}")
+    for job, keys in report.up_to_date.items():
+        if keys:
+            print(f"up to date, skipped ({job}): {', '.join(keys)}  (--force recomputes)")
     print(f"\n{len(report.run_ids)} Dagster run(s) in {seconds:.1f} s")
     if report.warnings_raised:
         print(f"warning: asset checks {', '.join(report.warnings_raised)}", file=sys.stderr)

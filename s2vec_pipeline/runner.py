@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -38,6 +39,7 @@ STAGES: dict[str, list[str]] = {
 DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
 EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
 CLI_TAG = "s2vec/cli"
+DATA_VERSION_TAG = "dagster/data_version"
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RunReport:
     checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
     warnings: dict[str, bool] = field(default_factory=dict)  # WARN-severity checks
     model_version: str | None = None  # the model that embedded, when embeddings ran
+    up_to_date: dict[str, list[str]] = field(default_factory=dict)  # job -> skipped partitions
 
     def merge(self, other: RunReport) -> None:
         self.run_ids += other.run_ids
@@ -191,6 +194,31 @@ class Launcher:
             book[name] = book.get(name, True) and ev.passed
         return result
 
+    @functools.cached_property
+    def asset_graph(self):  # noqa: ANN201 - Dagster's asset graph type is internal
+        return self.defs.resolve_asset_graph()
+
+    def stale_or_missing(
+        self, partition: str, assets: Sequence[str], model_version: str | None = None
+    ) -> list[str]:
+        """The requested assets of one partition to compute: from the first one that was never
+        materialized, is stale (the one staleness rule) or, for embeddings, was made by another
+        model than ``model_version``, to the end (a recomputed upstream can change the rest)."""
+        from s2vec_pipeline.defs.automation import stale_partitions
+
+        for i, asset in enumerate(assets):
+            record = self.instance.get_latest_data_version_record(
+                dg.AssetKey(asset), False, partition
+            )
+            version = record.asset_materialization.tags.get(DATA_VERSION_TAG, "") if record else ""
+            if (
+                record is None
+                or (model_version is not None and not version.startswith(f"{model_version}-"))
+                or stale_partitions(self.instance, self.asset_graph, asset, [partition])
+            ):
+                return list(assets[i:])
+        return []
+
     def run_partitions(
         self, job_name: str, partitions: Sequence[str], assets: Sequence[str], workers: int = 1
     ) -> None:
@@ -282,11 +310,14 @@ def materialize(
     op_config: dict[str, dict] | None = None,
     tags: dict[str, str] | None = None,
     workers: int = 1,
+    force: bool = False,
 ) -> RunReport:
     """Materialize ``assets`` for ``partitions`` (level-6 tokens): the source observation, one
     data-layer run per partition (``workers`` at once), training, then one embedding run per
     partition.
 
+    Partitions whose assets are up to date (materialized, not stale: same inputs, code and
+    settings) are skipped and listed in ``report.up_to_date``; ``force`` recomputes them.
     ``op_config`` maps op names (``mae_model``, ``embeddings``) to their run config.
     """
     from s2vec_pipeline.defs.model import current_model_version
@@ -296,10 +327,15 @@ def materialize(
     launcher = Launcher(settings, instance, log_level, tags)
     launcher.report.partitions, launcher.report.assets = partitions, list(assets)
     data = [a for a in DATA_ASSETS if a in assets]
+    _check_contracts(settings, data)  # another profile or taxonomy: refused before any run
     if "osm_features" in data:
         launcher.run("refresh_sources")  # versions of every cell's OSM data, before extraction
     if data:
-        launcher.run_partitions("data_layer", partitions, data, workers)
+        plan = {k: list(data) if force else launcher.stale_or_missing(k, data) for k in partitions}
+        launcher.report.up_to_date["data_layer"] = [k for k, todo in plan.items() if not todo]
+        for todo in sorted({tuple(t) for t in plan.values() if t}):
+            keys = [k for k, t in plan.items() if tuple(t) == todo]
+            launcher.run_partitions("data_layer", keys, list(todo), workers)
     if "osm_features" in data:
         _require_features(settings, partitions)
     if "mae_model" in assets:
@@ -309,10 +345,23 @@ def materialize(
         launcher.report.model_version = embed_config.get("model_version") or (
             current_model_version(instance, settings.root)
         )
-        embed_config["model_version"] = launcher.report.model_version
+        embed_config["model_version"] = model = launcher.report.model_version
+        skipped = launcher.report.up_to_date.setdefault("embed", [])
         for k in partitions:
-            launcher.run("embed", k, EMBEDDING_ASSETS, {"embeddings": embed_config})
+            if force or launcher.stale_or_missing(k, ["cell_embeddings"], model):
+                launcher.run("embed", k, EMBEDDING_ASSETS, {"embeddings": embed_config})
+            else:
+                skipped.append(k)
     return launcher.report
+
+
+def _check_contracts(settings: PipelineSettings, tables: Sequence[str]) -> None:
+    from s2vec_pipeline import delta_store
+
+    channels = list(settings.taxonomy.channel_names)
+    for table in tables:
+        extra = {"channels": channels} if table != "osm_features" else {}
+        delta_store.check_contract(settings.root, table, settings.contract(table, **extra))
 
 
 def _require_features(settings: PipelineSettings, partitions: list[str]) -> None:

@@ -136,9 +136,10 @@ def test_independent_model_check(embedded) -> None:
 
 
 def test_cli_embeds_with_existing_model_and_rejects_unknown(
-    embedded, capsys: pytest.CaptureFixture
+    embedded, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root, _, _ = embedded
+    root, instance, _ = embedded
+    monkeypatch.setenv("DAGSTER_HOME", str(instance.root_directory))  # the fixture's records
     (version,) = list_models(root)
     before = delta_store.table_version(root, "cell_embeddings")
     args = ["materialize", "--root", str(root), "--cells", MONACO_L6]
@@ -146,7 +147,11 @@ def test_cli_embeds_with_existing_model_and_rejects_unknown(
     err = capsys.readouterr().err
     assert "0123456789abcdef" in err and version in err
     assert delta_store.table_version(root, "cell_embeddings") == before
+    # The partition is already embedded by that model from the same tiles: nothing to do.
     assert main([*args, "--stages", "embed", "--model-version", version]) == 0
+    assert f"up to date, skipped (embed): {MONACO_L6}" in capsys.readouterr().out
+    assert delta_store.table_version(root, "cell_embeddings") == before
+    assert main([*args, "--stages", "embed", "--model-version", version, "--force"]) == 0
     assert delta_store.table_version(root, "cell_embeddings") == before + 1
 
 

@@ -86,7 +86,11 @@ def test_rerun_is_idempotent_and_isolated(tmp_path: Path) -> None:
         versions = {t: delta_store.table_version(settings.root, t) for t in TABLES}
         helsinki_files = {t: _partition_files(tmp_path / "root", t, HELSINKI_L6) for t in TABLES}
 
-        materialize(settings, [MONACO_L6], assets, instance)
+        # Unchanged inputs, code and settings: nothing is recomputed, nothing committed.
+        again = materialize(settings, [MONACO_L6], assets, instance)
+        assert again.up_to_date["data_layer"] == [MONACO_L6]
+        assert {t: delta_store.table_version(settings.root, t) for t in TABLES} == versions
+        materialize(settings, [MONACO_L6], assets, instance, force=True)
         for t in TABLES:
             after = delta_store.read_partitions(settings.root, t)
             assert after.height == before[t].height  # replaced, never duplicated
@@ -234,3 +238,21 @@ def test_workers_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert _cli("--root", str(tmp_path), "--workers", "0") == 2
     assert "--workers must be a whole number" in capsys.readouterr().err
     assert not (tmp_path / "osm_features").exists()
+
+
+def test_rerun_on_unchanged_inputs_commits_nothing(
+    monaco_root: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The CLI's second run over the same source, settings and code skips every partition
+    (an independent look: Delta versions and file listings), and --force recomputes."""
+    before = _versions(monaco_root)
+    files = {t: sorted(p.name for p in (monaco_root / t).rglob("*.parquet")) for t in TABLES}
+    args = ["--root", str(monaco_root), "--source", str(monaco_pbf), "--cells", MONACO_L6]
+    assert _cli(*args, "--stages", "extract,features,raster") == 0
+    assert f"up to date, skipped (data_layer): {MONACO_L6}" in capsys.readouterr().out
+    assert _versions(monaco_root) == before
+    assert files == {
+        t: sorted(p.name for p in (monaco_root / t).rglob("*.parquet")) for t in TABLES
+    }
+    assert _cli(*args, "--stages", "extract", "--force") == 0
+    assert _versions(monaco_root)["osm_features"] == before["osm_features"] + 1
