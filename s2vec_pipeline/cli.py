@@ -295,6 +295,31 @@ def _cmd_region_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="what a root holds: tables, partitions, versions, what is stale and why",
+        description="Per table and partition: the Delta version, the data version Dagster "
+        "recorded, and whether it is stale (and why: the UI's 'Unsynced'); the sources and "
+        "their last applied change file, regions, models, and embeddings of several models. "
+        "Uses $DAGSTER_HOME's instance, else ROOT/_dagster.",
+    )
+    _add_source_options(p)
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from s2vec_pipeline.runner import dagster_instance
+    from s2vec_pipeline.status import root_status
+
+    if not Path(args.root).is_dir():
+        raise S2VecError(f"--root {args.root} does not exist: give the root of a materialized run")
+    settings = _settings(args)
+    with dagster_instance(settings.root) as instance:
+        print(root_status(settings, instance).text())
+    return 0
+
+
 def _add_sql(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sql",
@@ -515,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_materialize(sub)
     _add_refresh(sub)
     _add_region(sub)
+    _add_status(sub)
     _add_sql(sub)
     _add_maintain(sub)
     _add_evaluate(sub)

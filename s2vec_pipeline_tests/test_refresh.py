@@ -240,3 +240,23 @@ def test_new_model_makes_every_embedding_partition_stale(env: dict) -> None:
     }
     after = _versions(root)
     assert {t: after[t] for t in TABLES[:3]} == {t: versions[t] for t in TABLES[:3]}
+
+
+def test_status_names_what_is_stale_and_why(env: dict, station: tuple, capsys) -> None:
+    """After the nightly observation applied a change in Helsinki (and before any recompute),
+    `s2vec status` shows Helsinki's osm_features stale because of osm_sources, everything else
+    up to date, and the change file each source last applied."""
+    root, instance = env["root"], env["instance"]
+    _osc(env["changes"] / "0001.osc", modify=_moved(station, 1, 0.004))
+    Launcher(_settings(env, True), instance).run("refresh_sources")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(instance.root_directory))
+        assert main(["status", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(tuple(TABLES))]
+    rows = {tuple(line.split()[:3]): line for line in lines}
+    helsinki = rows[("osm_features", str(_versions(root)["osm_features"]), HELSINKI_L6)]
+    assert "stale" in helsinki and "osm_sources" in helsinki
+    others = [line for key, line in rows.items() if key[2] == MONACO_L6 or key[0] != "osm_features"]
+    assert others and all(line.endswith("up to date") for line in others)
+    assert "0001.osc" in out and len(rows) == 2 * len(TABLES)

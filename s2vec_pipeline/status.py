@@ -1,0 +1,133 @@
+"""``s2vec status``: what a root holds, per table and partition, and what is stale and why.
+
+Everything comes from the Delta tables themselves (partitions, versions, contracts), the
+root's files (models, regions, change ledgers) and the Dagster records (data versions and the
+one staleness rule, ``defs.automation.stale_partitions``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from s2vec_pipeline import delta_store, osm_changes
+from s2vec_pipeline.settings import PipelineSettings
+
+TABLES = ["osm_features", "cell_features", "raster_tiles", "cell_embeddings", "image_embeddings"]
+
+
+@dataclass
+class PartitionStatus:
+    table: str
+    partition: str
+    data_version: str | None  # as Dagster recorded it (None: no record in this instance)
+    stale: list[str] = field(default_factory=list)  # reasons; empty when up to date
+
+
+@dataclass
+class RootStatus:
+    root: str
+    contract: dict[str, Any] | None
+    tables: dict[str, int | None]  # table -> Delta version (None: absent)
+    partitions: list[PartitionStatus]
+    models: list[str]
+    embedding_models: dict[str, list[str]]  # partition -> model versions in cell_embeddings
+    regions: dict[str, list[str]]
+    sources: dict[str, dict[str, Any]]  # source -> last applied change file, batches
+
+    @property
+    def mixed_models(self) -> dict[str, list[str]]:
+        """Embedding partitions of another model than the others (an interrupted re-embedding)."""
+        models = {m for ms in self.embedding_models.values() for m in ms}
+        if len(models) <= 1:
+            return {}
+        return {k: ms for k, ms in self.embedding_models.items()}
+
+    def text(self) -> str:
+        lines = [f"root {self.root}"]
+        if self.contract:
+            c = self.contract
+            lines.append(
+                f"profile {c.get('profile')} (images level {c.get('image_level')}, pixels "
+                f"level {c.get('pixel_level')}), taxonomy {c.get('taxonomy_version')}"
+            )
+        lines.append("\nsources:")
+        for src, info in self.sources.items():
+            last = info["last_change"] or "no change file applied"
+            lines.append(f"  {src}: {last} (batches {info['batches']})")
+        lines.append(
+            "regions: "
+            + ("; ".join(f"{n} ({', '.join(c)})" for n, c in self.regions.items()) or "none")
+        )
+        lines.append(f"models: {', '.join(self.models) or 'none'}")
+        lines.append(f"\n{'table':<17} {'delta':>5}  {'partition':<9} {'data version':<34} state")
+        for p in self.partitions:
+            state = "stale: " + "; ".join(p.stale) if p.stale else "up to date"
+            if p.data_version is None:
+                state = "no Dagster record here (was it run with another DAGSTER_HOME?)"
+            lines.append(
+                f"{p.table:<17} {self.tables[p.table]!s:>5}  {p.partition:<9} "
+                f"{(p.data_version or '-'):<34} {state}"
+            )
+        if self.mixed_models:
+            lines.append(
+                "\nwarning: embeddings of several models: "
+                + "; ".join(f"{k}: {', '.join(m)}" for k, m in self.mixed_models.items())
+                + " (s2vec materialize --stages embed re-embeds with one)"
+            )
+        return "\n".join(lines)
+
+
+def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> RootStatus:
+    from s2vec_pipeline.definitions import build_definitions
+    from s2vec_pipeline.defs.automation import stale_partitions
+    from s2vec_pipeline.model.train import list_models
+    from s2vec_pipeline.regions import RegionRegistry
+
+    graph = build_definitions(settings).resolve_asset_graph()
+    versions = {t: delta_store.table_version(settings.root, t) for t in TABLES}
+    rows: list[PartitionStatus] = []
+    for table in TABLES:
+        if versions[table] is None:
+            continue
+        keys = delta_store.partition_keys(settings.root, table)
+        stale = stale_partitions(instance, graph, table, keys)
+        for k in keys:
+            record = instance.get_latest_data_version_record(dg.AssetKey(table), False, k)
+            version = (
+                record.asset_materialization.tags.get("dagster/data_version")
+                if record and record.asset_materialization
+                else None
+            )
+            rows.append(PartitionStatus(table, k, version, stale.get(k, [])))
+    embedding_models: dict[str, list[str]] = {}
+    if versions["cell_embeddings"] is not None:
+        df = delta_store.read_partitions(
+            settings.root, "cell_embeddings", columns=["parent_l6", "model_version"]
+        ).unique()
+        for k, m in df.sort("parent_l6", "model_version").iter_rows():
+            embedding_models.setdefault(k, []).append(m)
+    sources = {}
+    for src in settings.sources:
+        applied = osm_changes.applied_changes(settings.root, src)
+        sources[src] = {
+            "last_change": applied[-1].name if applied else None,
+            "batches": applied[-1].batch if applied else 0,
+        }
+    contract = next(
+        (delta_store.table_contract(settings.root, t) for t in TABLES if versions[t] is not None),
+        None,
+    )
+    return RootStatus(
+        root=str(Path(settings.root)),
+        contract=contract,
+        tables=versions,
+        partitions=rows,
+        models=list_models(settings.root),
+        embedding_models=embedding_models,
+        regions={r.name: list(r.cells) for r in RegionRegistry(settings.root).list()},
+        sources=sources,
+    )
