@@ -124,6 +124,10 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         f"({len(taxonomy.channels)} channels)\npartitions: {', '.join(cells)}"
     )
     check_root_writable(settings.root)
+    from s2vec_pipeline.manifest import record_sources
+
+    # the root remembers what it is built from (later commands need no --source)
+    record_sources(settings.root, list(settings.sources), profile.name, taxonomy.version)
     t0 = time.perf_counter()
     with dagster_instance(settings.root) as instance:
         report = materialize(
@@ -180,9 +184,12 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, changes_dir: str | None = None) -> PipelineSettings:
+    from s2vec_pipeline.manifest import recorded_sources
     from s2vec_pipeline.osm_extract import validate_source
 
-    sources = tuple(str(validate_source(s).resolve()) for s in (args.sources or bundled_sources()))
+    # Without --source: what the root was built from (its manifest), else the bundled extracts.
+    chosen = args.sources or recorded_sources(Path(args.root)) or bundled_sources()
+    sources = tuple(str(validate_source(s).resolve()) for s in chosen)
     return PipelineSettings(
         root=str(Path(args.root).resolve()),
         profile_name=args.profile,
@@ -220,6 +227,10 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     settings = _settings(args, changes)
     _ = (settings.profile, settings.taxonomy)  # validate before any run
     check_root_writable(settings.root)
+    from s2vec_pipeline import delta_store
+
+    if delta_store.table_exists(settings.root, "osm_features"):  # sources must cover the root
+        settings.sources_for(delta_store.partition_keys(settings.root, "osm_features"))
     t0 = time.perf_counter()
     with dagster_instance(settings.root) as instance:
         report = refresh(settings, instance, log_level="INFO" if args.verbose else "ERROR")

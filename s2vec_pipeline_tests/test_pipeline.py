@@ -256,3 +256,38 @@ def test_rerun_on_unchanged_inputs_commits_nothing(
     }
     assert _cli(*args, "--stages", "extract", "--force") == 0
     assert _versions(monaco_root)["osm_features"] == before["osm_features"] + 1
+
+
+def test_root_remembers_its_sources(
+    tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Built from one extract, the root is refreshed and shown from that extract without
+    --source (not the bundled defaults); the manifest's hash is the file's."""
+    import hashlib
+    import json
+    import shutil
+
+    src = tmp_path / "elsewhere" / "mc.osm.pbf"
+    src.parent.mkdir()
+    shutil.copy(monaco_pbf, src)
+    root = tmp_path / "root"
+    assert _cli("--root", str(root), "--source", str(src), "--stages", "extract") == 0
+    manifest = json.loads((root / "s2vec_root.json").read_text())
+    assert list(manifest["sources"]) == [str(src.resolve())]
+    entry = manifest["sources"][str(src.resolve())]
+    assert entry["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert main(["status", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert str(src.resolve()) in out and "helsinki" not in out
+    assert main(["refresh", "--root", str(root)]) == 0  # no --source: the recorded one
+    assert "osm_features: []" in capsys.readouterr().out
+    # the recorded source gone: a clear error, nothing falls back to the bundled extracts
+    src.rename(src.with_suffix(".moved"))
+    assert main(["refresh", "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "no longer exist" in err and str(src.resolve()) in err
+    # a --source that does not cover the root's partitions is refused
+    helsinki = Path(str(monaco_pbf).replace("monaco", "helsinki"))
+    assert main(["refresh", "--root", str(root), "--source", str(helsinki)]) == 2
+    assert "outside every configured source" in capsys.readouterr().err

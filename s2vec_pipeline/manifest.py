@@ -1,0 +1,107 @@
+"""The root manifest: what a storage root was built from, so later commands need not be told.
+
+``<root>/s2vec_root.json`` records the sources (full paths, with size, mtime and a content hash
+taken when first recorded), the profile and the taxonomy. ``s2vec materialize`` and
+``s2vec refresh`` without ``--source`` use the recorded sources; a root written with another
+profile or taxonomy is refused by the tables' contracts. Written atomically (temp file, rename)
+and versioned (``format``), under the root's lock so concurrent commands merge their sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.locks import exclusive
+
+MANIFEST = "s2vec_root.json"
+FORMAT = 1
+
+
+class ManifestError(S2VecError):
+    """The root's manifest is unreadable, or names sources that are gone."""
+
+
+@dataclass(frozen=True)
+class RootManifest:
+    sources: dict[str, dict[str, Any]]  # absolute path -> size, mtime_ns, sha256
+    profile: str
+    taxonomy_version: str
+
+    @property
+    def source_paths(self) -> list[str]:
+        return list(self.sources)
+
+
+def _path(root: str | os.PathLike) -> Path:
+    return Path(root) / MANIFEST
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(root: str | os.PathLike) -> RootManifest | None:
+    path = _path(root)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return RootManifest(data["sources"], data["profile"], data["taxonomy_version"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(
+            f"{path} is not a readable s2vec manifest ({e}): restore it, or delete it and pass "
+            f"--source again"
+        ) from e
+
+
+def record_sources(
+    root: str | os.PathLike, sources: list[str], profile: str, taxonomy_version: str
+) -> RootManifest:
+    """Add ``sources`` to the root's manifest (creating it); returns the manifest as written."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with exclusive(Path(root) / f".{MANIFEST}.lock"):
+        current = read_manifest(root)
+        known = dict(current.sources) if current else {}
+        for src in sources:
+            p = Path(src).resolve()
+            st = p.stat()
+            entry = known.get(str(p))
+            if entry and (entry["size"], entry["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+                continue  # unchanged: no need to hash it again
+            known[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)}
+        manifest = RootManifest(known, profile, taxonomy_version)
+        body = {
+            "format": FORMAT,
+            "sources": dict(sorted(known.items())),
+            "profile": profile,
+            "taxonomy_version": taxonomy_version,
+        }
+        tmp = _path(root).with_name(f".{MANIFEST}.partial")
+        tmp.write_text(json.dumps(body, indent=2))
+        os.replace(tmp, _path(root))
+        return manifest
+
+
+def recorded_sources(root: str | os.PathLike) -> list[str] | None:
+    """The sources the root was built from, or None for a root without a manifest. A recorded
+    source that no longer exists is an error naming it (never a silent fallback)."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        return None
+    missing = [s for s in manifest.source_paths if not Path(s).is_file()]
+    if missing:
+        raise ManifestError(
+            f"the root {root} was built from {', '.join(missing)}, which no longer exist: "
+            f"restore them or pass --source with their new location"
+        )
+    return manifest.source_paths
