@@ -4,8 +4,6 @@ Lightning Trainer, embed every pixel, query with SQL."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -19,7 +17,7 @@ from s2vec_pipeline.model.train import ModelCard, TrainConfig, list_models, trai
 from s2vec_pipeline.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
-from s2vec_pipeline_tests.test_pipeline import SHARED_CHECKS
+from s2vec_pipeline_tests.contract_checks import model_problems
 
 TINY = {
     "epochs": 3,
@@ -123,16 +121,10 @@ def test_dagster_records_model_and_partition_versions(embedded) -> None:
                 assert checks[(table, check, k)], (table, check, k)
 
 
-@pytest.mark.skipif(not SHARED_CHECKS.exists(), reason="../shared/checks not beside this clone")
 def test_independent_model_check(embedded) -> None:
+    """The embedding tables' contract, checked with the official S2 library."""
     root, _, _ = embedded
-    out = subprocess.run(
-        [sys.executable, str(SHARED_CHECKS / "check_model.py"), str(root), "13", "17"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert model_problems(root, 17) == []
 
 
 def test_cli_embeds_with_existing_model_and_rejects_unknown(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -19,9 +17,9 @@ from s2vec_pipeline.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.taxonomy import load_taxonomy
 from s2vec_pipeline_tests.conftest import DATA_STAGES, HELSINKI_L6, MONACO_L6
+from s2vec_pipeline_tests.contract_checks import data_layer_problems
 
 TABLES = ["osm_features", "cell_features", "raster_tiles"]
-SHARED_CHECKS = Path(__file__).resolve().parents[2] / "shared" / "checks"
 
 
 def test_tables_and_contracts(materialized_root: Path) -> None:
@@ -53,22 +51,9 @@ def test_tables_and_contracts(materialized_root: Path) -> None:
     assert helsinki.height >= 4 and helsinki["nonempty_pixels"].sum() > 200
 
 
-@pytest.mark.skipif(not SHARED_CHECKS.exists(), reason="../shared/checks not beside this clone")
 def test_independent_contract_check(materialized_root: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(SHARED_CHECKS / "check_data_layer.py"),
-            str(materialized_root),
-            "13",
-            "17",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "problems=0" in out.stdout
+    """The data-layer contract, checked without the project's S2 or raster code."""
+    assert data_layer_problems(materialized_root, 13, 17) == []
 
 
 def _partition_files(root: Path, table: str, token: str) -> dict[str, float]:
