@@ -52,7 +52,8 @@ class _ProgressHandler(logging.StreamHandler):
             self.stream.write(f"\r\x1b[K{msg}")
             self.open_line = True
         else:
-            self.stream.write(("\r\x1b[K" if self.open_line else "") + msg + "\n")
+            # A line after epochs ends the rewritten line: the last epoch's line stays.
+            self.stream.write(("\n" if self.open_line else "") + msg + "\n")
             self.open_line = False
         self.flush()
 
@@ -191,7 +192,8 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
             workers=workers,
         )
     seconds = time.perf_counter() - t0
-    print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
+    if any(a != "mae_model" for a in assets):
+        print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
     for asset in assets:
         if asset == "mae_model":
             continue

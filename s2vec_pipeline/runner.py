@@ -340,8 +340,14 @@ def materialize(
         _require_features(settings, partitions)
     if "mae_model" in assets:
         t0 = time.perf_counter()
-        launcher.run("train_model", op_config={"mae_model": (op_config or {}).get("mae_model", {})})
+        trained = launcher.run(
+            "train_model", op_config={"mae_model": (op_config or {}).get("mae_model", {})}
+        )
         _report_done("train_model", None, 1, 1, t0)
+        for event in trained.get_asset_materialization_events():  # the model this run made
+            meta = event.step_materialization_data.materialization.metadata.get("model_version")
+            if meta is not None:
+                launcher.report.model_version = str(meta.value)
     if any(a in assets for a in EMBEDDING_ASSETS):
         embed_config = dict((op_config or {}).get("embeddings", {}))
         launcher.report.model_version = embed_config.get("model_version") or (
