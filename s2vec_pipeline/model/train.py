@@ -360,7 +360,8 @@ def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RAS
         raise IncompatibleModelError(
             f"model {card.model_version} does not fit the {table} table: it has "
             + "; ".join(problems)
-            + ". Train a model on this table (train_model) or use the root it was trained on."
+            + ". Train a model on this table (s2vec materialize --stages train) or use the root "
+            "it was trained on."
         )
 
 
@@ -489,8 +490,8 @@ def train_model(
     contract = delta_store.table_contract(root, RASTER_TABLE)
     if contract is None:
         raise MissingInputError(
-            f"no raster_tiles table under {root}: materialize raster_tiles first "
-            "(the model trains on its tiles)"
+            f"no raster_tiles table under {root}: run s2vec materialize --stages "
+            "extract,features,raster first (the model trains on its tiles)"
         )
     snapshot = raster_snapshot(root, raster_version)
     available = raster_partition_keys(root, snapshot)
@@ -501,8 +502,9 @@ def train_model(
     if missing or not partitions:
         raise MissingInputError(
             f"raster_tiles under {root} (version {snapshot}) has no tiles for partitions "
-            f"{missing or partitions}: materialize raster_tiles for them first (partitions "
-            f"with tiles: {available})"
+            f"{', '.join(missing or partitions) or '(none)'}: run s2vec materialize --stages "
+            f"extract,features,raster --cells for them first (partitions with tiles: "
+            f"{', '.join(map(str, available)) or 'none'})"
         )
     config = config or TrainConfig.for_profile(contract.get("profile", ""))
     world_size = config.world_size()
@@ -754,9 +756,10 @@ def load_model(
         raise ModelNotFoundError(
             f"no finished model {version!r} under {models_dir(root)} ({hint})"
             + (
-                "; a partial training of it exists: rerun train_model to resume it"
+                "; a partial training of it exists: rerun s2vec materialize --stages train "
+                "to resume it"
                 if partial
-                else ". Train one with train_model first"
+                else ". Train one first: s2vec materialize --stages train"
             )
         )
     card = ModelCard.load(final)
