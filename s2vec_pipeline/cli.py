@@ -607,25 +607,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except S2VecError as e:
         return _fail(e, str(e), 2, verbosity)
-    except OSError as e:
-        if e.errno in _USER_OS_ERRNOS:
-            where = f" ({e.filename})" if e.filename else ""
-            return _fail(
-                e,
-                f"{e.strerror or e}{where}: free space or fix the permissions, or use another "
-                f"--root; nothing was committed",
-                2,
-                verbosity,
-            )
-        return _fail(e, _internal(e), 1, verbosity)
     except KeyboardInterrupt as e:
         return _fail(e, "interrupted; tables stay at their last committed version", 130, verbosity)
     except Exception as e:  # noqa: BLE001 - one line, not Dagster's pages, for a bug too
-        return _fail(e, _internal(e), 1, verbosity)
+        inner = _innermost(e)
+        if isinstance(inner, OSError) and inner.errno in _USER_OS_ERRNOS:
+            where = f" ({inner.filename})" if inner.filename else ""
+            message = (
+                f"{inner.strerror or inner}{where}: free space or fix the permissions, or use "
+                f"another --root; nothing was committed"
+            )
+            return _fail(e, message, 2, verbosity)
+        text = (str(inner).strip().splitlines() or [""])[0]
+        message = f"{type(inner).__name__}: {text} (unexpected: rerun with -vv for the traceback)"
+        return _fail(e, message, 1, verbosity)
 
 
-def _internal(exc: BaseException) -> str:
-    """One line for an unexpected error: the innermost exception Dagster wrapped."""
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception a Dagster step failure wraps (its ``user_exception`` or cause chain)."""
     inner, seen = exc, set()
     while id(inner) not in seen:
         seen.add(id(inner))
@@ -633,8 +632,7 @@ def _internal(exc: BaseException) -> str:
         if nxt is None:
             break
         inner = nxt
-    text = (str(inner).strip().splitlines() or [""])[0]
-    return f"{type(inner).__name__}: {text} (unexpected: rerun with -vv for the traceback)"
+    return inner
 
 
 def _fail(exc: BaseException, message: str, code: int, verbosity: int) -> int:
