@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from s2vec_pipeline.errors import S2VecError
@@ -58,16 +59,26 @@ class _ProgressHandler(logging.StreamHandler):
         self.flush()
 
 
-def _attach_progress() -> None:
-    """(Re)attach the progress handler to the current stderr (tests swap it between calls)."""
+@contextlib.contextmanager
+def _progress_to_stderr() -> Iterator[None]:
+    """Progress lines on stderr while a command runs; detached after it, so library callers
+    (and later tests) in the same process print nothing."""
     from s2vec_pipeline.runner import PROGRESS_LOGGER
 
     logger = logging.getLogger(PROGRESS_LOGGER)
-    for h in [h for h in logger.handlers if isinstance(h, _ProgressHandler)]:
-        logger.removeHandler(h)
-    logger.addHandler(_ProgressHandler())
+    handler = _ProgressHandler()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        if handler.open_line:
+            handler.stream.write("\n")
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _add_materialize(sub: argparse._SubParsersAction) -> None:
@@ -602,9 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in the tags of the Dagster runs it launches
     verbosity = getattr(args, "verbose", 0)
-    _attach_progress()
     try:
-        return args.func(args)
+        with _progress_to_stderr():
+            return args.func(args)
     except S2VecError as e:
         return _fail(e, str(e), 2, verbosity)
     except KeyboardInterrupt as e:

@@ -69,6 +69,7 @@ class RunReport:
     checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
     warnings: dict[str, bool] = field(default_factory=dict)  # WARN-severity checks
     model_version: str | None = None  # the model that embedded, when embeddings ran
+    detail: str = ""  # what the latest run read, for its progress line ("9876 objects read")
 
     def merge(self, other: RunReport) -> None:
         self.run_ids += other.run_ids
@@ -206,6 +207,7 @@ class Launcher:
                 raise user from None
             raise
         self.report.run_ids.append(result.run_id)
+        self.report.detail = _run_detail(result)
         for ev in result.get_asset_check_evaluations():
             name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
             book = (
@@ -226,7 +228,7 @@ class Launcher:
             for i, k in enumerate(partitions, 1):
                 t0 = time.perf_counter()
                 self.run(job_name, k, assets)
-                _report_done(job_name, k, i, len(partitions), t0)
+                _report_done(job_name, k, i, len(partitions), t0, self.report.detail)
             return
         ctx = mp.get_context("spawn")
         pending, running = list(partitions), {}
@@ -259,7 +261,7 @@ class Launcher:
                 if isinstance(outcome, RunReport):
                     self.report.merge(outcome)
                     done += 1
-                    _report_done(job_name, k, done, len(partitions), t0)
+                    _report_done(job_name, k, done, len(partitions), t0, outcome.detail)
                 else:
                     failures[k] = outcome or RuntimeError(
                         f"the worker for partition {k} died (exit code {proc.exitcode})"
@@ -275,9 +277,22 @@ class Launcher:
             raise first
 
 
-def _report_done(job_name: str, partition: str | None, i: int, n: int, t0: float) -> None:
+def _report_done(
+    job_name: str, partition: str | None, i: int, n: int, t0: float, detail: str = ""
+) -> None:
     what = f"{job_name} {partition}" if partition else job_name
-    _progress.info("[%d/%d] %s done in %.1f s", i, n, what, time.perf_counter() - t0)
+    extra = f" ({detail})" if detail else ""
+    _progress.info("[%d/%d] %s done in %.1f s%s", i, n, what, time.perf_counter() - t0, extra)
+
+
+def _run_detail(result: dg.ExecuteInProcessResult) -> str:
+    """Extraction counts from the run's osm_features materialization, when it has one."""
+    for event in result.get_asset_materialization_events():
+        m = event.step_materialization_data.materialization
+        if m.asset_key.to_user_string() == "osm_features" and "objects_read" in m.metadata:
+            read, matched = m.metadata["objects_read"].value, m.metadata["objects_matched"].value
+            return f"{read} OSM objects read, {matched} matched"
+    return ""
 
 
 class PartitionsFailedError(S2VecError):

@@ -123,7 +123,8 @@ def test_partition_progress_and_verbose(
     assert main([*args, "--root", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert _lines(err) and all(line.startswith("[") for line in _lines(err)), err
-    assert f"[1/1] data_layer {MONACO_L6} done in " in err
+    (line,) = _lines(err)
+    assert line.startswith(f"[1/1] data_layer {MONACO_L6} done in ") and "OSM objects read" in line
     # -v: Dagster's INFO logs (the source observation logs one)
     assert main([*args, "--root", str(tmp_path / "b"), "-v"]) == 0
     err = capsys.readouterr().err
