@@ -60,25 +60,29 @@ class _ProgressHandler(logging.StreamHandler):
 
 
 @contextlib.contextmanager
-def _progress_to_stderr() -> Iterator[None]:
-    """Progress lines on stderr while a command runs; detached after it, so library callers
-    (and later tests) in the same process print nothing."""
+def _console(verbosity: int) -> Iterator[None]:
+    """While a command runs: progress lines on stderr and, at default verbosity, Dagster's own
+    Python logger quiet. Undone after it, so library callers (and later tests) in the same
+    process are unaffected."""
     from s2vec_pipeline.runner import PROGRESS_LOGGER
 
-    logger = logging.getLogger(PROGRESS_LOGGER)
+    progress, dagster_logger = logging.getLogger(PROGRESS_LOGGER), logging.getLogger("dagster")
     handler = _ProgressHandler()
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    saved = (progress.level, progress.propagate, dagster_logger.level)
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    if verbosity <= 0:
+        dagster_logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         if handler.open_line:
             handler.stream.write("\n")
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
+        progress.removeHandler(handler)
+        progress.setLevel(saved[0])
+        progress.propagate = saved[1]
+        dagster_logger.setLevel(saved[2])
 
 
 def _add_materialize(sub: argparse._SubParsersAction) -> None:
@@ -155,7 +159,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     workers = (
         default_workers() if args.workers is None else parse_workers(args.workers, "--workers")
     )
-    stages = args.stages or list(STAGES)
+    stages = list(STAGES) if args.stages is None else args.stages  # "--stages ," is an error
     if args.model_version and args.stages is None:
         stages = [s for s in stages if s != "train"]  # embed with the given model
     assets = parse_stages(stages)
@@ -614,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # recorded in the tags of the Dagster runs it launches
     verbosity = getattr(args, "verbose", 0)
     try:
-        with _progress_to_stderr():
+        with _console(verbosity):
             return args.func(args)
     except S2VecError as e:
         return _fail(e, str(e), 2, verbosity)

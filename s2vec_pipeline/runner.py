@@ -55,8 +55,9 @@ def console_log_level(verbosity: int) -> str:
 
 
 def quiet_python_loggers(log_level: str) -> None:
-    """At the quiet level, also Dagster's own Python loggers (instance and daemon messages):
-    the run's events stay in the instance, where the UI shows them."""
+    """At the quiet level, also Dagster's own Python logger (instance messages), for the rest
+    of this process (a spawned worker; the CLI scopes it to its command): the run's events stay
+    in the instance, where the UI shows them."""
     if log_level == QUIET:
         logging.getLogger("dagster").setLevel(logging.CRITICAL)
 
@@ -91,7 +92,7 @@ def parse_stages(stages: Sequence[str]) -> list[str]:
     unknown = [s for s in names if s not in STAGES]
     if unknown or not names:
         raise S2VecError(
-            f"unknown stage(s) {', '.join(unknown or stages) or 'none given'}: choose from "
+            f"unknown stage(s) {', '.join(unknown or stages) or '(none given)'}: choose from "
             f"{','.join(STAGES)}"
         )
     return [a for stage in STAGES if stage in names for a in STAGES[stage]]
@@ -172,7 +173,6 @@ class Launcher:
         self.instance = instance
         self.log_level = log_level
         self.tags = tags or {}
-        quiet_python_loggers(log_level)
         self.defs = build_definitions(settings)
         self.report = RunReport()
         add_partitions(instance, settings.source_cells)

@@ -72,6 +72,9 @@ def test_cells_naming_no_cell_is_an_error(tmp_path: Path, capsys: pytest.Capture
         assert main(["materialize", "--root", str(tmp_path / "r"), "--cells", value]) == 2
         (line,) = _lines(capsys.readouterr().err)
         assert line.startswith("error: --cells names no cell")
+    assert main(["materialize", "--root", str(tmp_path / "r"), "--stages", ","]) == 2
+    (line,) = _lines(capsys.readouterr().err)
+    assert line.startswith("error: unknown stage(s) (none given): choose from extract,features")
     assert not (tmp_path / "r").exists()
 
 
