@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from s2vec_pipeline.errors import S2VecError
@@ -15,6 +19,70 @@ from s2vec_pipeline.settings import DEFAULT_PROFILE, PipelineSettings, bundled_s
 
 def _csv(value: str) -> list[str]:
     return [v for v in (s.strip() for s in value.split(",")) if v]
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: show Dagster's INFO logs; -vv: also the traceback of an error",
+    )
+
+
+def _cells_given(cells: list[str] | None) -> list[str] | None:
+    """``--cells ,`` names no cell: an error, never 'every cell'."""
+    if cells is not None and not cells:
+        raise S2VecError("--cells names no cell: give level-6 tokens, e.g. --cells 12cd,4693")
+    return cells
+
+
+class _ProgressHandler(logging.StreamHandler):
+    """Progress lines on stderr. A record with ``transient=True`` (training epochs) rewrites one
+    line on a terminal; when stderr is not a terminal every record is a plain line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.tty = sys.stderr.isatty()
+        self.open_line = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = self.format(record)
+        if self.tty and getattr(record, "transient", False):
+            self.stream.write(f"\r\x1b[K{msg}")
+            self.open_line = True
+        else:
+            # A line after epochs ends the rewritten line: the last epoch's line stays.
+            self.stream.write(("\n" if self.open_line else "") + msg + "\n")
+            self.open_line = False
+        self.flush()
+
+
+@contextlib.contextmanager
+def _console(verbosity: int) -> Iterator[None]:
+    """While a command runs: progress lines on stderr and, at default verbosity, Dagster's own
+    Python logger quiet. Undone after it, so library callers (and later tests) in the same
+    process are unaffected."""
+    from s2vec_pipeline.runner import PROGRESS_LOGGER
+
+    progress, dagster_logger = logging.getLogger(PROGRESS_LOGGER), logging.getLogger("dagster")
+    handler = _ProgressHandler()
+    saved = (progress.level, progress.propagate, dagster_logger.level)
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    if verbosity <= 0:
+        dagster_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        if handler.open_line:
+            handler.stream.write("\n")
+        progress.removeHandler(handler)
+        progress.setLevel(saved[0])
+        progress.propagate = saved[1]
+        dagster_logger.setLevel(saved[2])
 
 
 def _add_materialize(sub: argparse._SubParsersAction) -> None:
@@ -70,13 +138,20 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="recompute partitions that are up to date (same inputs, code and settings)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
+    _add_verbose(p)
     p.set_defaults(func=_cmd_materialize)
 
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline import delta_store
-    from s2vec_pipeline.runner import CLI_TAG, STAGES, dagster_instance, materialize, parse_stages
+    from s2vec_pipeline.runner import (
+        CLI_TAG,
+        STAGES,
+        console_log_level,
+        dagster_instance,
+        materialize,
+        parse_stages,
+    )
     from s2vec_pipeline.settings import (
         check_root_writable,
         default_workers,
@@ -89,7 +164,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     workers = (
         default_workers() if args.workers is None else parse_workers(args.workers, "--workers")
     )
-    stages = args.stages or list(STAGES)
+    stages = list(STAGES) if args.stages is None else args.stages  # "--stages ," is an error
     if args.model_version and args.stages is None:
         stages = [s for s in stages if s != "train"]  # embed with the given model
     assets = parse_stages(stages)
@@ -113,7 +188,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         region = registry.get(args.region)
         registry.check_covered(region, settings.source_cells)
         cells = list(region.cells)
-    elif args.cells:
+    elif _cells_given(args.cells) is not None:
         cells = parse_partition_tokens(args.cells)
     else:
         cells = list(settings.source_cells)
@@ -135,14 +210,15 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
             cells,
             assets,
             instance,
-            log_level="INFO" if args.verbose else "ERROR",
+            log_level=console_log_level(args.verbose),
             op_config=op_config,
             tags={CLI_TAG: " ".join(["s2vec", *(args.argv or [])])[:1000]},
             workers=workers,
             force=args.force,
         )
     seconds = time.perf_counter() - t0
-    print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
+    if any(a != "mae_model" for a in assets):
+        print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
     for asset in assets:
         if asset == "mae_model":
             continue
@@ -213,12 +289,12 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--changes", default=None, metavar="DIR", help="folder of .osc / .osc.gz change files"
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
+    _add_verbose(p)
     p.set_defaults(func=_cmd_refresh)
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    from s2vec_pipeline.runner import dagster_instance, refresh
+    from s2vec_pipeline.runner import console_log_level, dagster_instance, refresh
     from s2vec_pipeline.settings import check_root_writable
 
     changes = str(Path(args.changes).resolve()) if args.changes else None
@@ -233,7 +309,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         settings.sources_for(delta_store.partition_keys(settings.root, "osm_features"))
     t0 = time.perf_counter()
     with dagster_instance(settings.root) as instance:
-        report = refresh(settings, instance, log_level="INFO" if args.verbose else "ERROR")
+        report = refresh(settings, instance, log_level=console_log_level(args.verbose))
     for src, files in report.applied.items():
         print(f"applied to {src}: {', '.join(files)}")
     if not report.applied:
@@ -263,9 +339,11 @@ def _add_region(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--geojson", metavar="FILE", help="GeoJSON polygon(s)")
     what.add_argument("--source", metavar="PBF", help="the header box of an OSM extract")
     add.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    _add_verbose(add)
     add.set_defaults(func=_cmd_region_add)
     ls = rsub.add_parser("list", help="list the registered regions")
     ls.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    _add_verbose(ls)
     ls.set_defaults(func=_cmd_region_list)
 
 
@@ -348,7 +426,15 @@ def _add_sql(sub: argparse._SubParsersAction) -> None:
         help="also register a Parquet or CSV file as a table (e.g. labels=labels.csv)",
     )
     p.add_argument("--out", default=None, help="write the result to a .parquet or .csv file")
-    p.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        metavar="N",
+        help="rows to print (default 50); says 'showing N of M rows' when it cuts; --out "
+        "writes every row",
+    )
+    _add_verbose(p)
     p.set_defaults(func=_cmd_sql)
 
 
@@ -381,8 +467,12 @@ def _cmd_sql(args: argparse.Namespace) -> int:
             raise S2VecError(f"--out must end in .parquet or .csv, got {out.name}")
         print(f"{df.height} rows written to {out}")
         return 0
+    if args.limit < 0:
+        raise S2VecError(f"--limit must be 0 or more, got {args.limit}")
     with pl.Config(tbl_rows=args.limit, fmt_str_lengths=40, tbl_width_chars=160):
         print(df.head(args.limit))
+    if df.height > args.limit:
+        print(f"showing {args.limit} of {df.height} rows (--limit to change)")
     return 0
 
 
@@ -405,6 +495,7 @@ def _add_maintain(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_RETENTION_HOURS,
         help=f"keep unreferenced files younger than this (default {DEFAULT_RETENTION_HOURS})",
     )
+    _add_verbose(p)
     p.set_defaults(func=_cmd_maintain)
 
 
@@ -453,6 +544,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--mlp", action="store_true", help="also a small MLP probe on embeddings and raw features"
     )
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON")
+    _add_verbose(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -512,6 +604,7 @@ def _add_map(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-version", default=None, help="embeddings of this model")
     p.add_argument("--out", required=True, metavar="FILE.png|FILE.html", help="output file")
+    _add_verbose(p)
     p.set_defaults(func=_cmd_map)
 
 
@@ -528,7 +621,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
         cells = list(RegionRegistry(root.resolve()).get(args.region).cells)
     else:
-        cells = args.cells
+        cells = _cells_given(args.cells)
     if args.reconstruction:
         if len(cells) != 1 or not args.out.lower().endswith(".png"):
             raise S2VecError("--reconstruction draws one image: --cells IMAGE_TOKEN --out F.png")
@@ -559,15 +652,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: OS errors the user fixes (space, permissions, a read-only disk): exit 2, like bad input.
+_USER_OS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 on success, 2 on bad input or a state the user can fix (one ``error:`` line on
+    stderr; ``-vv`` adds the traceback), 1 on an internal error, 130 when interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in the tags of the Dagster runs it launches
+    verbosity = getattr(args, "verbose", 0)
     try:
-        return args.func(args)
+        with _console(verbosity):
+            return args.func(args)
     except S2VecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, str(e), 2, verbosity)
+    except KeyboardInterrupt as e:
+        return _fail(e, "interrupted; tables stay at their last committed version", 130, verbosity)
+    except Exception as e:  # noqa: BLE001 - one line, not Dagster's pages, for a bug too
+        inner = _innermost(e)
+        if isinstance(inner, OSError) and inner.errno in _USER_OS_ERRNOS:
+            where = f" ({inner.filename})" if inner.filename else ""
+            message = (
+                f"{inner.strerror or inner}{where}: free space or fix the permissions, or use "
+                f"another --root; nothing was committed"
+            )
+            return _fail(e, message, 2, verbosity)
+        text = (str(inner).strip().splitlines() or [""])[0]
+        message = f"{type(inner).__name__}: {text} (unexpected: rerun with -vv for the traceback)"
+        return _fail(e, message, 1, verbosity)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception a Dagster step failure wraps (its ``user_exception`` or cause chain)."""
+    inner, seen = exc, set()
+    while id(inner) not in seen:
+        seen.add(id(inner))
+        nxt = getattr(inner, "user_exception", None) or inner.__cause__
+        if nxt is None:
+            break
+        inner = nxt
+    return inner
+
+
+def _fail(exc: BaseException, message: str, code: int, verbosity: int) -> int:
+    if verbosity >= 2:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -482,6 +482,11 @@ def _read_change_file(path: Path, name: str, sha: str, size: int) -> _ChangeFile
                     continue
                 members = None if deleted else tuple((m.type, m.ref) for m in obj.members)
                 rels[oid] = (stamp, members, obj.tags.get("type") in AREA_RELATION_TYPES)
+    except osmium.InvalidLocationError as e:  # not a RuntimeError: e.g. lat="999"
+        raise ChangeFileError(
+            f"change file {path} has a coordinate osmium cannot read ({e}); latitudes lie in "
+            f"-90..90, longitudes in -180..180: fix or remove the file. Nothing was applied"
+        ) from e
     except RuntimeError as e:
         raise ChangeFileError(
             f"change file {path} is truncated or corrupt ({e}); download it again. Nothing was "

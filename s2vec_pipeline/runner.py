@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,26 @@ DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
 EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
 CLI_TAG = "s2vec/cli"
 DATA_VERSION_TAG = "dagster/data_version"
+#: One INFO line per finished run ("[2/5] data_layer 4693 done in 3.1 s"); silent unless a
+#: handler is attached (the CLI attaches one writing to stderr).
+PROGRESS_LOGGER = "s2vec_pipeline.progress"
+_progress = logging.getLogger(PROGRESS_LOGGER)
+#: The Dagster console logger's level when the CLI runs quietly: Dagster logs nothing at
+#: CRITICAL, so a failing step prints no ERROR/STEP_FAILURE lines; the CLI prints the error once.
+QUIET = "CRITICAL"
+
+
+def console_log_level(verbosity: int) -> str:
+    """Dagster console level for the CLI's ``-v`` count: quiet, INFO (-v, -vv), DEBUG (-vvv)."""
+    return QUIET if verbosity <= 0 else "INFO" if verbosity < 3 else "DEBUG"
+
+
+def quiet_python_loggers(log_level: str) -> None:
+    """At the quiet level, also Dagster's own Python logger (instance messages), for the rest
+    of this process (a spawned worker; the CLI scopes it to its command): the run's events stay
+    in the instance, where the UI shows them."""
+    if log_level == QUIET:
+        logging.getLogger("dagster").setLevel(logging.CRITICAL)
 
 
 @dataclass
@@ -51,6 +73,7 @@ class RunReport:
     warnings: dict[str, bool] = field(default_factory=dict)  # WARN-severity checks
     model_version: str | None = None  # the model that embedded, when embeddings ran
     up_to_date: dict[str, list[str]] = field(default_factory=dict)  # job -> skipped partitions
+    detail: str = ""  # what the latest run read, for its progress line ("9876 objects read")
 
     def merge(self, other: RunReport) -> None:
         self.run_ids += other.run_ids
@@ -71,7 +94,10 @@ def parse_stages(stages: Sequence[str]) -> list[str]:
     names = [s.strip() for s in stages if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown or not names:
-        raise S2VecError(f"unknown stage(s) {unknown or list(stages)}: choose from {list(STAGES)}")
+        raise S2VecError(
+            f"unknown stage(s) {', '.join(unknown or stages) or '(none given)'}: choose from "
+            f"{','.join(STAGES)}"
+        )
     return [a for stage in STAGES if stage in names for a in STAGES[stage]]
 
 
@@ -184,6 +210,7 @@ class Launcher:
                 raise user from None
             raise
         self.report.run_ids.append(result.run_id)
+        self.report.detail = _run_detail(result)
         for ev in result.get_asset_check_evaluations():
             name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
             book = (
@@ -226,12 +253,15 @@ class Launcher:
         (deltalake cannot run in forked children). A worker that fails or dies fails its
         partition only: the others run to the end, then the first failure is raised."""
         if workers <= 1 or len(partitions) <= 1:
-            for k in partitions:
+            for i, k in enumerate(partitions, 1):
+                t0 = time.perf_counter()
                 self.run(job_name, k, assets)
+                _report_done(job_name, k, i, len(partitions), t0, self.report.detail)
             return
         ctx = mp.get_context("spawn")
         pending, running = list(partitions), {}
         failures: dict[str, BaseException] = {}
+        done = 0
         while pending or running:
             while pending and len(running) < workers:
                 k = pending.pop(0)
@@ -251,13 +281,15 @@ class Launcher:
                 )
                 proc.start()
                 send.close()
-                running[proc.sentinel] = (proc, k, receive)
+                running[proc.sentinel] = (proc, k, receive, time.perf_counter())
             for sentinel in mp.connection.wait(list(running)):
-                proc, k, receive = running.pop(sentinel)
+                proc, k, receive, t0 = running.pop(sentinel)
                 outcome = receive.recv() if receive.poll() else None
                 proc.join()
                 if isinstance(outcome, RunReport):
                     self.report.merge(outcome)
+                    done += 1
+                    _report_done(job_name, k, done, len(partitions), t0, outcome.detail)
                 else:
                     failures[k] = outcome or RuntimeError(
                         f"the worker for partition {k} died (exit code {proc.exitcode})"
@@ -271,6 +303,24 @@ class Launcher:
                     f"{first}"
                 )
             raise first
+
+
+def _report_done(
+    job_name: str, partition: str | None, i: int, n: int, t0: float, detail: str = ""
+) -> None:
+    what = f"{job_name} {partition}" if partition else job_name
+    extra = f" ({detail})" if detail else ""
+    _progress.info("[%d/%d] %s done in %.1f s%s", i, n, what, time.perf_counter() - t0, extra)
+
+
+def _run_detail(result: dg.ExecuteInProcessResult) -> str:
+    """Extraction counts from the run's osm_features materialization, when it has one."""
+    for event in result.get_asset_materialization_events():
+        m = event.step_materialization_data.materialization
+        if m.asset_key.to_user_string() == "osm_features" and "objects_read" in m.metadata:
+            read, matched = m.metadata["objects_read"].value, m.metadata["objects_matched"].value
+            return f"{read} OSM objects read, {matched} matched"
+    return ""
 
 
 class PartitionsFailedError(S2VecError):
@@ -288,6 +338,7 @@ def _partition_worker(
     assets: list[str],
 ) -> None:
     """One partition's run in a spawned process; sends back its report or its error."""
+    quiet_python_loggers(log_level)
     try:
         with dg.DagsterInstance.from_ref(instance_ref) as instance:
             launcher = Launcher(PipelineSettings(**settings), instance, log_level, tags)
@@ -339,7 +390,15 @@ def materialize(
     if "osm_features" in data:
         _require_features(settings, partitions)
     if "mae_model" in assets:
-        launcher.run("train_model", op_config={"mae_model": (op_config or {}).get("mae_model", {})})
+        t0 = time.perf_counter()
+        trained = launcher.run(
+            "train_model", op_config={"mae_model": (op_config or {}).get("mae_model", {})}
+        )
+        _report_done("train_model", None, 1, 1, t0)
+        for event in trained.get_asset_materialization_events():  # the model this run made
+            meta = event.step_materialization_data.materialization.metadata.get("model_version")
+            if meta is not None:
+                launcher.report.model_version = str(meta.value)
     if any(a in assets for a in EMBEDDING_ASSETS):
         embed_config = dict((op_config or {}).get("embeddings", {}))
         launcher.report.model_version = embed_config.get("model_version") or (
@@ -347,11 +406,13 @@ def materialize(
         )
         embed_config["model_version"] = model = launcher.report.model_version
         skipped = launcher.report.up_to_date.setdefault("embed", [])
-        for k in partitions:
-            if force or launcher.stale_or_missing(k, ["cell_embeddings"], model):
-                launcher.run("embed", k, EMBEDDING_ASSETS, {"embeddings": embed_config})
-            else:
+        for i, k in enumerate(partitions, 1):
+            if not force and not launcher.stale_or_missing(k, ["cell_embeddings"], model):
                 skipped.append(k)
+                continue
+            t0 = time.perf_counter()
+            launcher.run("embed", k, EMBEDDING_ASSETS, {"embeddings": embed_config})
+            _report_done("embed", k, i, len(partitions), t0)
     return launcher.report
 
 
@@ -374,8 +435,9 @@ def _require_features(settings: PipelineSettings, partitions: list[str]) -> None
         ).height
     ):
         raise NoFeaturesError(
-            f"no OSM object in {[str(s) for s in settings.sources_for(partitions)]} matches the "
-            f"taxonomy inside cells {partitions}: check that the sources cover these cells and "
+            f"no OSM object in {', '.join(map(str, settings.sources_for(partitions)))} matches "
+            f"the taxonomy inside cells {', '.join(map(str, partitions))}: check that the sources "
+            f"cover these cells and "
             f"carry mapped tags"
         )
 
@@ -415,7 +477,9 @@ def refresh(
         for a in assets:
             report.recomputed[a] = sorted(stale)
             report.reasons[a] = stale
-        for k in sorted(stale):
+        for i, k in enumerate(sorted(stale), 1):
+            t0 = time.perf_counter()
             launcher.run(job, k, assets)
+            _report_done(job, k, i, len(stale), t0)
     report.run_ids = launcher.report.run_ids
     return report

@@ -141,9 +141,9 @@ class PipelineSettings(pydantic.BaseModel):
         outside = [p for p in partitions if p not in self.source_cells]
         if outside:
             raise CellOutsideSourcesError(
-                f"cells {outside} are outside every configured source; the sources cover "
-                f"{sorted(self.source_cells)}. Add a source covering them (--source) or pick "
-                f"covered cells"
+                f"cells {', '.join(outside)} are outside every configured source; the sources "
+                f"cover {', '.join(self.source_cells)}. Add a source covering them (--source) "
+                f"or pick covered cells"
             )
         wanted = {s for p in partitions for s in self.source_cells[p]}
         return [s for s in self.sources if s in wanted]
@@ -160,7 +160,8 @@ class PipelineSettings(pydantic.BaseModel):
 def cells_covering_source(path: str | os.PathLike) -> list[str]:
     """Level-6 tokens covering a source's header bounding box."""
     min_lat, min_lng, max_lat, max_lng = source_bbox(path)
-    return sorted(s2.to_token(s2.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL)))
+    cover = s2.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL)
+    return sorted(s2.to_token(cover).tolist())  # plain str: messages show 12cd, not np.str_
 
 
 def parse_partition_tokens(tokens: Sequence[str]) -> list[str]:

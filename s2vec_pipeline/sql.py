@@ -190,13 +190,13 @@ class SQLSession:
         extra = dict(extra_tables or {})
         if not self.delta_tables and not extra:
             raise NoTablesError(
-                f"no Delta tables under {root}: materialize the pipeline first (raster_tiles, "
-                "then the model and cell_embeddings), or point --root at an existing storage root"
+                f"no Delta tables under {root}: run s2vec materialize --root {root} first, or "
+                "point --root at an existing storage root"
             )
         unknown = [t for t in cache if t not in self.delta_tables]
         if unknown:
             raise UnknownTableError(
-                f"cannot cache {unknown}: not Delta tables under {root} "
+                f"cannot cache {', '.join(unknown)}: not Delta tables under {root} "
                 f"(tables: {', '.join(self.delta_tables) or 'none'})"
             )
         self.extra: list[str] = []

@@ -99,6 +99,59 @@ def _silence_lightning_tips() -> None:
 
 _silence_lightning_tips()
 
+#: Lightning's INFO lines ("GPU available: False, used: False", "TPU available", "`Trainer(
+#: limit_val_batches=1.0)` was configured...", "Loading `train_dataloader`...", "`Trainer.fit`
+#: stopped...") come through these loggers' children (``rank_zero_info``); warnings and errors
+#: still show. Progress is ``_EpochProgress``'s line per epoch instead.
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+#: Same name as ``runner.PROGRESS_LOGGER``: the CLI prints it, a library caller sees nothing.
+_progress = logging.getLogger("s2vec_pipeline.progress")
+
+
+def _lightning_info_off() -> None:
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's INFO lines off while a Trainer is built and fits, in this process."""
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    _lightning_info_off()
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+class _EpochProgress(L.Callback):
+    """One progress record per epoch: epoch, mean training loss, validation loss, seconds
+    (``transient``: the CLI rewrites one line on a terminal, prints plain lines otherwise)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._sum, self._n = time.perf_counter(), 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._sum, self._n = self._sum + float(loss.detach()), self._n + 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        val = trainer.callback_metrics.get("val_loss")
+        _progress.info(
+            "epoch %d/%d  loss %.4f%s  (%.1f s)",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            self._sum / max(self._n, 1),
+            f"  val_loss {float(val):.4f}" if val is not None else "",
+            time.perf_counter() - self._t0,
+            extra={"transient": True},
+        )
+
 
 def _filter_known_warnings() -> None:
     """Targeted filters for warnings about Lightning's internals, not about our inputs."""
@@ -129,6 +182,7 @@ class _QuietWorkers(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # In the calling process this runs inside ``_known_warnings``, which undoes it.
         _filter_known_warnings()
+        _lightning_info_off()
 
 
 # --- configuration and versions ----------------------------------------------------------
@@ -306,7 +360,8 @@ def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RAS
         raise IncompatibleModelError(
             f"model {card.model_version} does not fit the {table} table: it has "
             + "; ".join(problems)
-            + ". Train a model on this table (train_model) or use the root it was trained on."
+            + ". Train a model on this table (s2vec materialize --stages train) or use the root "
+            "it was trained on."
         )
 
 
@@ -435,8 +490,8 @@ def train_model(
     contract = delta_store.table_contract(root, RASTER_TABLE)
     if contract is None:
         raise MissingInputError(
-            f"no raster_tiles table under {root}: materialize raster_tiles first "
-            "(the model trains on its tiles)"
+            f"no raster_tiles table under {root}: run s2vec materialize --stages "
+            "extract,features,raster first (the model trains on its tiles)"
         )
     snapshot = raster_snapshot(root, raster_version)
     available = raster_partition_keys(root, snapshot)
@@ -447,8 +502,9 @@ def train_model(
     if missing or not partitions:
         raise MissingInputError(
             f"raster_tiles under {root} (version {snapshot}) has no tiles for partitions "
-            f"{missing or partitions}: materialize raster_tiles for them first (partitions "
-            f"with tiles: {available})"
+            f"{', '.join(missing or partitions) or '(none)'}: run s2vec materialize --stages "
+            f"extract,features,raster --cells for them first (partitions with tiles: "
+            f"{', '.join(map(str, available)) or 'none'})"
         )
     config = config or TrainConfig.for_profile(contract.get("profile", ""))
     world_size = config.world_size()
@@ -531,22 +587,30 @@ def _train(
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    trainer = L.Trainer(
-        **_trainer_kwargs(config),
-        max_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        callbacks=[_QuietWorkers(), TrainingClock(), EpochSetter(), *callbacks, last],
-        default_root_dir=str(work),
-        # One metrics.csv per attempt (version_0, version_1 after a resume...): CSVLogger
-        # would delete an earlier attempt's file if pointed at the same folder.
-        logger=CSVLogger(work, name=LOGS_DIR),
-        num_sanity_val_steps=0,
-        limit_val_batches=1.0 if dm.n_val > 0 else 0,
-        enable_progress_bar=config.progress_bar,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    with _known_warnings():
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            **_trainer_kwargs(config),
+            max_epochs=config.epochs,
+            max_steps=config.max_steps if config.max_steps is not None else -1,
+            callbacks=[
+                _QuietWorkers(),
+                TrainingClock(),
+                EpochSetter(),
+                _EpochProgress(),
+                *callbacks,
+                last,
+            ],
+            default_root_dir=str(work),
+            # One metrics.csv per attempt (version_0, version_1 after a resume...): CSVLogger
+            # would delete an earlier attempt's file if pointed at the same folder.
+            logger=CSVLogger(work, name=LOGS_DIR),
+            num_sanity_val_steps=0,
+            limit_val_batches=1.0 if dm.n_val > 0 else 0,
+            enable_progress_bar=config.progress_bar,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+        )
+    with _known_warnings(), _quiet_lightning():
         trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume.is_file() else None)
     # With ddp_spawn the workers trained; this (calling) process finishes from their files.
     return _finish(
@@ -692,9 +756,10 @@ def load_model(
         raise ModelNotFoundError(
             f"no finished model {version!r} under {models_dir(root)} ({hint})"
             + (
-                "; a partial training of it exists: rerun train_model to resume it"
+                "; a partial training of it exists: rerun s2vec materialize --stages train "
+                "to resume it"
                 if partial
-                else ". Train one with train_model first"
+                else ". Train one first: s2vec materialize --stages train"
             )
         )
     card = ModelCard.load(final)
