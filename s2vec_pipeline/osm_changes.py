@@ -80,8 +80,8 @@ import datetime as dt
 import gzip
 import hashlib
 import json
-import os
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -1051,9 +1051,10 @@ def apply_changes(
             prev = by_name.get(name)
             if prev is not None:
                 if prev["sha256"] != sha:
+                    when = prev.get("applied_at") or prev["checked_at"]
                     raise ChangeLedgerError(
-                        f"change file {path} has the name {name!r} of a file applied on "
-                        f"{prev.get('applied_at') or prev['checked_at']} but other content (sha256 {sha[:12]}... vs "
+                        f"change file {path} has the name {name!r} of a file recorded on "
+                        f"{when} but other content (sha256 {sha[:12]}... vs "
                         f"{prev['sha256'][:12]}...). Change files must not be altered once "
                         f"applied: restore the original file, or reset_source and re-apply all"
                     )
@@ -1063,7 +1064,7 @@ def apply_changes(
                 when = by_sha[sha].get("applied_at") or by_sha[sha]["checked_at"]
                 raise ChangeLedgerError(
                     f"change file {path} has the same content as {by_sha[sha]['name']!r}, "
-                    f"applied on {when}: remove the copy"
+                    f"recorded on {when}: remove the copy"
                 )
             entry = {"name": name, "sha256": sha, "applied_at": "(this run)"}
             by_name[name] = by_sha[sha] = entry
