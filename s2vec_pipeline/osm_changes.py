@@ -37,9 +37,39 @@ Rules
   and the merge keeps the newer copy of each object. Timestamps alone are not compared with
   the extract's date: edits committed late carry timestamps older than the replication
   cut-off, so such a rule would refuse valid minutely diffs.
-* Header: the new PBF keeps the base's bounding box (partitions are derived from it), its
-  replication base URL, and gets the sequence number and ``osmosis_replication_timestamp`` of the
-  last applied file when its ``state.txt`` (or replication path, for the number) tells them.
+* Header: the new PBF has the region's box as its bounding box (partitions are derived from
+  it), keeps the base's replication base URL, and gets the sequence number and
+  ``osmosis_replication_timestamp`` of the last applied file when its ``state.txt`` (or
+  replication path, for the number) tells them.
+
+Regions
+-------
+Extracts stay regional, as Geofabrik-style regional updates (a fresh ``osmium extract`` of the
+updated data) do. The region is the original source's header box, or its nodes' extent when
+the header has none (``osm_extract.source_bbox``), recorded in the ledger on first use.
+
+1. A new change file is applied to a source only if it concerns the region
+   (``_files_in_region``): one of its objects is held by the extract (its change or deletion
+   must apply, it may also move out), or is a node whose new location is inside the box, a way
+   with a node inside the box (locations after the file), or a relation with such a node or
+   way, or a held object, as member. Otherwise it is recorded in the ledger's ``outside`` list
+   and in ``ChangeResult.outside`` (skipped, not reconsidered, on later runs); the extract is
+   not rewritten. ``files_outside_every_source`` names the files no source took.
+2. The files that concern it are merged onto the current extract (below) and the merged file
+   is cut back to the box with ``osmium extract --strategy smart``: nodes inside the box; ways
+   with at least one node inside, with all their nodes (a way crossing the border is kept
+   whole); relations with a member kept so far and their parent relations; multipolygon
+   relations with such a member complete. Created objects wholly outside are therefore not
+   added, and an object moved out of the region (a node used by no kept way) leaves it.
+   Cutting after merging, rather than filtering the change objects, is exact by construction:
+   the same osmium code and rule as an extract made from scratch, including effects on objects
+   the change files do not hold (a way whose only inside node moved out). Both bundled
+   extracts are fixed points of this cut (``osmium diff`` against their own smart cut: no
+   difference), so a first refresh changes nothing else; an extract made with another rule
+   (a polygon, ``simple``) loses at its first refresh what the smart box cut would not keep,
+   and those objects' cells are not reported.
+3. Touched cells are reported only within the region's level-6 cover: no other partition
+   reads this source.
 
 Touched cells
 -------------
@@ -52,8 +82,8 @@ members missing from a clipped extract are skipped). A way or relation whose ver
 than one cell also touches every cell meeting their lat/lng bounding box, because its segment
 midpoints and its area's representative point can lie in a cell holding none of its vertices.
 Each file's cells are computed against the state after the files before it, so the batch's
-cells are the union of the per-file cells recorded in the ledger. Cells outside the source's
-header box are reported too: a planet-wide diff adds objects outside the extract.
+cells are the union of the per-file cells recorded in the ledger. Only cells of the source's
+region (the level-6 cover of its box) are kept: see "Regions".
 
 Performance
 -----------
@@ -70,7 +100,8 @@ the merge), an extract of tens of MB takes tens of seconds and ~16 B per node of
 For continent-sized files (GBs) the Python way pass and the in-memory index are too slow and
 big: run ``osmium apply-changes`` (osmium-tool) for the merge, find affected ways and relations
 with ``osmium getparents`` and node locations from a persistent on-disk index
-(``sparse_file_array``), and keep this ledger.
+(``sparse_file_array``), and keep this ledger. The region cut is one more C++ pass
+(``osmium extract``, three reads of the merged file).
 """
 
 from __future__ import annotations
