@@ -65,9 +65,9 @@ the header has none (``osm_extract.source_bbox``), recorded in the ledger on fir
    the same osmium code and rule as an extract made from scratch, including effects on objects
    the change files do not hold (a way whose only inside node moved out). Both bundled
    extracts are fixed points of this cut (``osmium diff`` against their own smart cut: no
-   difference), so a first refresh changes nothing else; an extract made with another rule
-   (a polygon, ``simple``) loses at its first refresh what the smart box cut would not keep,
-   and those objects' cells are not reported.
+   difference), so a first refresh changes nothing else; an extract holding more than the
+   smart box cut keeps (data beyond its header box) loses that at its first refresh, and the
+   cells of everything the cut removed are touched (``_removed_by_cut``, from ``osmium diff``).
 3. Touched cells are reported only within the region's level-6 cover: no other partition
    reads this source.
 
@@ -977,6 +977,67 @@ def _cut(merged: Path, out: Path, box: Box, options: dict[str, str]) -> None:
         raise RuntimeError(f"osmium extract failed: {done.stderr.strip()[-500:]}")
 
 
+def _removed_by_cut(merged: Path, out: Path, files: Sequence[_ChangeFile], base: _Base) -> set[str]:
+    """Level-6 cells of the objects the cut removed (in ``merged``, not in ``out``).
+
+    Most are objects the change files moved out or created outside, already counted; the rest
+    are objects of an extract that the smart box cut would not have kept (an extract made with
+    another rule): their features go too, so their cells are touched. ``osmium diff`` lists
+    them as OPL; locations come from the removed nodes, the change files and the base index.
+    """
+    cmd = [_osmium_tool(), "diff", "--suppress-common", "-f", "opl", "-o", "-"]
+    done = subprocess.run(
+        [*cmd, "-F", "pbf", str(merged), str(out)], capture_output=True, text=True, check=False
+    )
+    if done.returncode not in (0, 1):  # 1: the files differ
+        raise RuntimeError(f"osmium diff failed: {done.stderr.strip()[-500:]}")
+    removed_nodes: dict[int, Loc] = {}
+    removed_ways: dict[int, list[int]] = {}
+    removed_rels: list[list[tuple[str, int]]] = []
+    for line in done.stdout.splitlines():
+        if not line.startswith("-"):
+            continue
+        fields = line[1:].split(" ")
+        kind, oid = fields[0][0], int(fields[0][1:])
+        attrs = {f[0]: f[1:] for f in fields[1:] if f}
+        if kind == "n" and attrs.get("x") and attrs.get("y"):
+            removed_nodes[oid] = (float(attrs["y"]), float(attrs["x"]))
+        elif kind == "w":
+            removed_ways[oid] = [int(r[1:]) for r in attrs.get("N", "").split(",") if r]
+        elif kind == "r":
+            members = [m.split("@", 1)[0] for m in attrs.get("M", "").split(",") if m]
+            removed_rels.append([(m[0], int(m[1:])) for m in members])
+    changed_locs: dict[int, Loc | None] = {}
+    for cf in files:
+        changed_locs.update((nid, loc) for nid, (_, loc) in cf.nodes.items())
+
+    def loc(nid: int) -> Loc | None:
+        if nid in removed_nodes:
+            return removed_nodes[nid]
+        return changed_locs[nid] if nid in changed_locs else base.node_loc(nid)
+
+    def way_refs(wid: int) -> list[int]:
+        if wid in removed_ways:
+            return removed_ways[wid]
+        entry = base.ways.get(wid)
+        return list(entry[1]) if entry else []
+
+    shapes = _Shapes()
+    for point in removed_nodes.values():
+        shapes.add(0, [point])
+    for refs in removed_ways.values():
+        shapes.add(0, [loc(r) for r in refs])
+    for members in removed_rels:
+        points: list[Loc | None] = []
+        for kind, ref in members:
+            if kind == "n":
+                points.append(loc(ref))
+            elif kind == "w":
+                points.extend(loc(r) for r in way_refs(ref))
+        shapes.add(0, points)
+    return shapes.cells_per_file(1)[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing the merged extract
 # ---------------------------------------------------------------------------------------------
@@ -1179,6 +1240,7 @@ def apply_changes(
         try:
             _merge(current, [cf.path for cf in inside], merged, header)
             _cut(merged, tmp, region, options)
+            cells[-1] |= _removed_by_cut(merged, tmp, inside, base) & region_cells
             os.replace(tmp, out)
         except RuntimeError as e:
             raise ChangeFileError(

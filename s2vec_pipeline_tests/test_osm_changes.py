@@ -576,3 +576,37 @@ def test_way_crossing_the_region_border_is_kept_whole(
         assert new - old == ({NEW_NODE} if kind == "n" else {NEW_WAY} if kind == "w" else set())
         assert old <= new
     assert oc.apply_changes(root, monaco_pbf, [f]).outside == [f]
+
+
+def test_extract_larger_than_its_box_is_cut_and_its_removed_cells_reported(
+    tmp_path: Path, monaco_pbf: Path
+) -> None:
+    """An extract holding data beyond its header box (here Monaco's data under a box reaching
+    only 43.73 N, so its northern streets lie outside): the first change applied cuts it back
+    to the box, and the cells of what the cut removed are touched too. The change is a new
+    node in 12cf; the removed streets are in 12cd."""
+    box = (43.45, 7.38, 43.73, 7.52)
+    src = tmp_path / "src" / "shrunk.osm.pbf"
+    src.parent.mkdir()
+    header = osmium.io.Header()
+    header.add_box(osmium.osm.Box(box[1], box[0], box[3], box[2]))
+    oc._merge(monaco_pbf, [], src, header)  # Monaco's objects, the smaller box
+    assert source_bbox(src) == pytest.approx(box)
+    region_cells = s2.to_token(s2.cover_bbox(*box)).tolist()
+    new_at = (43.55, 7.42)
+    assert sorted(region_cells) == [MONACO_L6, "12cf"]
+    assert str(s2.to_token(s2.latlng_to_cell_id(*new_at, 6))) == "12cf"
+    north = {
+        n.id
+        for n in osmium.FileProcessor(str(monaco_pbf), osmium.osm.NODE)
+        if n.location.lat > 43.74
+    }
+    assert north
+
+    f = _osc(tmp_path / "c/1.osc", create=_node(NEW_NODE, 1, *new_at))
+    res = oc.apply_changes(tmp_path / "root", src, [f])
+    assert res.applied == [f]
+    kept = {n.id: n.location.lat for n in osmium.FileProcessor(str(res.extract), osmium.osm.NODE)}
+    assert NEW_NODE in kept
+    assert north - kept.keys()  # northern nodes used by no kept way went
+    assert res.touched_cells == [MONACO_L6, "12cf"]
