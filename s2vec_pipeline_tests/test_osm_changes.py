@@ -505,6 +505,8 @@ def test_change_in_one_city_applies_to_that_city_only(
     assert ledger["outside"][0]["sha256"] == _sha(f)
     assert ledger["region"] == pytest.approx(list(source_bbox(monaco_pbf)))
     assert oc.applied_changes(root, monaco_pbf) == []
+    assert oc.outside_changes(root, monaco_pbf) == ["1.osc"]
+    assert oc.outside_changes(root, helsinki_pbf) == []
     # The next run knows the file: skipped in both sources, nothing rewritten
     before = _snapshot(root)
     again = [oc.apply_changes(root, s, [f]) for s in (helsinki_pbf, monaco_pbf)]
