@@ -612,3 +612,25 @@ def test_extract_larger_than_its_box_is_cut_and_its_removed_cells_reported(
     assert NEW_NODE in kept
     assert north - kept.keys()  # northern nodes used by no kept way went
     assert res.touched_cells == [MONACO_L6, "12cf"]
+
+
+def test_source_without_header_box_uses_its_nodes_extent(tmp_path: Path, monaco_pbf: Path) -> None:
+    src = tmp_path / "src" / "nobox.osm.pbf"
+    src.parent.mkdir()
+    oc._merge(monaco_pbf, [], src, osmium.io.Header())  # Monaco's objects, no header box
+    reader = osmium.io.Reader(str(src), osmium.osm.osm_entity_bits.NOTHING)
+    assert not reader.header().box().valid()
+    reader.close()
+    locs = np.array(
+        [(n.location.lat, n.location.lon) for n in osmium.FileProcessor(str(src), osmium.osm.NODE)]
+    )
+    extent = [*locs.min(axis=0), *locs.max(axis=0)]
+    root = tmp_path / "root"
+    far = _osc(tmp_path / "c/1.osc", create=_node(NEW_NODE, 1, 43.9, 7.42))  # north of all nodes
+    assert oc.apply_changes(root, src, [far]).outside == [far]
+    assert oc.read_ledger(root, src)["region"] == pytest.approx(extent)
+    near = _osc(tmp_path / "c/2.osc", create=_node(NEW_NODE + 1, 1, 43.6, 7.45))  # inside it
+    res = oc.apply_changes(root, src, [far, near])
+    assert res.applied == [near] and res.skipped == [far]
+    assert _read(res.extract, nodes=[NEW_NODE, NEW_NODE + 1]).keys() == {("n", NEW_NODE + 1)}
+    assert source_bbox(res.extract) == pytest.approx(extent, abs=1e-7)  # the region, kept
