@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def test_apply_changes_end_to_end(tmp_path: Path, helsinki_pbf: Path, helsinki_o
     res = oc.apply_changes(root, helsinki_pbf, changes)
     assert res.applied == [changes / "helsinki-0001.osc.gz"] and res.skipped == []
     assert res.touched_cells == [HELSINKI_L6]
-    assert res.extract.parent == root / oc.SOURCES_DIR / "helsinki"
+    path_hash = hashlib.sha256(str(helsinki_pbf.resolve()).encode()).hexdigest()[:12]
+    assert res.extract.parent == root / oc.SOURCES_DIR / f"helsinki-{path_hash}"
     assert res.extract.name.endswith(".osm.pbf") and res.extract != helsinki_pbf
     got = _read(res.extract, nodes=[WAY_NODE], ways=[WAY])
     assert got[("n", WAY_NODE)] == (nv + 1, pytest.approx(60.1667), pytest.approx(24.9468))
@@ -192,35 +194,39 @@ def test_node_moved_to_another_cell_and_deleted_node(
     root = tmp_path / "root"
     moved = _osc(tmp_path / "c/1.osc", modify=_node(STATION, sv + 1, 43.735, 7.42))  # Monaco
     res = oc.apply_changes(root, helsinki_pbf, [moved])
-    assert res.touched_cells == [MONACO_L6, HELSINKI_L6]
-    assert _read(res.extract, nodes=[STATION])[("n", STATION)][1:] == (
-        pytest.approx(43.735),
-        pytest.approx(7.42),
-    )
+    # The station left Helsinki's region (it is used by no way): it leaves Helsinki's extract,
+    # and only Helsinki's cells are touched (Monaco's partition never reads this source).
+    assert res.applied == [moved] and res.touched_cells == [HELSINKI_L6]
+    assert _read(res.extract, nodes=[STATION]) == {}
 
     hv, hlat, hlon = helsinki_objects[("n", HOTEL)]
     deleted = _osc(tmp_path / "c/2.osc", delete=_node(HOTEL, hv + 1, hlat, hlon))
     res = oc.apply_changes(root, helsinki_pbf, [moved, deleted])
     assert res.applied == [deleted] and res.skipped == [moved]
     assert res.touched_cells == [HELSINKI_L6]
-    assert _read(res.extract, nodes=[HOTEL, STATION]).keys() == {("n", STATION)}
+    assert _read(res.extract, nodes=[HOTEL, STATION]) == {}
 
 
 def test_way_node_moved_across_cells_touches_the_ways_span(
     tmp_path: Path, helsinki_pbf: Path, helsinki_objects
 ) -> None:
-    """The ways using a moved node now run from Helsinki to the new cell: their segments'
-    midpoints can land in any cell meeting their bounding box, so all of those are reported.
-    Here that adds 468d, which holds neither the old nor the new location of the node: it is
-    found only through the ways (IdTracker forward references)."""
+    """The ways using a moved node now run from Helsinki to 468f: their segments' midpoints
+    can land in any cell meeting their bounding box (468d, 468f and 4693). The ways keep other
+    nodes inside Helsinki's region, so they stay whole in the extract, moved node included;
+    only the cells of Helsinki's region are reported, as no other partition reads it."""
     nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
     f = _osc(tmp_path / "c/1.osc", modify=_node(WAY_NODE, nv + 1, 61.0, 24.5))
     res = oc.apply_changes(tmp_path / "root", helsinki_pbf, [f])
     new_cell = str(s2.to_token(s2.latlng_to_cell_id(61.0, 24.5, 6)))
-    assert new_cell == "468f"
-    assert res.touched_cells == ["468d", "468f", HELSINKI_L6]
+    assert new_cell == "468f" and cells_covering_source(helsinki_pbf) == [HELSINKI_L6]
+    spanned = s2.to_token(s2.cover_bbox(lat, 24.5, 61.0, lon)).tolist()
+    assert {"468d", "468f", HELSINKI_L6} <= set(spanned)
+    assert res.touched_cells == [HELSINKI_L6]
     entry = oc.read_ledger(tmp_path / "root", helsinki_pbf)["applied"][0]
     assert entry["cells"] == res.touched_cells
+    got = _read(res.extract, nodes=[WAY_NODE], ways=[WAY])
+    assert got[("n", WAY_NODE)] == (nv + 1, pytest.approx(61.0), pytest.approx(24.5))
+    assert ("w", WAY) in got
 
 
 def test_corrupt_change_file_applies_nothing(
@@ -280,10 +286,10 @@ def test_stale_change_file_is_refused(tmp_path: Path, helsinki_pbf: Path, helsin
     assert got[("n", WAY_NODE)][0] == nv + 1
 
     # Same version, later timestamp: the merge keeps this copy, so it is newer and applies.
-    same_version = _osc(tmp_path / "c/same.osc", modify=_node(STATION, sv, 43.735, 7.42))
+    same_version = _osc(tmp_path / "c/same.osc", modify=_node(STATION, sv, slat + 0.002, slon))
     res = oc.apply_changes(root, helsinki_pbf, [same_version])
-    assert res.touched_cells == [MONACO_L6, HELSINKI_L6]
-    assert _read(res.extract, nodes=[STATION])[("n", STATION)][1] == pytest.approx(43.735)
+    assert res.applied == [same_version] and res.touched_cells == [HELSINKI_L6]
+    assert _read(res.extract, nodes=[STATION])[("n", STATION)][1] == pytest.approx(slat + 0.002)
 
     # Once applied, the same changes under another name are stale against the new extract.
     renamed = tmp_path / "c/overlap-copy.osc"
@@ -342,7 +348,7 @@ def test_changed_source_is_refused_until_reset(
     assert oc.read_ledger(root, src) is None and oc.current_extract(root, src) == src
     shutil.copy(helsinki_pbf, src)
     assert oc.apply_changes(root, src, [f]).applied == [f]
-    ledger = json.loads((root / oc.SOURCES_DIR / "city" / "ledger.json").read_text())
+    ledger = json.loads((oc.source_dir(root, src) / "ledger.json").read_text())
     assert ledger["batches"] == 1 and np.size(ledger["applied"]) == 1
 
 
@@ -359,7 +365,7 @@ def test_scattered_changed_nodes_take_the_python_path(
         oc.apply_changes(tmp_path / "root", helsinki_pbf, [stale])
     moved = _osc(tmp_path / "c/new.osc", modify=_node(STATION, sv + 1, 43.735, 7.42))
     res = oc.apply_changes(tmp_path / "root", helsinki_pbf, [moved])
-    assert res.touched_cells == [MONACO_L6, HELSINKI_L6]
+    assert res.touched_cells == [HELSINKI_L6]
 
 
 def test_touched_cells_follow_area_relations_not_other_relations() -> None:
@@ -382,3 +388,249 @@ def test_touched_cells_follow_area_relations_not_other_relations() -> None:
     box = set(s2.to_token(s2.cover_bbox(60.17, 24.5, 61.01, 24.95)).tolist())
     assert cells == box | {HELSINKI_L6}
     assert "468f" in cells and MONACO_L6 not in cells
+
+
+# ---------------------------------------------------------------------------------------------
+# Source identity: the full path, never the file name
+# ---------------------------------------------------------------------------------------------
+def _walk(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (an independent look, not ``_snapshot``)."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            p = Path(dirpath, name)
+            out[p.relative_to(root).as_posix()] = p.read_bytes()
+    return out
+
+
+def test_same_file_name_in_two_folders_gets_two_ledgers(
+    tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path, helsinki_objects
+) -> None:
+    a, b = tmp_path / "a" / "x.osm.pbf", tmp_path / "b" / "x.osm.pbf"
+    for src, dst in ((helsinki_pbf, a), (monaco_pbf, b)):
+        dst.parent.mkdir()
+        shutil.copy(src, dst)
+    root = tmp_path / "root"
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    fa = _osc(tmp_path / "c/a.osc", modify=_node(WAY_NODE, nv + 1, lat, lon + 1e-4))
+    mid, mv, mlat, mlon = _first_node(monaco_pbf)
+    fb = _osc(tmp_path / "c/b.osc", modify=_node(mid, mv + 1, mlat, mlon + 1e-4))
+
+    ra = oc.apply_changes(root, a, [fa])
+    rb = oc.apply_changes(root, b, [fb])
+    da, db = oc.source_dir(root, a), oc.source_dir(root, b)
+    assert da != db and da.parent == db.parent == root / oc.SOURCES_DIR
+    assert da.name.startswith("x-") and db.name.startswith("x-")
+    assert ra.extract.parent == da and rb.extract.parent == db
+    assert oc.read_ledger(root, a)["source"]["path"] == str(a.resolve())
+    assert oc.read_ledger(root, b)["source"]["path"] == str(b.resolve())
+    assert [e.name for e in oc.applied_changes(root, a)] == ["a.osc"]
+    assert [e.name for e in oc.applied_changes(root, b)] == ["b.osc"]
+    # b's extract is Monaco with b's change, not a's updated Helsinki
+    got_b = _read(oc.current_extract(root, b), nodes=[mid, WAY_NODE])
+    assert got_b == {("n", mid): (mv + 1, pytest.approx(mlat), pytest.approx(mlon + 1e-4))}
+    got_a = _read(oc.current_extract(root, a), nodes=[mid, WAY_NODE])
+    assert got_a.keys() == {("n", WAY_NODE)} and got_a[("n", WAY_NODE)][0] == nv + 1
+
+
+@pytest.mark.parametrize("name", ["...osm.pbf", ".osm.pbf", "..pbf"])
+def test_dotted_source_name_writes_only_under_its_source_folder(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects, name: str
+) -> None:
+    """A source named ``...osm.pbf`` once put its ledger into the root itself, and the next
+    refresh deleted a user's ``*.osm.pbf`` there."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "mine.osm.pbf").write_bytes(b"the user's own file")
+    (root / "ledger.json").write_text("{}")  # a user's file that a root-level ledger would hit
+    src = tmp_path / "src" / name
+    src.parent.mkdir()
+    shutil.copy(helsinki_pbf, src)
+    before = _walk(root)
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    f1 = _osc(tmp_path / "c/1.osc", modify=_node(WAY_NODE, nv + 1, lat, lon + 1e-4))
+    f2 = _osc(tmp_path / "c/2.osc", modify=_node(WAY_NODE, nv + 2, lat, lon + 2e-4))
+    oc.apply_changes(root, src, [f1])
+    res = oc.apply_changes(root, src, [f1, f2])  # a second batch removes the first extract
+    assert res.applied == [f2]
+    after = _walk(root)
+    prefix = f"{oc.SOURCES_DIR}/{oc.source_dir(root, src).name}/"
+    assert oc.source_dir(root, src).name not in ("", ".", "..")
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed and all(k.startswith(prefix) and "/" not in k[len(prefix) :] for k in changed)
+    assert {k: after[k] for k in before} == before  # the user's files are intact
+    oc.reset_source(root, src)
+    assert {k: v for k, v in _walk(root).items() if not k.startswith(prefix)} == before
+
+
+def _first_node(pbf: Path) -> tuple[int, int, float, float]:
+    for node in osmium.FileProcessor(str(pbf), osmium.osm.NODE):
+        return node.id, node.version, node.location.lat, node.location.lon
+    raise AssertionError(f"no node in {pbf}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Regional extracts stay regional
+# ---------------------------------------------------------------------------------------------
+NEW_NODE = 90_000_000_001  # ids far above any in the extracts: new objects
+NEW_WAY = 90_000_000_001
+
+
+def _inside(pbf: Path, lat: float, lon: float) -> bool:
+    min_lat, min_lng, max_lat, max_lng = source_bbox(pbf)
+    return min_lat <= lat <= max_lat and min_lng <= lon <= max_lng
+
+
+def test_change_in_one_city_applies_to_that_city_only(
+    tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path, helsinki_objects
+) -> None:
+    root = tmp_path / "root"
+    monaco_sha = _sha(monaco_pbf)
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    assert _inside(helsinki_pbf, lat, lon + 1e-4) and not _inside(monaco_pbf, lat, lon + 1e-4)
+    f = _osc(tmp_path / "c/1.osc", modify=_node(WAY_NODE, nv + 1, lat, lon + 1e-4))
+
+    rh = oc.apply_changes(root, helsinki_pbf, [f])
+    rm = oc.apply_changes(root, monaco_pbf, [f])
+    assert rh.applied == [f] and rh.outside == [] and rh.touched_cells == [HELSINKI_L6]
+    assert rm.applied == [] and rm.outside == [f] and rm.touched_cells == []
+    assert oc.files_outside_every_source([rh, rm]) == []
+    # Monaco: still the original file, byte-identical; no extract written, the file recorded
+    assert rm.extract == monaco_pbf and oc.current_extract(root, monaco_pbf) == monaco_pbf
+    assert _sha(monaco_pbf) == monaco_sha
+    mdir = oc.source_dir(root, monaco_pbf)
+    assert sorted(p.name for p in mdir.iterdir() if p.name != ".lock") == ["ledger.json"]
+    ledger = oc.read_ledger(root, monaco_pbf)
+    assert ledger["applied"] == [] and [e["name"] for e in ledger["outside"]] == ["1.osc"]
+    assert ledger["outside"][0]["sha256"] == _sha(f)
+    assert ledger["region"] == pytest.approx(list(source_bbox(monaco_pbf)))
+    assert oc.applied_changes(root, monaco_pbf) == []
+    assert oc.outside_changes(root, monaco_pbf) == ["1.osc"]
+    assert oc.outside_changes(root, helsinki_pbf) == []
+    # The next run knows the file: skipped in both sources, nothing rewritten
+    before = _snapshot(root)
+    again = [oc.apply_changes(root, s, [f]) for s in (helsinki_pbf, monaco_pbf)]
+    assert [(r.applied, r.outside, r.skipped) for r in again] == [([], [], [f])] * 2
+    assert _snapshot(root) == before
+
+
+def test_change_outside_every_source_is_applied_to_none(
+    tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path, helsinki_objects
+) -> None:
+    root = tmp_path / "root"
+    far = (48.8566, 2.3522)  # Paris
+    assert not _inside(helsinki_pbf, *far) and not _inside(monaco_pbf, *far)
+    f = _osc(
+        tmp_path / "c/paris.osc",
+        create=_node(NEW_NODE, 1, *far)
+        + _node(NEW_NODE + 1, 1, far[0] + 1e-3, far[1])
+        + _way(NEW_WAY, 1, [NEW_NODE, NEW_NODE + 1], {"highway": "footway"}),
+    )
+    sources = (helsinki_pbf, monaco_pbf)
+    shas = [_sha(s) for s in sources]
+    results = [oc.apply_changes(root, s, [f]) for s in sources]
+    assert [(r.applied, r.outside, r.touched_cells) for r in results] == [([], [f], [])] * 2
+    assert [r.extract for r in results] == list(sources)
+    assert oc.files_outside_every_source(results) == [f]
+    assert [_sha(s) for s in sources] == shas
+    assert not list((root / oc.SOURCES_DIR).rglob("*.osm.pbf"))
+    for s in sources:
+        assert [e["name"] for e in oc.read_ledger(root, s)["outside"]] == ["paris.osc"]
+
+
+def test_way_crossing_the_region_border_is_kept_whole(
+    tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path, helsinki_objects
+) -> None:
+    """osmium extract's smart strategy: a way with a node inside the region is kept with all
+    its nodes; a way and nodes wholly outside are not added."""
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    out = (61.0, 24.5)  # north of Helsinki's box, in level-6 cell 468f
+    far = (61.1, 24.6)
+    assert not _inside(helsinki_pbf, *out) and not _inside(helsinki_pbf, *far)
+    assert str(s2.to_token(s2.latlng_to_cell_id(*out, 6))) != HELSINKI_L6
+    crossing = [WAY_NODE, NEW_NODE]
+    f = _osc(
+        tmp_path / "c/1.osc",
+        create=_node(NEW_NODE, 1, *out)
+        + _node(NEW_NODE + 1, 1, *far)
+        + _node(NEW_NODE + 2, 1, far[0], far[1] + 1e-3)
+        + _way(NEW_WAY, 1, crossing, {"highway": "footway"})
+        + _way(NEW_WAY + 1, 1, [NEW_NODE + 1, NEW_NODE + 2], {"highway": "footway"}),
+    )
+    root = tmp_path / "root"
+    res = oc.apply_changes(root, helsinki_pbf, [f])
+    assert res.applied == [f] and res.touched_cells == [HELSINKI_L6]  # its region's cells only
+    new_ids = [NEW_NODE, NEW_NODE + 1, NEW_NODE + 2]
+    got = _read(res.extract, nodes=[WAY_NODE, *new_ids], ways=[NEW_WAY, NEW_WAY + 1])
+    assert got.keys() == {("n", WAY_NODE), ("n", NEW_NODE), ("w", NEW_WAY)}
+    assert got[("n", NEW_NODE)] == (1, pytest.approx(out[0]), pytest.approx(out[1]))
+    refs = {
+        w.id: [n.ref for n in w.nodes]
+        for w in osmium.FileProcessor(str(res.extract), osmium.osm.WAY)
+        if w.id == NEW_WAY
+    }
+    assert refs == {NEW_WAY: crossing}
+    # Every object of the original extract is still there (nothing else was cut away).
+    kinds = {"n": osmium.osm.NODE, "w": osmium.osm.WAY, "r": osmium.osm.RELATION}
+    for kind, bit in kinds.items():
+        old = {o.id for o in osmium.FileProcessor(str(helsinki_pbf), bit)}
+        new = {o.id for o in osmium.FileProcessor(str(res.extract), bit)}
+        assert new - old == ({NEW_NODE} if kind == "n" else {NEW_WAY} if kind == "w" else set())
+        assert old <= new
+    assert oc.apply_changes(root, monaco_pbf, [f]).outside == [f]
+
+
+def test_extract_larger_than_its_box_is_cut_and_its_removed_cells_reported(
+    tmp_path: Path, monaco_pbf: Path
+) -> None:
+    """An extract holding data beyond its header box (here Monaco's data under a box reaching
+    only 43.73 N, so its northern streets lie outside): the first change applied cuts it back
+    to the box, and the cells of what the cut removed are touched too. The change is a new
+    node in 12cf; the removed streets are in 12cd."""
+    box = (43.45, 7.38, 43.73, 7.52)
+    src = tmp_path / "src" / "shrunk.osm.pbf"
+    src.parent.mkdir()
+    header = osmium.io.Header()
+    header.add_box(osmium.osm.Box(box[1], box[0], box[3], box[2]))
+    oc._merge(monaco_pbf, [], src, header)  # Monaco's objects, the smaller box
+    assert source_bbox(src) == pytest.approx(box)
+    region_cells = s2.to_token(s2.cover_bbox(*box)).tolist()
+    new_at = (43.55, 7.42)
+    assert sorted(region_cells) == [MONACO_L6, "12cf"]
+    assert str(s2.to_token(s2.latlng_to_cell_id(*new_at, 6))) == "12cf"
+    north = {
+        n.id
+        for n in osmium.FileProcessor(str(monaco_pbf), osmium.osm.NODE)
+        if n.location.lat > 43.74
+    }
+    assert north
+
+    f = _osc(tmp_path / "c/1.osc", create=_node(NEW_NODE, 1, *new_at))
+    res = oc.apply_changes(tmp_path / "root", src, [f])
+    assert res.applied == [f]
+    kept = {n.id: n.location.lat for n in osmium.FileProcessor(str(res.extract), osmium.osm.NODE)}
+    assert NEW_NODE in kept
+    assert north - kept.keys()  # northern nodes used by no kept way went
+    assert res.touched_cells == [MONACO_L6, "12cf"]
+
+
+def test_source_without_header_box_uses_its_nodes_extent(tmp_path: Path, monaco_pbf: Path) -> None:
+    src = tmp_path / "src" / "nobox.osm.pbf"
+    src.parent.mkdir()
+    oc._merge(monaco_pbf, [], src, osmium.io.Header())  # Monaco's objects, no header box
+    reader = osmium.io.Reader(str(src), osmium.osm.osm_entity_bits.NOTHING)
+    assert not reader.header().box().valid()
+    reader.close()
+    locs = np.array(
+        [(n.location.lat, n.location.lon) for n in osmium.FileProcessor(str(src), osmium.osm.NODE)]
+    )
+    extent = [*locs.min(axis=0), *locs.max(axis=0)]
+    root = tmp_path / "root"
+    far = _osc(tmp_path / "c/1.osc", create=_node(NEW_NODE, 1, 43.9, 7.42))  # north of all nodes
+    assert oc.apply_changes(root, src, [far]).outside == [far]
+    assert oc.read_ledger(root, src)["region"] == pytest.approx(extent)
+    near = _osc(tmp_path / "c/2.osc", create=_node(NEW_NODE + 1, 1, 43.6, 7.45))  # inside it
+    res = oc.apply_changes(root, src, [far, near])
+    assert res.applied == [near] and res.skipped == [far]
+    assert _read(res.extract, nodes=[NEW_NODE, NEW_NODE + 1]).keys() == {("n", NEW_NODE + 1)}
+    assert source_bbox(res.extract) == pytest.approx(extent, abs=1e-7)  # the region, kept

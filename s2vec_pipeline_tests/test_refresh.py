@@ -121,9 +121,11 @@ def test_change_file_recomputes_only_its_partition(
     before = delta_store.read_partitions(root, "osm_features", [HELSINKI_L6])
 
     report = refresh(_settings(env, True), instance)
-    # The folder is applied to every source (replication diffs are planet-wide); the object is
-    # in Helsinki, so only Helsinki's cell is touched.
-    assert report.applied == {s: ["0001.osc"] for s in _settings(env, True).sources}
+    # The folder is offered to every source (replication diffs are planet-wide); the object is
+    # in Helsinki's region only, so only Helsinki applies it and only Helsinki's cell is touched.
+    sources = _settings(env, True).sources
+    (helsinki,) = [s for s in sources if Path(s).resolve() == helsinki_pbf.resolve()]
+    assert len(sources) == 2 and report.applied == {helsinki: ["0001.osc"]}
     assert HELSINKI_L6 in report.touched_cells and MONACO_L6 not in report.touched_cells
     assert report.recomputed == {t: [HELSINKI_L6] for t in TABLES}
     assert _partition_files(root, MONACO_L6) == monaco  # not one Monaco file rewritten
