@@ -314,6 +314,8 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         print(f"applied to {src}: {', '.join(files)}")
     if not report.applied:
         print("applied: no new change file")
+    if report.outside:
+        print(f"outside every source (not applied): {', '.join(report.outside)}")
     print(f"touched cells: {report.touched_cells}")
     print("recomputed:")
     for asset, parts in report.recomputed.items():

@@ -446,6 +446,7 @@ def _require_features(settings: PipelineSettings, partitions: list[str]) -> None
 class RefreshReport:
     applied: dict[str, list[str]] = field(default_factory=dict)  # source -> change files
     touched_cells: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)  # change files outside every source
     recomputed: dict[str, list[str]] = field(default_factory=dict)  # asset -> partitions
     reasons: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # asset -> k -> why
     run_ids: list[str] = field(default_factory=list)
@@ -460,6 +461,9 @@ def refresh(
 
     report = RefreshReport()
     before = {s: len(osm_changes.applied_changes(settings.root, s)) for s in settings.sources}
+    outside_before = {
+        s: set(osm_changes.outside_changes(settings.root, s)) for s in settings.sources
+    }
     launcher = Launcher(settings, instance, log_level, {CLI_TAG: "s2vec refresh"})
     launcher.run("refresh_sources")
     for src in settings.sources:
@@ -468,6 +472,13 @@ def refresh(
             report.applied[src] = [e.name for e in new]
             report.touched_cells += [c for e in new for c in e.cells]
     report.touched_cells = sorted(set(report.touched_cells))
+    # change files this refresh found outside a source's region, and applied to no source
+    newly_outside = [
+        set(osm_changes.outside_changes(settings.root, s)) - outside_before[s]
+        for s in settings.sources
+    ]
+    applied = {f for files in report.applied.values() for f in files}
+    report.outside = sorted(set.intersection(*newly_outside) - applied) if newly_outside else []
     graph = launcher.defs.resolve_asset_graph()
     for job, assets in PARTITIONED_STEPS:
         stale: dict[str, list[str]] = {}

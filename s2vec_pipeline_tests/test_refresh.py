@@ -262,3 +262,20 @@ def test_status_names_what_is_stale_and_why(env: dict, station: tuple, capsys) -
     others = [line for key, line in rows.items() if key[2] == MONACO_L6 or key[0] != "osm_features"]
     assert others and all(line.endswith("up to date") for line in others)
     assert "0001.osc" in out and len(rows) == 2 * len(TABLES)
+
+
+def test_change_outside_every_source_is_reported_not_applied(env: dict, capsys) -> None:
+    """A change file creating a node in Paris belongs to neither bundled extract: the refresh
+    applies it to none, says so, and recomputes nothing."""
+    root, instance = env["root"], env["instance"]
+    _osc(env["changes"] / "0001.osc", create=_node(99_000_000_001, 1, 48.8566, 2.3522))
+    versions = _versions(root)
+    report = refresh(_settings(env, True), instance)
+    assert report.applied == {} and report.outside == ["0001.osc"]
+    assert all(v == [] for v in report.recomputed.values())
+    assert _versions(root) == versions
+    args = ["refresh", "--root", str(root), "--changes", str(env["changes"])]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(instance.root_directory))
+        assert main(args) == 0
+    assert "applied: no new change file" in capsys.readouterr().out  # reported once, skipped after

@@ -44,6 +44,7 @@ def apply_source_changes(settings: PipelineSettings) -> dict[str, dict[str, Any]
             "extract": str(result.extract),
             "applied": [osm_changes.change_file_name(p) for p in result.applied],
             "touched_cells": result.touched_cells,
+            "outside": [osm_changes.change_file_name(p) for p in result.outside],
         }
     return out
 
@@ -65,6 +66,9 @@ def observe_osm_sources(
     applied = {s: v["applied"] for s, v in summary.items() if v["applied"]}
     touched = sorted({c for v in summary.values() for c in v["touched_cells"]})
     context.log.info(f"applied {applied or 'no new change file'}; touched cells {touched}")
+    outside = {s: v["outside"] for s, v in summary.items() if v["outside"]}
+    if outside:
+        context.log.info(f"change files outside a source's region, not applied to it: {outside}")
     keys = context.instance.get_dynamic_partitions(L6_PARTITIONS_NAME)
     return dg.DataVersionsByPartition(source_versions(settings, list(keys)))
 
