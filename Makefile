@@ -33,7 +33,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 # Tests run in a shuffled order (pytest-randomly): each must pass alone and in any order. CI
-# uses one fixed seed, so a run is reproducible; TEST_ORDER=random (or another seed) shuffles anew.
+# uses one fixed seed, so a run is reproducible; TEST_ORDER=<another number> shuffles anew.
 TEST_ORDER ?= 20261129
 test: lint
 	env -u DAGSTER_HOME $(BIN)/python -m pytest -q -p randomly --randomly-seed=$(TEST_ORDER)
