@@ -506,7 +506,9 @@ def test_embedding_device_choice(trained) -> None:
 
 
 def test_no_raster_tiles_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(MissingInputError, match=r"materialize raster_tiles first") as e:
+    with pytest.raises(
+        MissingInputError, match=r"s2vec materialize --stages extract,features,raster first"
+    ) as e:
         train_model(tmp_path, config=CONFIG)
     assert str(tmp_path) in str(e.value)
     assert not (tmp_path / "models").exists()
@@ -527,7 +529,7 @@ def test_missing_and_incompatible_models(trained, tmp_path: Path) -> None:
         other = tmp_path / name
         synthetic_raster_tiles(other, {"4693": 2}, **{"channels": C, **kw})
         shutil.copytree(Path(card.directory), other / "models" / card.model_version)
-        with pytest.raises(IncompatibleModelError, match="train_model"):
+        with pytest.raises(IncompatibleModelError, match=r"s2vec materialize --stages train"):
             load_model(other, card.model_version)
         model, _ = load_model(other, card.model_version, table=None)
         with pytest.raises(IncompatibleModelError):
