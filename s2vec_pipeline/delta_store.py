@@ -80,8 +80,8 @@ def _open(root: str | os.PathLike, name: str) -> DeltaTable:
         return DeltaTable(table_uri(root, name))
     except TableNotFoundError as e:
         raise MissingInputError(
-            f"table {name!r} does not exist under {root}: materialize it first "
-            f"(s2vec materialize --root {root} ...)"
+            f"table {name!r} does not exist under {root}: build it first "
+            f"(s2vec materialize --root {root})"
         ) from e
 
 

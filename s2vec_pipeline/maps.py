@@ -143,7 +143,7 @@ def embedding_layer(
     table = "cell_embeddings"
     if not delta_store.table_exists(root, table):
         raise MissingInputError(
-            f"no cell_embeddings table under {root}: materialize the embed stage first"
+            f"no cell_embeddings table under {root}: run s2vec materialize --stages embed first"
         )
     partitions, sel_ids, sel_levels = _selection(root, cells, table)
     version = resolve_model_version(root, partitions, model_version)
@@ -188,7 +188,9 @@ def channel_layer(root: str | os.PathLike, cells: Sequence[str], channel: str) -
 
     contract = delta_store.table_contract(root, "cell_features")
     if contract is None:
-        raise MissingInputError(f"no cell_features table under {root}: materialize it first")
+        raise MissingInputError(
+            f"no cell_features table under {root}: run s2vec materialize --root {root} first"
+        )
     channels = list(contract["channels"])
     if channel not in channels:
         close = [c for c in channels if channel.lower() in c.lower()][:5]
@@ -234,7 +236,9 @@ def channel_layer(root: str | os.PathLike, cells: Sequence[str], channel: str) -
 
 def _check_size(ids: np.ndarray, cells: Sequence[str], what: str) -> None:
     if len(ids) == 0:
-        raise MapError(f"no cells {what} inside {', '.join(cells)}: materialize them first")
+        raise MapError(
+            f"no cells {what} inside {', '.join(cells)}: run s2vec materialize --cells first"
+        )
     if len(ids) > MAX_CELLS:
         raise MapError(
             f"{len(ids):,} cells inside {', '.join(cells)}: a map holds at most {MAX_CELLS:,}; "

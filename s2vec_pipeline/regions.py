@@ -544,7 +544,8 @@ class RegionRegistry:
         if missing:
             raise CellOutsideSourcesError(
                 f"region {reg.name!r}: {len(missing)} of its {len(reg.cells)} cells are outside "
-                f"every configured source: {missing}. The sources cover {sorted(covered)}; add "
+                f"every configured source: {', '.join(missing)}. The sources cover "
+                f"{', '.join(sorted(covered))}; add "
                 f"an OSM source covering the missing cells, or shrink the region"
             )
 

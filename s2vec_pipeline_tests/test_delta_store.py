@@ -50,7 +50,7 @@ def test_contract_mismatch_refused(tmp_path: Path) -> None:
 
 
 def test_missing_table_error(tmp_path: Path) -> None:
-    with pytest.raises(MissingInputError, match="materialize it first"):
+    with pytest.raises(MissingInputError, match="build it first"):
         delta_store.read_partitions(tmp_path, "raster_tiles")
 
 

@@ -37,7 +37,8 @@ def raster_snapshot(root: str | os.PathLike, version: int | None = None) -> int:
     latest = delta_store.table_version(root, RASTER_TABLE)
     if latest is None:
         raise MissingInputError(
-            f"no raster_tiles table under {root}: materialize raster_tiles first"
+            f"no raster_tiles table under {root}: run s2vec materialize --stages "
+            "extract,features,raster first"
         )
     if version is None:
         return latest
@@ -331,7 +332,8 @@ class RasterTileDataModule(L.LightningDataModule):
         contract = delta_store.table_contract(self.root, RASTER_TABLE)
         if contract is None:
             raise MissingInputError(
-                f"no raster_tiles table under {self.root}: materialize raster_tiles first"
+                f"no raster_tiles table under {self.root}: run s2vec materialize --stages "
+                "extract,features,raster first"
             )
         self.contract: dict[str, Any] = contract
         self.channels: list[str] = list(contract["channels"])
@@ -346,7 +348,8 @@ class RasterTileDataModule(L.LightningDataModule):
         if self.n_train == 0:
             raise MissingInputError(
                 f"raster_tiles under {self.root} has no tiles in partitions "
-                f"{self.partitions}: materialize raster_tiles for them first"
+                f"{', '.join(self.partitions)}: run s2vec materialize --cells "
+                f"{','.join(self.partitions)} --stages extract,features,raster first"
             )
         self.channel_mean, self.channel_std = self._channel_stats()
         self._ready = True

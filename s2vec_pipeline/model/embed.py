@@ -75,7 +75,8 @@ def _check_model(model: S2VecMAE, card: ModelCard, root: str | os.PathLike) -> N
     contract = delta_store.table_contract(root, RASTER_TABLE)
     if contract is None:
         raise MissingInputError(
-            f"no raster_tiles table under {root}: materialize raster_tiles first"
+            f"no raster_tiles table under {root}: run s2vec materialize --stages "
+            "extract,features,raster first"
         )
     check_compatible(card, contract)
     if model.in_chans != len(card.channels) or model.img_size != card.side:
