@@ -279,3 +279,27 @@ def test_change_outside_every_source_is_reported_not_applied(env: dict, capsys) 
         mp.setenv("DAGSTER_HOME", str(instance.root_directory))
         assert main(args) == 0
     assert "applied: no new change file" in capsys.readouterr().out  # reported once, skipped after
+
+
+def test_status_reports_embeddings_of_two_models(env: dict, capsys) -> None:
+    """A re-embedding interrupted after one partition leaves two models in cell_embeddings:
+    `s2vec status` says so, naming the partitions and models."""
+    root, instance = env["root"], env["instance"]
+    settings = _settings(env, False)
+    materialize(
+        settings,
+        [HELSINKI_L6],
+        ["mae_model"],
+        instance,
+        op_config={"mae_model": {**TINY, "seed": 7}},
+    )
+    materialize(settings, [HELSINKI_L6], ["cell_embeddings", "image_embeddings"], instance)
+    models = delta_store.read_partitions(root, "cell_embeddings", columns=["model_version"])
+    assert models["model_version"].n_unique() == 2  # the independent look at the table
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(instance.root_directory))
+        assert main(["status", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: embeddings of several models" in out
+    for m in models["model_version"].unique().to_list():
+        assert m in out
