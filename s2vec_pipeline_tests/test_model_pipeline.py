@@ -16,19 +16,10 @@ from s2vec_pipeline.cli import main
 from s2vec_pipeline.model.train import ModelCard, TrainConfig, list_models, train_model
 from s2vec_pipeline.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
-from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
+from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6, TINY_MODEL
 from s2vec_pipeline_tests.contract_checks import model_problems
 
-TINY = {
-    "epochs": 3,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 4,
-    "decoder_embed_dim": 16,
-    "decoder_depth": 1,
-    "decoder_num_heads": 2,
-    "batch_size": 8,
-}
+TINY = TINY_MODEL  # a tiny MAE (conftest)
 
 
 @pytest.fixture(scope="module")
