@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import hashlib
 import json
 import math
 import multiprocessing
@@ -60,6 +61,7 @@ import shapely
 
 from s2vec_pipeline import s2
 from s2vec_pipeline.errors import InvalidSourceError, S2VecError
+from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.osm_extract import (
     OSM_FEATURES_SCHEMA,
     ExtractStats,
@@ -143,7 +145,7 @@ def plan_groups(
     if partitions_per_group < 1:
         raise ValueError(f"partitions_per_group must be >= 1, got {partitions_per_group}")
     tokens = sorted({str(t) for t in partitions})
-    level = PARTITION_LEVEL - int(math.log(partitions_per_group, 4) + 1e-9)
+    level = _group_level(partitions_per_group)
     by_parent: dict[str, list[str]] = {}
     if tokens:
         parents = s2.to_token(s2.parent(s2.from_token(np.asarray(tokens)), level))
@@ -165,6 +167,30 @@ def plan_groups(
             )
         groups.append(PartitionGroup(n, tuple(chunk), box, polygons))
     return groups
+
+
+def _group_level(partitions_per_group: int) -> int:
+    """The ancestor level whose cells hold ``partitions_per_group`` level-6 cells (4: level 5)."""
+    return PARTITION_LEVEL - int(math.log(partitions_per_group, 4) + 1e-9)
+
+
+def whole_groups(
+    partitions: Collection[str],
+    partitions_per_group: int = PARTITIONS_PER_GROUP,
+    margin_deg: float = DEFAULT_MARGIN_DEG,
+) -> list[PartitionGroup]:
+    """Like :func:`plan_groups`, but each group holds EVERY level-6 child of its ancestor cell,
+    requested or not: its region then depends only on the ancestor, so the file cut for it can
+    serve any later run (see :func:`cached_split`)."""
+    if partitions_per_group < 1:
+        raise ValueError(f"partitions_per_group must be >= 1, got {partitions_per_group}")
+    tokens = sorted({str(t) for t in partitions})
+    if not tokens:
+        return []
+    level = _group_level(partitions_per_group)
+    ancestors = np.unique(s2.parent(s2.from_token(np.asarray(tokens)), level))
+    children = s2.to_token(s2.children_grid(ancestors, PARTITION_LEVEL).reshape(-1))
+    return plan_groups(children.tolist(), partitions_per_group, margin_deg)
 
 
 def _outline(tokens: Sequence[str], margin_deg: float, per_edge: int = 16) -> tuple:
@@ -247,6 +273,86 @@ def split_source(
     out.mkdir(parents=True, exist_ok=True)
     _split(tool, Path(source), list(groups), out, max(1, workers), max(8, max_extracts_per_pass))
     return {g.index: out / f"{g.name}.osm.pbf" for g in groups}
+
+
+#: Bump when what a split cache holds changes meaning (regions, file format): old ones are unused.
+SPLIT_CACHE_FORMAT = 1
+
+
+def _group_token(group: PartitionGroup, partitions_per_group: int) -> str:
+    level = _group_level(partitions_per_group)
+    return str(s2.to_token(s2.parent(s2.from_token(np.asarray(group.partitions[:1])), level))[0])
+
+
+def _split_cache_dir(
+    cache_root: Path, source: Path, partitions_per_group: int, margin_deg: float
+) -> Path:
+    """``<cache_root>/<source stem>-<path hash>/<version hash>``: one folder per source path,
+    one sub-folder per version of the file (size, mtime) and split parameters."""
+    st = source.stat()
+    where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
+    version = [SPLIT_CACHE_FORMAT, st.st_size, st.st_mtime_ns, partitions_per_group, margin_deg]
+    what = hashlib.sha256(json.dumps([*version, SPLIT_FORMAT]).encode()).hexdigest()[:12]
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in source.name.split(".")[0])
+    return cache_root / f"{stem[:40]}-{where}" / what
+
+
+def cached_split(
+    source: str | os.PathLike,
+    partitions: Collection[str],
+    cache_root: str | os.PathLike,
+    *,
+    workers: int = 1,
+    partitions_per_group: int = PARTITIONS_PER_GROUP,
+    margin_deg: float = DEFAULT_MARGIN_DEG,
+    max_extracts_per_pass: int = MAX_EXTRACTS_PER_PASS,
+) -> dict[str, Path]:
+    """The split files of the :func:`whole_groups` holding ``partitions``, by ancestor token.
+
+    The first call for a version of ``source`` cuts it into the files of EVERY group its header
+    box covers (plus the requested ones), in one staged ``osmium extract`` read, and keeps them
+    under ``cache_root``; later calls, from any process, reuse them. So a backfill that runs one
+    partition per run reads a large source once, not once per partition. Processes serialize on
+    a lock per source version: one cuts, the others wait and reuse. A group missing from the
+    cache (a partition outside the header box) is cut on demand. Files are published only when
+    complete; caches of older versions of the same path are deleted when a new one is made.
+    """
+    from s2vec_pipeline.settings import cells_covering_source
+
+    src = Path(source)
+    folder = _split_cache_dir(Path(cache_root), src, partitions_per_group, margin_deg)
+    plan_file = folder / "plan.json"
+    wanted = {_group_token(g, partitions_per_group) for g in whole_groups(partitions,
+              partitions_per_group, margin_deg)}  # fmt: skip
+    with exclusive(folder.parent / f"{folder.name}.lock"):
+        have = set(json.loads(plan_file.read_text())["groups"]) if plan_file.exists() else set()
+        if wanted - have:
+            universe = set(partitions)
+            if not have:
+                universe |= set(cells_covering_source(src))
+            groups = [
+                g
+                for g in whole_groups(universe, partitions_per_group, margin_deg)
+                if _group_token(g, partitions_per_group) not in have
+            ]
+            staging = folder.parent / f"{folder.name}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            files = split_source(src, groups, staging, workers, max_extracts_per_pass)
+            folder.mkdir(parents=True, exist_ok=True)
+            made = set()
+            for g in groups:
+                token = _group_token(g, partitions_per_group)
+                os.replace(files[g.index], folder / f"{token}.osm.pbf")
+                made.add(token)
+            shutil.rmtree(staging, ignore_errors=True)
+            tmp = plan_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"source": str(src), "groups": sorted(have | made)}))
+            os.replace(tmp, plan_file)  # the files are complete before the plan names them
+            if not have:  # a new version of this path: the older ones will not be read again
+                for old in folder.parent.iterdir():
+                    if old.is_dir() and old.name != folder.name:
+                        shutil.rmtree(old, ignore_errors=True)
+    return {token: folder / f"{token}.osm.pbf" for token in sorted(wanted)}
 
 
 def _rings(shape: shapely.Geometry) -> list:
@@ -469,6 +575,7 @@ def extract_partitions(
     in_process_max_bytes: int = IN_PROCESS_MAX_BYTES,
     location_store: str | None = None,
     max_extracts_per_pass: int = MAX_EXTRACTS_PER_PASS,
+    split_cache: str | os.PathLike | None = None,
 ) -> PartitionedResult:
     """Extract ``osm_features`` for ``partitions``, calling ``on_partition(token, rows)`` once
     per partition, in token order, with that partition's rows (sorted like
@@ -479,6 +586,10 @@ def extract_partitions(
     ``location_store``: pyosmium's node-location index; default: ``flex_mem`` in-process, and
     in workers a ``sparse_file_array`` file next to the group's file (as fast here, and the
     index lives in the page cache, not the heap).
+    ``split_cache``: a folder where large sources are cut once per source version and the
+    group files kept for later runs (:func:`cached_split`); groups are then whole ancestor cells
+    (:func:`whole_groups`). Without it, each call cuts the sources for its own groups into a
+    temporary folder.
     Failed partitions (their worker died twice) are returned, not raised; an exception from
     ``on_partition`` propagates. Bad sources raise :class:`InvalidSourceError` before any
     callback; a missing osmium-tool raises :class:`OsmiumToolMissingError`.
@@ -503,17 +614,33 @@ def extract_partitions(
 
     tool_check = osmium_tool()  # fail before any work
     del tool_check
-    groups = plan_groups(tokens, partitions_per_group, margin_deg)
+    if split_cache is None:
+        groups = plan_groups(tokens, partitions_per_group, margin_deg)
+    else:
+        groups = whole_groups(tokens, partitions_per_group, margin_deg)
     result.groups = len(groups)
     with tempfile.TemporaryDirectory(prefix="s2vec-extract-", dir=tmp_dir) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        group_files = {
-            n: split_source(p, groups, work / f"split-{n}", workers, max_extracts_per_pass)
-            for n, p in enumerate(paths)
-        }
+        if split_cache is None:
+            group_files = {
+                n: split_source(p, groups, work / f"split-{n}", workers, max_extracts_per_pass)
+                for n, p in enumerate(paths)
+            }
+        else:
+            group_files = {}
+            for n, p in enumerate(paths):
+                by_token = cached_split(
+                    p, tokens, split_cache, workers=max(workers, default_workers()),
+                    partitions_per_group=partitions_per_group, margin_deg=margin_deg,
+                    max_extracts_per_pass=max_extracts_per_pass,
+                )  # fmt: skip
+                group_files[n] = {
+                    g.index: by_token[_group_token(g, partitions_per_group)] for g in groups
+                }
         result.seconds_split = time.perf_counter() - t0
-        partition_group = {t: g.index for g in groups for t in g.partitions}
+        requested = set(tokens)
+        partition_group = {t: g.index for g in groups for t in g.partitions if t in requested}
         by_index = {g.index: g for g in groups}
         tasks = [
             _Task(
@@ -549,6 +676,8 @@ def extract_partitions(
             if reason is None:
                 continue
             for token in _affected(task.group, groups):
+                if token not in requested:
+                    continue
                 why = "" if token in task.group.partitions else "its rows may come from "
                 result.failed.setdefault(token, f"{why}worker {task.name} ({task.pbf}): {reason}")
         t0 = time.perf_counter()
@@ -591,6 +720,16 @@ def _run_tasks(tasks: Sequence[_Task], workers: int, work: Path) -> dict[str, st
     start imports the stack again). When a process dies, its unfinished tasks are retried one
     per process; a task whose process dies again, or that raised, fails. Returns the failed
     tasks' names with the reason."""
+    if len(tasks) == 1 and workers <= 1 and not os.environ.get(ENV_KILL_WORKER):
+        # One group for one worker (a Dagster run of one partition): extract it here, sparing
+        # a process start (~1.5 s of imports); memory is still bounded by the group.
+        _run_chunk(tasks)
+        task = tasks[0]
+        if (work / f"{task.name}.done.json").exists():
+            return {}
+        for f in (work / "rows").glob(f"*/{task.name}.parquet"):
+            f.unlink()
+        return {task.name: (work / f"{task.name}.error.txt").read_text().splitlines()[0]}
     ctx = multiprocessing.get_context("spawn")
     per_process = max(1, min(8, len(tasks) // (2 * max(1, workers))))
     queue = [(list(tasks[k : k + per_process]), 1) for k in range(0, len(tasks), per_process)]

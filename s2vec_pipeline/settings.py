@@ -29,6 +29,8 @@ ENV_PROFILE = "S2VEC_PROFILE"
 ENV_TAXONOMY = "S2VEC_TAXONOMY"
 ENV_CHANGES = "S2VEC_CHANGES"  # folder of OSM change files (.osc / .osc.gz) for the refresh
 ENV_WORKERS = "S2VEC_WORKERS"  # worker processes for partitioned extraction
+ENV_SCRATCH = "S2VEC_SCRATCH_DIR"  # local scratch (split cache) for object-store roots
+SPLIT_CACHE_DIR = "_split"  # under a local root: large sources cut once per version
 DEFAULT_ROOT = "s2vec_data"
 DEFAULT_PROFILE = "city"
 
@@ -147,6 +149,18 @@ class PipelineSettings(pydantic.BaseModel):
             )
         wanted = {s for p in partitions for s in self.source_cells[p]}
         return [s for s in self.sources if s in wanted]
+
+    @property
+    def split_cache_dir(self) -> Path:
+        """Local folder where large sources are cut into group files once per source version
+        (``osm_split.cached_split``): ``<root>/_split``; for an object-store root, which
+        osmium-tool cannot write to, ``$S2VEC_SCRATCH_DIR`` or the system's temporary folder."""
+        if "://" in self.root:
+            import tempfile
+
+            scratch = os.environ.get(ENV_SCRATCH) or tempfile.gettempdir()
+            return Path(scratch) / "s2vec-split"
+        return Path(self.root) / SPLIT_CACHE_DIR
 
     def current_sources_for(self, partitions: Iterable[str]) -> list[str]:
         """Like ``sources_for``, but each source replaced by its current extract: the copy under

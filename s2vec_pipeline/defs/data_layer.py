@@ -144,11 +144,18 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
     key = context.partition_key
     sources = settings.current_sources_for([key])
     t0 = time.perf_counter()
-    # Small sources are read in this process; large ones are first cut by osmium-tool so that
-    # memory stays bounded by the partition (osm_split.py).
+    # Small sources are read in this process; large ones are first cut by osmium-tool (once per
+    # source version, kept under the root) so that memory stays bounded by the partition.
     delivered: dict[str, pl.DataFrame] = {}
     result = extract_partitions(
-        sources, settings.taxonomy, settings.profile, [key], delivered.__setitem__, workers=1
+        sources,
+        settings.taxonomy,
+        settings.profile,
+        [key],
+        delivered.__setitem__,
+        workers=1,
+        # a backfill runs one partition per run: cut a large source once, not once per run
+        split_cache=settings.split_cache_dir,
     )
     if key in result.failed:
         raise RuntimeError(f"extraction of partition {key} failed: {result.failed[key]}")
