@@ -33,7 +33,7 @@ pole (one of the four pixels meeting there): its area is approximate.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,53 +127,69 @@ def _grid_uv(k: np.ndarray, level: np.ndarray | int) -> np.ndarray:
     return s2._st_to_uv(np.ldexp(np.asarray(k, dtype=np.float64), -np.asarray(level)))
 
 
+def _solid_angles(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Signed areas (steradians) of the geodesic triangles (a, b, c) of unit vectors, positive
+    counter-clockwise (Van Oosterom & Strackee). The numerator is computed from differences
+    to ``a``: exact for triangles of a few metres as for large ones."""
+    ab, ac = b - a, c - a
+    num = np.einsum("ij,ij->i", a, np.cross(ab, ac))
+    den = 1 + np.einsum("ij,ij->i", a, b) + np.einsum("ij,ij->i", b, c)
+    den += np.einsum("ij,ij->i", c, a)
+    return 2 * np.arctan2(num, den)
+
+
+def _polygon_areas_m2(
+    geoms: np.ndarray, to_xyz: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Areas on the sphere of (multi)polygons whose edges are geodesics (S2's convention):
+    each ring a fan of geodesic triangles from its first vertex, holes subtracted.
+    ``to_xyz(coords, owner)`` gives unit vectors of coordinates of geometry ``owner``."""
+    parts, part_owner = shapely.get_parts(geoms, return_index=True)
+    rings, ring_part = shapely.get_rings(parts, return_index=True)
+    coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
+    out = np.zeros(len(geoms))
+    if len(coords) < 3:
+        return out
+    p = to_xyz(coords, part_owner[ring_part[coord_ring]])
+    count = np.bincount(coord_ring, minlength=len(rings))
+    first = np.repeat(np.cumsum(count) - count, count)
+    edge = np.flatnonzero(coord_ring[1:] == coord_ring[:-1])  # (closing vertex included)
+    tri = _solid_angles(p[first[edge]], p[edge], p[edge + 1])
+    ring_area = np.abs(np.bincount(coord_ring[edge], weights=tri, minlength=len(rings)))
+    exterior = np.ones(len(rings), dtype=bool)  # get_rings: the exterior ring comes first
+    exterior[1:] = ring_part[1:] != ring_part[:-1]
+    signed = np.where(exterior, ring_area, -ring_area)
+    out += np.bincount(part_owner[ring_part], weights=signed, minlength=len(geoms))
+    return out * EARTH_RADIUS_M**2
+
+
 def areas_m2(geoms: np.ndarray) -> np.ndarray:
-    """Areas on the sphere via Lambert's cylindrical equal-area projection (exact for areas up
-    to the edges' shape: straight in the projection rather than geodesic)."""
-
-    def project(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack(
-            (EARTH_RADIUS_M * np.radians(xy[:, 0]), EARTH_RADIUS_M * np.sin(np.radians(xy[:, 1])))
-        )
-
-    return shapely.area(shapely.transform(geoms, project))
+    """Areas on the sphere of (multi)polygons in (lng, lat) degrees, edges geodesics."""
+    return _polygon_areas_m2(
+        np.asarray(geoms, dtype=object), lambda xy, _: _xyz(xy[:, 1], xy[:, 0])
+    )
 
 
 def _uv_areas_m2(pieces: np.ndarray, face: np.ndarray) -> np.ndarray:
-    """Areas on the sphere of polygons given in (u, v) of ``face`` (one face per piece): back to
-    the sphere, then Lambert's projection, longitudes unwrapped around each piece's first
-    vertex (a pixel across the antimeridian)."""
-    counts = shapely.get_num_coordinates(pieces)
-    coord_face = np.repeat(face, counts)
-    first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    """Areas on the sphere of polygons given in (u, v) of ``face`` (one face per piece)."""
 
-    def lambert(uv: np.ndarray) -> np.ndarray:
-        p = _uv_to_xyz(coord_face, uv[:, 0], uv[:, 1])
-        lng = np.arctan2(p[:, 1], p[:, 0])
-        ref = np.repeat(lng[first[counts > 0]], counts[counts > 0])
-        lng = ref + (lng - ref + np.pi) % (2 * np.pi) - np.pi
-        return np.column_stack(
-            (EARTH_RADIUS_M * lng, EARTH_RADIUS_M * p[:, 2] / np.linalg.norm(p, axis=1))
-        )
+    def to_xyz(uv: np.ndarray, owner: np.ndarray) -> np.ndarray:
+        p = _uv_to_xyz(face[owner], uv[:, 0], uv[:, 1])
+        return p / np.linalg.norm(p, axis=1)[:, None]
 
-    return shapely.area(shapely.transform(pieces, lambert))
+    return _polygon_areas_m2(pieces, to_xyz)
 
 
 def _cell_areas_m2(face: np.ndarray, i: np.ndarray, j: np.ndarray, level: int) -> np.ndarray:
-    """The same area as :func:`_uv_areas_m2` gives a piece equal to the whole cell."""
+    """The area :func:`_uv_areas_m2` gives a piece equal to the whole cell (two triangles)."""
     u0, u1 = _grid_uv(i, level), _grid_uv(i + 1, level)
     v0, v1 = _grid_uv(j, level), _grid_uv(j + 1, level)
-    corners = [(u0, v0), (u1, v0), (u1, v1), (u0, v1)]
-    xs, ys = [], []
-    for u, v in corners:
+    c = []
+    for u, v in ((u0, v0), (u1, v0), (u1, v1), (u0, v1)):
         p = _uv_to_xyz(face, u, v)
-        xs.append(np.arctan2(p[:, 1], p[:, 0]))
-        ys.append(p[:, 2] / np.linalg.norm(p, axis=1))
-    x = np.stack(xs, axis=1)
-    x = x[:, :1] + (x - x[:, :1] + np.pi) % (2 * np.pi) - np.pi
-    y = np.stack(ys, axis=1)
-    shoelace = np.sum(x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y, axis=1)
-    return 0.5 * np.abs(shoelace) * EARTH_RADIUS_M**2
+        c.append(p / np.linalg.norm(p, axis=1)[:, None])
+    tri = _solid_angles(c[0], c[1], c[2]) + _solid_angles(c[0], c[2], c[3])
+    return np.abs(tri) * EARTH_RADIUS_M**2
 
 
 # --------------------------------------------------------------------------- polygons
