@@ -128,14 +128,40 @@ def _grid_uv(k: np.ndarray, level: np.ndarray | int) -> np.ndarray:
 
 
 def _solid_angles(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Signed areas (steradians) of the geodesic triangles (a, b, c) of unit vectors, positive
-    counter-clockwise (Van Oosterom & Strackee). The numerator is computed from differences
-    to ``a``: exact for triangles of a few metres as for large ones."""
-    ab, ac = b - a, c - a
-    num = np.einsum("ij,ij->i", a, np.cross(ab, ac))
-    den = 1 + np.einsum("ij,ij->i", a, b) + np.einsum("ij,ij->i", b, c)
-    den += np.einsum("ij,ij->i", c, a)
+    """Signed areas (steradians) of the geodesic triangles (a, b, c) of unit vectors, shape
+    (n, 3), positive counter-clockwise (Van Oosterom & Strackee). The numerator is computed from
+    differences to ``a``: exact for triangles of a few metres as for large ones."""
+    ab, ac = (b - a).T, (c - a).T
+    a, b, c = a.T, b.T, c.T
+    num = (
+        a[0] * (ab[1] * ac[2] - ab[2] * ac[1])
+        + a[1] * (ab[2] * ac[0] - ab[0] * ac[2])
+        + a[2] * (ab[0] * ac[1] - ab[1] * ac[0])
+    )
+    den = 1 + (a * b).sum(axis=0) + (b * c).sum(axis=0) + (c * a).sum(axis=0)
     return 2 * np.arctan2(num, den)
+
+
+def _rings(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(coordinates, ring of each coordinate, geometry of each ring, whether each ring is an
+    exterior) of (multi)polygons, from one ragged-array export."""
+    try:
+        kind, coords, offsets = shapely.to_ragged_array(geoms)
+    except ValueError:  # a geometry collection among them: part by part
+        parts, part_geom = shapely.get_parts(geoms, return_index=True)
+        kind, coords, offsets = shapely.to_ragged_array(parts)
+        offsets = (*offsets, None)
+    else:
+        part_geom = np.arange(len(geoms))
+    if kind == shapely.GeometryType.MULTIPOLYGON and offsets[-1] is not None:
+        part_geom = np.repeat(part_geom, np.diff(offsets[2]))
+    ring_off, part_off = offsets[0], offsets[1]
+    rings_per_part = np.diff(part_off)
+    ring_geom = np.repeat(part_geom, rings_per_part)
+    exterior = np.zeros(len(ring_off) - 1, dtype=bool)
+    exterior[part_off[:-1][rings_per_part > 0]] = True
+    coord_ring = np.repeat(np.arange(len(ring_off) - 1), np.diff(ring_off))
+    return coords, coord_ring, ring_geom, exterior
 
 
 def _polygon_areas_m2(
@@ -143,23 +169,21 @@ def _polygon_areas_m2(
 ) -> np.ndarray:
     """Areas on the sphere of (multi)polygons whose edges are geodesics (S2's convention):
     each ring a fan of geodesic triangles from its first vertex, holes subtracted.
-    ``to_xyz(coords, owner)`` gives unit vectors of coordinates of geometry ``owner``."""
-    parts, part_owner = shapely.get_parts(geoms, return_index=True)
-    rings, ring_part = shapely.get_rings(parts, return_index=True)
-    coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
+    ``to_xyz(coords, geometry index)`` gives the unit vectors of coordinates."""
     out = np.zeros(len(geoms))
+    if len(geoms) == 0:
+        return out
+    coords, coord_ring, ring_geom, exterior = _rings(geoms)
     if len(coords) < 3:
         return out
-    p = to_xyz(coords, part_owner[ring_part[coord_ring]])
-    count = np.bincount(coord_ring, minlength=len(rings))
+    xyz = to_xyz(coords, ring_geom[coord_ring])
+    count = np.bincount(coord_ring, minlength=len(ring_geom))
     first = np.repeat(np.cumsum(count) - count, count)
     edge = np.flatnonzero(coord_ring[1:] == coord_ring[:-1])  # (closing vertex included)
-    tri = _solid_angles(p[first[edge]], p[edge], p[edge + 1])
-    ring_area = np.abs(np.bincount(coord_ring[edge], weights=tri, minlength=len(rings)))
-    exterior = np.ones(len(rings), dtype=bool)  # get_rings: the exterior ring comes first
-    exterior[1:] = ring_part[1:] != ring_part[:-1]
+    tri = _solid_angles(xyz[first[edge]], xyz[edge], xyz[edge + 1])
+    ring_area = np.abs(np.bincount(coord_ring[edge], weights=tri, minlength=len(ring_geom)))
     signed = np.where(exterior, ring_area, -ring_area)
-    out += np.bincount(part_owner[ring_part], weights=signed, minlength=len(geoms))
+    out += np.bincount(ring_geom, weights=signed, minlength=len(geoms))
     return out * EARTH_RADIUS_M**2
 
 
@@ -510,16 +534,12 @@ def line_cell_lengths(lines: np.ndarray, level: int) -> CellPieces:
     p = _xyz(coords[:, 1], coords[:, 0])
     whole = vcell[a] == vcell[b]
     seg = np.arange(len(a))
-    # fast path: the segment, its haversine length, its geodesic midpoint
+    # fast path: the segment in its ends' cell (convex), its length, its geodesic midpoint
     w = seg[whole]
-    lat0, lng0 = coords[a[w], 1], coords[a[w], 0]
-    lat1, lng1 = coords[b[w], 1], coords[b[w], 0]
-    length = _haversine_m(lat0, lng0, lat1, lng1)
     mid = p[a[w]] + p[b[w]]
     mlat, mlng = s2._normalized_latlng_deg(mid[:, 0], mid[:, 1], mid[:, 2])
-    mcell = s2.latlng_to_cell_id(mlat, mlng, level)
     order_seg, order_t = [w], [np.zeros(len(w))]
-    values = [(mcell, length, mlat, mlng)]
+    values = [(vcell[a[w]], _arc_m(p[a[w]], p[b[w]]), mlat, mlng)]
     cut = seg[~whole]
     if len(cut):
         piece_seg, piece_t, piece_vals = _cut_segments(
@@ -541,13 +561,12 @@ def line_cell_lengths(lines: np.ndarray, level: int) -> CellPieces:
     )
 
 
-def _haversine_m(
-    lat0: np.ndarray, lng0: np.ndarray, lat1: np.ndarray, lng1: np.ndarray
-) -> np.ndarray:
-    dlng = np.radians(lng1 - lng0)
-    p0, p1 = np.radians(lat0), np.radians(lat1)
-    h = np.sin((p1 - p0) / 2) ** 2 + np.cos(p0) * np.cos(p1) * np.sin(dlng / 2) ** 2
-    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
+def _arc_m(pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
+    """Great-circle distances (m) between unit vectors, from the chord (precise at any
+    length up to a half circle, like the haversine)."""
+    d = (pb - pa).T
+    chord = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(chord / 2, 1.0))
 
 
 def _cut_segments(
@@ -616,8 +635,7 @@ def _cut_segments(
     qb = _uv_to_xyz(fc, ua[piece] + tb * du[piece], va[piece] + tb * dv[piece])
     qa /= np.linalg.norm(qa, axis=1)[:, None]
     qb /= np.linalg.norm(qb, axis=1)[:, None]
-    chord = np.linalg.norm(qb - qa, axis=1)
-    length = 2 * EARTH_RADIUS_M * np.arcsin(np.clip(chord / 2, 0.0, 1.0))
+    length = _arc_m(qa, qb)
     mid = qa + qb
     lat, lng = s2._normalized_latlng_deg(mid[:, 0], mid[:, 1], mid[:, 2])
     cell = s2.latlng_to_cell_id(lat, lng, level)

@@ -35,7 +35,19 @@ from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile
 from s2vec_pipeline.taxonomy import Taxonomy
 from s2vec_pipeline.versioning import exact_sum
 
-__all__ = ["EARTH_RADIUS_M", "OSM_FEATURES_SCHEMA", "ExtractStats", "extract_features"]
+__all__ = [
+    "EARTH_RADIUS_M",
+    "OSM_FEATURES_CODE_VERSION",
+    "OSM_FEATURES_SCHEMA",
+    "ExtractStats",
+    "extract_features",
+]
+
+#: Dagster code version of ``osm_features``: bump it whenever the rows an object yields change,
+#: so Dagster marks every materialized partition stale ("Unsynced") and a refresh recomputes it.
+#: 3: areas and lengths cut per pixel cell (issue 9); before, an area went whole to the pixel of
+#: its inner point and a segment whole to the pixel of its midpoint.
+OSM_FEATURES_CODE_VERSION = "3"
 
 OSM_FEATURES_SCHEMA: dict[str, pl.DataType] = {
     "parent_l6": pl.String(),
