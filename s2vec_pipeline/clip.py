@@ -3,17 +3,19 @@
 An S2 cell is bounded by geodesics, and on its cube face the gnomonic projection
 ``(u, v) = (p·e_u / p·n, p·e_v / p·n)`` (``n`` the face's axis, ``p`` a point on the sphere) maps
 geodesics to straight lines. In a face's (u, v) plane the cells of a level are therefore exact
-axis-aligned rectangles (``S2CellId::IJLevelToBoundUV``), and an OSM edge (a geodesic) is a
-straight segment. So:
+axis-aligned rectangles (``S2CellId::IJLevelToBoundUV``), and an OSM edge (taken as a geodesic,
+as S2 and BigQuery do) is a straight segment. So:
 
 - **areas** (:func:`polygon_cell_areas`): each polygon is projected to the (u, v) plane of each
   face it lies on, then cut by rectangles with GEOS' rectangle clipping (``clip_by_rect``)
   *hierarchically*: a piece lying in one cell of a level goes down to the deepest cell holding
   its bounding box without any clipping; a piece spanning several is clipped by the 2 or 4
   children it touches. A piece equal to its cell ("full") is not clipped further: every
-  descendant pixel is full. A lake of 10^5 pixels therefore costs clips only along its outline.
-  Each piece's area is computed on the sphere with Lambert's cylindrical equal-area projection
-  (as for whole polygons, :func:`areas_m2`), so the pieces of a polygon sum to its area.
+  descendant pixel is full. A lake of 10^5 pixels therefore costs clips only along its outline,
+  but still yields one entry per pixel it covers (the rows are the cost: ~4**11 level-17
+  pixels for a polygon covering a level-6 cell; ``partitions`` skips unrequested level-6
+  cells). Areas are measured on the sphere, edges as geodesics: a fan of geodesic triangles
+  per ring (:func:`areas_m2`), agreeing with ``S2Polygon::GetArea`` to ~1e-12.
 - **lengths** (:func:`line_cell_lengths`): each segment whose two ends lie in different pixel
   cells is cut where it crosses the pixel grid lines of its face (and the face edges), each
   piece measured as a great-circle arc; the pieces sum to the segment's length.
@@ -25,10 +27,9 @@ Every value is a function of the object alone (its geometry and the level), comp
 order whatever else is in the batch, so the rows of an object seen by two extraction workers are
 identical.
 
-Limits: an object must lie within ~84° of the centre of each face it touches (true of any OSM
-feature short of a continent; others keep their whole area in the cell of their inner point and
-are counted in ``fallbacks``). Lambert's projection cannot represent a piece with a vertex at a
-pole (one of the four pixels meeting there): its area is approximate.
+Limit: an object must lie within ~84° of the centre of each face it touches (true of any OSM
+feature short of a continent); others keep their whole area in the cell of their inner point
+and are counted in ``fallbacks``.
 """
 
 from __future__ import annotations

@@ -5,14 +5,19 @@ carry none of the taxonomy's keys on the C++ side, so Python only sees candidate
 collects ids, matched channels and WKB; geometry work (lengths, areas, representative points,
 S2 cells) then happens in bulk with shapely and numpy.
 
-Measures follow the object kind:
+Measures follow the object kind (cutting along pixel cells: ``clip.py``):
 - nodes feed ``count`` channels at their location;
-- ways feed ``length_m`` channels segment by segment: each segment's length goes to the pixel
-  cell holding its midpoint, so a road counts in every cell it crosses; open ways also feed
-  ``count`` channels at their middle point;
-- areas (closed ways and multipolygon relations, assembled by osmium) feed ``area_m2`` and
-  ``count`` channels at a point inside them. A closed way is seen both as a way and as an area,
-  so it gives lengths as a way and counts/areas as an area, never both.
+- ways feed ``length_m`` channels per pixel cell: each segment is cut where it crosses the pixel
+  grid and each piece's great-circle length goes to the pixel holding it, so a row holds the
+  metres of the way inside that pixel's S2 cell; its point is the midpoint of the way's first
+  piece there. Open ways also feed ``count`` channels at their middle point;
+- areas (closed ways and multipolygon relations, assembled by osmium) feed ``area_m2``
+  channels per pixel cell: the area on the sphere (edges as geodesics, S2's convention) of the
+  polygon's intersection with the pixel's S2 cell, at a point of that piece; and ``count``
+  channels once, at a point inside the polygon. A closed way is seen both as a way and as an
+  area, so it gives lengths as a way and counts/areas as an area, never both.
+Objects inside one pixel (all vertices in one cell: cells are convex) are not cut. So a pixel's
+area row never exceeds its cell's area, and an object's rows sum to its area or length.
 """
 
 from __future__ import annotations

@@ -241,3 +241,12 @@ def test_segments_inside_one_cell_are_whole() -> None:
     got = clip.line_cell_lengths(np.array([line, line]), 17)
     assert got.clipped == 0 and got.index.tolist() == [0, 1]
     assert got.value[0] == pytest.approx(s2_polyline(line).GetLength().radians() * R, rel=1e-9)
+
+
+def test_object_wider_than_a_face_falls_back_whole() -> None:
+    """A polygon 120° wide cannot be projected on every face it touches: it keeps its whole
+    area, in the cell of its inner point (counted as a fallback)."""
+    poly = box(-60.0, -1.0, 60.0, 1.0)
+    got = clip.polygon_cell_areas(np.array([poly]), 8)
+    assert got.fallbacks == 1 and len(got.cell) == 1
+    assert got.value[0] == pytest.approx(oracle_area(poly), rel=1e-9)
