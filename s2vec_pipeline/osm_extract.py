@@ -306,12 +306,13 @@ def _rows_from_collector(
         return empty.with_columns(pl.lit(None, pl.Int64).alias("obj")) if keep_object else empty
     kind = np.asarray(col.kind, dtype=np.int8)
     osm_id = np.asarray(col.osm_id, dtype=np.int64)
-    osm_type = _OSM_TYPE_OF_KIND[kind]
+    # strings gathered by index in polars (numpy object -> str conversions cost more)
+    osm_type = pl.Series(_OSM_TYPE_OF_KIND.tolist(), dtype=pl.String).gather(kind)
     lat = np.asarray(col.lat, dtype=np.float64)
     lon = np.asarray(col.lon, dtype=np.float64)
     chan_obj = np.asarray(col.chan_obj, dtype=np.int64)
     chan_idx = np.asarray(col.chan_idx, dtype=np.int64)
-    names = np.asarray(taxonomy.channel_names, dtype=object)
+    names = pl.Series(list(taxonomy.channel_names), dtype=pl.String)
     measure = np.asarray([c.measure for c in taxonomy.channels], dtype=object)
     chan_measure = measure[chan_idx]
 
@@ -334,9 +335,9 @@ def _rows_from_collector(
     pt_obj = chan_obj[pt]
     point_rows = pl.DataFrame(
         {
-            "osm_type": osm_type[pt_obj].astype(str),
+            "osm_type": osm_type.gather(pt_obj),
             "osm_id": osm_id[pt_obj],
-            "channel": names[chan_idx[pt]].astype(str),
+            "channel": names.gather(chan_idx[pt]),
             "lat": lat[pt_obj],
             "lon": lon[pt_obj],
             "length_m": np.full(len(pt_obj), np.nan),
@@ -365,9 +366,9 @@ def _rows_from_collector(
         nan = np.full(joined.height, np.nan)
         return pl.DataFrame(
             {
-                "osm_type": osm_type[obj].astype(str),
+                "osm_type": osm_type.gather(obj),
                 "osm_id": osm_id[obj],
-                "channel": names[joined["chan"].to_numpy()].astype(str),
+                "channel": names.gather(joined["chan"]),
                 "lat": joined["lat"].to_numpy(),
                 "lon": joined["lon"].to_numpy(),
                 "length_m": values if value == "len" else nan,
