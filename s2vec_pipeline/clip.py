@@ -51,7 +51,7 @@ _NORM, _U_AXIS, _V_AXIS = s2._FACE_C0, s2._FACE_CU, s2._FACE_CV
 _MIN_PROJECTION_DOT = 0.1
 #: A piece covering this share of its cell's (u, v) rectangle is the whole cell.
 _FULL_SHARE = 1.0 - 1e-9
-#: Rectangles clipped per GEOS call: bounds the pieces alive at once.
+#: Pieces clipped per GEOS call (bounds the temporaries of one call).
 _CLIP_CHUNK = 1 << 16
 
 
