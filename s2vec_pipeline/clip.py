@@ -129,11 +129,11 @@ def _grid_uv(k: np.ndarray, level: np.ndarray | int) -> np.ndarray:
 
 
 def _solid_angles(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Signed areas (steradians) of the geodesic triangles (a, b, c) of unit vectors, shape
-    (n, 3), positive counter-clockwise (Van Oosterom & Strackee). The numerator is computed from
-    differences to ``a``: exact for triangles of a few metres as for large ones."""
-    ab, ac = (b - a).T, (c - a).T
-    a, b, c = a.T, b.T, c.T
+    """Signed areas (steradians) of the geodesic triangles (a, b, c) of unit vectors given as
+    (3, n) component arrays, positive counter-clockwise (Van Oosterom & Strackee). The
+    numerator is computed from differences to ``a``: exact for triangles of a few metres as
+    for large ones."""
+    ab, ac = b - a, c - a
     num = (
         a[0] * (ab[1] * ac[2] - ab[2] * ac[1])
         + a[1] * (ab[2] * ac[0] - ab[0] * ac[2])
@@ -145,24 +145,44 @@ def _solid_angles(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 def _rings(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(coordinates, ring of each coordinate, geometry of each ring, whether each ring is an
-    exterior) of (multi)polygons, from one ragged-array export."""
-    try:
-        kind, coords, offsets = shapely.to_ragged_array(geoms)
-    except ValueError:  # a geometry collection among them: part by part
-        parts, part_geom = shapely.get_parts(geoms, return_index=True)
-        kind, coords, offsets = shapely.to_ragged_array(parts)
-        offsets = (*offsets, None)
-    else:
-        part_geom = np.arange(len(geoms))
-    if kind == shapely.GeometryType.MULTIPOLYGON and offsets[-1] is not None:
-        part_geom = np.repeat(part_geom, np.diff(offsets[2]))
-    ring_off, part_off = offsets[0], offsets[1]
-    rings_per_part = np.diff(part_off)
-    ring_geom = np.repeat(part_geom, rings_per_part)
-    exterior = np.zeros(len(ring_off) - 1, dtype=bool)
-    exterior[part_off[:-1][rings_per_part > 0]] = True
-    coord_ring = np.repeat(np.arange(len(ring_off) - 1), np.diff(ring_off))
-    return coords, coord_ring, ring_geom, exterior
+    exterior) of (multi)polygons. Polygons without holes (most of them) are one ring each,
+    read straight from their coordinates; the others go through one ragged-array export."""
+    geoms = np.where(  # single-part multipolygons (as osmium writes every area): their part
+        (shapely.get_type_id(geoms) == shapely.GeometryType.MULTIPOLYGON)
+        & (shapely.get_num_geometries(geoms) == 1),
+        shapely.get_geometry(geoms, 0),
+        geoms,
+    )
+    simple = (shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON) & (
+        shapely.get_num_interior_rings(geoms) == 0
+    )
+    simple_idx = np.flatnonzero(simple)
+    coords, k = shapely.get_coordinates(geoms[simple_idx], return_index=True)
+    parts = [(coords, k, simple_idx, np.ones(len(simple_idx), dtype=bool))]
+    rest = np.flatnonzero(~simple & ~shapely.is_empty(geoms))
+    if len(rest):
+        try:
+            kind, coords, offsets = shapely.to_ragged_array(geoms[rest])
+            part_geom = rest
+        except ValueError:  # a geometry collection among them: part by part
+            sub, sub_geom = shapely.get_parts(geoms[rest], return_index=True)
+            kind, coords, offsets = shapely.to_ragged_array(sub)
+            part_geom = rest[sub_geom]
+        if kind == shapely.GeometryType.MULTIPOLYGON:
+            part_geom = np.repeat(part_geom, np.diff(offsets[2]))
+        ring_off, part_off = offsets[0], offsets[1]
+        rings_per_part = np.diff(part_off)
+        exterior = np.zeros(len(ring_off) - 1, dtype=bool)
+        exterior[part_off[:-1][rings_per_part > 0]] = True
+        coord_ring = np.repeat(np.arange(len(ring_off) - 1), np.diff(ring_off))
+        parts.append((coords, coord_ring, np.repeat(part_geom, rings_per_part), exterior))
+    offset = np.cumsum([0] + [len(p[2]) for p in parts])
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] + o for p, o in zip(parts, offset, strict=False)]),
+        np.concatenate([p[2] for p in parts]),
+        np.concatenate([p[3] for p in parts]),
+    )
 
 
 def _polygon_areas_m2(
@@ -170,7 +190,7 @@ def _polygon_areas_m2(
 ) -> np.ndarray:
     """Areas on the sphere of (multi)polygons whose edges are geodesics (S2's convention):
     each ring a fan of geodesic triangles from its first vertex, holes subtracted.
-    ``to_xyz(coords, geometry index)`` gives the unit vectors of coordinates."""
+    ``to_xyz(coords, geometry index)`` gives the unit vectors of coordinates, shape (3, n)."""
     out = np.zeros(len(geoms))
     if len(geoms) == 0:
         return out
@@ -181,17 +201,23 @@ def _polygon_areas_m2(
     count = np.bincount(coord_ring, minlength=len(ring_geom))
     first = np.repeat(np.cumsum(count) - count, count)
     edge = np.flatnonzero(coord_ring[1:] == coord_ring[:-1])  # (closing vertex included)
-    tri = _solid_angles(xyz[first[edge]], xyz[edge], xyz[edge + 1])
+    tri = _solid_angles(xyz[:, first[edge]], xyz[:, edge], xyz[:, edge + 1])
     ring_area = np.abs(np.bincount(coord_ring[edge], weights=tri, minlength=len(ring_geom)))
     signed = np.where(exterior, ring_area, -ring_area)
     out += np.bincount(ring_geom, weights=signed, minlength=len(geoms))
     return out * EARTH_RADIUS_M**2
 
 
+def _xyz_components(lat_deg: np.ndarray, lng_deg: np.ndarray) -> np.ndarray:
+    phi, theta = np.radians(lat_deg), np.radians(lng_deg)
+    cos_phi = np.cos(phi)
+    return np.stack((cos_phi * np.cos(theta), cos_phi * np.sin(theta), np.sin(phi)))
+
+
 def areas_m2(geoms: np.ndarray) -> np.ndarray:
     """Areas on the sphere of (multi)polygons in (lng, lat) degrees, edges geodesics."""
     return _polygon_areas_m2(
-        np.asarray(geoms, dtype=object), lambda xy, _: _xyz(xy[:, 1], xy[:, 0])
+        np.asarray(geoms, dtype=object), lambda xy, _: _xyz_components(xy[:, 1], xy[:, 0])
     )
 
 
@@ -199,8 +225,10 @@ def _uv_areas_m2(pieces: np.ndarray, face: np.ndarray) -> np.ndarray:
     """Areas on the sphere of polygons given in (u, v) of ``face`` (one face per piece)."""
 
     def to_xyz(uv: np.ndarray, owner: np.ndarray) -> np.ndarray:
-        p = _uv_to_xyz(face[owner], uv[:, 0], uv[:, 1])
-        return p / np.linalg.norm(p, axis=1)[:, None]
+        f = face[owner]
+        u, v = uv[:, 0], uv[:, 1]
+        p = np.stack([_NORM[f, k] + _U_AXIS[f, k] * u + _V_AXIS[f, k] * v for k in range(3)])
+        return p / np.sqrt((p * p).sum(axis=0))
 
     return _polygon_areas_m2(pieces, to_xyz)
 
@@ -213,6 +241,7 @@ def _cell_areas_m2(face: np.ndarray, i: np.ndarray, j: np.ndarray, level: int) -
     for u, v in ((u0, v0), (u1, v0), (u1, v1), (u0, v1)):
         p = _uv_to_xyz(face, u, v)
         c.append(p / np.linalg.norm(p, axis=1)[:, None])
+    c = [x.T for x in c]
     tri = _solid_angles(c[0], c[1], c[2]) + _solid_angles(c[0], c[2], c[3])
     return np.abs(tri) * EARTH_RADIUS_M**2
 
