@@ -183,6 +183,33 @@ def test_building_areas_against_s2_polygons(helsinki, taxonomy) -> None:
             assert area == pytest.approx(expected, rel=1e-6, abs=1e-9 * cell_area_m2(cell))
 
 
+@pytest.mark.parametrize("source", ["helsinki", "monaco"])
+def test_every_way_length_sums_to_its_s2_polyline(source: str, request, taxonomy) -> None:
+    """All ways with a length channel: their rows sum to the length of the polyline of their
+    node locations (S2Polyline::GetLength), and no row is longer than the way."""
+    pbf = request.getfixturevalue(f"{source}_pbf")
+    df, _ = extract_features([pbf], taxonomy, CITY)
+    per_way = (
+        df.filter(pl.col("length_m").is_not_null())
+        .group_by("osm_id", "channel")
+        .agg(pl.col("length_m").sum().alias("total"), pl.col("length_m").max().alias("most"))
+    )
+    ref = _Reference()
+    ref.apply_file(str(pbf), locations=True)
+    checked = 0
+    for wid, _, total, most in per_way.iter_rows():
+        locs = ref.ways[wid][1]
+        if locs is None:  # a node outside the extract: osmium skips it, so do we
+            continue
+        line = s2g.S2Polyline()
+        line.InitFromS2LatLngs([s2g.S2LatLng.FromDegrees(a, b) for a, b in locs])
+        expected = line.GetLength().radians() * EARTH_RADIUS_M
+        assert total == pytest.approx(expected, rel=1e-9, abs=1e-4), wid
+        assert most <= expected + 1e-4
+        checked += 1
+    assert checked > 2_000
+
+
 class _Areas(osmium.SimpleHandler):
     """Multipolygon relations as osmium assembles them, rings as (lat, lng) lists: the
     geometry is osmium's, everything measured on it comes from the official S2 library."""
