@@ -5,19 +5,25 @@ carry none of the taxonomy's keys on the C++ side, so Python only sees candidate
 collects ids, matched channels and WKB; geometry work (lengths, areas, representative points,
 S2 cells) then happens in bulk with shapely and numpy.
 
-Measures follow the object kind:
+Measures follow the object kind (cutting along pixel cells: ``clip.py``):
 - nodes feed ``count`` channels at their location;
-- ways feed ``length_m`` channels segment by segment: each segment's length goes to the pixel
-  cell holding its midpoint, so a road counts in every cell it crosses; open ways also feed
-  ``count`` channels at their middle point;
-- areas (closed ways and multipolygon relations, assembled by osmium) feed ``area_m2`` and
-  ``count`` channels at a point inside them. A closed way is seen both as a way and as an area,
-  so it gives lengths as a way and counts/areas as an area, never both.
+- ways feed ``length_m`` channels per pixel cell: each segment is cut where it crosses the pixel
+  grid and each piece's great-circle length goes to the pixel holding it, so a row holds the
+  metres of the way inside that pixel's S2 cell; its point is the midpoint of the way's first
+  piece there. Open ways also feed ``count`` channels at their middle point;
+- areas (closed ways and multipolygon relations, assembled by osmium) feed ``area_m2``
+  channels per pixel cell: the area on the sphere (edges as geodesics, S2's convention) of the
+  polygon's intersection with the pixel's S2 cell, at a point of that piece; and ``count``
+  channels once, at a point inside the polygon. A closed way is seen both as a way and as an
+  area, so it gives lengths as a way and counts/areas as an area, never both.
+Objects inside one pixel (all vertices in one cell: cells are convex) are not cut. So a pixel's
+area row never exceeds its cell's area, and an object's rows sum to its area or length.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +33,26 @@ import osmium
 import polars as pl
 import shapely
 
-from s2vec_pipeline import s2
+from s2vec_pipeline import clip, s2
+from s2vec_pipeline.clip import EARTH_RADIUS_M
 from s2vec_pipeline.errors import InvalidSourceError
 from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile
 from s2vec_pipeline.taxonomy import Taxonomy
 from s2vec_pipeline.versioning import exact_sum
 
-EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG), as used by S2's S2Earth
+__all__ = [
+    "EARTH_RADIUS_M",
+    "OSM_FEATURES_CODE_VERSION",
+    "OSM_FEATURES_SCHEMA",
+    "ExtractStats",
+    "extract_features",
+]
+
+#: Dagster code version of ``osm_features``: bump it whenever the rows an object yields change,
+#: so Dagster marks every materialized partition stale ("Unsynced") and a refresh recomputes it.
+#: 3: areas and lengths cut per pixel cell (issue 9); before, an area went whole to the pixel of
+#: its inner point and a segment whole to the pixel of its midpoint.
+OSM_FEATURES_CODE_VERSION = "3"
 
 OSM_FEATURES_SCHEMA: dict[str, pl.DataType] = {
     "parent_l6": pl.String(),
@@ -64,6 +83,8 @@ class ExtractStats:
     objects_read: int = 0  # objects that passed the C++ key filter
     objects_matched: int = 0  # of those, objects matching at least one channel
     geometry_failures: int = 0  # ways/areas whose geometry could not be built (missing nodes)
+    objects_clipped: int = 0  # areas and ways spanning several pixel cells, cut along them
+    seconds_clipping: float = 0.0  # of which measuring the areas and lengths per cell
     rows: int = 0
 
 
@@ -232,36 +253,6 @@ def _keys_by_kind(taxonomy: Taxonomy, *channel_sets: frozenset[int]) -> tuple[tu
     )
 
 
-def _segments(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per segment of each linestring: (line index, length m, midpoint lat, midpoint lng)."""
-    coords, line_idx = shapely.get_coordinates(lines, return_index=True)
-    same = line_idx[1:] == line_idx[:-1]
-    lng0, lat0 = coords[:-1, 0][same], coords[:-1, 1][same]
-    lng1, lat1 = coords[1:, 0][same], coords[1:, 1][same]
-    seg_line = line_idx[:-1][same]
-    dlng = lng1 - lng0
-    dlng = np.where(dlng > 180, dlng - 360, np.where(dlng < -180, dlng + 360, dlng))
-    p0, p1 = np.radians(lat0), np.radians(lat1)
-    a = np.sin((p1 - p0) / 2) ** 2 + np.cos(p0) * np.cos(p1) * np.sin(np.radians(dlng) / 2) ** 2
-    length = 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-    mid_lng = lng0 + dlng / 2
-    mid_lng = np.where(
-        mid_lng > 180, mid_lng - 360, np.where(mid_lng < -180, mid_lng + 360, mid_lng)
-    )
-    return seg_line, length, (lat0 + lat1) / 2, mid_lng
-
-
-def _areas_m2(geoms: np.ndarray) -> np.ndarray:
-    """Areas on the sphere via Lambert's cylindrical equal-area projection (exact for areas)."""
-
-    def project(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack(
-            (EARTH_RADIUS_M * np.radians(xy[:, 0]), EARTH_RADIUS_M * np.sin(np.radians(xy[:, 1])))
-        )
-
-    return shapely.area(shapely.transform(geoms, project))
-
-
 def extract_features(
     sources: Sequence[str | os.PathLike],
     taxonomy: Taxonomy,
@@ -281,7 +272,9 @@ def extract_features(
         stats.sources.append(str(path))
         col = _Collector()
         _read_source(path, taxonomy, col, stats, location_store)
-        frames.append(_rows_from_collector(col, taxonomy, profile))
+        frames.append(
+            _rows_from_collector(col, taxonomy, profile, partitions=partitions, stats=stats)
+        )
     df = pl.concat(frames) if frames else _empty_frame()
     if partitions is not None:
         df = df.filter(pl.col("parent_l6").is_in(sorted(set(partitions))))
@@ -297,23 +290,31 @@ def _empty_frame() -> pl.DataFrame:
 
 
 def _rows_from_collector(
-    col: _Collector, taxonomy: Taxonomy, profile: ResolutionProfile, keep_object: bool = False
+    col: _Collector,
+    taxonomy: Taxonomy,
+    profile: ResolutionProfile,
+    keep_object: bool = False,
+    partitions: Collection[str] | None = None,
+    stats: ExtractStats | None = None,
 ) -> pl.DataFrame:
     """The rows of the collected objects; ``keep_object`` adds an ``obj`` column (the object's
-    index in the collector) after the schema's columns."""
+    index in the collector) after the schema's columns. ``partitions`` (level-6 tokens) lets
+    the clipping of large polygons skip other level-6 cells; rows there may still come back
+    (the caller filters)."""
     if not col.kind:
         empty = _empty_frame()
         return empty.with_columns(pl.lit(None, pl.Int64).alias("obj")) if keep_object else empty
     kind = np.asarray(col.kind, dtype=np.int8)
     osm_id = np.asarray(col.osm_id, dtype=np.int64)
-    osm_type = _OSM_TYPE_OF_KIND[kind]
+    # strings gathered by index in polars (numpy object -> str conversions cost more)
+    osm_type = pl.Series(_OSM_TYPE_OF_KIND.tolist(), dtype=pl.String).gather(kind)
     lat = np.asarray(col.lat, dtype=np.float64)
     lon = np.asarray(col.lon, dtype=np.float64)
     chan_obj = np.asarray(col.chan_obj, dtype=np.int64)
     chan_idx = np.asarray(col.chan_idx, dtype=np.int64)
-    names = np.asarray(taxonomy.channel_names, dtype=object)
+    names = pl.Series(list(taxonomy.channel_names), dtype=pl.String)
     measure = np.asarray([c.measure for c in taxonomy.channels], dtype=object)
-    is_length = measure[chan_idx] == "length_m"
+    chan_measure = measure[chan_idx]
 
     # Representative points of ways (middle along the line) and areas (a point inside).
     geom_rows = np.flatnonzero(kind != _KIND_NODE)
@@ -322,28 +323,25 @@ def _rows_from_collector(
         geoms[geom_rows] = shapely.from_wkb([col.wkb[i] for i in geom_rows])
     way_rows = np.flatnonzero(kind == _KIND_WAY)
     area_rows = np.flatnonzero(kind >= _KIND_AREA_WAY)
-    area_m2 = np.full(len(kind), np.nan)
     if len(way_rows):
         mid = shapely.line_interpolate_point(geoms[way_rows], 0.5, normalized=True)
         lon[way_rows], lat[way_rows] = shapely.get_x(mid), shapely.get_y(mid)
     if len(area_rows):
         inside = shapely.point_on_surface(geoms[area_rows])
         lon[area_rows], lat[area_rows] = shapely.get_x(inside), shapely.get_y(inside)
-        area_m2[area_rows] = _areas_m2(geoms[area_rows])
 
-    # Point-like rows: counts and areas, one per (object, channel), at the object's point.
-    pt = ~is_length
+    # Count rows: one per (object, channel), at the object's point.
+    pt = chan_measure == "count"
     pt_obj = chan_obj[pt]
-    pt_measure = measure[chan_idx[pt]]
     point_rows = pl.DataFrame(
         {
-            "osm_type": osm_type[pt_obj].astype(str),
+            "osm_type": osm_type.gather(pt_obj),
             "osm_id": osm_id[pt_obj],
-            "channel": names[chan_idx[pt]].astype(str),
+            "channel": names.gather(chan_idx[pt]),
             "lat": lat[pt_obj],
             "lon": lon[pt_obj],
             "length_m": np.full(len(pt_obj), np.nan),
-            "area_m2": np.where(pt_measure == "area_m2", area_m2[pt_obj], np.nan),
+            "area_m2": np.full(len(pt_obj), np.nan),
             "obj": pt_obj,
         }
     ).filter(pl.col("lat").is_finite() & pl.col("lon").is_finite())
@@ -355,45 +353,75 @@ def _rows_from_collector(
             ).view(np.int64),
         )
     )
+    frames = [point_rows]
+    t0 = time.perf_counter()
+    clipped = 0
 
-    # Line rows: per (way, length channel, pixel cell), the summed length of its segments there.
-    line_rows = None
-    if is_length.any() and len(way_rows):
-        seg_line, seg_len, seg_lat, seg_lng = _segments(geoms[way_rows])
-        seg_obj = way_rows[seg_line]
-        seg_cell = s2.latlng_to_cell_id(seg_lat, seg_lng, profile.pixel_level)
-        segs = pl.DataFrame(
-            {
-                "obj": seg_obj,
-                "cell": seg_cell.view(np.int64),
-                "len": seg_len,
-                "lat": seg_lat,
-                "lon": seg_lng,
-            }
-        )
-        per_cell = segs.group_by("obj", "cell").agg(
-            # The first segment's midpoint lies in the cell: a faithful representative point.
-            exact_sum("len"),
-            pl.col("lat").first(),
-            pl.col("lon").first(),
-        )
-        ln = pl.DataFrame({"obj": chan_obj[is_length], "chan": chan_idx[is_length]})
-        joined = ln.join(per_cell, on="obj", how="inner")
+    def measure_rows(per_cell: pl.DataFrame, value: str, mask: np.ndarray) -> pl.DataFrame:
+        """Per-cell values of objects joined to their (object, channel) pairs of one measure."""
+        pairs = pl.DataFrame({"obj": chan_obj[mask], "chan": chan_idx[mask]})
+        joined = pairs.join(per_cell, on="obj", how="inner")
         obj = joined["obj"].to_numpy()
-        line_rows = pl.DataFrame(
+        values = joined[value].to_numpy()
+        nan = np.full(joined.height, np.nan)
+        return pl.DataFrame(
             {
-                "osm_type": osm_type[obj].astype(str),
+                "osm_type": osm_type.gather(obj),
                 "osm_id": osm_id[obj],
-                "channel": names[joined["chan"].to_numpy()].astype(str),
+                "channel": names.gather(joined["chan"]),
                 "lat": joined["lat"].to_numpy(),
                 "lon": joined["lon"].to_numpy(),
-                "length_m": joined["len"].to_numpy(),
-                "area_m2": np.full(joined.height, np.nan),
+                "length_m": values if value == "len" else nan,
+                "area_m2": values if value == "area" else nan,
                 "obj": obj,
                 "cell": joined["cell"].to_numpy(),
             }
         )
-    rows = pl.concat([point_rows, line_rows]) if line_rows is not None else point_rows
+
+    # Area rows: per (area, area channel, pixel cell), the polygon's area inside the cell.
+    is_area = chan_measure == "area_m2"
+    if is_area.any():
+        objs = np.unique(chan_obj[is_area])
+        pieces = clip.polygon_cell_areas(geoms[objs], profile.pixel_level, partitions)
+        clipped += pieces.clipped
+        per_cell = pl.DataFrame(
+            {
+                "obj": objs[pieces.index],
+                "cell": pieces.cell.view(np.int64),
+                "area": pieces.value,
+                "lat": pieces.lat,
+                "lon": pieces.lng,
+            }
+        )
+        frames.append(measure_rows(per_cell, "area", is_area))
+
+    # Length rows: per (way, length channel, pixel cell), the length of the line inside it.
+    is_length = chan_measure == "length_m"
+    if is_length.any():
+        objs = np.unique(chan_obj[is_length])
+        pieces = clip.line_cell_lengths(geoms[objs], profile.pixel_level)
+        clipped += pieces.clipped
+        segs = pl.DataFrame(
+            {
+                "obj": objs[pieces.index],
+                "cell": pieces.cell.view(np.int64),
+                "len": pieces.value,
+                "lat": pieces.lat,
+                "lon": pieces.lng,
+            }
+        )
+        per_cell = segs.group_by("obj", "cell").agg(
+            # Pieces come in order along the line: the first one's midpoint, in the cell.
+            exact_sum("len"),
+            pl.col("lat").first(),
+            pl.col("lon").first(),
+        )
+        frames.append(measure_rows(per_cell, "len", is_length))
+    if stats is not None:
+        stats.objects_clipped += clipped
+        stats.seconds_clipping += time.perf_counter() - t0
+
+    rows = pl.concat(frames)
     cells = rows["cell"].to_numpy().view(np.uint64)
     return (
         rows.with_columns(

@@ -500,7 +500,9 @@ def _extract_task(task: _Task) -> dict[str, int]:
         _read_source(Path(task.pbf), task.taxonomy, col, stats, store)
     finally:
         index.unlink(missing_ok=True)
-    rows = _rows_from_collector(col, task.taxonomy, task.profile, keep_object=True)
+    rows = _rows_from_collector(
+        col, task.taxonomy, task.profile, True, list(task.partition_group), stats
+    )
     rows = rows.filter(pl.col("parent_l6").is_in(list(task.partition_group)))
     own = set(task.group.partitions)
     keep = rows["parent_l6"].is_in(list(own)).to_numpy().copy()
@@ -517,20 +519,24 @@ def _extract_task(task: _Task) -> dict[str, int]:
         "objects_read": stats.objects_read,
         "objects_matched": stats.objects_matched,
         "geometry_failures": stats.geometry_failures,
+        "objects_clipped": stats.objects_clipped,
+        "seconds_clipping": stats.seconds_clipping,
         "rows": rows.height,
     }
 
 
 def _not_surely_seen(task: _Task, col: _Collector, foreign: pl.DataFrame) -> np.ndarray:
     """For rows landing in another group's partition: True where that group may not see the
-    object (no vertex strictly inside its region), so this worker must deliver the row."""
+    object (no vertex strictly inside its region), so this worker must deliver the row.
+    Decided once per (object, group): a large area sends rows to many cells of one group."""
     objs = foreign["obj"].to_numpy()
     target = np.asarray([task.partition_group[t] for t in foreign["parent_l6"].to_list()])
-    out = np.ones(len(objs), dtype=bool)
+    pairs, back = np.unique(np.column_stack((objs, target)), axis=0, return_inverse=True)
+    unseen = np.ones(len(pairs), dtype=bool)
     verts: dict[int, np.ndarray] = {}
     # shrunk by 2e-7°: a vertex inside it is inside osmium's region whatever its border rule
     inner: dict[int, shapely.Geometry] = {}
-    for k, (o, g) in enumerate(zip(objs.tolist(), target.tolist(), strict=True)):
+    for k, (o, g) in enumerate(pairs.tolist()):
         v = verts.get(o)
         if v is None:
             wkb = col.wkb[o]
@@ -543,8 +549,8 @@ def _not_surely_seen(task: _Task, col: _Collector, foreign: pl.DataFrame) -> np.
         if region is None:
             region = inner[g] = task.groups[g].shape().buffer(-2e-7)
             shapely.prepare(region)
-        out[k] = not shapely.contains_xy(region, v[:, 0], v[:, 1]).any()
-    return out
+        unseen[k] = not shapely.contains_xy(region, v[:, 0], v[:, 1]).any()
+    return unseen[back.ravel()]
 
 
 # --------------------------------------------------------------------------- coordinator
@@ -668,6 +674,8 @@ def extract_partitions(
                 result.stats.objects_read += s["objects_read"]
                 result.stats.objects_matched += s["objects_matched"]
                 result.stats.geometry_failures += s["geometry_failures"]
+                result.stats.objects_clipped += s["objects_clipped"]
+                result.stats.seconds_clipping += s["seconds_clipping"]
                 result.worker_peak_rss_bytes = max(
                     result.worker_peak_rss_bytes, s["peak_rss_kib"] * 1024
                 )

@@ -17,9 +17,15 @@ from deltalake import DeltaTable
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
 from s2vec_pipeline.defs.automation import _resolver
+from s2vec_pipeline.osm_extract import OSM_FEATURES_CODE_VERSION
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 
+CODE_VERSIONS = {
+    "osm_features": OSM_FEATURES_CODE_VERSION,
+    "cell_features": "2",
+    "raster_tiles": "2",
+}
 UPSTREAM = {
     "osm_features": "osm_sources",
     "cell_features": "osm_features",
@@ -54,7 +60,7 @@ def test_one_materialization_per_partition_with_dagster_versions(recorded, asset
         tags = record.asset_materialization.tags
         upstream = UPSTREAM[asset]
         assert len(tags["dagster/data_version"]) == 16
-        assert tags["dagster/code_version"] == "2"
+        assert tags["dagster/code_version"] == CODE_VERSIONS[asset]
         # Dagster's own provenance: the pointer is at or after the upstream partition's latest
         # event (for a partitioned dependency Dagster records the asset's latest event id).
         up = instance.get_latest_data_version_record(

@@ -1,5 +1,7 @@
 """osm_features on the real bundled extracts, checked against the OSM objects themselves
-(read independently with a plain pyosmium handler) and the official S2 library."""
+(read independently with a plain pyosmium handler) and the official S2 library: per pixel, the
+length of a way and the area of a polygon inside the pixel's S2 cell (``S2Polygon(S2Cell)``,
+``IntersectWithPolyline``, ``GetOverlapFractions``)."""
 
 from __future__ import annotations
 
@@ -98,6 +100,29 @@ def test_nodes_match_osm_objects_exactly(helsinki, taxonomy) -> None:
         assert ref.nodes[nid][0]["amenity"] == "restaurant"
 
 
+def s2_cell_polygon(cell_id: int) -> s2g.S2Polygon:
+    return s2g.S2Polygon(s2g.S2Cell(s2g.S2CellId(cell_id & (2**64 - 1))))
+
+
+def s2_loop(latlngs: list[tuple[float, float]]) -> s2g.S2Polygon:
+    """One closed ring of (lat, lng) as an S2 polygon (closing vertex dropped)."""
+    if latlngs[0] == latlngs[-1]:
+        latlngs = latlngs[:-1]
+    loop = s2g.S2Loop([s2g.S2LatLng.FromDegrees(a, b).ToPoint() for a, b in latlngs])
+    loop.Normalize()
+    return s2g.S2Polygon(loop)
+
+
+def overlap_m2(polygon: s2g.S2Polygon, cell_id: int) -> float:
+    """Area of ``polygon`` inside the cell, by the official library."""
+    cell = s2_cell_polygon(cell_id)
+    return s2g.S2Polygon.GetOverlapFractions(polygon, cell)[1] * cell.GetArea() * EARTH_RADIUS_M**2
+
+
+def cell_area_m2(cell_id: int) -> float:
+    return s2g.S2Cell(s2g.S2CellId(cell_id & (2**64 - 1))).ExactArea() * EARTH_RADIUS_M**2
+
+
 def test_way_lengths_split_per_cell(helsinki, taxonomy) -> None:
     df, _, ref = helsinki
     (primary,) = [
@@ -124,28 +149,131 @@ def test_way_lengths_split_per_cell(helsinki, taxonomy) -> None:
         ) * (EARTH_RADIUS_M / OSMIUM_EARTH_RADIUS_M)
         # per-cell lengths are exact sums in micrometres: allow a few µm per way
         assert per_way[wid] == pytest.approx(ref_len, rel=1e-9, abs=1e-4)
-        cells = set(rows.filter(pl.col("osm_id") == wid)["cell_id"].to_list())
-        mids = {
-            official_cell((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, CITY.pixel_level)
-            for a, b in zip(locs[:-1], locs[1:], strict=True)
-        }
-        assert cells == mids
-        multi_cell += len(cells) > 1
+        # per pixel: the length of the way inside the pixel's S2 cell
+        line = s2g.S2Polyline()
+        line.InitFromS2LatLngs([s2g.S2LatLng.FromDegrees(a, b) for a, b in locs])
+        way_rows = rows.filter(pl.col("osm_id") == wid)
+        for cell, length in way_rows.select("cell_id", "length_m").iter_rows():
+            inside = s2_cell_polygon(cell).IntersectWithPolyline(line)
+            expected = sum(p.GetLength().radians() for p in inside) * EARTH_RADIUS_M
+            assert length == pytest.approx(expected, rel=1e-6, abs=1e-5), (wid, cell)
+        multi_cell += way_rows.height > 1
     assert multi_cell > 5  # long roads really are split over several cells
 
 
 def test_building_areas_against_s2_polygons(helsinki, taxonomy) -> None:
+    """Per closed way: its rows sum to its area on the sphere, and each row holds the area of
+    the way inside that pixel's cell (both by the official library, edges as geodesics)."""
     df, _, ref = helsinki
     area_rows = df.filter(pl.col("area_m2").is_not_null() & (pl.col("osm_type") == "way"))
-    assert area_rows.height > 500
-    sample = area_rows.unique("osm_id").sort("osm_id").head(200)
-    for wid, area in sample.select("osm_id", "area_m2").iter_rows():
+    per_way = area_rows.group_by("osm_id", "channel").agg(
+        pl.col("cell_id"), pl.col("area_m2"), pl.col("area_m2").sum().alias("total")
+    )
+    assert per_way.height > 500
+    multi = per_way.filter(pl.col("cell_id").list.len() > 1)
+    assert multi.height > 100  # at ~70 m pixels many buildings straddle cell edges
+    sample = pl.concat([per_way.sort("osm_id").head(150), multi.sort("osm_id").head(150)])
+    for wid, _, cells, areas, total in sample.iter_rows():
         tags, locs, closed = ref.ways[wid]
         assert closed and locs is not None
-        loop = s2g.S2Loop([s2g.S2LatLng.FromDegrees(a, b).ToPoint() for a, b in locs[:-1]])
-        loop.Normalize()
-        ref_area = loop.GetArea() * EARTH_RADIUS_M**2
-        assert area == pytest.approx(ref_area, rel=2e-3), (wid, tags)
+        polygon = s2_loop(locs)
+        assert total == pytest.approx(polygon.GetArea() * EARTH_RADIUS_M**2, rel=1e-6), tags
+        for cell, area in zip(cells, areas, strict=True):
+            expected = overlap_m2(polygon, cell)
+            assert area == pytest.approx(expected, rel=1e-6, abs=1e-9 * cell_area_m2(cell))
+
+
+@pytest.mark.parametrize("source", ["helsinki", "monaco"])
+def test_every_way_length_sums_to_its_s2_polyline(source: str, request, taxonomy) -> None:
+    """All ways with a length channel: their rows sum to the length of the polyline of their
+    node locations (S2Polyline::GetLength), and no row is longer than the way."""
+    pbf = request.getfixturevalue(f"{source}_pbf")
+    df, _ = extract_features([pbf], taxonomy, CITY)
+    per_way = (
+        df.filter(pl.col("length_m").is_not_null())
+        .group_by("osm_id", "channel")
+        .agg(pl.col("length_m").sum().alias("total"), pl.col("length_m").max().alias("most"))
+    )
+    ref = _Reference()
+    ref.apply_file(str(pbf), locations=True)
+    checked = 0
+    for wid, _, total, most in per_way.iter_rows():
+        locs = ref.ways[wid][1]
+        if locs is None:  # a node outside the extract: osmium skips it, so do we
+            continue
+        line = s2g.S2Polyline()
+        line.InitFromS2LatLngs([s2g.S2LatLng.FromDegrees(a, b) for a, b in locs])
+        expected = line.GetLength().radians() * EARTH_RADIUS_M
+        assert total == pytest.approx(expected, rel=1e-9, abs=1e-4), wid
+        assert most <= expected + 1e-4
+        checked += 1
+    assert checked > 2_000
+
+
+class _Areas(osmium.SimpleHandler):
+    """Multipolygon relations as osmium assembles them, rings as (lat, lng) lists: the
+    geometry is osmium's, everything measured on it comes from the official S2 library."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rings: dict[int, list[tuple[list, list[list]]]] = {}
+
+    def area(self, a: osmium.osm.Area) -> None:
+        if a.from_way() or not len(a.tags):
+            return
+        self.rings[a.orig_id()] = [
+            (
+                [(n.lat, n.lon) for n in outer],
+                [[(n.lat, n.lon) for n in inner] for inner in a.inner_rings(outer)],
+            )
+            for outer in a.outer_rings()
+        ]
+
+
+@pytest.mark.parametrize("source", ["helsinki", "monaco"])
+def test_relation_areas_against_s2(source: str, request, taxonomy) -> None:
+    """Per multipolygon relation: rows sum to its area, every row holds the relation's area
+    inside that pixel, and the largest relations are spread over the cells they cover."""
+    pbf = request.getfixturevalue(f"{source}_pbf")
+    df, _ = extract_features([pbf], taxonomy, CITY)
+    rel = df.filter(pl.col("area_m2").is_not_null() & (pl.col("osm_type") == "relation"))
+    per_rel = (
+        rel.group_by("osm_id", "channel")
+        .agg(pl.col("cell_id"), pl.col("area_m2"), pl.col("area_m2").sum().alias("total"))
+        .sort("total", descending=True)
+    )
+    assert per_rel.height >= 5
+    areas = _Areas()
+    areas.apply_file(str(pbf), locations=True)
+    for k, (rid, _, cells, values, total) in enumerate(per_rel.iter_rows()):
+        outers = [(s2_loop(o), [s2_loop(i) for i in inners]) for o, inners in areas.rings[rid]]
+        expected = sum(
+            (o.GetArea() - sum(i.GetArea() for i in inners)) * EARTH_RADIUS_M**2
+            for o, inners in outers
+        )
+        assert total == pytest.approx(expected, rel=1e-6), rid
+        if k < 3:  # per cell, for the largest relations (hundreds of cells)
+            assert len(cells) > expected / max(cell_area_m2(c) for c in cells)
+            for cell, value in zip(cells, values, strict=True):
+                inside = sum(
+                    overlap_m2(o, cell) - sum(overlap_m2(i, cell) for i in inners)
+                    for o, inners in outers
+                )
+                assert value == pytest.approx(inside, rel=1e-6, abs=1e-9 * cell_area_m2(cell))
+
+
+@pytest.mark.parametrize("source", ["helsinki", "monaco"])
+def test_no_area_row_exceeds_its_pixel(source: str, request, taxonomy) -> None:
+    """Issue 9: a polygon's whole area once went into the one pixel holding its inner point
+    (140,586 m² into a ~5,000 m² pixel). Each row now holds at most the cell's area."""
+    pbf = request.getfixturevalue(f"{source}_pbf")
+    df, stats = extract_features([pbf], taxonomy, CITY)
+    rows = df.filter(pl.col("area_m2").is_not_null())
+    cells = rows["cell_id"].to_list()
+    limit = {c: cell_area_m2(c) for c in set(cells)}
+    over = [(c, a) for c, a in zip(cells, rows["area_m2"], strict=True) if a > limit[c] * 1.0001]
+    assert over == []
+    assert stats.objects_clipped > 100
 
 
 def test_areas_are_counted_once(helsinki) -> None:

@@ -28,6 +28,7 @@ from s2vec_pipeline.settings import cells_covering_source
 from s2vec_pipeline.taxonomy import load_taxonomy
 
 CITY = PROFILES["city"]
+PAPER = PROFILES["paper"]
 COPIES = 5
 
 
@@ -47,7 +48,8 @@ def run_partitioned(
 
     kw.setdefault("in_process_max_bytes", 0)  # force the split + workers path
     kw.setdefault("workers", 2)
-    result = extract_partitions(sources, taxonomy, CITY, partitions, keep, **kw)
+    profile = kw.pop("profile", CITY)
+    result = extract_partitions(sources, taxonomy, profile, partitions, keep, **kw)
     return got, result
 
 
@@ -145,11 +147,14 @@ def _write_long_objects(path: Path) -> tuple[list[str], str]:
 def test_objects_longer_than_a_cell(tmp_path, taxonomy) -> None:
     pbf = tmp_path / "long.osm.pbf"
     partitions, mid_cell = _write_long_objects(pbf)
-    old, _ = extract_features([pbf], taxonomy, CITY, partitions)
+    # The paper profile: the forest covers the middle level-6 cell with 4,096 level-12 pixels
+    # (4**11 level-17 ones with the city profile: too many rows for a test).
+    old, _ = extract_features([pbf], taxonomy, PAPER, partitions)
     mid_rows = old.filter(pl.col("parent_l6") == mid_cell)
     assert set(mid_rows["channel"]) >= {"road_primary_m", "natural_wood_forest_m2"}
+    assert mid_rows.filter(pl.col("channel") == "natural_wood_forest_m2").height == 4**6
     got, result = run_partitioned(
-        [pbf], taxonomy, partitions, partitions_per_group=1, margin_deg=0.0
+        [pbf], taxonomy, partitions, partitions_per_group=1, margin_deg=0.0, profile=PAPER
     )
     assert result.failed == {}
     assert_same_rows(old, got, partitions)

@@ -28,7 +28,7 @@ from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import osm_sources
 from s2vec_pipeline.errors import MissingInputError
-from s2vec_pipeline.osm_extract import OSM_FEATURES_SCHEMA
+from s2vec_pipeline.osm_extract import OSM_FEATURES_CODE_VERSION, OSM_FEATURES_SCHEMA
 from s2vec_pipeline.osm_split import extract_partitions
 from s2vec_pipeline.preview import markdown_image, partition_mosaic, png_bytes
 from s2vec_pipeline.raster import RASTER_SCHEMA, iter_raster_batches, tensor_array
@@ -45,10 +45,10 @@ OSM_FEATURES_COLUMNS = {
     "osm_type": "node, way or relation",
     "osm_id": "OSM id",
     "channel": "taxonomy channel the object matched",
-    "lat": "representative point: node, segment midpoint inside the cell, or point inside",
+    "lat": "representative point: the node, a point of the piece in the cell, or (counts) inside",
     "lon": "representative point (longitude)",
     "length_m": "metres of this way inside this pixel (length channels)",
-    "area_m2": "area of the polygon (area channels)",
+    "area_m2": "square metres of the polygon inside this pixel (area channels)",
     "cell_id": "pixel cell id: the 64 bits of the S2 id as signed int64",
     "image_id": "image cell id (signed int64)",
     "taxonomy_version": "content hash of the taxonomy",
@@ -127,7 +127,7 @@ def _table_metadata(
     kinds={"osm", "delta"},
     owners=OWNERS,
     tags=DATA_TAGS,
-    code_version="2",
+    code_version=OSM_FEATURES_CODE_VERSION,
     deps=[osm_sources],
     check_specs=_check_specs(
         "osm_features",
