@@ -1,0 +1,238 @@
+"""A storage root on an object store: the pipeline on ``s3://bucket/root`` against a real
+S3-compatible server (moto's server mode, a separate process on loopback), configured only by the
+standard AWS environment. Values are compared with the same run on a local root."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from s2vec_pipeline import delta_store, storage
+from s2vec_pipeline.cli import main
+from s2vec_pipeline_tests.conftest import MONACO_L6
+
+pytest.importorskip("moto", reason="moto[server] is a dev dependency (pyproject.toml)")
+
+BUCKET = "s2vec-test"
+DATA_TABLES = ["osm_features", "cell_features", "raster_tiles"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server in its own process (delta-rs holds the GIL in some calls, so an
+    in-process threaded server can deadlock); the AWS environment points at it."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen(
+        [moto, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh ``s3://`` root, a local Dagster home and cache for this test."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv(storage.ENV_CACHE, str(tmp_path / "cache"))
+    return f"s3://{BUCKET}/{tmp_path.name}/root"
+
+
+def _objects(prefix: str) -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    return [o["Key"] for p in pages for o in p.get("Contents", []) if o["Key"].startswith(prefix)]
+
+
+def _sorted_table(root: str | Path, table: str) -> pl.DataFrame:
+    df = delta_store.read_partitions(root, table)
+    return df.sort(df.columns[: min(6, len(df.columns))])
+
+
+def test_storage_paths_local_and_s3(s3_env: str, tmp_path: Path) -> None:
+    assert storage.join(s3_env, "a", "b.json") == f"{s3_env}/a/b.json"
+    assert storage.join(tmp_path, "a") == str(tmp_path / "a")
+    for root in (s3_env, str(tmp_path / "local")):
+        target = storage.join(root, "x", "f.json")
+        assert storage.read_bytes(target) is None and not storage.exists(target)
+        storage.write_bytes(target, b"one")
+        storage.write_bytes(target, b"two")
+        assert storage.read_bytes(target) == b"two" and storage.is_file(target)
+        assert storage.list_dirs(root) == ["x"]
+        assert [e.relative for e in storage.list_files(root)] == ["x/f.json"]
+        storage.delete_tree(storage.join(root, "x"))
+        assert storage.list_files(root) == []
+    # only pyarrow's empty folder markers ("…/") may remain
+    assert [k for k in _objects(s3_env.split("/", 3)[3]) if not k.endswith("/")] == []
+
+
+def test_materialize_data_stages_and_sql_on_s3(
+    s3_env: str, tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local = tmp_path / "local_root"
+    common = ["--source", str(monaco_pbf), "--cells", MONACO_L6]
+    stages = ["--stages", "extract,features,raster"]
+    assert main(["materialize", "--root", s3_env, *common, *stages]) == 0
+    # the same run on a local root (its own instance: DAGSTER_HOME unset)
+    home = os.environ.pop("DAGSTER_HOME")
+    try:
+        assert main(["materialize", "--root", str(local), *common, *stages]) == 0
+    finally:
+        os.environ["DAGSTER_HOME"] = home
+    capsys.readouterr()
+    prefix = s3_env.split("/", 3)[3]
+    keys = _objects(prefix)
+    assert f"{prefix}/s2vec_root.json" in keys
+    for table in DATA_TABLES:
+        assert f"{prefix}/{table}/_delta_log/00000000000000000000.json" in keys
+        on_s3, on_disk = _sorted_table(s3_env, table), _sorted_table(local, table)
+        assert on_s3.height > 0
+        assert on_s3.equals(on_disk), table
+        assert delta_store.table_contract(s3_env, table) == delta_store.table_contract(local, table)
+    assert not any("_dagster" in k or "_staging" in k for k in keys)  # both stay local
+
+    # SQL over the s3 tables agrees with SQL over the local ones
+    query = (
+        "SELECT channel, count(*) AS n, sum(length_m) AS m FROM osm_features "
+        "GROUP BY channel ORDER BY channel"
+    )
+    out = {}
+    for name, root in (("s3", s3_env), ("local", str(local))):
+        path = tmp_path / f"{name}.parquet"
+        assert main(["sql", query, "--root", root, "--out", str(path)]) == 0
+        out[name] = pl.read_parquet(path)
+    assert out["s3"].height > 3 and out["s3"].equals(out["local"])
+
+    # the manifest on s3 records the source: later commands need no --source
+    assert main(["sql", "SELECT count(*) AS n FROM raster_tiles", "--root", s3_env]) == 0
+    from s2vec_pipeline.manifest import recorded_sources
+
+    assert recorded_sources(s3_env) == [str(monaco_pbf.resolve())]
+
+
+def test_missing_bucket_is_one_line_exit_2(
+    s3_server: str, tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = "s3://no-such-bucket-s2vec/root"
+    code = main(["materialize", "--root", root, "--source", str(monaco_pbf), "--cells", MONACO_L6])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "'no-such-bucket-s2vec'" in err
+    assert "does not exist" in err and "create it" in err
+    import boto3
+
+    names = [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+    assert "no-such-bucket-s2vec" not in names  # nothing created, nothing written
+
+
+def test_object_root_needs_dagster_home(
+    s3_env: str, monaco_pbf: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.delenv("DAGSTER_HOME")
+    code = main(["materialize", "--root", s3_env, "--source", str(monaco_pbf), "--cells", "12cd"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "DAGSTER_HOME" in err and len(err.splitlines()) == 1
+    assert not any("_delta_log" in k for k in _objects(s3_env.split("/", 3)[3]))  # no table written
+
+
+def _write_one(root: str, key: str, env: dict[str, str], queue: mp.Queue) -> None:
+    """A writer process: one partition of table ``t`` (created by whoever comes first)."""
+    os.environ.update(env)
+    try:
+        data = pa.table({"parent_l6": [key] * 50, "value": list(range(50))})
+        version = delta_store.write_partitions(root, "t", data, [key], {"table": "t"})
+        queue.put((key, version, None))
+    except Exception as e:  # reported to the test
+        queue.put((key, None, repr(e)))
+
+
+def test_two_writers_create_and_write_one_s3_table(s3_env: str) -> None:
+    ctx = mp.get_context("spawn")  # deltalake panics in forked children
+    queue = ctx.Queue()
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == storage.ENV_CACHE}
+    procs = [ctx.Process(target=_write_one, args=(s3_env, k, env, queue)) for k in ("aa", "bb")]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[2] for r in results] == [None, None], results
+    df = delta_store.read_partitions(s3_env, "t").sort("parent_l6", "value")
+    assert df["parent_l6"].to_list() == ["aa"] * 50 + ["bb"] * 50
+    assert df["value"].to_list() == list(range(50)) * 2
+    # exactly one version 0 (the creation) and one commit per writer after it
+    logs = sorted(k for k in _objects(s3_env.split("/", 3)[3]) if "_delta_log/" in k)
+    assert [k.rsplit("/", 1)[1] for k in logs if k.endswith(".json")] == [
+        f"{v:020d}.json" for v in range(3)
+    ]
+    assert sorted(r[1] for r in results) == [1, 2]
+
+
+def test_losing_creator_checks_the_contract(s3_env: str) -> None:
+    """Two creators of one fresh table: the conditional PUT of version 0 lets one win; the
+    loser (which found no table before creating) checks the winner's contract."""
+    schema = pa.schema([("parent_l6", pa.string()), ("value", pa.int64())])
+    uri = delta_store.table_uri(s3_env, "c")
+    delta_store._create(uri, "c", schema, {"table": "c", "profile": "city"})
+    # a second creation attempt of version 0 loses without raising …
+    delta_store._create(uri, "c", schema, {"table": "c", "profile": "paper"})
+    assert delta_store.table_contract(s3_env, "c") == {"table": "c", "profile": "city"}
+    # … and ensure_table then refuses the other contract
+    from s2vec_pipeline.errors import IncompatibleTableError
+
+    with pytest.raises(IncompatibleTableError, match="profile"):
+        delta_store.ensure_table(s3_env, "c", schema, {"table": "c", "profile": "paper"})
