@@ -50,6 +50,7 @@ __all__ = [
     "join",
     "list_dirs",
     "list_files",
+    "size",
     "local_cache",
     "normalize_root",
     "read_bytes",
@@ -128,6 +129,12 @@ def exists(location: str | os.PathLike[str]) -> bool:
 
 def is_file(location: str | os.PathLike[str]) -> bool:
     return _info(location).type == pafs.FileType.File
+
+
+def size(location: str | os.PathLike[str]) -> int | None:
+    """A file's size in bytes, or None when there is no such file."""
+    info = _info(location)
+    return int(info.size or 0) if info.type == pafs.FileType.File else None
 
 
 def is_dir(location: str | os.PathLike[str]) -> bool:
