@@ -4,6 +4,7 @@ standard AWS environment. Values are compared with the same run on a local root.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -236,3 +238,154 @@ def test_losing_creator_checks_the_contract(s3_env: str) -> None:
 
     with pytest.raises(IncompatibleTableError, match="profile"):
         delta_store.ensure_table(s3_env, "c", schema, {"table": "c", "profile": "paper"})
+
+
+# --- models, refresh, maintenance on s3 ---------------------------------------------------
+
+NEW_NODE = 99_000_000_123  # a restaurant the change file adds in Monaco
+
+
+@contextlib.contextmanager
+def _local_dagster() -> Iterator[None]:
+    """The local root's own instance (<root>/_dagster): DAGSTER_HOME unset for the block."""
+    home = os.environ.pop("DAGSTER_HOME", None)
+    try:
+        yield
+    finally:
+        if home is not None:
+            os.environ["DAGSTER_HOME"] = home
+
+
+def _data_stages_on_both(s3_root: str, local: Path, monaco_pbf: Path) -> None:
+    args = [
+        "--source",
+        str(monaco_pbf),
+        "--cells",
+        MONACO_L6,
+        "--stages",
+        "extract,features,raster",
+    ]
+    assert main(["materialize", "--root", s3_root, *args]) == 0
+    with _local_dagster():
+        assert main(["materialize", "--root", str(local), *args]) == 0
+
+
+def test_models_and_embeddings_on_s3(s3_env: str, tmp_path: Path, monaco_pbf: Path) -> None:
+    from s2vec_pipeline.model.train import list_models, load_model
+    from s2vec_pipeline.runner import dagster_instance, materialize, parse_stages
+    from s2vec_pipeline.settings import PipelineSettings
+    from s2vec_pipeline_tests.conftest import TINY_MODEL
+
+    local = tmp_path / "local_root"
+    _data_stages_on_both(s3_env, local, monaco_pbf)
+    for root in (s3_env, str(local)):
+        settings = PipelineSettings(root=root, sources=[str(monaco_pbf.resolve())])
+        with contextlib.ExitStack() as stack:
+            if root == str(local):
+                stack.enter_context(_local_dagster())
+            instance = stack.enter_context(dagster_instance(root))
+            report = materialize(
+                settings,
+                [MONACO_L6],
+                parse_stages(["train", "embed"]),
+                instance,
+                op_config={"mae_model": TINY_MODEL},
+            )
+            assert report.checks_failed == []
+    (version,) = list_models(s3_env)
+    assert list_models(local) == [version]  # the same content hash on both roots
+    prefix = s3_env.split("/", 3)[3]
+    keys = set(_objects(f"{prefix}/models/{version}/"))
+    for name in ("model_card.json", "model.ckpt", "last.ckpt", "loss_curve.png"):
+        assert f"{prefix}/models/{version}/{name}" in keys
+    assert not any("/models/." in k for k in _objects(prefix))  # no work folder on the store
+    model, card = load_model(s3_env, version)
+    local_model, local_card = load_model(local, version)
+    assert card.directory == f"{s3_env}/models/{version}"
+    assert card.partitions == local_card.partitions and card.n_train == local_card.n_train
+    assert sum(p.numel() for p in model.parameters()) > 0
+    for table in ("cell_embeddings", "image_embeddings"):
+        on_s3, on_disk = _sorted_table(s3_env, table), _sorted_table(local, table)
+        assert on_s3.height > 0 and on_s3.height == on_disk.height
+        assert on_s3.drop("embedding").equals(on_disk.drop("embedding"))
+        a = np.asarray(on_s3["embedding"].to_list(), dtype=np.float32)
+        b = np.asarray(on_disk["embedding"].to_list(), dtype=np.float32)
+        # same tiles, same seed, same code on CPU: the same weights, so the same embeddings
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _restaurant_change(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "0001.osc"
+    path.write_text(
+        "<?xml version='1.0' encoding='UTF-8'?>\n<osmChange version=\"0.6\" generator=\"t\">\n"
+        "<create>\n"
+        f'  <node id="{NEW_NODE}" version="1" timestamp="2024-02-01T00:00:00Z" uid="1" '
+        'user="t" changeset="1" lat="43.7370000" lon="7.4220000">\n'
+        '    <tag k="amenity" v="restaurant"/>\n  </node>\n'
+        "</create>\n</osmChange>\n"
+    )
+    return path
+
+
+def test_refresh_with_a_change_file_on_s3(
+    s3_env: str, tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from s2vec_pipeline import osm_changes
+
+    local = tmp_path / "local_root"
+    _data_stages_on_both(s3_env, local, monaco_pbf)
+    changes = tmp_path / "changes"
+    _restaurant_change(changes)
+    capsys.readouterr()
+    assert main(["refresh", "--root", s3_env, "--changes", str(changes)]) == 0
+    out = capsys.readouterr().out
+    assert "applied to" in out and "0001.osc" in out and MONACO_L6 in out
+    with _local_dagster():
+        assert main(["refresh", "--root", str(local), "--changes", str(changes)]) == 0
+    capsys.readouterr()
+    for table in DATA_TABLES:
+        assert _sorted_table(s3_env, table).equals(_sorted_table(local, table)), table
+    rows = delta_store.read_partitions(s3_env, "osm_features").filter(pl.col("osm_id") == NEW_NODE)
+    assert rows.height >= 1 and rows["lat"][0] == pytest.approx(43.737, abs=1e-6)
+    # the ledger and the updated extract live on the store, not only in the local cache
+    sid = osm_changes.source_id(monaco_pbf)
+    prefix = s3_env.split("/", 3)[3]
+    keys = _objects(f"{prefix}/_sources/{sid}/")
+    assert f"{prefix}/_sources/{sid}/ledger.json" in keys
+    assert any(k.endswith(".000001.osm.pbf") for k in keys)
+    ledger = osm_changes.read_ledger(s3_env, monaco_pbf)
+    assert [e["name"] for e in ledger["applied"]] == ["0001.osc"]
+    # a fresh host (empty local cache) sees what was applied: nothing to do again
+    shutil.rmtree(os.environ[storage.ENV_CACHE])
+    versions = {t: delta_store.table_version(s3_env, t) for t in DATA_TABLES}
+    assert main(["refresh", "--root", s3_env, "--changes", str(changes)]) == 0
+    assert "applied: no new change file" in capsys.readouterr().out
+    assert {t: delta_store.table_version(s3_env, t) for t in DATA_TABLES} == versions
+    extract = osm_changes.current_extract(s3_env, monaco_pbf)
+    assert extract.is_file() and extract.name.endswith(".000001.osm.pbf")
+
+
+def test_maintain_compacts_and_vacuums_an_s3_table(
+    s3_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    contract = {"table": "m"}
+    for i in range(3):  # three versions of one partition, two more small files in another
+        data = pa.table({"parent_l6": ["aa"] * 10, "value": [i] * 10})
+        delta_store.write_partitions(s3_env, "m", data, ["aa"], contract)
+    for key in ("bb", "cc"):
+        data = pa.table({"parent_l6": [key] * 5, "value": [7] * 5})
+        delta_store.write_partitions(s3_env, "m", data, [key], contract)
+    before = _sorted_table(s3_env, "m")
+    prefix = s3_env.split("/", 3)[3]
+    parquet = lambda: [k for k in _objects(f"{prefix}/m/") if k.endswith(".parquet")]  # noqa: E731
+    assert len(parquet()) == 5  # two of them replaced but still on the store
+    capsys.readouterr()
+    assert main(["maintain", "--root", s3_env, "--retention-hours", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "m " in out and "1 table(s) maintained" in out
+    assert _sorted_table(s3_env, "m").equals(before)
+    assert before["value"].to_list() == [2] * 10 + [7] * 10
+    assert len(parquet()) == len(
+        delta_store.DeltaTable(delta_store.table_uri(s3_env, "m")).file_uris()
+    )
