@@ -148,6 +148,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline.runner import (
         CLI_TAG,
         STAGES,
+        check_instance_home,
         console_log_level,
         dagster_instance,
         materialize,
@@ -199,6 +200,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         f"{profile.pixel_level} ({profile.side}x{profile.side}); taxonomy {taxonomy.version} "
         f"({len(taxonomy.channels)} channels)\npartitions: {', '.join(cells)}"
     )
+    check_instance_home(settings.root)  # before anything is written
     check_root_writable(settings.root)
     from s2vec_pipeline.manifest import record_sources
 
@@ -305,7 +307,12 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    from s2vec_pipeline.runner import console_log_level, dagster_instance, refresh
+    from s2vec_pipeline.runner import (
+        check_instance_home,
+        console_log_level,
+        dagster_instance,
+        refresh,
+    )
     from s2vec_pipeline.settings import check_root_writable
 
     changes = str(Path(args.changes).resolve()) if args.changes else None
@@ -313,6 +320,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         raise S2VecError(f"--changes {args.changes} is not a folder of .osc/.osc.gz files")
     settings = _settings(args, changes)
     _ = (settings.profile, settings.taxonomy)  # validate before any run
+    check_instance_home(settings.root)  # before anything is written
     check_root_writable(settings.root)
     from s2vec_pipeline import delta_store
 

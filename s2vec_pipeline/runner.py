@@ -107,6 +107,17 @@ def parse_stages(stages: Sequence[str]) -> list[str]:
     return [a for stage in STAGES if stage in names for a in STAGES[stage]]
 
 
+def check_instance_home(root: str) -> None:
+    """An object-store root needs ``$DAGSTER_HOME``: Dagster's SQLite instance cannot live on
+    an object store. Raises :class:`InstanceUnavailableError` (exit 2) when it is unset."""
+    if storage.is_object_store(root) and not os.environ.get("DAGSTER_HOME"):
+        raise InstanceUnavailableError(
+            f"storage root {root} is an object store, where Dagster's instance cannot live: set "
+            f"DAGSTER_HOME to a local folder (or a PostgreSQL-backed instance, docs/deploying.md) "
+            f"so that runs and refreshes share their recorded versions"
+        )
+
+
 @contextlib.contextmanager
 def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
@@ -118,11 +129,7 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         with open_dagster_instance() as instance:
             yield instance
     elif storage.is_object_store(root):
-        raise InstanceUnavailableError(
-            f"storage root {root} is an object store, where Dagster's instance cannot live: set "
-            f"DAGSTER_HOME to a local folder (or a PostgreSQL-backed instance, docs/deploying.md) "
-            f"so that runs and refreshes share their recorded versions"
-        )
+        check_instance_home(root)
     else:
         home = os.path.join(root, "_dagster")
         os.makedirs(home, exist_ok=True)
