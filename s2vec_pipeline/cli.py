@@ -574,13 +574,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.out and not args.out.endswith(".json"):
         raise S2VecError(f"--out must end in .json, got {args.out}")
-    root = Path(args.root)
-    if not root.is_dir():
+    root = _root(args)
+    if not storage.is_dir(root):
         raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
     labels = evaluation.read_table_file(args.labels, "labels")
     other = evaluation.read_embedding_file(args.with_file) if args.with_file else None
     report = evaluation.evaluate(
-        root.resolve(),
+        root,
         labels,
         model_version=args.model_version,
         with_embeddings=other,
@@ -632,28 +632,28 @@ def _add_map(sub: argparse._SubParsersAction) -> None:
 def _cmd_map(args: argparse.Namespace) -> int:
     from s2vec_pipeline import maps
 
-    root = Path(args.root)
-    if not root.is_dir():
+    root = _root(args)
+    if not storage.is_dir(root):
         raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
     if Path(args.out).suffix.lower() not in (".png", ".html", ".htm"):
         raise S2VecError(f"--out must end in .png or .html, got {args.out}")
     if args.region:
         from s2vec_pipeline.regions import RegionRegistry
 
-        cells = list(RegionRegistry(root.resolve()).get(args.region).cells)
+        cells = list(RegionRegistry(root).get(args.region).cells)
     else:
         cells = _cells_given(args.cells)
     if args.reconstruction:
         if len(cells) != 1 or not args.out.lower().endswith(".png"):
             raise S2VecError("--reconstruction draws one image: --cells IMAGE_TOKEN --out F.png")
-        png = maps.reconstruction_png(root.resolve(), cells[0], args.model_version)
+        png = maps.reconstruction_png(root, cells[0], args.model_version)
         Path(args.out).write_bytes(png)
         print(f"reconstruction of image {cells[0]} written to {args.out}")
         return 0
     if args.embedding:
-        layer = maps.embedding_layer(root.resolve(), cells, args.model_version)
+        layer = maps.embedding_layer(root, cells, args.model_version)
     else:
-        layer = maps.channel_layer(root.resolve(), cells, args.channel)
+        layer = maps.channel_layer(root, cells, args.channel)
     out = maps.write_map(layer, args.out)
     print(f"{layer.title}\nwritten to {out}")
     return 0

@@ -365,6 +365,17 @@ def test_refresh_with_a_change_file_on_s3(
     extract = osm_changes.current_extract(s3_env, monaco_pbf)
     assert extract.is_file() and extract.name.endswith(".000001.osm.pbf")
 
+    # regions and status read and write the same root
+    bbox = "43.73,7.41,43.75,7.44"
+    assert main(["region", "add", "monaco-town", "--bbox", bbox, "--root", s3_env]) == 0
+    assert f"{prefix}/regions.yaml" in _objects(prefix)
+    capsys.readouterr()
+    assert main(["region", "list", "--root", s3_env]) == 0
+    assert "monaco-town" in capsys.readouterr().out
+    assert main(["status", "--root", s3_env]) == 0
+    status = capsys.readouterr().out
+    assert f"root {s3_env}" in status and "0001.osc" in status and "monaco-town" in status
+
 
 def test_maintain_compacts_and_vacuums_an_s3_table(
     s3_env: str, capsys: pytest.CaptureFixture[str]
