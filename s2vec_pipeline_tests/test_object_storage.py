@@ -38,9 +38,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
+def s3_server() -> Iterator[dict[str, str]]:
     """moto's S3 server in its own process (delta-rs holds the GIL in some calls, so an
-    in-process threaded server can deadlock); the AWS environment points at it."""
+    in-process threaded server can deadlock), with the test bucket; yields the AWS
+    environment pointing at it (set per test by ``aws``)."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
@@ -49,42 +50,48 @@ def s3_server() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_ALLOW_HTTP": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
     try:
-        yield endpoint
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=env["AWS_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket=BUCKET)
+        yield env
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proc.terminate()
         proc.wait(timeout=10)
 
 
 @pytest.fixture
-def s3_env(s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def aws(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The standard AWS environment pointing at the server, for this test only."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_env(aws: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh ``s3://`` root, a local Dagster home and cache for this test."""
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
@@ -167,7 +174,7 @@ def test_materialize_data_stages_and_sql_on_s3(
 
 
 def test_missing_bucket_is_one_line_exit_2(
-    s3_server: str, tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture[str]
+    aws: dict[str, str], tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = "s3://no-such-bucket-s2vec/root"
     code = main(["materialize", "--root", root, "--source", str(monaco_pbf), "--cells", MONACO_L6])
