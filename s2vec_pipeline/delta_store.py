@@ -211,7 +211,8 @@ def _create(uri: str, name: str, schema: pa.Schema, contract: dict[str, Any]) ->
             description=json.dumps({CONTRACT_KEY: contract}, sort_keys=True),
         )
     except CommitFailedError:
-        pass  # another creator committed version 0 first
+        if not DeltaTable.is_deltatable(uri):  # not a lost race: a real failure
+            raise
     except DeltaError as e:
         # a creator that does not take the lock (another tool, another host) won
         if "already exists" not in str(e):

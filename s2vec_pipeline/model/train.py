@@ -340,8 +340,10 @@ class ModelCard:
         return cls(**{k: v for k, v in d.items() if k in names}, directory=str(directory))
 
     @property
-    def checkpoint(self) -> Path:
-        return Path(self.directory) / "model.ckpt"
+    def checkpoint(self) -> Path | str:
+        """The weights file: a local path, or a URI on an object-store root."""
+        location = storage.join(self.directory, "model.ckpt")
+        return location if storage.is_object_store(location) else Path(location)
 
 
 def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RASTER_TABLE) -> None:
