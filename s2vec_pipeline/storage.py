@@ -9,7 +9,7 @@ written through a pyarrow filesystem, listings and deletions.
 Object stores are configured only by each provider's standard environment, which delta-rs,
 pyarrow and polars all read themselves: for S3 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_REGION``, and for an S3-compatible server ``AWS_ENDPOINT_URL`` (+ ``AWS_ALLOW_HTTP=true``
-for plain http). Nothing is passed as ``storage_options``.
+for plain http). Nothing is passed as delta-rs ``storage_options``.
 
 Concurrent commits on S3 are safe without a lock service: delta-rs 1.x writes each commit file
 ``_delta_log/<version>.json`` with a conditional PUT (``If-None-Match: *``), which S3 supports
@@ -24,6 +24,7 @@ working copies of OSM extracts osmium reads and writes (under :func:`local_cache
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
@@ -54,7 +55,6 @@ __all__ = [
     "local_cache",
     "normalize_root",
     "read_bytes",
-    "storage_options",
     "write_bytes",
 ]
 
@@ -96,26 +96,31 @@ def join(root: str | os.PathLike[str], *parts: str) -> str:
     return "/".join([text.rstrip("/"), *clean])
 
 
-def storage_options(root: str | os.PathLike[str]) -> dict[str, str] | None:
-    """delta-rs ``storage_options`` for ``root``: none; each store's standard environment
-    configures it (see the module docstring)."""
-    return None
-
-
 def filesystem(location: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem holding ``location`` and the path of ``location`` in it."""
+    """The pyarrow filesystem holding ``location`` and the path of ``location`` in it.
+
+    Object stores are configured by their standard environment (pyarrow reads it, including
+    ``AWS_ENDPOINT_URL``); one filesystem per bucket and environment is reused."""
     text = os.fspath(location)
     if not is_object_store(text):
         return pafs.LocalFileSystem(), str(Path(text).absolute())
     scheme, rest = text.split("://", 1)
-    if scheme.lower() in ("s3a",):
-        text = f"s3://{rest}"
-    elif scheme.lower() == "gcs":
-        text = f"gs://{rest}"
-    elif scheme.lower() == "az":
-        text = f"abfs://{rest}"
-    fs, path = pafs.FileSystem.from_uri(text)
-    return fs, path.rstrip("/")
+    scheme = {"s3a": "s3", "gcs": "gs", "az": "abfs"}.get(scheme.lower(), scheme.lower())
+    bucket, _, key = rest.partition("/")
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
+    fs, base = _bucket_filesystem(f"{scheme}://{bucket}", env)
+    return fs, "/".join(p for p in (base.rstrip("/"), key.strip("/")) if p)
+
+
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_")
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_filesystem(
+    bucket_uri: str, env: tuple[tuple[str, str], ...]
+) -> tuple[pafs.FileSystem, str]:
+    # ``env`` only keys the cache: a changed environment gets its own filesystem
+    return pafs.FileSystem.from_uri(bucket_uri)
 
 
 def _info(location: str | os.PathLike[str]) -> pafs.FileInfo:
