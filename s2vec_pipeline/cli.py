@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from s2vec_pipeline import storage
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.settings import DEFAULT_PROFILE, PipelineSettings, bundled_sources
 
@@ -147,6 +148,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline.runner import (
         CLI_TAG,
         STAGES,
+        check_instance_home,
         console_log_level,
         dagster_instance,
         materialize,
@@ -198,6 +200,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         f"{profile.pixel_level} ({profile.side}x{profile.side}); taxonomy {taxonomy.version} "
         f"({len(taxonomy.channels)} channels)\npartitions: {', '.join(cells)}"
     )
+    check_instance_home(settings.root)  # before anything is written
     check_root_writable(settings.root)
     from s2vec_pipeline.manifest import record_sources
 
@@ -229,7 +232,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         )
     if report.model_version:
         model = report.model_version
-        print(f"model            {model}  {Path(settings.root) / 'models' / model}")
+        print(f"model            {model}  {storage.join(settings.root, 'models', model)}")
     for job, keys in report.up_to_date.items():
         if keys:
             print(f"up to date, skipped ({job}): {', '.join(keys)}  (--force recomputes)")
@@ -259,15 +262,25 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taxonomy", default=None, help="feature taxonomy YAML (default: packaged)")
 
 
+def _root(args: argparse.Namespace) -> str:
+    """``--root`` as the pipeline addresses it (an absolute path, or an object-store URI whose
+    bucket was checked: a missing bucket is one clear line, before anything is read)."""
+    root = storage.normalize_root(args.root)
+    if storage.is_object_store(root):
+        storage.check_bucket(root)
+    return root
+
+
 def _settings(args: argparse.Namespace, changes_dir: str | None = None) -> PipelineSettings:
     from s2vec_pipeline.manifest import recorded_sources
     from s2vec_pipeline.osm_extract import validate_source
 
+    root = _root(args)
     # Without --source: what the root was built from (its manifest), else the bundled extracts.
-    chosen = args.sources or recorded_sources(Path(args.root)) or bundled_sources()
+    chosen = args.sources or recorded_sources(root) or bundled_sources()
     sources = tuple(str(validate_source(s).resolve()) for s in chosen)
     return PipelineSettings(
-        root=str(Path(args.root).resolve()),
+        root=root,
         profile_name=args.profile,
         sources=sources,
         taxonomy_path=args.taxonomy,
@@ -294,7 +307,12 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    from s2vec_pipeline.runner import console_log_level, dagster_instance, refresh
+    from s2vec_pipeline.runner import (
+        check_instance_home,
+        console_log_level,
+        dagster_instance,
+        refresh,
+    )
     from s2vec_pipeline.settings import check_root_writable
 
     changes = str(Path(args.changes).resolve()) if args.changes else None
@@ -302,6 +320,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         raise S2VecError(f"--changes {args.changes} is not a folder of .osc/.osc.gz files")
     settings = _settings(args, changes)
     _ = (settings.profile, settings.taxonomy)  # validate before any run
+    check_instance_home(settings.root)  # before anything is written
     check_root_writable(settings.root)
     from s2vec_pipeline import delta_store
 
@@ -353,7 +372,7 @@ def _cmd_region_add(args: argparse.Namespace) -> int:
 
     from s2vec_pipeline import regions as rg
 
-    root = str(Path(args.root).resolve())
+    root = _root(args)
     if args.bbox:
         region = rg.region_from_bbox(args.name, *rg.parse_bbox(args.bbox))
     elif args.geojson:
@@ -378,7 +397,7 @@ def _cmd_region_add(args: argparse.Namespace) -> int:
 def _cmd_region_list(args: argparse.Namespace) -> int:
     from s2vec_pipeline.regions import RegionRegistry
 
-    regions = RegionRegistry(Path(args.root).resolve()).list()
+    regions = RegionRegistry(_root(args)).list()
     if not regions:
         print("no region registered (s2vec region add NAME --bbox ...)")
     for r in regions:
@@ -403,7 +422,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from s2vec_pipeline.runner import dagster_instance
     from s2vec_pipeline.status import root_status
 
-    if not Path(args.root).is_dir():
+    if not storage.is_dir(_root(args)):
         raise S2VecError(f"--root {args.root} does not exist: give the root of a materialized run")
     settings = _settings(args)
     with dagster_instance(settings.root) as instance:
@@ -451,7 +470,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise S2VecError(f"--table expects NAME=PATH, got {spec!r}")
         extra[name] = path
-    result = run_sql(Path(args.root), args.query, extra_tables=extra or None)
+    result = run_sql(_root(args), args.query, extra_tables=extra or None)
     df = pl.from_arrow(result)
     if args.out:
         out = Path(args.out)
@@ -505,7 +524,7 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
     from s2vec_pipeline.maintenance import format_report, maintain_root
 
     t0 = time.perf_counter()
-    reports = maintain_root(Path(args.root).resolve(), args.retention_hours)
+    reports = maintain_root(_root(args), args.retention_hours)
     if not reports:
         print(f"no Delta table under {args.root}")
         return 0
@@ -555,13 +574,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.out and not args.out.endswith(".json"):
         raise S2VecError(f"--out must end in .json, got {args.out}")
-    root = Path(args.root)
-    if not root.is_dir():
+    root = _root(args)
+    if not storage.is_dir(root):
         raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
     labels = evaluation.read_table_file(args.labels, "labels")
     other = evaluation.read_embedding_file(args.with_file) if args.with_file else None
     report = evaluation.evaluate(
-        root.resolve(),
+        root,
         labels,
         model_version=args.model_version,
         with_embeddings=other,
@@ -613,28 +632,28 @@ def _add_map(sub: argparse._SubParsersAction) -> None:
 def _cmd_map(args: argparse.Namespace) -> int:
     from s2vec_pipeline import maps
 
-    root = Path(args.root)
-    if not root.is_dir():
+    root = _root(args)
+    if not storage.is_dir(root):
         raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
     if Path(args.out).suffix.lower() not in (".png", ".html", ".htm"):
         raise S2VecError(f"--out must end in .png or .html, got {args.out}")
     if args.region:
         from s2vec_pipeline.regions import RegionRegistry
 
-        cells = list(RegionRegistry(root.resolve()).get(args.region).cells)
+        cells = list(RegionRegistry(root).get(args.region).cells)
     else:
         cells = _cells_given(args.cells)
     if args.reconstruction:
         if len(cells) != 1 or not args.out.lower().endswith(".png"):
             raise S2VecError("--reconstruction draws one image: --cells IMAGE_TOKEN --out F.png")
-        png = maps.reconstruction_png(root.resolve(), cells[0], args.model_version)
+        png = maps.reconstruction_png(root, cells[0], args.model_version)
         Path(args.out).write_bytes(png)
         print(f"reconstruction of image {cells[0]} written to {args.out}")
         return 0
     if args.embedding:
-        layer = maps.embedding_layer(root.resolve(), cells, args.model_version)
+        layer = maps.embedding_layer(root, cells, args.model_version)
     else:
-        layer = maps.channel_layer(root.resolve(), cells, args.channel)
+        layer = maps.channel_layer(root, cells, args.channel)
     out = maps.write_map(layer, args.out)
     print(f"{layer.title}\nwritten to {out}")
     return 0

@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from s2vec_pipeline import storage
 from s2vec_pipeline.errors import (
     IncompatibleTableError,
     MissingInputError,
@@ -53,7 +54,9 @@ from s2vec_pipeline.locks import exclusive
 
 PARTITION_COLUMN = "parent_l6"
 CONTRACT_KEY = "s2vec"
-STAGING_DIR = "_staging"  # under the root: replay copies of streamed writes, deleted after each
+# under the root (an object-store root: under its local cache, storage.local_cache): replay
+# copies of streamed writes, deleted after each
+STAGING_DIR = "_staging"
 # Application-level retries of a commit that lost to a concurrent writer (the data is written
 # again): bounded, full-jitter exponential back-off, at most ~25 s of sleeping in all.
 COMMIT_ATTEMPTS = 10
@@ -68,7 +71,8 @@ log = logging.getLogger(__name__)
 
 
 def table_uri(root: str | os.PathLike, name: str) -> str:
-    return str(Path(root) / name)
+    """The table's location: a local path, or a URI of the root's object store."""
+    return storage.join(root, name)
 
 
 def table_exists(root: str | os.PathLike, name: str) -> bool:
@@ -155,7 +159,7 @@ def _write_partitions(
         },
         max_commit_retries=DELTA_COMMIT_RETRIES,
     )
-    with _ReplayableData(data, Path(root) / STAGING_DIR, name) as replayable:
+    with _ReplayableData(data, storage.local_cache(root, STAGING_DIR), name) as replayable:
 
         def attempt(i: int) -> None:
             write_deltalake(
@@ -176,32 +180,43 @@ def ensure_table(
 ) -> None:
     """Create the table, empty, with ``schema`` and ``contract`` unless it exists; check it.
 
-    Creators serialize on ``<root>/.<name>.create.lock`` (two racing delta-rs ``create`` calls
-    can both commit, one over the other), and a table found already there must carry
-    ``contract``.
+    On a local root creators serialize on ``<root>/.<name>.create.lock`` (two racing delta-rs
+    ``create`` calls can both commit, one over the other, on a local file system). On an object
+    store there is no lock: version 0 is written with a conditional PUT, so exactly one creator
+    wins and the others fail ("already exists" / ``CommitFailedError``). Either way, a table found
+    already there must carry ``contract``.
     """
     uri = table_uri(root, name)
     if not DeltaTable.is_deltatable(uri):
-        Path(root).mkdir(parents=True, exist_ok=True)
-        with exclusive(Path(root) / f".{name}.create.lock"):
-            if not DeltaTable.is_deltatable(uri):
-                try:
-                    retry_commit(
-                        lambda _i: DeltaTable.create(
-                            uri,
-                            schema,
-                            mode="error",
-                            partition_by=[PARTITION_COLUMN],
-                            name=name,
-                            description=json.dumps({CONTRACT_KEY: contract}, sort_keys=True),
-                        )
-                    )
-                    return  # created with this contract
-                except DeltaError as e:
-                    # a creator that does not take the lock (another tool, another host) won
-                    if "already exists" not in str(e):
-                        raise
+        if storage.is_object_store(root):
+            _create(uri, name, schema, contract)
+        else:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            with exclusive(Path(root) / f".{name}.create.lock"):
+                if not DeltaTable.is_deltatable(uri):
+                    _create(uri, name, schema, contract)
     check_contract(root, name, contract)
+
+
+def _create(uri: str, name: str, schema: pa.Schema, contract: dict[str, Any]) -> None:
+    """Commit version 0 of an empty table; losing to another creator is fine (the caller then
+    checks the winner's contract)."""
+    try:
+        DeltaTable.create(
+            uri,
+            schema,
+            mode="error",
+            partition_by=[PARTITION_COLUMN],
+            name=name,
+            description=json.dumps({CONTRACT_KEY: contract}, sort_keys=True),
+        )
+    except CommitFailedError:
+        if not DeltaTable.is_deltatable(uri):  # not a lost race: a real failure
+            raise
+    except DeltaError as e:
+        # a creator that does not take the lock (another tool, another host) won
+        if "already exists" not in str(e):
+            raise
 
 
 def retry_commit(attempt: Callable[[int], _T], attempts: int = COMMIT_ATTEMPTS) -> _T:
@@ -395,8 +410,12 @@ def partition_keys(root: str | os.PathLike, name: str, version: int | None = Non
 def dataset(root: str | os.PathLike, name: str) -> ds.Dataset:
     """A pyarrow dataset over the table's current files (for streaming record batches)."""
     dt = _open(root, name)
-    fs = pafs.SubTreeFileSystem(str(Path(table_uri(root, name)).resolve()), pafs.LocalFileSystem())
-    return dt.to_pyarrow_dataset(filesystem=fs)
+    uri = table_uri(root, name)
+    if storage.is_object_store(uri):
+        base_fs, base = storage.filesystem(uri)
+    else:
+        base_fs, base = pafs.LocalFileSystem(), str(Path(uri).resolve())
+    return dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(base, base_fs))
 
 
 def iter_batches(
@@ -425,9 +444,16 @@ def table_schema(root: str | os.PathLike, name: str) -> pa.Schema:
     return pa.schema(_open(root, name).schema().to_arrow())
 
 
-def remove_staging_leftovers(root: str | os.PathLike, name: str) -> list[Path]:
-    """Delete ``*.parquet#N`` staging files a killed writer left behind (vacuum keeps them)."""
-    base = Path(table_uri(root, name))
+def remove_staging_leftovers(root: str | os.PathLike, name: str) -> list[Path] | list[str]:
+    """Delete ``*.parquet#N`` staging files a killed writer left behind (vacuum keeps them);
+    returns them (local paths, or URIs on an object store)."""
+    uri = table_uri(root, name)
+    if storage.is_object_store(uri):
+        found = [e.location for e in storage.list_files(uri) if ".parquet#" in e.relative]
+        for location in found:
+            storage.delete(location)
+        return found
+    base = Path(uri)
     if not base.exists():
         return []
     leftovers = [p for p in base.rglob("*.parquet#*") if p.is_file()]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from deltalake import DeltaTable
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.locks import exclusive
 
@@ -67,7 +67,11 @@ class TableMaintenance:
 
 
 def disk_usage(path: str | os.PathLike) -> tuple[int, int]:
-    """(files, bytes) of every regular file under ``path``."""
+    """(files, bytes) of every regular file under ``path`` (objects under an object-store
+    prefix)."""
+    if storage.is_object_store(path):
+        entries = storage.list_files(path)
+        return len(entries), sum(e.size for e in entries)
     files = size = 0
     for dirpath, _dirs, names in os.walk(path):
         for n in names:
@@ -80,6 +84,10 @@ def disk_usage(path: str | os.PathLike) -> tuple[int, int]:
 
 def delta_tables(root: str | os.PathLike) -> list[str]:
     """Names of the Delta tables directly under ``root``, sorted."""
+    if storage.is_object_store(root):
+        return [
+            n for n in storage.list_dirs(root) if DeltaTable.is_deltatable(storage.join(root, n))
+        ]
     base = Path(root)
     if not base.is_dir():
         return []
@@ -114,10 +122,9 @@ def _vacuum(uri: str, retention_hours: float) -> int:
             full=True,
         )
 
-    base = Path(uri)
-    if not any((base / f).is_file() for f in run(dry_run=True)):
+    present = {e.relative for e in storage.list_files(uri)}
+    if not present.intersection(run(dry_run=True)):
         return 0
-    present = {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()}
     return len(present.intersection(run(dry_run=False)))
 
 
@@ -133,9 +140,14 @@ def maintain_table(
         active_before = len(dt.file_uris())
         metrics = delta_store.retry_commit(lambda _i: DeltaTable(uri).optimize.compact())
         vacuumed = _vacuum(uri, retention_hours)
-        staging = _old_files(list(Path(uri).rglob("*.parquet#*")), retention_hours)
-        for p in staging:
-            p.unlink(missing_ok=True)
+        cutoff = time.time() - retention_hours * 3600
+        staging = [  # on an object store delta-rs uploads in parts: none should be there
+            e.location
+            for e in storage.list_files(uri)
+            if ".parquet#" in e.relative and e.mtime <= cutoff
+        ]
+        for location in staging:
+            storage.delete(location)
         files_after, bytes_after = disk_usage(uri)
         dt = DeltaTable(uri)
         return TableMaintenance(
@@ -165,12 +177,12 @@ def maintain_root(
     """
     if retention_hours < 0:
         raise S2VecError(f"retention must be at least 0 hours, got {retention_hours}")
-    base = Path(root)
-    if not base.is_dir():
+    if not storage.is_dir(root):
         raise S2VecError(f"storage root {root} does not exist: nothing to maintain")
-    with exclusive(base / ".maintenance.lock"):
+    # OS lock and staging copies are local files (for an object-store root: its local cache)
+    with exclusive(storage.local_cache(root, ".maintenance.lock")):
         reports = [maintain_table(root, name, retention_hours) for name in delta_tables(root)]
-        staging_dir = base / delta_store.STAGING_DIR
+        staging_dir = storage.local_cache(root, delta_store.STAGING_DIR)
         if staging_dir.is_dir() and any(staging_dir.iterdir()):
             with delta_store.storage_errors(root, delta_store.STAGING_DIR, action="clean"):
                 files_before, bytes_before = disk_usage(staging_dir)

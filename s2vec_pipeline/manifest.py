@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from s2vec_pipeline import storage
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.locks import exclusive
 
@@ -38,8 +39,8 @@ class RootManifest:
         return list(self.sources)
 
 
-def _path(root: str | os.PathLike) -> Path:
-    return Path(root) / MANIFEST
+def _path(root: str | os.PathLike) -> str:
+    return storage.join(root, MANIFEST)
 
 
 def _sha256(path: Path) -> str:
@@ -52,10 +53,11 @@ def _sha256(path: Path) -> str:
 
 def read_manifest(root: str | os.PathLike) -> RootManifest | None:
     path = _path(root)
-    if not path.is_file():
+    raw = storage.read_bytes(path)
+    if raw is None:
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
         return RootManifest(data["sources"], data["profile"], data["taxonomy_version"])
     except (ValueError, KeyError, TypeError) as e:
         raise ManifestError(
@@ -68,8 +70,7 @@ def record_sources(
     root: str | os.PathLike, sources: list[str], profile: str, taxonomy_version: str
 ) -> RootManifest:
     """Add ``sources`` to the root's manifest (creating it); returns the manifest as written."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    with exclusive(Path(root) / f".{MANIFEST}.lock"):
+    with exclusive(storage.local_cache(root, f".{MANIFEST}.lock")):
         current = read_manifest(root)
         known = dict(current.sources) if current else {}
         for src in sources:
@@ -86,9 +87,7 @@ def record_sources(
             "profile": profile,
             "taxonomy_version": taxonomy_version,
         }
-        tmp = _path(root).with_name(f".{MANIFEST}.partial")
-        tmp.write_text(json.dumps(body, indent=2))
-        os.replace(tmp, _path(root))
+        storage.write_bytes(_path(root), json.dumps(body, indent=2).encode())
         return manifest
 
 

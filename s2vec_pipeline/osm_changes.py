@@ -132,7 +132,7 @@ import numpy as np
 import osmium
 import osmium.io
 
-from s2vec_pipeline import s2
+from s2vec_pipeline import s2, storage
 from s2vec_pipeline.errors import InvalidSourceError, S2VecError
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.osm_extract import source_bbox, validate_source
@@ -336,8 +336,12 @@ def source_id(source: str | os.PathLike) -> str:
 
 def source_dir(root: str | os.PathLike, source: str | os.PathLike) -> Path:
     """Folder holding the ledger and updated extracts of one source: ``<root>/_sources/<id>/``
-    (see ``source_id``). Nothing of a source is ever written outside it."""
-    parent = Path(root) / SOURCES_DIR
+    (see ``source_id``). Nothing of a source is ever written outside it.
+
+    On an object-store root this is a local working copy (osmium reads and writes local files)
+    under the root's cache (``storage.local_cache``); the ledger and the current extract are
+    kept on the store at ``<root>/_sources/<id>/`` and synchronized by ``_pull`` / ``_push``."""
+    parent = storage.local_cache(root, SOURCES_DIR)
     sdir = parent / source_id(source)
     if sdir.parent != parent or sdir.name in ("", ".", ".."):  # by construction; kept as a guard
         raise ChangeLedgerError(f"source {source} maps to {sdir}, outside {parent}")
@@ -346,13 +350,54 @@ def source_dir(root: str | os.PathLike, source: str | os.PathLike) -> Path:
 
 def read_ledger(root: str | os.PathLike, source: str | os.PathLike) -> dict[str, Any] | None:
     """The source's ledger as stored (see ``_new_ledger`` for the format), or None."""
-    return _load_ledger(source_dir(root, source))
+    return _load_ledger(_pull(root, source, extract=False))
+
+
+def _pull(root: str | os.PathLike, source: str | os.PathLike, extract: bool = True) -> Path:
+    """``source_dir``, for an object-store root first brought up to date from the store: its
+    ledger, and (``extract``) the current extract it names when the local copy is missing or
+    of another size. A ledger is the commit point on the store: it is uploaded last."""
+    sdir = source_dir(root, source)
+    if not storage.is_object_store(root):
+        return sdir
+    remote = storage.join(root, SOURCES_DIR, sdir.name)
+    raw = storage.read_bytes(storage.join(remote, LEDGER_NAME))
+    sdir.mkdir(parents=True, exist_ok=True)
+    if raw is None:  # nothing applied on the store (or reset there): forget the local copy
+        (sdir / LEDGER_NAME).unlink(missing_ok=True)
+        return sdir
+    try:
+        name = json.loads(raw).get("extract")
+    except (ValueError, AttributeError):
+        name = None  # _load_ledger reports the unreadable ledger
+    if extract and name:
+        local, there = sdir / name, storage.join(remote, name)
+        size = storage.size(there)
+        if size is not None and (not local.is_file() or local.stat().st_size != size):
+            storage.download_file(there, local)
+    storage.write_bytes(sdir / LEDGER_NAME, raw)
+    return sdir
+
+
+def _push(
+    root: str | os.PathLike, sdir: Path, extract: str | None, previous: str | None = None
+) -> None:
+    """Upload a new current extract, then the ledger (the commit point), to an object-store
+    root; then delete the extract it replaced. Nothing to do for a local root."""
+    if not storage.is_object_store(root):
+        return
+    remote = storage.join(root, SOURCES_DIR, sdir.name)
+    if extract:
+        storage.upload_file(sdir / extract, storage.join(remote, extract))
+    storage.upload_file(sdir / LEDGER_NAME, storage.join(remote, LEDGER_NAME))
+    if previous and previous != extract:
+        storage.delete(storage.join(remote, previous))
 
 
 def current_extract(root: str | os.PathLike, source: str | os.PathLike) -> Path:
     """The PBF the pipeline should read for ``source``: the newest updated extract under the
     root, or the original file when no change has been applied."""
-    sdir = source_dir(root, source)
+    sdir = _pull(root, source)
     ledger = _load_ledger(sdir)
     if ledger is None or not ledger["extract"]:
         return Path(source)
@@ -363,6 +408,8 @@ def reset_source(root: str | os.PathLike, source: str | os.PathLike) -> None:
     """Forget every applied change of ``source`` (ledger and updated extracts), e.g. after the
     original file was replaced by a fresh download. The original file is not touched."""
     sdir = source_dir(root, source)
+    if storage.is_object_store(root):
+        storage.delete_tree(storage.join(root, SOURCES_DIR, sdir.name))
     if not sdir.is_dir():
         return
     with _locked(sdir):
@@ -1132,7 +1179,10 @@ def apply_changes(
     files = _resolve_inputs(change_files)
     sdir = source_dir(root, src)
     sdir.mkdir(parents=True, exist_ok=True)
+    # An OS lock: on an object-store root it serializes the refreshes of one host (run the
+    # nightly refresh from one place; see docs/deploying.md).
     with _locked(sdir):
+        _pull(root, src)
         ledger = _load_ledger(sdir)
         if ledger is not None:
             _check_source(ledger, src, sdir)
@@ -1220,6 +1270,7 @@ def apply_changes(
         if not inside:
             ledger["updated_at"] = checked_at
             _write_json_atomic(sdir / LEDGER_NAME, ledger)
+            _push(root, sdir, None)
             return ChangeResult(
                 extract=current, skipped=skipped, outside=[cf.path for cf in outside]
             )
@@ -1287,6 +1338,7 @@ def apply_changes(
             updated_at=applied_at,
         )
         _write_json_atomic(sdir / LEDGER_NAME, ledger)
+        _push(root, sdir, out.name, previous)
         if previous and previous != out.name:
             (sdir / previous).unlink(missing_ok=True)
         touched = sorted(set().union(*cells))

@@ -43,7 +43,7 @@ import shapely.errors
 import yaml
 from shapely.geometry import shape
 
-from s2vec_pipeline import s2
+from s2vec_pipeline import s2, storage
 from s2vec_pipeline.errors import (
     CellOutsideSourcesError,
     InvalidBoundingBoxError,
@@ -429,16 +429,20 @@ class RegionRegistry:
     a lock so that two processes adding regions do not lose one)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.path = self.root / REGIONS_FILE
+        # a local root keeps Path attributes; an object-store root (s3://…) its URI strings
+        self.root: Path | str = root if storage.is_object_store(root) else Path(root)
+        self.path: Path | str = storage.join(self.root, REGIONS_FILE)
+        if isinstance(self.root, Path):
+            self.path = Path(self.path)
 
     # -- reading ---------------------------------------------------------------------------
     def _load(self) -> dict[str, Region]:
-        if not self.path.exists():
-            return {}
         try:
-            doc = yaml.safe_load(self.path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
+            raw = storage.read_bytes(self.path)
+            if raw is None:
+                return {}
+            doc = yaml.safe_load(raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise RegionError(
                 f"region registry {self.path} cannot be read ({e}); fix or restore the file"
             ) from e
@@ -464,7 +468,6 @@ class RegionRegistry:
         return out
 
     def _save(self, regions: dict[str, Region]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         doc = {
             "format": REGISTRY_FORMAT,
             "regions": {
@@ -478,6 +481,10 @@ class RegionRegistry:
         text = _HEADER + yaml.dump(
             doc, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=100
         )
+        if not isinstance(self.path, Path):
+            storage.write_bytes(self.path, text.encode("utf-8"))  # one PUT: atomic
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
             with tmp.open("w", encoding="utf-8") as f:
@@ -490,7 +497,8 @@ class RegionRegistry:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with exclusive(self.root / f".{REGIONS_FILE}.lock"):
+        # an OS lock: on an object-store root it serializes the writers of one host
+        with exclusive(storage.local_cache(self.root, f".{REGIONS_FILE}.lock")):
             yield
 
     # -- API -------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Every run is a run of a real job of ``definitions.py`` (``refresh_sources``, ``d
 CLI's request in its tags: the UI lists these runs under their job and re-executes them as they
 were. Runs execute in this process (``execute_in_process``) against a persistent instance:
 ``$DAGSTER_HOME`` when set, else ``<root>/_dagster``, so later refreshes compare with what these
-runs recorded.
+runs recorded. An object-store root (``s3://…``) needs ``$DAGSTER_HOME``: Dagster's SQLite
+instance cannot live on an object store.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ from typing import Any
 
 import dagster as dg
 
-from s2vec_pipeline import osm_changes
-from s2vec_pipeline.errors import NoFeaturesError, S2VecError, StorageUnavailableError
+from s2vec_pipeline import osm_changes, storage
+from s2vec_pipeline.errors import (
+    InstanceUnavailableError,
+    NoFeaturesError,
+    S2VecError,
+    StorageUnavailableError,
+)
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.settings import PipelineSettings
 
@@ -101,6 +107,17 @@ def parse_stages(stages: Sequence[str]) -> list[str]:
     return [a for stage in STAGES if stage in names for a in STAGES[stage]]
 
 
+def check_instance_home(root: str) -> None:
+    """An object-store root needs ``$DAGSTER_HOME``: Dagster's SQLite instance cannot live on
+    an object store. Raises :class:`InstanceUnavailableError` (exit 2) when it is unset."""
+    if storage.is_object_store(root) and not os.environ.get("DAGSTER_HOME"):
+        raise InstanceUnavailableError(
+            f"storage root {root} is an object store, where Dagster's instance cannot live: set "
+            f"DAGSTER_HOME to a local folder (or a PostgreSQL-backed instance, docs/deploying.md) "
+            f"so that runs and refreshes share their recorded versions"
+        )
+
+
 @contextlib.contextmanager
 def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
@@ -111,6 +128,8 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         # An unreachable PostgreSQL or wrong credentials: InstanceUnavailableError (exit 2).
         with open_dagster_instance() as instance:
             yield instance
+    elif storage.is_object_store(root):
+        check_instance_home(root)
     else:
         home = os.path.join(root, "_dagster")
         os.makedirs(home, exist_ok=True)

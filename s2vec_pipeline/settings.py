@@ -21,6 +21,7 @@ from s2vec_pipeline import s2
 from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidCellError, S2VecError
 from s2vec_pipeline.osm_extract import source_bbox
 from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile, get_profile
+from s2vec_pipeline.storage import check_object_root, is_object_store, normalize_root
 from s2vec_pipeline.taxonomy import Taxonomy, load_taxonomy
 
 ENV_ROOT = "S2VEC_ROOT"
@@ -73,7 +74,9 @@ class PipelineSettings(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True)
 
     root: str = pydantic.Field(
-        default=DEFAULT_ROOT, description="Storage root: the folder holding the Delta tables"
+        default=DEFAULT_ROOT,
+        description="Storage root: the folder holding the Delta tables, or an object-store URI "
+        "(s3://bucket/prefix, gs://…, az://…) configured by the provider's environment",
     )
     profile_name: str = pydantic.Field(
         default=DEFAULT_PROFILE,
@@ -97,7 +100,7 @@ class PipelineSettings(pydantic.BaseModel):
         env = os.environ if environ is None else environ
         sources = env.get(ENV_SOURCES)
         return cls(
-            root=str(Path(env.get(ENV_ROOT, DEFAULT_ROOT)).resolve()),
+            root=normalize_root(env.get(ENV_ROOT, DEFAULT_ROOT)),
             profile_name=env.get(ENV_PROFILE, DEFAULT_PROFILE),
             sources=[s for s in sources.split(os.pathsep) if s] if sources else bundled_sources(),
             taxonomy_path=env.get(ENV_TAXONOMY) or None,
@@ -201,14 +204,15 @@ def parse_partition_tokens(tokens: Sequence[str]) -> list[str]:
 
 
 def check_root_writable(root: str) -> None:
-    """Fail before any run when a local storage root cannot be created or written (a run would
-    otherwise fail half-way through its first write). Object-storage URIs are left to their
-    writer."""
+    """Fail before any run when a storage root cannot be created or written (a run would
+    otherwise fail half-way through its first write): a local folder, or an object store's
+    bucket (missing bucket, wrong credentials or endpoint)."""
     import tempfile
 
     from s2vec_pipeline.errors import RootNotWritableError
 
-    if "://" in root:
+    if is_object_store(root):
+        check_object_root(root)
         return
     try:
         os.makedirs(root, exist_ok=True)

@@ -34,7 +34,7 @@ import polars as pl
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import InvalidCellError, S2VecError
 
 ENGINE = "duckdb"
@@ -108,6 +108,13 @@ TableSource = str | os.PathLike | pa.Table | pl.DataFrame
 
 def list_tables(root: str | os.PathLike) -> list[str]:
     """Names of the Delta tables directly under ``root`` (what ``run_sql`` can query)."""
+    if storage.is_object_store(root):
+        names = storage.list_dirs(root)
+        return sorted(
+            n
+            for n in names
+            if _IDENTIFIER.match(n) and DeltaTable.is_deltatable(storage.join(root, n))
+        )
     base = Path(root)
     if not base.is_dir():
         return []
@@ -135,7 +142,9 @@ def _register_delta(
     view = view or name
     dt = DeltaTable(delta_store.table_uri(root, name))
     files = [f.removeprefix("file://") for f in dt.file_uris()]
-    if not files:
+    if not files or storage.is_object_store(root):
+        # DuckDB reads s3:// only through its httpfs extension, which it would download:
+        # object-store tables are read through pyarrow (the same snapshot's files).
         con.register(view, delta_store.dataset(root, name))
         return
     columns = ", ".join(_quote(f.name, '"') for f in dt.schema().fields)

@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from s2vec_pipeline import delta_store, osm_changes
+from s2vec_pipeline import delta_store, osm_changes, storage
 from s2vec_pipeline.settings import PipelineSettings
 
 TABLES = ["osm_features", "cell_features", "raster_tiles", "cell_embeddings", "image_embeddings"]
@@ -122,7 +122,7 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
         None,
     )
     return RootStatus(
-        root=str(Path(settings.root)),
+        root=settings.root if storage.is_object_store(settings.root) else str(Path(settings.root)),
         contract=contract,
         tables=versions,
         partitions=rows,

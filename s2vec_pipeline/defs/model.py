@@ -21,7 +21,7 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.defs.data_layer import raster_tiles
 from s2vec_pipeline.defs.metadata import OWNERS, table_metadata
 from s2vec_pipeline.defs.partitions import l6_partitions
@@ -140,8 +140,8 @@ def mae_model(
         settings.root, sorted(config.partitions) or None, config.train_config(settings.profile.name)
     )
     context.log.info(f"model {card.model_version} in {card.directory}")
-    with open(f"{card.directory}/loss_curve.png", "rb") as f:
-        curve_md = markdown_image(f.read(), "loss curve")
+    curve = storage.read_bytes(storage.join(card.directory, "loss_curve.png")) or b""
+    curve_md = markdown_image(curve, "loss curve")
     yield dg.MaterializeResult(
         metadata={
             "model_version": card.model_version,

@@ -90,9 +90,9 @@ def materialize_region() -> None:
 
 
 def _has_model(root: str) -> bool:
-    from pathlib import Path
+    from s2vec_pipeline.model.train import list_models
 
-    return any((Path(root) / "models").glob("*/model_card.json"))
+    return bool(list_models(root))
 
 
 def region_run_requests(

@@ -47,7 +47,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import MissingInputError, S2VecError
 from s2vec_pipeline.locks import LockHeldError, exclusive
 from s2vec_pipeline.model.data import (
@@ -332,13 +332,18 @@ class ModelCard:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ModelCard:
-        d = json.loads((Path(directory) / "model_card.json").read_text())
+        raw = storage.read_bytes(storage.join(directory, "model_card.json"))
+        if raw is None:
+            raise FileNotFoundError(f"no model_card.json in {directory}")
+        d = json.loads(raw)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names}, directory=str(directory))
 
     @property
-    def checkpoint(self) -> Path:
-        return Path(self.directory) / "model.ckpt"
+    def checkpoint(self) -> Path | str:
+        """The weights file: a local path, or a URI on an object-store root."""
+        location = storage.join(self.directory, "model.ckpt")
+        return location if storage.is_object_store(location) else Path(location)
 
 
 def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RASTER_TABLE) -> None:
@@ -404,21 +409,27 @@ class TrainingClock(L.Callback):
         self.state = dict(state_dict)
 
 
-def models_dir(root: str | os.PathLike) -> Path:
-    return Path(root) / MODELS_DIR
+def models_dir(root: str | os.PathLike) -> str:
+    """``<root>/models`` (a local path or an object-store URI)."""
+    return storage.join(root, MODELS_DIR)
 
 
 def list_models(root: str | os.PathLike) -> list[str]:
-    """Finished model versions under ``root``, oldest first."""
-    base = models_dir(root)
-    if not base.is_dir():
-        return []
-    done = [p for p in base.iterdir() if (p / "model_card.json").is_file()]
-    return [p.name for p in sorted(done, key=lambda p: (p / "model_card.json").stat().st_mtime)]
+    """Finished model versions under ``root`` (those with a model card), oldest first."""
+    cards = [
+        e
+        for e in storage.list_files(models_dir(root))
+        if e.relative.count("/") == 1
+        and e.relative.endswith("/model_card.json")
+        and not e.relative.startswith(".")  # a training's work folder
+    ]
+    return [e.relative.split("/")[0] for e in sorted(cards, key=lambda e: e.mtime)]
 
 
 @contextlib.contextmanager
-def _version_lock(base: Path, version: str) -> Iterator[None]:
+def _version_lock(root: str | os.PathLike, version: str) -> Iterator[None]:
+    # An OS lock, so a local file: on an object-store root it serializes trainings of one host.
+    base = storage.local_cache(root, MODELS_DIR)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(exclusive(base / f".{version}.lock", blocking=False))
@@ -510,14 +521,13 @@ def train_model(
     world_size = config.world_size()
     partition_versions = raster_partition_versions(root, partitions, snapshot)
     version = model_version(config, contract, partition_versions, world_size)
-    base = models_dir(root)
-    final = base / version
-    if (final / "model_card.json").is_file():
+    final = storage.join(models_dir(root), version)
+    if storage.is_file(storage.join(final, "model_card.json")):
         return ModelCard.load(final)
 
     # Only this process takes the lock: DDP workers are spawned by it and never get here.
-    with _version_lock(base, version):
-        if (final / "model_card.json").is_file():  # finished while we waited for the lock
+    with _version_lock(root, version):
+        if storage.is_file(storage.join(final, "model_card.json")):  # finished meanwhile
             return ModelCard.load(final)
         return _train(
             root, partitions, snapshot, config, contract, partition_versions, version, callbacks
@@ -534,8 +544,10 @@ def _train(
     version: str,
     callbacks: Sequence[L.Callback],
 ) -> ModelCard:
-    base = models_dir(root)
-    final, work = base / version, base / f".{version}.partial"
+    # Training works in a local folder (Lightning writes checkpoints and logs there): under the
+    # root for a local root, else under the root's local cache (storage.local_cache).
+    final = storage.join(models_dir(root), version)
+    work = storage.local_cache(root, MODELS_DIR, f".{version}.partial")
     resume = work / "last.ckpt"
     if not resume.is_file():
         shutil.rmtree(work, ignore_errors=True)
@@ -629,7 +641,7 @@ def _train(
 
 def _finish(
     work: Path,
-    final: Path,
+    final: str,
     version: str,
     snapshot: int,
     config: TrainConfig,
@@ -698,7 +710,15 @@ def _finish(
         n_train=card.n_train,
         n_val=card.n_val,
     )
-    os.replace(work, final)  # atomic: the finished directory appears complete or not at all
+    if not storage.is_object_store(final):
+        os.replace(work, final)  # atomic: the finished directory appears complete or not at all
+        return card
+    # On an object store the card is uploaded last: a model without its card is not finished
+    # (list_models, load_model), so a half-uploaded model never looks finished.
+    files = sorted(p for p in work.rglob("*") if p.is_file() and p.name != "model_card.json")
+    for path in [*files, work / "model_card.json"]:
+        storage.upload_file(path, storage.join(final, path.relative_to(work).as_posix()))
+    shutil.rmtree(work, ignore_errors=True)
     return card
 
 
@@ -748,11 +768,12 @@ def load_model(
     With ``table`` (default ``raster_tiles``), refuse a model that does not fit that table's
     contract (taxonomy version, channels, side) when the table exists.
     """
-    final = models_dir(root) / version
-    if not _VERSION_RE.match(version) or not (final / "model_card.json").is_file():
+    final = storage.join(models_dir(root), version)
+    card_file = storage.join(final, "model_card.json")
+    if not _VERSION_RE.match(version) or not storage.is_file(card_file):
         available = list_models(root)
         hint = f"available: {', '.join(available)}" if available else "none trained yet"
-        partial = (models_dir(root) / f".{version}.partial").exists()
+        partial = storage.local_cache(root, MODELS_DIR, f".{version}.partial").exists()
         raise ModelNotFoundError(
             f"no finished model {version!r} under {models_dir(root)} ({hint})"
             + (
@@ -767,7 +788,8 @@ def load_model(
         contract = delta_store.table_contract(root, table)
         if contract is not None:
             check_compatible(card, contract, table)
-    model = S2VecMAE.load_from_checkpoint(card.checkpoint, map_location="cpu", weights_only=True)
+    with storage.local_copy(storage.join(final, "model.ckpt")) as checkpoint:
+        model = S2VecMAE.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     model.eval()
     return model, card
 
