@@ -30,7 +30,6 @@ ENV_PROFILE = "S2VEC_PROFILE"
 ENV_TAXONOMY = "S2VEC_TAXONOMY"
 ENV_CHANGES = "S2VEC_CHANGES"  # folder of OSM change files (.osc / .osc.gz) for the refresh
 ENV_WORKERS = "S2VEC_WORKERS"  # worker processes for partitioned extraction
-ENV_SCRATCH = "S2VEC_SCRATCH_DIR"  # local scratch (split cache) for object-store roots
 SPLIT_CACHE_DIR = "_split"  # under a local root: large sources cut once per version
 DEFAULT_ROOT = "s2vec_data"
 DEFAULT_PROFILE = "city"
@@ -156,14 +155,11 @@ class PipelineSettings(pydantic.BaseModel):
     @property
     def split_cache_dir(self) -> Path:
         """Local folder where large sources are cut into group files once per source version
-        (``osm_split.cached_split``): ``<root>/_split``; for an object-store root, which
-        osmium-tool cannot write to, ``$S2VEC_SCRATCH_DIR`` or the system's temporary folder."""
-        if "://" in self.root:
-            import tempfile
+        (``osm_split.cached_split``): ``<root>/_split``, or for an object-store root (osmium-tool
+        writes local files) the root's local cache (``storage.local_cache``)."""
+        from s2vec_pipeline.storage import local_cache
 
-            scratch = os.environ.get(ENV_SCRATCH) or tempfile.gettempdir()
-            return Path(scratch) / "s2vec-split"
-        return Path(self.root) / SPLIT_CACHE_DIR
+        return local_cache(self.root, SPLIT_CACHE_DIR)
 
     def current_sources_for(self, partitions: Iterable[str]) -> list[str]:
         """Like ``sources_for``, but each source replaced by its current extract: the copy under

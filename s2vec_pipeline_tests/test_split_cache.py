@@ -121,6 +121,10 @@ def test_concurrent_runs_share_one_cut(straddling, taxonomy, osmium_calls, tmp_p
 def test_cache_location(tmp_path, monkeypatch) -> None:
     local = PipelineSettings(root=str(tmp_path / "root"))
     assert local.split_cache_dir == tmp_path / "root" / "_split"
-    monkeypatch.setenv("S2VEC_SCRATCH_DIR", str(tmp_path / "scratch"))
+    monkeypatch.setenv("S2VEC_CACHE_DIR", str(tmp_path / "cache"))
     remote = PipelineSettings(root="s3://bucket/root")
-    assert remote.split_cache_dir == tmp_path / "scratch" / "s2vec-split"
+    # local (osmium-tool writes files), under the cache folder of this root URI only
+    assert remote.split_cache_dir.parent.parent == tmp_path / "cache"
+    assert remote.split_cache_dir.name == "_split"
+    other = PipelineSettings(root="s3://bucket/other")
+    assert other.split_cache_dir != remote.split_cache_dir
