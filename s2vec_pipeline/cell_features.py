@@ -1,7 +1,9 @@
 """Per-pixel feature table: one row per non-empty pixel cell, one column per channel.
 
 Values: ``count`` channels count objects, ``length_m`` channels sum metres of line inside the
-cell, ``area_m2`` channels sum square metres of the areas whose inner point lies in the cell.
+cell, ``area_m2`` channels sum square metres of the areas inside the cell (each polygon cut
+along the cell's boundary, ``clip.py``; overlapping objects of one channel add up, so a sum
+may exceed the cell's area where OSM maps nested objects of the same kind).
 (row, col) place the pixel in its image: row = i − i₀, col = j − j₀ at the pixel level.
 """
 

@@ -118,6 +118,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -804,6 +805,11 @@ class _Shapes:
                     sel = slice(starts[k], starts[k + 1] if k + 1 < len(starts) else len(lat))
                     seg = lng[sel]
                     box[1], box[3] = float(seg[seg >= 0].min()), float(seg[seg < 0].max())
+                # Edges are geodesics (clip.py): one bows poleward of its ends' latitudes by at
+                # most sin(2 lat)/2 * dlng^2 / 8 (radians); pad both sides by twice that bound.
+                dlng = math.radians((box[3] - box[1]) % 360.0)
+                pad = math.degrees(dlng * dlng / 8.0) + 1e-7
+                box[0], box[2] = max(box[0] - pad, -90.0), min(box[2] + pad, 90.0)
                 out[int(file_of[k])].update(s2.to_token(s2.cover_bbox(*box)).tolist())
         return out
 

@@ -177,6 +177,7 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
             "objects_read": stats.objects_read,
             "objects_matched": stats.objects_matched,
             "geometry_failures": stats.geometry_failures,
+            "objects_clipped": stats.objects_clipped,
             "objects_per_second": round(stats.objects_read / max(seconds, 1e-9)),
             "extract_seconds": round(seconds, 2),
         },
