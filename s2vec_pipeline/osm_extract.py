@@ -186,10 +186,14 @@ def _read_source(
         .with_filter(osmium.filter.KeyFilter(*area_keys).enable_for(osmium.osm.AREA))
     )
     read = matched = failed = 0
+    # Exact type checks: pyosmium's is_node()/is_way()/is_area() are Python-level isinstance
+    # wrappers, a call each per object on this hot path.
+    node_t, way_t, area_t = osmium.osm.Node, osmium.osm.Way, osmium.osm.Area
     try:
         for obj in processor:
             read += 1
-            if obj.is_node():
+            tp = type(obj)
+            if tp is node_t:
                 chans = [c for c in match(obj.tags) if c in node_ok]
                 if not chans:
                     continue
@@ -199,7 +203,7 @@ def _read_source(
                     continue
                 kind_a(_KIND_NODE), id_a(obj.id)
                 lat_a(loc.lat), lon_a(loc.lon), wkb_a(None)
-            elif obj.is_way():
+            elif tp is way_t:
                 ok = closed_way_ok if obj.is_closed() else open_way_ok
                 chans = [c for c in match(obj.tags) if c in ok]
                 if not chans:
@@ -211,7 +215,7 @@ def _read_source(
                     continue
                 kind_a(_KIND_WAY), id_a(obj.id)
                 lat_a(nan), lon_a(nan), wkb_a(geom)
-            elif obj.is_area():
+            elif tp is area_t:
                 chans = [c for c in match(obj.tags) if c in area_ok]
                 if not chans:
                     continue
