@@ -265,9 +265,12 @@ class TrainConfig:
         }.get(profile, {})
         return cls(**{**defaults, **overrides})
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-shaped (the held-out channels as a list)."""
+        return {**dataclasses.asdict(self), "held_out_channels": list(self.held_out_channels)}
+
     def version_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["held_out_channels"] = list(self.held_out_channels)
+        d = self.as_dict()
         return {
             k: v
             for k, v in d.items()
@@ -728,7 +731,7 @@ def _finish(
     history = read_loss_history(work / LOGS_DIR)
     card = ModelCard(
         model_version=version,
-        config=dataclasses.asdict(config),
+        config=config.as_dict(),
         profile=contract.get("profile"),
         image_level=contract.get("image_level"),
         pixel_level=contract.get("pixel_level"),
