@@ -172,5 +172,7 @@ def test_short_fit_with_every_lever(tmp_path: Path) -> None:
     # Another config, another model version.
     plain = train_model(tmp_path, config=TrainConfig(epochs=1, batch_size=8, **TINY))
     assert plain.model_version != card.model_version
-    with pytest.raises(S2VecError, match="held_out_channels: nope"):
+    before = sorted(p.name for p in (tmp_path / "models").iterdir())
+    with pytest.raises(S2VecError, match="held_out_channels: nope not among"):
         train_model(tmp_path, config=TrainConfig(held_out_channels=("nope",), **TINY))
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == before  # nothing written

@@ -545,6 +545,12 @@ def train_model(
             f"{', '.join(map(str, available)) or 'none'})"
         )
     config = config or TrainConfig.for_profile(contract.get("profile", ""))
+    unknown = [c for c in config.held_out_channels if c not in contract["channels"]]
+    if unknown:  # before any directory is made
+        raise S2VecError(
+            f"held_out_channels: {', '.join(unknown)} not among the raster channels "
+            f"({', '.join(contract['channels'])})"
+        )
     world_size = config.world_size()
     partition_versions = raster_partition_versions(root, partitions, snapshot)
     version = model_version(config, contract, partition_versions, world_size)
@@ -592,12 +598,6 @@ def _train(
         version=snapshot,
     )
     dm.setup("fit")
-    unknown = [c for c in config.held_out_channels if c not in dm.channels]
-    if unknown:
-        raise S2VecError(
-            f"held_out_channels: {', '.join(unknown)} not among the raster channels "
-            f"({', '.join(dm.channels)})"
-        )
     model = S2VecMAE(
         in_chans=len(dm.channels),
         img_size=dm.side,
