@@ -215,7 +215,7 @@ class TrainConfig:
     # Levers of docs/quality.md; at their defaults they stay out of the model version.
     augment: bool = False  # a random rotation/reflection (D4) of each training image
     empty_pixel_weight: float = 1.0  # loss weight of masked pixels with all channels zero
-    input_norm: str = "channel"  # "channel": per-channel z-score of log1p; "global": one
+    input_norm: str = "channel"  # z-score of log1p per "channel", or one for all ("global")
     held_out_channels: tuple[str, ...] = ()  # channels zeroed in the input (probe labels)
     # runtime only
     num_workers: int = 0
