@@ -11,20 +11,38 @@ into channels, so no input channel holds them directly:
 Every pixel of every embedded image is labelled (empty pixels too), so the probe must also tell
 empty from busy cells.
 
+``--held-out CHANNEL`` adds the target ``held_out`` = log1p of that ``cell_features`` channel
+(cell-local): the model must have been trained without it (``held_out_channels``), and every
+raw method then drops it too, so all methods see the same inputs.
+
+``--train KEY=VALUE`` (repeatable) first trains a model with those ``TrainConfig`` fields over
+the root's profile defaults (e.g. ``--train augment=true --train seed=1``), embeds every
+partition with it, then evaluates it (the lever comparison of docs/quality.md).
+``--images`` adds the image embeddings as ``--with`` twice: pooled over every pixel
+(``with``, what ``image_embeddings`` holds) and over the pixels with data only
+(``with_data``), each alone and fused with the cell embedding.
+``--summary FILE`` appends one JSON line per run: config, model version, training seconds and
+the R² mean / std per target, protocol and method.
+
 usage: python benchmarks/quality_eval.py ROOT [--out report.json] [--labels labels.parquet]
+       [--train KEY=VALUE ...] [--held-out CHANNEL] [--images] [--summary runs.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import osmium
 import polars as pl
 
-from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline import delta_store, evaluation, s2
 from s2vec_pipeline.evaluation import evaluate, neighbourhood_ids, write_report
 from s2vec_pipeline.settings import bundled_sources
 
@@ -86,6 +104,150 @@ def build_labels(root: str, sources: list[str]) -> pl.DataFrame:
     )
 
 
+def held_out_label(root: str, labels: pl.DataFrame, channel: str) -> pl.DataFrame:
+    """``labels`` plus ``held_out`` = log1p of ``channel`` in each label cell."""
+    ids = evaluation.label_cells(labels, PIXEL_LEVEL)
+    values = evaluation.raw_feature_matrix(root, ids, [channel])[:, 0]
+    return labels.with_columns(pl.Series("held_out", np.log1p(values)))
+
+
+def train_and_embed(root: str, overrides: dict[str, Any]) -> tuple[str, float]:
+    """Train a model with ``overrides`` over the profile's config, embed every partition;
+    (model version, training seconds)."""
+    from s2vec_pipeline.model.data import RASTER_TABLE, raster_partition_keys, raster_snapshot
+    from s2vec_pipeline.model.embed import write_embeddings
+    from s2vec_pipeline.model.train import TrainConfig, load_model, train_model
+
+    contract = delta_store.table_contract(root, RASTER_TABLE)
+    config = TrainConfig.for_profile(contract.get("profile", ""), **overrides)
+    t0 = time.perf_counter()
+    card = train_model(root, config=config)
+    seconds = time.perf_counter() - t0
+    model, card = load_model(root, card.model_version)
+    write_embeddings(root, model, card, raster_partition_keys(root, raster_snapshot(root)))
+    return card.model_version, seconds
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as ``TrainConfig`` fields, typed by each field's default."""
+    from s2vec_pipeline.model.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise SystemExit(f"--train {item}: no TrainConfig field {key!r}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, tuple):
+            out[key] = tuple(v for v in value.split(",") if v)
+        elif isinstance(default, int | float) or default is None:
+            out[key] = json.loads(value)
+        else:
+            out[key] = value
+    return out
+
+
+def image_embeddings(root: str, model_version: str) -> dict[str, pl.DataFrame]:
+    """Image embeddings of ``model_version`` pooled over every pixel (``with``) and over the
+    pixels with data only (``with_data``), keyed by image token."""
+    cells = (
+        delta_store.scan_table(root, "cell_embeddings")
+        .filter(pl.col("model_version") == model_version)
+        .select("image_token", "cell_id", "embedding")
+        .collect()
+    )
+    channels = delta_store.table_contract(root, "raster_tiles")["channels"]
+    raw = evaluation.raw_feature_matrix(root, s2.from_signed(cells["cell_id"].to_numpy()), channels)
+    emb = np.asarray(cells["embedding"].list.to_array(len(cells["embedding"][0])).to_numpy())
+    frame = pl.DataFrame({"image_token": cells["image_token"], "has_data": (raw > 0).any(axis=1)})
+    out = {}
+    for name, keep in (("with", np.ones(len(emb), bool)), ("with_data", frame["has_data"])):
+        keep = np.asarray(keep)
+        tokens = frame["image_token"].to_numpy()[keep]
+        uniq, inverse = np.unique(tokens, return_inverse=True)
+        sums = np.zeros((len(uniq), emb.shape[1]))
+        np.add.at(sums, inverse, emb[keep])
+        pooled = sums / np.bincount(inverse)[:, None]
+        out[name] = pl.DataFrame({"cell_token": uniq, "embedding": pooled.tolist()})
+    return out
+
+
+def evaluate_levers(
+    root: str,
+    labels: pl.DataFrame,
+    model_version: str | None,
+    seed: int,
+    drop_channels: list[str],
+    others: dict[str, pl.DataFrame],
+) -> evaluation.EvaluationReport:
+    """``evaluation.evaluate``'s probes and folds with raw methods over the channels not in
+    ``drop_channels`` and several ``--with`` sources (alone and fused with s2vec)."""
+    root = str(root)
+    pixel_level, image_level, channels = evaluation._pixel_level(root)
+    channels = [c for c in channels if c not in drop_channels]
+    targets = evaluation.target_columns(labels)
+    ids = evaluation.label_cells(labels, pixel_level)
+    y = evaluation._target_matrix(labels, targets)
+    version = evaluation.resolve_model_version(root, evaluation._partitions_of(ids), model_version)
+    emb = evaluation.embedding_matrix(root, ids, version)
+    raw = np.log1p(evaluation.raw_feature_matrix(root, ids, channels))
+    raw3 = np.hstack(
+        [raw, np.log1p(evaluation.raw_neighbourhood_matrix(root, ids, pixel_level, channels))]
+    )
+    features: dict[str, tuple[np.ndarray | None, int | None]] = {
+        "mean": (None, None),
+        "s2vec": (emb, None),
+        "raw": (raw, None),
+        "raw_3x3": (raw3, None),
+        "raw_pca": (raw, emb.shape[1]),
+        "s2vec+raw": (np.hstack([emb, raw]), None),
+        "s2vec+raw_3x3": (np.hstack([emb, raw3]), None),
+    }
+    for name, other in others.items():
+        mat = evaluation.with_matrix(other, ids)
+        features[name] = (mat, None)
+        features[f"s2vec+{name}"] = (np.hstack([emb, mat]), None)
+    groups = s2.to_signed(s2.parent(ids, image_level))
+    plan = {
+        "random": (evaluation.assign_folds(ids, 5, seed), None),
+        "spatial": (evaluation.assign_folds(ids, 5, seed, image_level), groups),
+    }
+    report = evaluation.EvaluationReport(
+        root=root,
+        model_version=version,
+        pixel_level=pixel_level,
+        block_level=image_level,
+        n_rows=len(ids),
+        targets=targets,
+        methods=list(features),
+        folds={p: 5 for p in plan},
+        n_blocks=len(np.unique(groups)),
+        embedding_dim=emb.shape[1],
+        n_channels=len(channels),
+        seed=seed,
+        fold_of_row={p: f.tolist() for p, (f, _) in plan.items()},
+        notes=[f"raw methods without {', '.join(drop_channels)}"] if drop_channels else [],
+    )
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        evaluation._run_probes(report, features, plan, y, seed)
+    return report
+
+
+def r2_summary(report: evaluation.EvaluationReport) -> dict[str, dict[str, list[float]]]:
+    """{target/protocol: {method: [mean, std]}} of R² over folds."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in report.results:
+        out.setdefault(f"{r.target}/{r.protocol}", {})[r.method] = [
+            round(v, 4) for v in r.stat("r2")
+        ]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("root")
@@ -93,24 +255,55 @@ def main() -> None:
     ap.add_argument("--labels", default=None, help="also write the labels here (.parquet)")
     ap.add_argument("--out", default=None, help="write the report as JSON")
     ap.add_argument("--with", dest="with_file", default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the evaluation folds")
+    ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--held-out", default=None, metavar="CHANNEL")
+    ap.add_argument("--images", action="store_true")
+    ap.add_argument("--summary", default=None, metavar="FILE.jsonl")
     args = ap.parse_args()
+    root = str(args.root)
+    model_version, train_s, overrides = None, None, parse_overrides(args.train)
+    if args.train:
+        model_version, train_s = train_and_embed(root, overrides)
+        print(f"trained {model_version} in {train_s:.1f} s with {overrides}")
     t0 = time.perf_counter()
-    labels = build_labels(args.root, args.sources)
+    labels = build_labels(root, args.sources)
+    if args.held_out:
+        labels = held_out_label(root, labels, args.held_out)
     if args.labels:
         labels.write_parquet(args.labels)
-    other = None
-    if args.with_file:
-        from s2vec_pipeline.evaluation import read_embedding_file
-
-        other = read_embedding_file(args.with_file)
     t1 = time.perf_counter()
-    report = evaluate(Path(args.root), labels, with_embeddings=other, seed=args.seed)
+    if args.train or args.held_out or args.images:
+        version = evaluation.resolve_model_version(
+            root,
+            evaluation._partitions_of(evaluation.label_cells(labels, PIXEL_LEVEL)),
+            model_version,
+        )
+        others = image_embeddings(root, version) if args.images else {}
+        if args.with_file:
+            others["with_file"] = evaluation.read_embedding_file(args.with_file)
+        drop = [args.held_out] if args.held_out else []
+        report = evaluate_levers(root, labels, version, args.seed, drop, others)
+    else:
+        other = evaluation.read_embedding_file(args.with_file) if args.with_file else None
+        report = evaluate(Path(root), labels, with_embeddings=other, seed=args.seed)
     t2 = time.perf_counter()
     print(report.table())
     print(f"\nlabels built in {t1 - t0:.1f} s, evaluated in {t2 - t1:.1f} s")
     if args.out:
         write_report(report, args.out)
+    if args.summary:
+        line = {
+            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+            "held_out": args.held_out,
+            "model_version": report.model_version,
+            "train_s": None if train_s is None else round(train_s, 1),
+            "eval_seed": args.seed,
+            "cpus": os.cpu_count(),
+            "r2": r2_summary(report),
+        }
+        with open(args.summary, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

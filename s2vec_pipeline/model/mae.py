@@ -9,6 +9,14 @@ pixel tokens; the image embedding is their mean), the input is normalized per ch
 statistics from the training split (stored as buffers in the checkpoint) instead of per-patch
 target normalization, and attention runs through ``F.scaled_dot_product_attention`` (flash /
 memory-efficient kernels on GPU).
+
+Training options beyond the reference (all off by default, see docs/quality.md for what they
+did on the bundled extracts): ``augment`` applies a random element of the dihedral group D4
+(the 8 rotations and reflections of the square) to each training image, because images on
+different S2 cube faces are rotated relative to each other; ``empty_pixel_weight`` weighs the
+loss of masked pixels whose channels are all zero; ``held_out_channels`` zeroes channels
+(after normalization) at training and at embedding time, so a probe can use them as labels
+the model never saw.
 """
 
 from __future__ import annotations
@@ -38,6 +46,26 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
         angles = pos[:, None] * omega[None, :]
         parts += [torch.sin(angles), torch.cos(angles)]
     return torch.cat(parts, dim=1).float()
+
+
+def dihedral_transform(x: Tensor, element: int) -> Tensor:
+    """Element ``element`` (0..7) of D4 acting on the last two (square) axes of ``x``:
+    ``element % 4`` quarter turns, preceded by a left-right flip when ``element >= 4``."""
+    if not 0 <= element < 8:
+        raise ValueError(f"a D4 element is 0..7, not {element}")
+    if element >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k=element % 4, dims=(-2, -1))
+
+
+def random_dihedral(x: Tensor, elements: Tensor) -> Tensor:
+    """Each sample ``x[b]`` (B, C, S, S) transformed by D4 element ``elements[b]``."""
+    out = torch.empty_like(x)
+    for e in range(8):
+        rows = torch.nonzero(elements == e).flatten()
+        if len(rows):
+            out[rows] = dihedral_transform(x[rows], e)
+    return out
 
 
 class Block(nn.Module):
@@ -92,12 +120,19 @@ class S2VecMAE(L.LightningModule):
         warmup_fraction: float = 0.05,
         mask_seed: int | None = None,
         channels: Sequence[str] | None = None,
+        augment: bool = False,
+        empty_pixel_weight: float = 1.0,
+        held_out_channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"patch_size {patch_size} must divide the image side {img_size}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), not {mask_ratio}")
+        if not 0.0 <= empty_pixel_weight <= 1.0:
+            raise ValueError(f"empty_pixel_weight must be in [0, 1], not {empty_pixel_weight}")
+        if any(not 0 <= c < in_chans for c in held_out_channels):
+            raise ValueError(f"held-out channel indices must be in 0..{in_chans - 1}")
         self.save_hyperparameters()
         self.in_chans, self.img_size, self.patch_size = in_chans, img_size, patch_size
         self.grid = img_size // patch_size
@@ -107,6 +142,10 @@ class S2VecMAE(L.LightningModule):
         # Per-channel normalization of log1p inputs, from the training split (set_normalization).
         self.register_buffer("channel_mean", torch.zeros(in_chans))
         self.register_buffer("channel_std", torch.ones(in_chans))
+        # 1 for the channels the model sees, 0 for held-out ones (a constant, not saved).
+        seen = torch.ones(in_chans)
+        seen[list(held_out_channels)] = 0.0
+        self.register_buffer("seen_channels", seen, persistent=False)
 
         self.patch_embed = nn.Linear(patch_dim, embed_dim)  # = conv with kernel = stride = p
         self.register_buffer(
@@ -154,7 +193,20 @@ class S2VecMAE(L.LightningModule):
         self.channel_std.copy_(std_t)
 
     def normalize(self, x: Tensor) -> Tensor:
-        return (x - self.channel_mean[:, None, None]) / self.channel_std[:, None, None]
+        """Per-channel standardized input; held-out channels are 0 (their training mean)."""
+        z = (x - self.channel_mean[:, None, None]) / self.channel_std[:, None, None]
+        return z * self.seen_channels[:, None, None]
+
+    def token_weights(self, x: Tensor) -> Tensor:
+        """(B, L) loss weight per token: ``empty_pixel_weight`` where every pixel of the
+        token has all (seen) channels zero in the raw input, 1 elsewhere."""
+        b, p, g = x.shape[0], self.patch_size, self.grid
+        has_data = ((x != 0) & (self.seen_channels[:, None, None] > 0)).any(dim=1)  # (B, S, S)
+        token_has_data = has_data.reshape(b, g, p, g, p).any(dim=4).any(dim=2).reshape(b, g * g)
+        w = torch.full(
+            token_has_data.shape, float(self.hparams.empty_pixel_weight), device=x.device
+        )
+        return torch.where(token_has_data, torch.ones_like(w), w)
 
     def patchify(self, x: Tensor) -> Tensor:
         """(B, C, S, S) → (B, L, p*p*C), patches row-major."""
@@ -209,10 +261,14 @@ class S2VecMAE(L.LightningModule):
         return self.decoder_pred(self.decoder_norm(x))
 
     @staticmethod
-    def forward_loss(target: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        """Mean squared error over the masked tokens only."""
+    def forward_loss(
+        target: Tensor, pred: Tensor, mask: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
+        """Mean squared error over the masked tokens only, each token weighted by ``weight``
+        (B, L) when given: sum(w · mask · mse) / sum(w · mask)."""
         per_token = ((pred.float() - target.float()) ** 2).mean(dim=-1)
-        return (per_token * mask).sum() / mask.sum().clamp_min(1)
+        w = mask if weight is None else mask * weight
+        return (per_token * w).sum() / w.sum().clamp_min(1e-8)
 
     def forward(
         self, x: Tensor, mask_ratio: float | None = None, noise: Tensor | None = None
@@ -222,7 +278,8 @@ class S2VecMAE(L.LightningModule):
         ratio = self.hparams.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(target, ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(target, pred, mask), pred, mask
+        weight = None if self.hparams.empty_pixel_weight == 1.0 else self.token_weights(x)
+        return self.forward_loss(target, pred, mask, weight), pred, mask
 
     def encode(self, x: Tensor) -> Tensor:
         """(B, S*S, D) pixel embeddings without masking; index = row*S + col.
@@ -251,7 +308,21 @@ class S2VecMAE(L.LightningModule):
         n = batch.shape[0]
         return torch.rand(n, self.num_patches, device=batch.device, generator=g)
 
+    def augment_batch(self, batch: Tensor, step: int) -> Tensor:
+        """A random D4 element per image (reproducible from mask_seed and step like the
+        masks); training only, never at embedding time."""
+        rank = self.global_rank if self._trainer is not None else 0
+        g = torch.Generator(device="cpu")
+        if self.hparams.mask_seed is None:
+            g.seed()
+        else:
+            g.manual_seed(hash((self.hparams.mask_seed, 2, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+        elements = torch.randint(0, 8, (batch.shape[0],), generator=g).to(batch.device)
+        return random_dihedral(batch, elements)
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        if self.hparams.augment:
+            batch = self.augment_batch(batch, self.global_step)
         loss, _, _ = self(batch, noise=self._noise(batch, self.global_step, 0))
         self.log(
             "train_loss",

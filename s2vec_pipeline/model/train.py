@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -211,6 +212,11 @@ class TrainConfig:
     decoder_num_heads: int = 4
     mlp_ratio: float = 4.0
     shuffle_buffer: int = 2048
+    # Levers of docs/quality.md; at their defaults they stay out of the model version.
+    augment: bool = False  # a random rotation/reflection (D4) of each training image
+    empty_pixel_weight: float = 1.0  # loss weight of masked pixels with all channels zero
+    input_norm: str = "channel"  # z-score of log1p per "channel", or one for all ("global")
+    held_out_channels: tuple[str, ...] = ()  # channels zeroed in the input (probe labels)
     # runtime only
     num_workers: int = 0
     devices: int | str = "auto"  # "auto": every GPU (one CPU process without a GPU), or N
@@ -226,6 +232,28 @@ class TrainConfig:
         "progress_bar",
     )
 
+    #: Fields added after models were trained: left out of the version at these values, so
+    #: earlier models keep their versions.
+    OPTIONAL_FIELDS = {
+        "augment": False,
+        "empty_pixel_weight": 1.0,
+        "input_norm": "channel",
+        "held_out_channels": (),
+    }
+    INPUT_NORMS = ("channel", "global")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.empty_pixel_weight <= 1.0:
+            raise S2VecError(f"empty_pixel_weight must be in [0, 1], not {self.empty_pixel_weight}")
+        if self.input_norm not in self.INPUT_NORMS:
+            raise S2VecError(
+                f"input_norm must be one of {', '.join(self.INPUT_NORMS)}, not {self.input_norm!r}"
+            )
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise S2VecError(f"mask_ratio must be in [0, 1), not {self.mask_ratio}")
+        # A list from JSON / Dagster config becomes a tuple (hashable, frozen).
+        object.__setattr__(self, "held_out_channels", tuple(self.held_out_channels))
+
     @classmethod
     def for_profile(cls, profile: str, **overrides: Any) -> TrainConfig:
         """Defaults per resolution profile; ``overrides`` replace any field."""
@@ -237,9 +265,19 @@ class TrainConfig:
         }.get(profile, {})
         return cls(**{**defaults, **overrides})
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-shaped (the held-out channels as a list)."""
+        return {**dataclasses.asdict(self), "held_out_channels": list(self.held_out_channels)}
+
     def version_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if k not in self.RUNTIME_FIELDS}
+        d = self.as_dict()
+        return {
+            k: v
+            for k, v in d.items()
+            if k not in self.RUNTIME_FIELDS
+            and not (k in self.OPTIONAL_FIELDS and v == self.OPTIONAL_FIELDS[k])
+            and not (k == "held_out_channels" and not v)
+        }
 
     def uses_cuda(self) -> bool:
         return torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
@@ -518,6 +556,12 @@ def train_model(
             f"{', '.join(map(str, available)) or 'none'})"
         )
     config = config or TrainConfig.for_profile(contract.get("profile", ""))
+    unknown = [c for c in config.held_out_channels if c not in contract["channels"]]
+    if unknown:  # before any directory is made
+        raise S2VecError(
+            f"held_out_channels: {', '.join(unknown)} not among the raster channels "
+            f"({', '.join(contract['channels'])})"
+        )
     world_size = config.world_size()
     partition_versions = raster_partition_versions(root, partitions, snapshot)
     version = model_version(config, contract, partition_versions, world_size)
@@ -583,8 +627,11 @@ def _train(
         warmup_fraction=config.warmup_fraction,
         mask_seed=config.seed,
         channels=dm.channels,
+        augment=config.augment,
+        empty_pixel_weight=config.empty_pixel_weight,
+        held_out_channels=[dm.channels.index(c) for c in config.held_out_channels],
     )
-    model.set_normalization(dm.channel_mean, dm.channel_std)
+    model.set_normalization(*input_normalization(dm.channel_mean, dm.channel_std, config))
 
     # last.ckpt at each epoch end, written atomically (Lightning saves through an fsspec
     # transaction: temporary file, then rename). Not ``save_last=True``: since Lightning 2.6
@@ -639,6 +686,28 @@ def _train(
     )
 
 
+def input_normalization(
+    channel_mean: np.ndarray, channel_std: np.ndarray, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) the model standardizes its log1p input with.
+
+    ``channel``: each channel's own training statistics. ``global``: one mean and standard
+    deviation over every value of every channel (from the per-channel moments), so the
+    channels keep their log1p scales: a rare channel's few non-zero pixels are not blown up
+    by its tiny standard deviation.
+    """
+    mean = np.asarray(channel_mean, dtype=np.float64)
+    std = np.asarray(channel_std, dtype=np.float64)
+    if config.input_norm == "channel":
+        return mean.astype(np.float32), std.astype(np.float32)
+    overall = mean.mean()
+    var = float(np.mean(std**2 + mean**2) - overall**2)  # E[x²] − E[x]², equal pixel counts
+    return (
+        np.full(mean.shape, overall, np.float32),
+        np.full(mean.shape, math.sqrt(max(var, 0.0)), np.float32),
+    )
+
+
 def _finish(
     work: Path,
     final: str,
@@ -674,7 +743,7 @@ def _finish(
     history = read_loss_history(work / LOGS_DIR)
     card = ModelCard(
         model_version=version,
-        config=dataclasses.asdict(config),
+        config=config.as_dict(),
         profile=contract.get("profile"),
         image_level=contract.get("image_level"),
         pixel_level=contract.get("pixel_level"),
@@ -682,7 +751,13 @@ def _finish(
         taxonomy_version=contract["taxonomy_version"],
         channels=list(contract["channels"]),
         partitions=dict(sorted(partition_versions.items())),
-        normalization=dm.normalization_stats(),
+        normalization=dict(
+            zip(
+                ("mean", "std"),
+                (a.tolist() for a in input_normalization(dm.channel_mean, dm.channel_std, config)),
+                strict=True,
+            )
+        ),
         n_train=dm.n_train,
         n_val=dm.n_val,
         train_loss=history["epoch_train_loss"][-1] if history["epoch_train_loss"] else None,
