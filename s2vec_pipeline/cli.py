@@ -134,6 +134,32 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="train with DDP on N GPUs (N CPU processes without a GPU); default 1",
     )
+    train = p.add_argument_group("training levers (docs/quality.md)")
+    train.add_argument(
+        "--augment",
+        action="store_true",
+        help="train on a random one of the 8 rotations/reflections of each image",
+    )
+    train.add_argument(
+        "--empty-pixel-weight",
+        type=float,
+        default=None,
+        metavar="W",
+        help="loss weight of masked pixels without data, in [0, 1] (default 1)",
+    )
+    train.add_argument(
+        "--input-norm",
+        choices=("channel", "global"),
+        default=None,
+        help="standardize log1p inputs per channel (default) or with one global scale",
+    )
+    train.add_argument(
+        "--held-out-channels",
+        type=_csv,
+        default=None,
+        metavar="NAME,...",
+        help="channels zeroed in the model's input (to evaluate them as labels)",
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -174,10 +200,33 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         raise S2VecError(f"--epochs must be at least 1, got {args.epochs}")
     if args.devices is not None and args.devices < 1:
         raise S2VecError(f"--devices must be at least 1, got {args.devices}")
+    levers = {
+        k: v
+        for k, v in (
+            ("augment", True if args.augment else None),
+            ("empty_pixel_weight", args.empty_pixel_weight),
+            ("input_norm", args.input_norm),
+            ("held_out_channels", args.held_out_channels),
+        )
+        if v is not None
+    }
+    if args.empty_pixel_weight is not None and not 0.0 <= args.empty_pixel_weight <= 1.0:
+        raise S2VecError(f"--empty-pixel-weight must be in [0, 1], got {args.empty_pixel_weight}")
+    unknown = [c for c in levers.get("held_out_channels", []) if c not in taxonomy.channel_names]
+    if unknown:
+        raise S2VecError(
+            f"--held-out-channels: {', '.join(unknown)} not among the taxonomy's channels "
+            f'(see `s2vec sql "DESCRIBE cell_features"` or the taxonomy YAML)'
+        )
+    if levers:  # bad values (a weight outside [0, 1]) fail here, before any run
+        from s2vec_pipeline.model.train import TrainConfig
+
+        TrainConfig.for_profile(profile.name, **levers)
     op_config = {
         "mae_model": {
             **({"epochs": args.epochs} if args.epochs else {}),
             **({"devices": args.devices} if args.devices is not None else {}),
+            **levers,
         },
         "embeddings": {"model_version": args.model_version} if args.model_version else {},
     }

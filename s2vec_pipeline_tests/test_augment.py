@@ -176,3 +176,28 @@ def test_short_fit_with_every_lever(tmp_path: Path) -> None:
     with pytest.raises(S2VecError, match="held_out_channels: nope not among"):
         train_model(tmp_path, config=TrainConfig(held_out_channels=("nope",), **TINY))
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == before  # nothing written
+
+
+def test_cli_levers_reach_the_model_card(tmp_path: Path, monaco_pbf: Path, capsys) -> None:
+    """`s2vec materialize` flags -> the Dagster launch config -> the trained model's card; bad
+    values exit 2 before anything is written."""
+    from s2vec_pipeline.cli import main
+
+    root = tmp_path / "root"
+    base = ["materialize", "--root", str(root), "--source", str(monaco_pbf)]
+    assert main([*base, "--empty-pixel-weight", "1.5"]) == 2
+    assert "--empty-pixel-weight must be in [0, 1]" in capsys.readouterr().err
+    assert main([*base, "--held-out-channels", "no_such_channel"]) == 2
+    assert "no_such_channel" in capsys.readouterr().err
+    assert not root.exists()
+
+    args = ["--epochs", "1", "--augment", "--empty-pixel-weight", "0.25",
+            "--held-out-channels", "road_primary_m", "--input-norm", "global",
+            "--stages", "extract,features,raster,train"]  # fmt: skip
+    assert main([*base, *args]) == 0
+    (card_path,) = (root / "models").glob("*/model_card.json")
+    config = json.loads(card_path.read_text())["config"]
+    assert config["augment"] is True
+    assert config["empty_pixel_weight"] == 0.25
+    assert config["held_out_channels"] == ["road_primary_m"]
+    assert config["input_norm"] == "global"

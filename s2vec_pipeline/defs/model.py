@@ -71,6 +71,24 @@ class TrainingConfig(dg.Config):
         description="Devices to train on: GPUs with DDP (ddp_spawn, which works inside a "
         "step), or CPU processes without a GPU",
     )
+    augment: bool = Field(
+        default=False,
+        description="Train on a random one of the 8 rotations/reflections of each image "
+        "(docs/quality.md: no measurable effect on the bundled extracts)",
+    )
+    empty_pixel_weight: float = Field(
+        default=1.0,
+        description="Loss weight of masked pixels with no data, in [0, 1] (1: plain MSE)",
+    )
+    input_norm: str = Field(
+        default="channel",
+        description="Input normalization of log1p values: channel (each channel standardized by "
+        "its own statistics) or global (one mean and std for all channels)",
+    )
+    held_out_channels: list[str] = Field(
+        default=[],
+        description="Channels zeroed in the model's input (to probe them as labels)",
+    )
 
     def train_config(self, profile: str) -> "TrainConfig":
         from s2vec_pipeline.model.train import TrainConfig
