@@ -209,6 +209,9 @@ def _create(uri: str, name: str, schema: pa.Schema, contract: dict[str, Any]) ->
             partition_by=[PARTITION_COLUMN],
             name=name,
             description=json.dumps({CONTRACT_KEY: contract}, sort_keys=True),
+            # No retry: delta-rs would commit the losing CREATE again as version 1 over the
+            # winner's metadata (seen on S3 with two creators); losing must fail here.
+            commit_properties=CommitProperties(max_commit_retries=0),
         )
     except CommitFailedError:
         if not DeltaTable.is_deltatable(uri):  # not a lost race: a real failure
@@ -235,13 +238,21 @@ def retry_commit(attempt: Callable[[int], _T], attempts: int = COMMIT_ATTEMPTS) 
     raise AssertionError("unreachable")
 
 
-def _version_of_write(uri: str, write_id: str) -> int:
-    """The version of the commit tagged ``write_id`` (later commits may exist already)."""
-    dt = DeltaTable(uri)
-    for entry in dt.history(limit=64):
-        if entry.get("s2vec.write_id") == write_id:
-            return int(entry["version"])
-    return dt.version()
+def _version_of_write(uri: str, write_id: str, newest: int = 64) -> int:
+    """The version of the commit tagged ``write_id``, found in the commit files counting down
+    from the table's current version (later commits may exist already). Not
+    ``DeltaTable.history()``: it labels commits by counting down from its snapshot's version
+    while listing the log anew, so a commit landing in between shifts every label by one (seen
+    on S3 with two writers)."""
+    latest = DeltaTable(uri).version()  # loaded after the write: at or past its commit
+    for version in range(latest, max(-1, latest - newest), -1):
+        data = storage.read_bytes(storage.join(uri, "_delta_log", f"{version:020d}.json"))
+        for line in (data or b"").decode().splitlines():
+            info = json.loads(line).get("commitInfo")
+            if info is not None and info.get("s2vec.write_id") == write_id:
+                return version
+    log.warning("%s: write %s not among the %d newest commits", uri, write_id, newest)
+    return latest
 
 
 class _ReplayableData:

@@ -197,37 +197,59 @@ def test_object_root_needs_dagster_home(
     assert _objects(s3_env.split("/", 3)[3]) == []  # nothing written
 
 
-def _write_one(root: str, key: str, env: dict[str, str], queue: mp.Queue) -> None:
-    """A writer process: one partition of table ``t`` (created by whoever comes first)."""
+def _write_one(root: str, table: str, key: str, env: dict[str, str], queue: mp.Queue) -> None:
+    """A writer process: one partition of ``table`` (created by whoever comes first)."""
     os.environ.update(env)
     try:
         data = pa.table({"parent_l6": [key] * 50, "value": list(range(50))})
-        version = delta_store.write_partitions(root, "t", data, [key], {"table": "t"})
+        version = delta_store.write_partitions(root, table, data, [key], {"table": table})
         queue.put((key, version, None))
     except Exception as e:  # reported to the test
         queue.put((key, None, repr(e)))
 
 
-def test_two_writers_create_and_write_one_s3_table(s3_env: str) -> None:
+@pytest.mark.parametrize("table", ["t0", "t1", "t2", "t3"])
+def test_two_writers_create_and_write_one_s3_table(s3_env: str, table: str) -> None:
+    """Two processes create and write one fresh table at once. Each race is close to a coin
+    toss, so four tables: before the fixes half the rounds failed (the losing CREATE was
+    committed again as version 1; a writer read its version from a shifted history)."""
     ctx = mp.get_context("spawn")  # deltalake panics in forked children
     queue = ctx.Queue()
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == storage.ENV_CACHE}
-    procs = [ctx.Process(target=_write_one, args=(s3_env, k, env, queue)) for k in ("aa", "bb")]
+    procs = [
+        ctx.Process(target=_write_one, args=(s3_env, table, k, env, queue)) for k in ("aa", "bb")
+    ]
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=60)
     assert [r[2] for r in results] == [None, None], results
-    df = delta_store.read_partitions(s3_env, "t").sort("parent_l6", "value")
+    df = delta_store.read_partitions(s3_env, table).sort("parent_l6", "value")
     assert df["parent_l6"].to_list() == ["aa"] * 50 + ["bb"] * 50
     assert df["value"].to_list() == list(range(50)) * 2
     # exactly one version 0 (the creation) and one commit per writer after it
-    logs = sorted(k for k in _objects(s3_env.split("/", 3)[3]) if "_delta_log/" in k)
+    logs = sorted(k for k in _objects(s3_env.split("/", 3)[3]) if f"{table}/_delta_log/" in k)
     assert [k.rsplit("/", 1)[1] for k in logs if k.endswith(".json")] == [
         f"{v:020d}.json" for v in range(3)
     ]
-    assert sorted(r[1] for r in results) == [1, 2]
+    # each writer reports the version its own commit got
+    by_key = {key: version for key, version, _ in results}
+    assert sorted(by_key.values()) == [1, 2]
+    for key, version in by_key.items():
+        assert _commit_partitions(s3_env, table, version) == key
+
+
+def _commit_partitions(root: str, table: str, version: int) -> str:
+    """The partitions the commit file of ``version`` names (read with boto3, not delta-rs)."""
+    import json
+
+    import boto3
+
+    key = f"{root.split('/', 3)[3]}/{table}/_delta_log/{version:020d}.json"
+    body = boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+    infos = [json.loads(line)["commitInfo"] for line in body.splitlines() if "commitInfo" in line]
+    return infos[0]["s2vec.partitions"]
 
 
 def test_losing_creator_checks_the_contract(s3_env: str) -> None:
