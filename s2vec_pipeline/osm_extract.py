@@ -293,6 +293,19 @@ def _empty_frame() -> pl.DataFrame:
     return pl.DataFrame(schema=OSM_FEATURES_SCHEMA)
 
 
+def _piece_frame(objs: np.ndarray, pieces: clip.CellPieces, value: str) -> pl.DataFrame:
+    """The pieces of ``objs`` (collector indices) as (obj, cell, ``value``, lat, lon) rows."""
+    return pl.DataFrame(
+        {
+            "obj": objs[pieces.index],
+            "cell": pieces.cell.view(np.int64),
+            value: pieces.value,
+            "lat": pieces.lat,
+            "lon": pieces.lng,
+        }
+    )
+
+
 def _rows_from_collector(
     col: _Collector,
     taxonomy: Taxonomy,
@@ -388,16 +401,7 @@ def _rows_from_collector(
         objs = np.unique(chan_obj[is_area])
         pieces = clip.polygon_cell_areas(geoms[objs], profile.pixel_level, partitions)
         clipped += pieces.clipped
-        per_cell = pl.DataFrame(
-            {
-                "obj": objs[pieces.index],
-                "cell": pieces.cell.view(np.int64),
-                "area": pieces.value,
-                "lat": pieces.lat,
-                "lon": pieces.lng,
-            }
-        )
-        frames.append(measure_rows(per_cell, "area", is_area))
+        frames.append(measure_rows(_piece_frame(objs, pieces, "area"), "area", is_area))
 
     # Length rows: per (way, length channel, pixel cell), the length of the line inside it.
     is_length = chan_measure == "length_m"
@@ -405,15 +409,7 @@ def _rows_from_collector(
         objs = np.unique(chan_obj[is_length])
         pieces = clip.line_cell_lengths(geoms[objs], profile.pixel_level)
         clipped += pieces.clipped
-        segs = pl.DataFrame(
-            {
-                "obj": objs[pieces.index],
-                "cell": pieces.cell.view(np.int64),
-                "len": pieces.value,
-                "lat": pieces.lat,
-                "lon": pieces.lng,
-            }
-        )
+        segs = _piece_frame(objs, pieces, "len")
         per_cell = segs.group_by("obj", "cell").agg(
             # Pieces come in order along the line: the first one's midpoint, in the cell.
             exact_sum("len"),
