@@ -7,7 +7,6 @@ partition to Delta in one atomic commit (``delta_store``) and returns one
 version, so a partition is "Unsynced" exactly when its upstream partition's content changed.
 """
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,8 +27,8 @@ from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import osm_sources
 from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.extract_cache import extract_partition
 from s2vec_pipeline.osm_extract import OSM_FEATURES_CODE_VERSION, OSM_FEATURES_SCHEMA
-from s2vec_pipeline.osm_split import extract_partitions
 from s2vec_pipeline.preview import markdown_image, partition_mosaic, png_bytes
 from s2vec_pipeline.raster import RASTER_SCHEMA, iter_raster_batches, tensor_array
 from s2vec_pipeline.settings import PipelineSettings
@@ -143,24 +142,12 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
     settings = s2vec.settings()
     key = context.partition_key
     sources = settings.current_sources_for([key])
-    t0 = time.perf_counter()
-    # Small sources are read in this process; large ones are first cut by osmium-tool (once per
-    # source version, kept under the root) so that memory stays bounded by the partition.
-    delivered: dict[str, pl.DataFrame] = {}
-    result = extract_partitions(
-        sources,
-        settings.taxonomy,
-        settings.profile,
-        [key],
-        delivered.__setitem__,
-        workers=1,
-        # a backfill runs one partition per run: cut a large source once, not once per run
-        split_cache=settings.split_cache_dir,
+    # A source covering several partitions is extracted once per version and group, its
+    # partitions' rows kept for their own runs (extract_cache): no run reads the whole source.
+    extract = extract_partition(
+        sources, settings.taxonomy, settings.profile, key, settings.split_cache_dir
     )
-    if key in result.failed:
-        raise RuntimeError(f"extraction of partition {key} failed: {result.failed[key]}")
-    df, stats = delivered[key], result.stats
-    seconds = time.perf_counter() - t0
+    df, stats, seconds = extract.rows, extract.stats, extract.seconds
     _write(
         context,
         settings,
@@ -173,7 +160,7 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
         data_version=dg.DataVersion(partition_data_version("osm_features", df)),
         metadata={
             **_table_metadata(settings, "osm_features", df.height, OSM_FEATURES_COLUMNS),
-            "sources": dg.MetadataValue.json(stats.sources),
+            "sources": dg.MetadataValue.json(extract.how),
             "objects_read": stats.objects_read,
             "objects_matched": stats.objects_matched,
             "geometry_failures": stats.geometry_failures,
