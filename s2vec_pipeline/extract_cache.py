@@ -122,6 +122,19 @@ def extract_partition(
     return out
 
 
+def interleave_groups(
+    partitions: Sequence[str], partitions_per_group: int = PARTITIONS_PER_GROUP
+) -> list[str]:
+    """The partitions in an order that takes one partition of each extraction group in turn:
+    runs going at once then extract different groups instead of waiting for one another."""
+    level = _group_level(partitions_per_group)
+    by_group: dict[str, list[str]] = {}
+    for t in sorted(set(partitions)):
+        by_group.setdefault(_ancestor(t, level), []).append(t)
+    rounds = [list(g) for g in by_group.values()]
+    return [g[i] for i in range(max(map(len, rounds), default=0)) for g in rounds if i < len(g)]
+
+
 def _cached_rows(
     path: Path,
     covered: Sequence[str],

@@ -33,6 +33,7 @@ from s2vec_pipeline.errors import (
     S2VecError,
     StorageUnavailableError,
 )
+from s2vec_pipeline.extract_cache import interleave_groups
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.settings import PipelineSettings
 
@@ -268,56 +269,86 @@ class Launcher:
     def run_partitions(
         self, job_name: str, partitions: Sequence[str], assets: Sequence[str], workers: int = 1
     ) -> None:
-        """One run per partition, ``workers`` at a time, each in its own spawned process
-        (deltalake cannot run in forked children). A worker that fails or dies fails its
-        partition only: the others run to the end, then the first failure is raised."""
-        if workers <= 1 or len(partitions) <= 1:
-            for i, k in enumerate(partitions, 1):
+        """One run per partition, ``workers`` at a time. With several workers, each is a
+        long-lived spawned process (deltalake cannot run in forked children) that loads the
+        definitions once and serves one partition after another: a run costs the run, not a
+        process start. A worker that fails or dies fails its partition only (a dead worker is
+        replaced): the others run to the end, then the first failure is raised."""
+        order = interleave_groups(partitions)
+        if workers <= 1 or len(order) <= 1:
+            for i, k in enumerate(order, 1):
                 t0 = time.perf_counter()
                 self.run(job_name, k, assets)
-                _report_done(job_name, k, i, len(partitions), t0, self.report.detail)
+                _report_done(job_name, k, i, len(order), t0, self.report.detail)
             return
         ctx = mp.get_context("spawn")
-        pending, running = list(partitions), {}
+        pending = list(order)
+        idle: list[mp.connection.Connection] = []
+        busy: dict[Any, tuple[Any, mp.connection.Connection, str, float]] = {}
+        procs: dict[mp.connection.Connection, Any] = {}
         failures: dict[str, BaseException] = {}
         done = 0
-        while pending or running:
-            while pending and len(running) < workers:
-                k = pending.pop(0)
-                receive, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(
-                    target=_partition_worker,
-                    args=(
-                        send,
-                        self.instance.get_ref(),
-                        self.settings.settings_dict(),
-                        self.log_level,
-                        self.tags,
-                        job_name,
-                        k,
-                        list(assets),
-                    ),
-                )
-                proc.start()
-                send.close()
-                running[proc.sentinel] = (proc, k, receive, time.perf_counter())
-            for sentinel in mp.connection.wait(list(running)):
-                proc, k, receive, t0 = running.pop(sentinel)
-                outcome = receive.recv() if receive.poll() else None
-                proc.join()
-                if isinstance(outcome, RunReport):
-                    self.report.merge(outcome)
-                    done += 1
-                    _report_done(job_name, k, done, len(partitions), t0, outcome.detail)
-                else:
-                    failures[k] = outcome or RuntimeError(
-                        f"the worker for partition {k} died (exit code {proc.exitcode})"
-                    )
+
+        def start_worker() -> None:
+            mine, theirs = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=_partition_worker,
+                args=(
+                    theirs,
+                    self.instance.get_ref(),
+                    self.settings.settings_dict(),
+                    self.log_level,
+                    self.tags,
+                    job_name,
+                    list(assets),
+                ),
+            )
+            proc.start()
+            theirs.close()
+            procs[mine] = proc
+            idle.append(mine)
+
+        try:
+            for _ in range(min(workers, len(pending))):
+                start_worker()
+            while pending or busy:
+                while pending and idle:
+                    conn = idle.pop()
+                    k = pending.pop(0)
+                    conn.send(k)
+                    busy[conn] = (procs[conn], conn, k, time.perf_counter())
+                ready = mp.connection.wait([*busy, *(p.sentinel for p, *_ in busy.values())])
+                for conn in [c for c in busy if c in ready or busy[c][0].sentinel in ready]:
+                    proc, _, k, t0 = busy.pop(conn)
+                    outcome = conn.recv() if conn.poll() else None
+                    if isinstance(outcome, RunReport):
+                        self.report.merge(outcome)
+                        done += 1
+                        _report_done(job_name, k, done, len(order), t0, outcome.detail)
+                    else:
+                        failures[k] = outcome or RuntimeError(
+                            f"the worker for partition {k} died (exit code {proc.exitcode})"
+                        )
+                    if proc.is_alive():
+                        idle.append(conn)
+                    else:  # died: replace it while partitions remain
+                        procs.pop(conn).join()
+                        if pending:
+                            start_worker()
+        finally:
+            for conn in procs:  # a None tells a worker to exit
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+            for proc in procs.values():
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
         if failures:
             k, first = next(iter(sorted(failures.items())))
             if len(failures) > 1 or not isinstance(first, S2VecError):
                 raise PartitionsFailedError(
-                    f"{len(failures)} of {len(partitions)} partitions failed "
+                    f"{len(failures)} of {len(order)} partitions failed "
                     f"({', '.join(sorted(failures))}); the others were written. First, {k}: "
                     f"{first}"
                 )
@@ -338,6 +369,9 @@ def _run_detail(result: dg.ExecuteInProcessResult) -> str:
         m = event.step_materialization_data.materialization
         if m.asset_key.to_user_string() == "osm_features" and "objects_read" in m.metadata:
             read, matched = m.metadata["objects_read"].value, m.metadata["objects_matched"].value
+            how = m.metadata.get("extraction")
+            if how is not None and how.value == "cached":
+                return "rows kept by its group's extraction"
             return f"{read} OSM objects read, {matched} matched"
     return ""
 
@@ -346,29 +380,36 @@ class PartitionsFailedError(S2VecError):
     """Some partitions of a parallel materialization failed; the others were written."""
 
 
+def _next_partition(conn: mp.connection.Connection) -> str | None:
+    try:
+        return conn.recv()
+    except EOFError:  # the coordinator is gone: stop
+        return None
+
+
 def _partition_worker(
-    send: mp.connection.Connection,
+    conn: mp.connection.Connection,
     instance_ref: Any,
     settings: dict[str, Any],
     log_level: str,
     tags: dict[str, str],
     job_name: str,
-    partition: str,
     assets: list[str],
 ) -> None:
-    """One partition's run in a spawned process; sends back its report or its error."""
+    """A long-lived worker: loads the definitions once, then runs each partition it receives
+    (None: exit) and sends back that run's report or its error."""
     quiet_python_loggers(log_level)
-    try:
-        with dg.DagsterInstance.from_ref(instance_ref) as instance:
-            launcher = Launcher(PipelineSettings(**settings), instance, log_level, tags)
-            launcher.run(job_name, partition, assets)
-        send.send(launcher.report)
-    except S2VecError as e:
-        send.send(e)
-    except BaseException as e:  # noqa: BLE001 - Dagster errors do not always pickle
-        send.send(RuntimeError(f"{type(e).__name__}: {e}"))
-    finally:
-        send.close()
+    with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        launcher = Launcher(PipelineSettings(**settings), instance, log_level, tags)
+        while (partition := _next_partition(conn)) is not None:
+            launcher.report = RunReport()
+            try:
+                launcher.run(job_name, partition, assets)
+                conn.send(launcher.report)
+            except S2VecError as e:
+                conn.send(e)
+            except Exception as e:  # noqa: BLE001 - Dagster errors do not always pickle
+                conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
 
 
 def materialize(

@@ -161,6 +161,8 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
         metadata={
             **_table_metadata(settings, "osm_features", df.height, OSM_FEATURES_COLUMNS),
             "sources": dg.MetadataValue.json(extract.how),
+            # "read" / "extracted" (this run extracted its group) / "cached" (an earlier run did)
+            "extraction": ", ".join(sorted(set(extract.how.values()))),
             "objects_read": stats.objects_read,
             "objects_matched": stats.objects_matched,
             "geometry_failures": stats.geometry_failures,

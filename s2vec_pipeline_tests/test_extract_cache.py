@@ -1,0 +1,137 @@
+"""Each source read once per version (issue 15): a source covering several partitions is
+extracted once per group, its partitions' rows kept, and every partition's rows equal the
+single-process extraction of the whole file (the oracle), with osmium-tool and without it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import s2cell
+
+from s2vec_pipeline.extract_cache import extract_partition, interleave_groups
+from s2vec_pipeline.osm_extract import extract_features
+from s2vec_pipeline.osm_tile import cell_center_offsets, tile_pbf
+from s2vec_pipeline.profiles import PROFILES
+from s2vec_pipeline.settings import cells_covering_source
+from s2vec_pipeline.taxonomy import load_taxonomy
+
+CITY = PROFILES["city"]
+
+
+def group_of(token: str) -> str:
+    """The extraction group of a partition: its level-5 parent (s2cell as the oracle)."""
+    return s2cell.token_to_parent_token(token, 5)
+
+
+@pytest.fixture(scope="module")
+def taxonomy():
+    return load_taxonomy()
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory, helsinki_pbf) -> Path:
+    """Four copies of Helsinki, one per level-6 cell: a source covering several groups."""
+    out = tmp_path_factory.mktemp("tiled") / "four.osm.pbf"
+    tile_pbf(helsinki_pbf, cell_center_offsets(helsinki_pbf, 4), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle(tiled, taxonomy) -> pl.DataFrame:
+    """The whole file extracted in one process, every partition it covers."""
+    df, _ = extract_features([tiled], taxonomy, CITY, cells_covering_source(tiled))
+    return df
+
+
+@pytest.fixture(params=["osmium-tool", "pyosmium only"])
+def tool(request, monkeypatch, tmp_path) -> str:
+    if request.param == "osmium-tool":
+        if shutil.which("osmium") is None:
+            pytest.skip("osmium-tool is not installed")
+    else:  # a PATH without osmium: the whole small source is extracted once in process
+        monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    return request.param
+
+
+def test_each_group_extracted_once_rows_equal_whole_file(tiled, oracle, taxonomy, tool, tmp_path):
+    cells = cells_covering_source(tiled)
+    assert len({group_of(t) for t in cells}) >= 2  # the source covers several groups
+    extracted, rows = [], 0
+    for token in interleave_groups(cells):
+        got = extract_partition([tiled], taxonomy, CITY, token, tmp_path / "cache")
+        expected = oracle.filter(pl.col("parent_l6") == token)
+        assert got.rows.equals(expected), token
+        how = got.how[str(tiled)]
+        if how == "extracted":
+            extracted.append(token)
+            assert got.stats.objects_read > 0
+        else:
+            assert how == "cached" and got.stats.objects_read == 0
+        rows += got.rows.height
+    assert rows == oracle.height > 0
+    groups = {group_of(t) for t in cells}
+    if tool == "osmium-tool":  # one extraction per group
+        assert len(extracted) == len(groups)
+    else:  # the whole file once
+        assert len(extracted) == 1
+
+
+def test_interleave_takes_one_partition_of_each_group_in_turn(tiled):
+    cells = cells_covering_source(tiled)
+    order = interleave_groups(cells)
+    assert sorted(order) == sorted(cells)
+    first_round = order[: len({group_of(t) for t in cells})]
+    assert len({group_of(t) for t in first_round}) == len(first_round)  # all different groups
+
+
+def test_replaced_source_is_extracted_again(tiled, helsinki_pbf, taxonomy, tmp_path):
+    """A file replaced at the same path, even with the old mtime, is a new version: its rows
+    are extracted from it, never mixed with the old file's."""
+    src = tmp_path / "src.osm.pbf"
+    shutil.copy(tiled, src)
+    token = interleave_groups(cells_covering_source(tiled))[0]
+    cache = tmp_path / "cache"
+    first = extract_partition([src], taxonomy, CITY, token, cache)
+    assert first.rows.height > 0
+    mtime = src.stat().st_mtime_ns
+    other = tmp_path / "other.osm.pbf"  # Helsinki moved by 0.3°: other rows in that cell
+    lat_lng = cell_center_offsets(helsinki_pbf, 4)
+    tile_pbf(helsinki_pbf, [(a + 0.3, b) for a, b in lat_lng], other)
+    os.replace(other, src)
+    os.utime(src, ns=(mtime, mtime))
+    again = extract_partition([src], taxonomy, CITY, token, cache)
+    assert again.how[str(src)] == "extracted"
+    expected, _ = extract_features([src], taxonomy, CITY, [token])
+    assert again.rows.equals(expected)
+    assert not again.rows.equals(first.rows)
+
+
+def test_group_without_marker_is_extracted_again(tiled, oracle, taxonomy, tmp_path):
+    """A run killed while keeping a group's rows leaves no marker: the next run extracts the
+    group again instead of reading a partial file."""
+    cache = tmp_path / "cache"
+    token = interleave_groups(cells_covering_source(tiled))[0]
+    extract_partition([tiled], taxonomy, CITY, token, cache)
+    (marker,) = cache.glob("*/*/rows-*/*.done")
+    marker.unlink()
+    kept = marker.parent / f"{token}.parquet"
+    kept.write_bytes(kept.read_bytes()[:100])  # a torn file
+    again = extract_partition([tiled], taxonomy, CITY, token, cache)
+    assert again.how[str(tiled)] == "extracted"
+    assert again.rows.equals(oracle.filter(pl.col("parent_l6") == token))
+
+
+def test_single_partition_source_is_read_in_the_run(monaco_pbf, taxonomy, tmp_path):
+    """A source covering one partition is that partition's own share: read, nothing kept."""
+    token = cells_covering_source(monaco_pbf)
+    if len(token) != 1:
+        pytest.skip("the bundled Monaco extract covers several level-6 cells")
+    got = extract_partition([monaco_pbf], taxonomy, CITY, token[0], tmp_path / "cache")
+    assert got.how == {str(monaco_pbf): "read"}
+    expected, _ = extract_features([monaco_pbf], taxonomy, CITY, token)
+    assert got.rows.equals(expected)
+    assert not (tmp_path / "cache").exists()
