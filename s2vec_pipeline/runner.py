@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -320,7 +321,7 @@ class Launcher:
                 ready = mp.connection.wait([*busy, *(p.sentinel for p, *_ in busy.values())])
                 for conn in [c for c in busy if c in ready or busy[c][0].sentinel in ready]:
                     proc, _, k, t0 = busy.pop(conn)
-                    outcome = conn.recv() if conn.poll() else None
+                    outcome = _next_partition(conn) if conn.poll() else None  # None: it died
                     if isinstance(outcome, RunReport):
                         self.report.merge(outcome)
                         done += 1
@@ -329,7 +330,7 @@ class Launcher:
                         failures[k] = outcome or RuntimeError(
                             f"the worker for partition {k} died (exit code {proc.exitcode})"
                         )
-                    if proc.is_alive():
+                    if outcome is not None:
                         idle.append(conn)
                     else:  # died: replace it while partitions remain
                         procs.pop(conn).join()
@@ -380,10 +381,16 @@ class PartitionsFailedError(S2VecError):
     """Some partitions of a parallel materialization failed; the others were written."""
 
 
-def _next_partition(conn: mp.connection.Connection) -> str | None:
+#: Fault injection for tests: a worker given a partition listed here (comma-separated) kills
+#: itself with SIGKILL before its run, as the kernel's OOM killer would.
+ENV_KILL_PARTITION = "S2VEC_TEST_KILL_PARTITION"
+
+
+def _next_partition(conn: mp.connection.Connection) -> Any:
+    """The next message, or None when the other end is gone."""
     try:
         return conn.recv()
-    except EOFError:  # the coordinator is gone: stop
+    except EOFError:
         return None
 
 
@@ -402,6 +409,8 @@ def _partition_worker(
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
         launcher = Launcher(PipelineSettings(**settings), instance, log_level, tags)
         while (partition := _next_partition(conn)) is not None:
+            if partition in os.environ.get(ENV_KILL_PARTITION, "").split(","):
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests (OOM killer)
             launcher.report = RunReport()
             try:
                 launcher.run(job_name, partition, assets)
