@@ -133,6 +133,8 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     elif storage.is_object_store(root):
         check_instance_home(root)
     else:
+        from s2vec_pipeline.instance import pooled_sqlite_config
+
         home = os.path.join(root, "_dagster")
         os.makedirs(home, exist_ok=True)
         config = os.path.join(home, "dagster.yaml")
@@ -141,9 +143,12 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         # exists" otherwise). Later opens only read the schemas.
         try:
             with exclusive(os.path.join(home, ".open.lock")):
-                if not os.path.exists(config):
-                    with open(config, "w") as f:
-                        f.write("telemetry:\n  enabled: false\n")
+                # Written by us (also the older one-line file): pooled SQLite storages, which
+                # cut a run's bookkeeping (instance.py says why).
+                if not os.path.exists(config) or _read(config) == OLD_ROOT_INSTANCE_CONFIG:
+                    storage.write_bytes(
+                        config, (OLD_ROOT_INSTANCE_CONFIG + pooled_sqlite_config(home)).encode()
+                    )
                 instance = dg.DagsterInstance.local_temp(home)
         except Exception as e:
             full = _storage_error(e, home)
@@ -152,6 +157,15 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
             raise full from e
         with instance:
             yield instance
+
+
+#: What the CLI wrote into ``<root>/_dagster/dagster.yaml`` before the pooled storages.
+OLD_ROOT_INSTANCE_CONFIG = "telemetry:\n  enabled: false\n"
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def _storage_error(exc: BaseException, home: str) -> StorageUnavailableError | None:
