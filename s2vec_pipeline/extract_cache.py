@@ -16,11 +16,12 @@ partition of the group are kept; the group's later runs read only their partitio
   that partition's own share.
 
 Rows are kept under ``<split cache>/<source>/<source version>/rows-<settings>/<token>.parquet``:
-the source version is its path, size, mtime and inode (a replaced file is a new version and is
-never mixed with the old one's rows), the settings are the taxonomy, the profile, the extraction
-code version and the grouping. Each file is written to a temporary name and renamed, so a
-worker killed mid-write leaves no partial file; a group's marker ``<group>.done`` is written
-after all its partitions' files, and a group without it is extracted again. Processes
+the source version is its path, size, mtime and inode (a replaced file is a new version: cut
+and extracted again, never mixed with the old one's files or rows), the settings are the
+taxonomy, the profile and the extraction code version. Each file is written to a temporary
+name and renamed, so a worker killed mid-write leaves no partial file; a group's marker
+``<group>.done`` is written after all its partitions' files, and a group without it is
+extracted again. Processes
 serialize on one lock per (source version, group): one extracts, the others wait and read.
 """
 
@@ -147,7 +148,7 @@ def _cached_rows(
     in_process_max_bytes: int,
 ) -> tuple[pl.DataFrame, ExtractStats, str]:
     version_dir = _split_cache_dir(cache_root, path, partitions_per_group, margin_deg)
-    rows_dir = version_dir / f"rows-{_settings_hash(taxonomy, profile, path)}"
+    rows_dir = version_dir / f"rows-{_settings_hash(taxonomy, profile)}"
     level = _group_level(partitions_per_group)
     group = _ancestor(token, level)
     stats = ExtractStats()
@@ -211,15 +212,14 @@ def _keeper(rows_dir: Path):  # noqa: ANN202 - a callback for extract_partitions
     return keep
 
 
-def _settings_hash(taxonomy: Taxonomy, profile: ResolutionProfile, path: Path) -> str:
-    """What the rows depend on besides the file: taxonomy, levels, extraction code, inode."""
+def _settings_hash(taxonomy: Taxonomy, profile: ResolutionProfile) -> str:
+    """What the rows depend on besides the file (its version folder): taxonomy, levels, code."""
     what = [
         ROWS_CACHE_FORMAT,
         taxonomy.version,
         profile.image_level,
         profile.pixel_level,
         OSM_FEATURES_CODE_VERSION,
-        path.stat().st_ino,  # a file replaced by rename keeps size and mtime but not its inode
     ]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:12]
 

@@ -253,6 +253,16 @@ class LocalProcessRunLauncher(dg.DefaultRunLauncher):
 _POOLED_RUN_SHARDS = 4
 
 
+def _history() -> str:
+    """Where Dagster keeps SQLite storage by default: ``$DAGSTER_HOME/history``."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise InstanceUnavailableError(
+            "the pooled SQLite storages need base_dir in dagster.yaml or DAGSTER_HOME set"
+        )
+    return os.path.join(home, "history")
+
+
 def _pooled_engine(conn_string: str) -> Any:
     import sqlalchemy as sa
     from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
@@ -275,13 +285,12 @@ def _pooled_engine(conn_string: str) -> Any:
 
 
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):
-    """Dagster's ``SqliteEventLogStorage`` with pooled engines (see above). In ``dagster.yaml``::
+    """Dagster's ``SqliteEventLogStorage`` with pooled engines (see above). In ``dagster.yaml``
+    (``base_dir`` defaults to ``$DAGSTER_HOME/history/runs``, Dagster's own default)::
 
     event_log_storage:
       module: s2vec_pipeline.instance
       class: PooledSqliteEventLogStorage
-      config:
-        base_dir: <home>/history/runs
     """
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
@@ -291,10 +300,15 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         super().__init__(base_dir, inst_data)
 
     @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        return {"base_dir": dg.Field(dg.StringSource, is_required=False)}
+
+    @classmethod
     def from_config_value(  # type: ignore[override]
         cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
     ) -> PooledSqliteEventLogStorage:
-        return cls(inst_data=inst_data, **config_value)
+        base_dir = config_value.get("base_dir") or os.path.join(_history(), "runs")
+        return cls(base_dir, inst_data=inst_data)
 
     @contextlib.contextmanager
     def _connect(self, shard: str) -> Iterator[Any]:
@@ -355,20 +369,23 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
 
 
 class PooledSqliteRunStorage(SqliteRunStorage):
-    """Dagster's ``SqliteRunStorage`` with one pooled engine (see above). In ``dagster.yaml``::
+    """Dagster's ``SqliteRunStorage`` with one pooled engine (see above). In ``dagster.yaml``
+    (``base_dir`` defaults to ``$DAGSTER_HOME/history``, Dagster's own default)::
 
     run_storage:
       module: s2vec_pipeline.instance
       class: PooledSqliteRunStorage
-      config:
-        base_dir: <home>/history
     """
+
+    @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        return {"base_dir": dg.Field(dg.StringSource, is_required=False)}
 
     @classmethod
     def from_config_value(  # type: ignore[override]
         cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
     ) -> PooledSqliteRunStorage:
-        return cls.from_local(inst_data=inst_data, **config_value)
+        return cls.from_local(config_value.get("base_dir") or _history(), inst_data=inst_data)
 
     @functools.cached_property
     def _engine(self) -> Any:

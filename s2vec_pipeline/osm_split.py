@@ -276,7 +276,7 @@ def split_source(
 
 
 #: Bump when what a split cache holds changes meaning (regions, file format): old ones are unused.
-SPLIT_CACHE_FORMAT = 1
+SPLIT_CACHE_FORMAT = 2
 
 
 def _group_token(group: PartitionGroup, partitions_per_group: int) -> str:
@@ -288,10 +288,12 @@ def _split_cache_dir(
     cache_root: Path, source: Path, partitions_per_group: int, margin_deg: float
 ) -> Path:
     """``<cache_root>/<source stem>-<path hash>/<version hash>``: one folder per source path,
-    one sub-folder per version of the file (size, mtime) and split parameters."""
+    one sub-folder per version of the file (size, mtime, inode) and split parameters."""
     st = source.stat()
     where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
-    version = [SPLIT_CACHE_FORMAT, st.st_size, st.st_mtime_ns, partitions_per_group, margin_deg]
+    # the inode too: a file replaced by rename can keep its size and mtime, never its inode
+    version = [SPLIT_CACHE_FORMAT, st.st_size, st.st_mtime_ns, st.st_ino]
+    version += [partitions_per_group, margin_deg]
     what = hashlib.sha256(json.dumps([*version, SPLIT_FORMAT]).encode()).hexdigest()[:12]
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in source.name.split(".")[0])
     return cache_root / f"{stem[:40]}-{where}" / what

@@ -14,6 +14,7 @@ import s2cell
 
 from s2vec_pipeline.extract_cache import extract_partition, interleave_groups
 from s2vec_pipeline.osm_extract import extract_features
+from s2vec_pipeline.osm_split import _split_cache_dir
 from s2vec_pipeline.osm_tile import cell_center_offsets, tile_pbf
 from s2vec_pipeline.profiles import PROFILES
 from s2vec_pipeline.settings import cells_covering_source
@@ -135,3 +136,18 @@ def test_single_partition_source_is_read_in_the_run(monaco_pbf, taxonomy, tmp_pa
     expected, _ = extract_features([monaco_pbf], taxonomy, CITY, token)
     assert got.rows.equals(expected)
     assert not (tmp_path / "cache").exists()
+
+
+def test_version_folder_changes_with_a_file_replaced_by_rename(tmp_path):
+    """Same size, same mtime, other bytes, renamed over the path: another version folder, so
+    neither the cut files nor the kept rows of the old file are used."""
+    src = tmp_path / "a.osm.pbf"
+    src.write_bytes(b"x" * 1000)
+    before = _split_cache_dir(tmp_path / "cache", src, 4, 0.05)
+    mtime = src.stat().st_mtime_ns
+    tmp = tmp_path / "b.tmp"
+    tmp.write_bytes(b"y" * 1000)
+    os.replace(tmp, src)
+    os.utime(src, ns=(mtime, mtime))
+    assert src.stat().st_size == 1000 and src.stat().st_mtime_ns == mtime
+    assert _split_cache_dir(tmp_path / "cache", src, 4, 0.05) != before
