@@ -288,6 +288,9 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     print(f"\n{len(report.run_ids)} Dagster run(s) in {seconds:.1f} s")
     if report.warnings_raised:
         print(f"warning: asset checks {', '.join(report.warnings_raised)}", file=sys.stderr)
+        for name in report.warnings_raised:
+            if name in report.reasons:
+                print(f"warning: {name}: {report.reasons[name]}", file=sys.stderr)
     if report.checks_failed:
         print(f"FAILED asset checks: {', '.join(report.checks_failed)}", file=sys.stderr)
         return 1
