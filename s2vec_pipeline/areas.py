@@ -293,7 +293,9 @@ def write_pooled(
             "model_version": [version] * n,
         }
     )
-    attrs = areas.attributes.drop([c for c in frame.columns if c in areas.attributes.columns])
+    # The output's own columns win over same-named attributes of the input.
+    own = [*frame.columns, "embedding"]
+    attrs = areas.attributes.drop([c for c in own if c in areas.attributes.columns])
     table = pl.concat([attrs, frame], how="horizontal") if attrs.width else frame
     arrow = table.to_arrow().append_column("embedding", _list_column(emb.astype(np.float32)))
     _write_parquet(arrow, Path(out))

@@ -40,7 +40,7 @@ MIN_VALIDATION_IMAGES = 8
 #: What a failed validation check means and what fixes it, in the check and the CLI warning.
 TOO_FEW_IMAGES = (
     "{n_val} of {n_images} images held out for validation: too few to validate a model (two "
-    "small city extracts, such as the bundled Helsinki and Monaco, give a few dozen images "
+    "small city extracts, such as the bundled Helsinki and Monaco, give only tens of images "
     "at the city profile); train on a larger extract (a region or country) so that at least "
     "{minimum}, better hundreds, are held out"
 )
