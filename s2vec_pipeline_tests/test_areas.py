@@ -224,7 +224,7 @@ def test_evaluate_keeps_labels_in_images_without_data(embedded_root, oracle):
     assert report.result("road", "random", "raw").stat("r2")[0] > 0.999
 
 
-def test_cells_outside_every_embedded_partition_are_named(embedded_root, oracle, capsys):
+def test_cells_outside_every_embedded_partition_are_named(embedded_root, oracle, capsys, tmp_path):
     """12cf is next to Monaco but not materialized: the error names its cells and the
     partition, counts only those, and the CLI exits 2 with one line."""
     outside = _children(s2g.S2CellId.FromToken("12cf").child_begin(IMAGE).ToToken())[:7]
@@ -237,7 +237,7 @@ def test_cells_outside_every_embedded_partition_are_named(embedded_root, oracle,
     assert f"12cf: 7 cell(s) (e.g. {outside[0]}," in text
     assert "--cells 12cf" in text and "12cd" not in text.split("by partition:")[1]
     # through the CLI
-    labels = embedded_root.parent / "outside_labels.csv"
+    labels = tmp_path / "outside_labels.csv"
     pl.DataFrame({"cell_token": inside + outside, "y": np.arange(12.0)}).write_csv(labels)
     assert main(["evaluate", "--labels", str(labels), "--root", str(embedded_root)]) == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
