@@ -288,6 +288,9 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     print(f"\n{len(report.run_ids)} Dagster run(s) in {seconds:.1f} s")
     if report.warnings_raised:
         print(f"warning: asset checks {', '.join(report.warnings_raised)}", file=sys.stderr)
+        for name in report.warnings_raised:
+            if name in report.reasons:
+                print(f"warning: {name}: {report.reasons[name]}", file=sys.stderr)
     if report.checks_failed:
         print(f"FAILED asset checks: {', '.join(report.checks_failed)}", file=sys.stderr)
         return 1
@@ -589,9 +592,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Ridge probes (alpha by inner cross-validation) predicting each numeric "
         "label column from S2Vec embeddings, raw log1p features, raw 3x3 neighbourhood, PCA of "
         "the raw features and fusions, in random k-fold and spatially blocked folds. Labels: "
-        "Parquet or CSV with a cell_token (pixel level) or lat/lon column and numeric targets.",
+        "Parquet or CSV with a cell_token (pixel level) or lat/lon column and numeric targets, "
+        "or areas (GeoJSON or GeoParquet polygons with numeric columns): every feature is then "
+        "the area-weighted mean over the pixel cells covering each area.",
     )
-    p.add_argument("--labels", required=True, metavar="FILE", help="labels (.parquet or .csv)")
+    p.add_argument(
+        "--labels",
+        required=True,
+        metavar="FILE",
+        help="labels: .parquet or .csv per cell, or .geojson / GeoParquet per area",
+    )
     p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
     p.add_argument("--model-version", default=None, help="model whose embeddings to evaluate")
     p.add_argument(
@@ -626,7 +636,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     root = _root(args)
     if not storage.is_dir(root):
         raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
-    labels = evaluation.read_table_file(args.labels, "labels")
+    labels, areas = evaluation.read_labels(args.labels)
     other = evaluation.read_embedding_file(args.with_file) if args.with_file else None
     report = evaluation.evaluate(
         root,
@@ -638,11 +648,57 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         block_level=args.block_level,
         targets=args.targets,
         mlp=args.mlp,
+        areas=areas,
     )
     print(report.table())
     if args.out:
         evaluation.write_report(report, args.out)
         print(f"\nreport written to {args.out}")
+    return 0
+
+
+def _add_pool(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pool",
+        help="one embedding per area of yours: pixel embeddings pooled, area-weighted",
+        description="For each polygon of a GeoJSON or GeoParquet file: the mean of the "
+        "embeddings of the pixel cells it covers, each weighted by the square metres of the "
+        "polygon inside the cell (images without data count with the empty image's "
+        "embedding). Areas reaching a partition that is not embedded are refused.",
+    )
+    p.add_argument("--areas", required=True, metavar="FILE", help=".geojson or GeoParquet")
+    p.add_argument("--root", default="s2vec_data", help="storage root of the Delta tables")
+    p.add_argument("--model-version", default=None, help="embeddings of this model")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.parquet",
+        help="one row per area: its attributes, area_index, area_m2, cells, model_version, "
+        "embedding",
+    )
+    p.add_argument(
+        "--cells-out",
+        default=None,
+        metavar="FILE.parquet",
+        help="also the (area_index, cell_token, area_m2) pieces, for the SQL pooling recipe",
+    )
+    _add_verbose(p)
+    p.set_defaults(func=_cmd_pool)
+
+
+def _cmd_pool(args: argparse.Namespace) -> int:
+    from s2vec_pipeline import areas
+
+    root = _root(args)
+    if not storage.is_dir(root):
+        raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
+    done = areas.write_pooled(root, args.areas, args.out, args.model_version, args.cells_out)
+    print(
+        f"{done['areas']} area(s) pooled over {done['cells']} (area, cell) pieces with model "
+        f"{done['model_version']} (width {done['dim']}): written to {args.out}"
+    )
+    if args.cells_out:
+        print(f"pieces written to {args.cells_out}")
     return 0
 
 
@@ -718,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sql(sub)
     _add_maintain(sub)
     _add_evaluate(sub)
+    _add_pool(sub)
     _add_map(sub)
     return parser
 

@@ -45,6 +45,7 @@ from s2vec_pipeline.errors import MissingInputError, S2VecError
 
 CELL_EMBEDDINGS = "cell_embeddings"
 CELL_FEATURES = "cell_features"
+EMPTY_EMBEDDINGS = "empty_image_embeddings"  # model.embed.EMPTY_TABLE (no torch import here)
 PROTOCOLS = ("random", "spatial")
 #: Ridge penalties tried by the inner cross-validation (on standardized features).
 RIDGE_ALPHAS = tuple(10.0**k for k in range(-3, 6))
@@ -55,6 +56,10 @@ KEY_COLUMNS = ("cell_token", "cell_id", "lat", "lon", "lng", "parent_l6", "image
 
 class LabelError(S2VecError):
     """A label file or label table cannot be evaluated (format, keys, targets, rows)."""
+
+
+class UnembeddedCellsError(LabelError):
+    """Labelled cells or areas lie outside every partition embedded with the model."""
 
 
 class EmbeddingSourceError(S2VecError):
@@ -173,16 +178,19 @@ def _partitions_of(ids: np.ndarray) -> list[str]:
 
 
 def available_model_versions(root: str | os.PathLike, partitions: Sequence[str]) -> list[str]:
-    """Model versions with cell embeddings in these partitions."""
-    if not delta_store.table_exists(root, CELL_EMBEDDINGS):
-        return []
-    df = (
-        delta_store.scan_table(root, CELL_EMBEDDINGS)
-        .filter(pl.col("parent_l6").is_in(list(partitions)))
-        .select(pl.col("model_version").unique())
-        .collect()
-    )
-    return sorted(df["model_version"].to_list())
+    """Model versions that embedded these partitions (cell rows or empty-image rows)."""
+    found: set[str] = set()
+    for table in (CELL_EMBEDDINGS, EMPTY_EMBEDDINGS):
+        if not delta_store.table_exists(root, table):
+            continue
+        df = (
+            delta_store.scan_table(root, table)
+            .filter(pl.col("parent_l6").is_in(list(partitions)))
+            .select(pl.col("model_version").unique())
+            .collect()
+        )
+        found.update(df["model_version"].to_list())
+    return sorted(found)
 
 
 def resolve_model_version(
@@ -234,8 +242,47 @@ def _list_matrix(series: pl.Series) -> np.ndarray:
     return np.asarray(series.list.to_array(width[0]).to_numpy(), dtype=np.float64)
 
 
+def _examples(ids: np.ndarray, k: int = 3) -> str:
+    return ", ".join(s2.to_token(ids[:k]).tolist()) + (", ..." if len(ids) > k else "")
+
+
+def _by_partition(ids: np.ndarray) -> str:
+    """``12cf: 256 cell(s) (e.g. ...)`` per level-6 partition of ``ids``."""
+    parts = s2.to_token(s2.parent(ids, 6))
+    out = []
+    for p in sorted(set(parts.tolist())):
+        mine = ids[parts == p]
+        out.append(f"{p}: {len(mine)} cell(s) (e.g. {_examples(mine)})")
+    return "; ".join(out)
+
+
+def embedded_partitions(
+    root: str | os.PathLike, partitions: Sequence[str], model_version: str
+) -> list[str]:
+    """The partitions among ``partitions`` embedded with ``model_version`` (those holding the
+    empty image's rows in ``empty_image_embeddings``: every embed run writes them)."""
+    if not delta_store.table_exists(root, EMPTY_EMBEDDINGS):
+        return []
+    df = (
+        delta_store.scan_table(root, EMPTY_EMBEDDINGS)
+        .filter(
+            pl.col("parent_l6").is_in(list(partitions)) & (pl.col("model_version") == model_version)
+        )
+        .select(pl.col("parent_l6").unique())
+        .collect()
+    )
+    return sorted(df["parent_l6"].to_list())
+
+
 def embedding_matrix(root: str | os.PathLike, ids: np.ndarray, model_version: str) -> np.ndarray:
-    """(n, D) cell embeddings of ``ids`` (uint64) for one model version."""
+    """(n, D) embeddings of any pixel cells ``ids`` (uint64) of partitions embedded with
+    ``model_version``: the cell's row of ``cell_embeddings`` when its image has data, else the
+    empty image's embedding at the cell's position (``empty_image_embeddings``).
+
+    The one lookup behind ``s2vec evaluate`` and area pooling. Cells outside every partition
+    embedded with this model raise ``UnembeddedCellsError`` naming them and their partitions.
+    """
+    ids = np.asarray(ids, dtype=np.uint64)
     signed = s2.to_signed(ids)
     df = (
         delta_store.scan_table(root, CELL_EMBEDDINGS)
@@ -248,15 +295,87 @@ def embedding_matrix(root: str | os.PathLike, ids: np.ndarray, model_version: st
         .collect()
     )
     rows = _lookup(signed, df["cell_id"].to_numpy())
-    missing = rows < 0
-    if missing.any():
-        tokens = s2.to_token(ids[missing][:3]).tolist()
-        raise LabelError(
-            f"{int(missing.sum())} of {len(ids)} label cell(s) have no embedding of model "
-            f"{model_version} under {root} (e.g. {', '.join(tokens)}): label only cells of "
-            f"embedded images, or materialize their partitions"
+    stored = _list_matrix(df["embedding"]) if df.height else None
+    missing = np.flatnonzero(rows < 0)
+    if len(missing) == 0 and stored is not None:
+        return stored[rows]
+    pixel_level = int(s2.cell_level(ids[:1])[0])
+    image_level, side = _image_level_and_side(root, pixel_level)
+    empty = _empty_matrices(root, _partitions_of(ids[missing]), model_version, side)
+    parents = s2.to_token(s2.parent(ids[missing], 6))
+    outside = np.array([p not in empty for p in parents.tolist()], dtype=bool)
+    if outside.any():
+        raise UnembeddedCellsError(
+            f"{int(outside.sum())} of {len(ids)} label cell(s) lie outside every partition "
+            f"embedded with model {model_version} under {root}, by partition: "
+            f"{_by_partition(ids[missing][outside])}. "
+            + materialize_hint(root, sorted(set(parents[outside].tolist())), model_version)
         )
-    return _list_matrix(df["embedding"])[rows]
+    row, col = s2.child_position(ids[missing], image_level)
+    pixel = row * side + col
+    width = next(iter(empty.values())).shape[1]
+    if stored is not None and stored.shape[1] != width:
+        raise EmbeddingSourceError(f"embeddings have mixed widths {[stored.shape[1], width]}")
+    out = np.empty((len(ids), width), dtype=np.float64)
+    if stored is not None:
+        out[rows >= 0] = stored[rows[rows >= 0]]
+    for p in set(parents.tolist()):
+        sel = parents == p
+        out[missing[sel]] = empty[p][pixel[sel]]
+    return out
+
+
+def materialize_hint(root: str | os.PathLike, partitions: list[str], model_version: str) -> str:
+    """What to run for partitions not embedded with the model: embed the ones with raster
+    tiles, materialize the others; or drop the labels there."""
+    tiled = set(delta_store.partition_keys(root, "raster_tiles"))
+    embed = [p for p in partitions if p in tiled]
+    build = [p for p in partitions if p not in tiled]
+    hints = []
+    if build:
+        hints.append(
+            f"materialize {','.join(build)} (s2vec materialize --root {root} --cells "
+            f"{','.join(build)} --model-version {model_version})"
+        )
+    if embed:
+        hints.append(
+            f"embed {','.join(embed)}, materialized but not embedded with this model "
+            f"(s2vec materialize --root {root} --cells {','.join(embed)} --stages embed "
+            f"--model-version {model_version})"
+        )
+    return "Either " + ", or ".join(hints) + ", or drop those labels"
+
+
+def _image_level_and_side(root: str | os.PathLike, pixel_level: int) -> tuple[int, int]:
+    contract = delta_store.table_contract(root, CELL_FEATURES) or {}
+    image_level = int(contract.get("image_level", pixel_level))
+    return image_level, 1 << (pixel_level - image_level)
+
+
+def _empty_matrices(
+    root: str | os.PathLike, partitions: Sequence[str], model_version: str, side: int
+) -> dict[str, np.ndarray]:
+    """Per partition embedded with ``model_version``: its (S*S, D) empty-image embeddings."""
+    if not delta_store.table_exists(root, EMPTY_EMBEDDINGS):
+        return {}
+    df = (
+        delta_store.scan_table(root, EMPTY_EMBEDDINGS)
+        .filter(
+            pl.col("parent_l6").is_in(list(partitions)) & (pl.col("model_version") == model_version)
+        )
+        .select("parent_l6", "pixel", "embedding")
+        .collect()
+    )
+    out = {}
+    for (p,), group in df.group_by("parent_l6"):
+        rows = group.sort("pixel")
+        if rows["pixel"].to_list() != list(range(side * side)):
+            raise EmbeddingSourceError(
+                f"empty_image_embeddings of partition {p}, model {model_version}: "
+                f"{rows.height} rows, expected {side * side}: re-embed that partition"
+            )
+        out[str(p)] = _list_matrix(rows["embedding"])
+    return out
 
 
 def raw_feature_matrix(
@@ -562,6 +681,7 @@ class EvaluationReport:
     results: list[MethodResult] = field(default_factory=list)
     fold_of_row: dict[str, list[int]] = field(default_factory=dict, repr=False)
     notes: list[str] = field(default_factory=list)
+    unit: str = "cell"  # what a label row is: a pixel "cell" or an "area" (polygon)
 
     def result(self, target: str, protocol: str, method: str) -> MethodResult:
         for r in self.results:
@@ -617,8 +737,9 @@ class EvaluationReport:
         """A plain-text table per target and protocol (* = best mean R²)."""
         head = ["method", "features", "R²", "MAE", "RMSE"]
         lines = [
-            f"model {self.model_version}: {self.n_rows} labelled cells (level {self.pixel_level}),"
-            f" {self.n_blocks} level-{self.block_level} blocks; mean ± std over folds"
+            f"model {self.model_version}: {self.n_rows} labelled {self.unit}s (level "
+            f"{self.pixel_level} pixels), {self.n_blocks} level-{self.block_level} blocks; "
+            f"mean ± std over folds"
         ]
         for target, protocol, rows in self._rows():
             widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
@@ -635,7 +756,8 @@ class EvaluationReport:
     def to_markdown(self) -> str:
         """The same tables as Markdown (for Dagster metadata)."""
         lines = [
-            f"Model `{self.model_version}`, {self.n_rows} labelled cells, mean ± std over folds"
+            f"Model `{self.model_version}`, {self.n_rows} labelled {self.unit}s, mean ± std over "
+            "folds"
             " (**bold** = best mean R²)."
         ]
         for target, protocol, rows in self._rows():
@@ -663,6 +785,7 @@ def evaluate(
     block_level: int | None = None,
     targets: Sequence[str] | None = None,
     mlp: bool = False,
+    areas: np.ndarray | None = None,
 ) -> EvaluationReport:
     """Ridge probes of every target under both protocols; see the module docstring.
 
@@ -670,7 +793,9 @@ def evaluate(
     ``with_embeddings``: ``cell_token`` + ``embedding`` (``read_embedding_file``).
     ``block_level``: level of the cells held out whole by the spatial protocol (default: the
     image level). ``mlp``: also a small MLP probe on the embeddings (``s2vec_mlp``) and on the
-    raw features (``raw_mlp``), on the same folds.
+    raw features (``raw_mlp``), on the same folds. ``areas``: one polygon (shapely, lng/lat
+    degrees) per label row; every feature is then pooled over the pixel cells covering the
+    area, weighted by the area inside each (``areas.py``), and ``labels`` need no cell key.
     """
     root = str(root)
     if isinstance(folds, bool) or not 2 <= int(folds) <= 100:
@@ -683,26 +808,46 @@ def evaluate(
             f"{block_level}"
         )
     target_names = target_columns(labels, targets)
-    ids = label_cells(labels, pixel_level)
     y_all = _target_matrix(labels, target_names)
+    pool = None
+    if areas is None:
+        ids = label_cells(labels, pixel_level)
+        cells = ids
+    else:
+        from s2vec_pipeline.areas import area_cells, check_embedded, check_geometries
+
+        if len(areas) != labels.height:
+            raise LabelError(f"{len(areas)} areas for {labels.height} label rows")
+        check_geometries(np.asarray(areas, dtype=object))
+        pieces = area_cells(areas, pixel_level)
+        cells, pool = pieces.weights()
+        ids = pieces.representative()  # each area's place, for the spatial folds
     n = len(ids)
     if n < folds:
         raise LabelError(
             f"the labels have {n} row(s); {folds}-fold evaluation needs at least {folds} "
-            f"labelled cells (and many more for stable numbers)"
+            f"labelled {'cells' if areas is None else 'areas'} (and many more for stable numbers)"
         )
     uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
+    if areas is None and (counts > 1).any():
         dup = s2.to_token(uniq[counts > 1][:3]).tolist()
         raise LabelError(
             f"{int((counts > 1).sum())} cell(s) are labelled more than once (e.g. "
             f"{', '.join(dup)}): give one row per cell (aggregate duplicates first)"
         )
-    version = resolve_model_version(root, _partitions_of(ids), model_version)
-    emb = embedding_matrix(root, ids, version)
-    raw_values = raw_feature_matrix(root, ids, channels)
-    raw = np.log1p(raw_values)
-    raw3 = np.hstack([raw, np.log1p(raw_neighbourhood_matrix(root, ids, pixel_level, channels))])
+    version = resolve_model_version(root, _partitions_of(cells), model_version)
+    if areas is not None:
+        check_embedded(root, pieces, version)
+
+    def pooled(x: np.ndarray) -> np.ndarray:
+        # Areas: the area-weighted mean over the pixel cells covering each area.
+        return x if pool is None else np.asarray(pool @ x)
+
+    emb = pooled(embedding_matrix(root, cells, version))
+    raw_cells = np.log1p(raw_feature_matrix(root, cells, channels))
+    raw = pooled(raw_cells)
+    nbr = np.log1p(raw_neighbourhood_matrix(root, cells, pixel_level, channels))
+    raw3 = pooled(np.hstack([raw_cells, nbr]))
     dim = emb.shape[1]
     features: dict[str, tuple[np.ndarray | None, int | None]] = {
         "mean": (None, None),
@@ -713,7 +858,7 @@ def evaluate(
         "s2vec+raw": (np.hstack([emb, raw]), None),
     }
     if with_embeddings is not None:
-        other = with_matrix(with_embeddings, ids)
+        other = pooled(with_matrix(with_embeddings, cells))
         features["with"] = (other, None)
         features["s2vec+with"] = (np.hstack([emb, other]), None)
     if mlp:
@@ -723,6 +868,12 @@ def evaluate(
     groups = s2.to_signed(s2.parent(ids, block_level))
     n_blocks = len(np.unique(groups))
     notes: list[str] = []
+    if areas is not None:
+        notes.append(
+            f"{n} areas: each feature is the area-weighted mean over the {len(cells)} "
+            f"level-{pixel_level} cells covering them; spatial folds place an area by the "
+            f"cell holding most of it"
+        )
     if dim >= len(channels):
         notes.append(
             f"raw_pca: the embedding width {dim} is not below the {len(channels)} channels, so "
@@ -766,6 +917,7 @@ def evaluate(
         seed=seed,
         fold_of_row={p: f.tolist() for p, (f, _) in fold_plan.items()},
         notes=notes,
+        unit="cell" if areas is None else "area",
     )
     from threadpoolctl import threadpool_limits
 
@@ -816,9 +968,20 @@ def evaluate_files(
 ) -> EvaluationReport:
     """``evaluate`` on a label file (and a ``--with`` file): what the CLI and a Dagster
     ``evaluation`` asset call. ``options``: model_version, folds, seed, block_level, targets."""
-    labels = read_table_file(labels_path, "labels")
+    labels, areas = read_labels(labels_path)
     other = read_embedding_file(with_path) if with_path else None
-    return evaluate(root, labels, with_embeddings=other, **options)
+    return evaluate(root, labels, with_embeddings=other, areas=areas, **options)
+
+
+def read_labels(path: str | os.PathLike) -> tuple[pl.DataFrame, np.ndarray | None]:
+    """(label table, polygons or None): per-cell labels (.parquet/.csv) or per-area labels
+    (GeoJSON, GeoParquet: the polygons' attributes are the label table)."""
+    from s2vec_pipeline.areas import is_area_file, read_areas
+
+    if is_area_file(path):
+        found = read_areas(path)
+        return found.attributes, found.geoms
+    return read_table_file(path, "labels"), None
 
 
 def write_report(report: EvaluationReport, path: str | os.PathLike) -> None:
@@ -834,9 +997,12 @@ __all__ = [
     "EvaluationReport",
     "LabelError",
     "MethodResult",
+    "UnembeddedCellsError",
     "assign_folds",
     "evaluate",
+    "embedding_matrix",
     "evaluate_files",
+    "read_labels",
     "read_embedding_file",
     "read_table_file",
     "write_report",

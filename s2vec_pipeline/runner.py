@@ -79,6 +79,7 @@ class RunReport:
     assets: list[str] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
     warnings: dict[str, bool] = field(default_factory=dict)  # WARN-severity checks
+    reasons: dict[str, str] = field(default_factory=dict)  # failed check -> its description
     model_version: str | None = None  # the model that embedded, when embeddings ran
     up_to_date: dict[str, list[str]] = field(default_factory=dict)  # job -> skipped partitions
     detail: str = ""  # what the latest run read, for its progress line ("9876 objects read")
@@ -88,6 +89,7 @@ class RunReport:
         for mine, theirs in ((self.checks, other.checks), (self.warnings, other.warnings)):
             for name, passed in theirs.items():
                 mine[name] = mine.get(name, True) and passed
+        self.reasons.update(other.reasons)
 
     @property
     def checks_failed(self) -> list[str]:
@@ -254,6 +256,8 @@ class Launcher:
                 else self.report.checks
             )
             book[name] = book.get(name, True) and ev.passed
+            if not ev.passed and ev.description:
+                self.report.reasons[name] = ev.description
         return result
 
     @functools.cached_property

@@ -17,6 +17,11 @@ cached in a session the same top-10 takes ~0.3 s.
 
 The recipes below are the exact SQL the docs show; the convenience functions run them.
 Parameters are DuckDB named parameters (``$name``), passed with ``params=``.
+
+Two S2 functions are registered in every session for the recipes on cells of images without
+data: ``s2_parent_token(token, level)`` (the ancestor's token) and ``s2_child_index(token,
+level)`` (row·S + col of the cell inside its ancestor at ``level``, S = 2^(cell level -
+level): the ``pixel`` of ``empty_image_embeddings`` when ``level`` is the image level).
 """
 
 from __future__ import annotations
@@ -101,6 +106,59 @@ JOIN cell_embeddings AS e ON e.cell_token = l.cell_token
 ORDER BY l.cell_token"""
 
 
+#: Every labelled pixel cell (``labels`` with a ``cell_token`` column) of a partition embedded
+#: with model ``$model_version``, with its embedding: the cell's row of ``cell_embeddings``
+#: when its image has data, else the empty image's embedding at the cell's position
+#: (``$image_level``: the root's image level, 13 in the city profile). Cells outside every
+#: embedded partition have no ``empty_image_embeddings`` row and come out with a NULL
+#: embedding (``embedded`` false): never silently dropped.
+ANY_CELL_JOIN_SQL = """\
+SELECT l.*, coalesce(e.embedding, x.embedding) AS embedding,
+       e.cell_token IS NOT NULL AS image_has_data, x.parent_l6 IS NOT NULL AS embedded
+FROM labels AS l
+LEFT JOIN empty_image_embeddings AS x
+  ON x.model_version = $model_version
+ AND x.parent_l6 = s2_parent_token(l.cell_token, 6)
+ AND x.pixel = s2_child_index(l.cell_token, $image_level)
+LEFT JOIN cell_embeddings AS e
+  ON e.model_version = $model_version AND e.cell_token = l.cell_token
+ORDER BY l.cell_token"""
+
+#: Area-weighted pooling of pixel embeddings per area: ``area_cells(area_index, cell_token,
+#: area_m2)`` holds each area's pixel cells and the square metres of the area inside each
+#: (``s2vec pool --cells-out``). Each dimension is sum(area_m2 * value) / sum(area_m2) over the
+#: area's cells of embedded partitions; ``covered_m2`` (vs ``area_m2``) shows any part outside.
+AREA_POOL_SQL = """\
+WITH cells AS (
+    SELECT a.area_index, a.area_m2, x.parent_l6 IS NOT NULL AS embedded,
+           coalesce(e.embedding, x.embedding) AS embedding
+    FROM area_cells AS a
+    LEFT JOIN empty_image_embeddings AS x
+      ON x.model_version = $model_version
+     AND x.parent_l6 = s2_parent_token(a.cell_token, 6)
+     AND x.pixel = s2_child_index(a.cell_token, $image_level)
+    LEFT JOIN cell_embeddings AS e
+      ON e.model_version = $model_version AND e.cell_token = a.cell_token
+),
+dims AS (
+    SELECT area_index, area_m2, unnest(embedding) AS v, unnest(range(len(embedding))) AS k
+    FROM cells WHERE embedded
+),
+pooled AS (
+    SELECT area_index, k, sum(area_m2 * v) / sum(area_m2) AS v FROM dims GROUP BY ALL
+),
+sizes AS (
+    SELECT area_index, sum(area_m2) AS area_m2,
+           sum(CASE WHEN embedded THEN area_m2 ELSE 0 END) AS covered_m2
+    FROM cells GROUP BY ALL
+)
+SELECT s.area_index, s.area_m2, s.covered_m2,
+       (SELECT list(p.v ORDER BY p.k) FROM pooled AS p WHERE p.area_index = s.area_index)
+         AS embedding
+FROM sizes AS s
+ORDER BY s.area_index"""
+
+
 # --- Engine -------------------------------------------------------------------------------
 
 TableSource = str | os.PathLike | pa.Table | pl.DataFrame
@@ -179,6 +237,61 @@ def _read_extra(con: duckdb.DuckDBPyConnection, name: str, source: TableSource) 
     )
 
 
+def _token_ids(tokens: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 ids, valid mask) of a token column; nulls are invalid."""
+    from s2vec_pipeline import s2
+
+    text = np.asarray(tokens.to_pylist(), dtype=object)
+    valid = np.array([t is not None for t in text], dtype=bool)
+    ids = np.zeros(len(text), dtype=np.uint64)
+    if valid.any():
+        ids[valid] = s2.from_token(text[valid].astype(str))
+    return ids, valid
+
+
+def _one_level(levels: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(levels.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _s2_parent_token(tokens: pa.Array, levels: pa.Array) -> pa.Array:
+    from s2vec_pipeline import s2
+
+    ids, valid = _token_ids(tokens)
+    lv = _one_level(levels)
+    out = np.full(len(ids), None, dtype=object)
+    for level in np.unique(lv[valid]):
+        sel = valid & (lv == level)
+        out[sel] = s2.to_token(s2.parent(ids[sel], int(level)))
+    return pa.array(out.tolist(), pa.string())
+
+
+def _s2_child_index(tokens: pa.Array, levels: pa.Array) -> pa.Array:
+    from s2vec_pipeline import s2
+
+    ids, valid = _token_ids(tokens)
+    lv = _one_level(levels)
+    out = np.zeros(len(ids), dtype=np.int64)
+    if valid.any():
+        cell_level = s2.cell_level(ids[valid])
+        for level in np.unique(lv[valid]):
+            sel = lv[valid] == level
+            row, col = s2.child_position(ids[valid][sel], int(level))
+            side = np.int64(1) << (cell_level[sel] - int(level))
+            out[np.flatnonzero(valid)[sel]] = row * side + col
+    return pa.array(out, pa.int64(), mask=~valid)
+
+
+def _register_s2_functions(con: duckdb.DuckDBPyConnection) -> None:
+    """``s2_parent_token`` and ``s2_child_index`` (vectorized over Arrow; NULL in, NULL out)."""
+    for name, fn, result in (
+        ("s2_parent_token", _s2_parent_token, "VARCHAR"),
+        ("s2_child_index", _s2_child_index, "BIGINT"),
+    ):
+        con.create_function(
+            name, fn, ["VARCHAR", "INTEGER"], result, type="arrow", null_handling="special"
+        )
+
+
 class SQLSession:
     """One DuckDB connection over the Delta tables under ``root``, for many queries.
 
@@ -211,6 +324,7 @@ class SQLSession:
         self.extra: list[str] = []
         self.con = duckdb.connect()
         try:
+            _register_s2_functions(self.con)
             for name in self.delta_tables:
                 if name in cache:
                     _register_delta(self.con, root, name, view=f"_delta_{name}")
@@ -393,3 +507,21 @@ def join_labels(root: Target, labels: TableSource, table: str = "cell_embeddings
     """Your labels (Parquet/CSV path or table with a ``cell_token`` column) with embeddings."""
     sql = LABEL_JOIN_SQL.replace("cell_embeddings", _check_table(table))
     return _run(root, sql, extra_tables={"labels": labels})
+
+
+def join_labels_any_cell(
+    root: Target, labels: TableSource, model_version: str, image_level: int
+) -> pa.Table:
+    """``ANY_CELL_JOIN_SQL``: every labelled pixel cell with its embedding of
+    ``model_version``, cells of images without data included (NULL only outside every
+    embedded partition)."""
+    params = {"model_version": model_version, "image_level": int(image_level)}
+    return _run(root, ANY_CELL_JOIN_SQL, params=params, extra_tables={"labels": labels})
+
+
+def pool_areas_sql(
+    root: Target, area_cells: TableSource, model_version: str, image_level: int
+) -> pa.Table:
+    """``AREA_POOL_SQL``: area-weighted mean embedding per ``area_index`` of ``area_cells``."""
+    params = {"model_version": model_version, "image_level": int(image_level)}
+    return _run(root, AREA_POOL_SQL, params=params, extra_tables={"area_cells": area_cells})

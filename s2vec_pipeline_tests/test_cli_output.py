@@ -169,8 +169,11 @@ def test_training_prints_epochs_not_lightning(root: Path) -> None:
     assert [e.split()[1] for e in epochs] == ["1/2", "2/2"]
     assert all(" loss " in e for e in epochs)
     assert any(line.startswith("[1/1] train_model done in ") for line in lines)
-    # the rest of stderr: at most the asset-check warning line
+    # the rest of stderr: at most the asset-check warning line, and why each failed
     others = [line for line in lines if line not in epochs and not line.startswith("[")]
-    assert all(line.startswith("warning: asset checks") for line in others), others
+    assert all(line.startswith("warning: ") for line in others), others
+    if others:
+        assert others[0].startswith("warning: asset checks")
+        assert any("too few to validate a model" in line for line in others[1:]), others
     (version,) = list_models(root)
     assert f"model            {version}" in done.stdout

@@ -181,7 +181,7 @@ def test_cli_writes_json(labelled, tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("unmatched", "have no embedding"),
+        ("unmatched", "lie outside every partition embedded with model"),
         ("nan", "NaN"),
         ("single", "1 row"),
         ("no_target", "no numeric target"),

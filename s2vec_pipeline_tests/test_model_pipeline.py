@@ -113,6 +113,31 @@ def test_dagster_records_model_and_partition_versions(embedded) -> None:
                 assert checks[(table, check, k)], (table, check, k)
 
 
+def test_failed_model_checks_say_why(embedded) -> None:
+    """Two small city extracts give 18 images: the validation checks cannot pass, and the
+    warning the CLI prints says so and what would (not only the check's name)."""
+    _, _, report = embedded
+    assert "mae_model:enough_validation_images" in report.warnings_raised
+    reason = report.reasons["mae_model:enough_validation_images"]
+    assert reason.startswith("1 of 18 images held out for validation: too few to validate")
+    assert "at least 8, better hundreds" in reason
+    if "mae_model:reconstruction_beats_channel_mean" in report.warnings_raised:
+        why = report.reasons["mae_model:reconstruction_beats_channel_mean"]
+        assert "held-out image(s) is not below the channel mean's" in why
+        assert "too few to validate a model" in why
+
+
+def test_embed_step_writes_the_empty_image_rows(embedded) -> None:
+    """Through Dagster: each embedded partition gets S*S empty-image rows of its model."""
+    root, _, _ = embedded
+    (version,) = list_models(root)
+    empty = delta_store.read_partitions(root, "empty_image_embeddings")
+    for k in (HELSINKI_L6, MONACO_L6):
+        mine = empty.filter(pl.col("parent_l6") == k)
+        assert sorted(mine["pixel"].to_list()) == list(range(256))
+        assert set(mine["model_version"]) == {version}
+
+
 def test_independent_model_check(embedded) -> None:
     """The embedding tables' contract, checked with the official S2 library."""
     root, _, _ = embedded

@@ -17,7 +17,8 @@ from s2vec_pipeline.defs.resources import S2VecResource
 class EvaluationConfig(dg.Config):
     labels: str = Field(
         description="Labels file (.parquet or .csv): a cell_token (pixel level) or lat/lon "
-        "column and one or more numeric targets"
+        "column and one or more numeric targets; or areas (.geojson or GeoParquet polygons "
+        "with numeric columns), every feature pooled over each area's pixel cells"
     )
     with_embeddings: str | None = Field(
         default=None,

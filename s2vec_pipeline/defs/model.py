@@ -33,10 +33,22 @@ if TYPE_CHECKING:
     from s2vec_pipeline.model.train import ModelCard, TrainConfig  # noqa: F401
 
 GROUP = "model_layer"
-EMBEDDINGS_CODE_VERSION = "2"
+EMBEDDINGS_CODE_VERSION = "3"  # 3: empty_image_embeddings
 ENV_TRAIN_CRON = "S2VEC_TRAIN_CRON"
 DEFAULT_TRAIN_CRON = "0 3 * * 0"  # weekly, Sunday 03:00 UTC
 MIN_VALIDATION_IMAGES = 8
+#: What a failed validation check means and what fixes it, in the check and the CLI warning.
+TOO_FEW_IMAGES = (
+    "{n_val} of {n_images} images held out for validation: too few to validate a model (two "
+    "small city extracts, such as the bundled Helsinki and Monaco, give only tens of images "
+    "at the city profile); train on a larger extract (a region or country) so that at least "
+    "{minimum}, better hundreds, are held out"
+)
+
+
+def too_few_images(n_val: int, n_images: int) -> str:
+    """Why the validation checks cannot pass on this training set, and what would."""
+    return TOO_FEW_IMAGES.format(n_val=n_val, n_images=n_images, minimum=MIN_VALIDATION_IMAGES)
 
 
 class TrainingConfig(dg.Config):
@@ -109,6 +121,9 @@ def _card_checks(card: "ModelCard") -> list[dg.AssetCheckResult]:
             passed=card.n_val >= MIN_VALIDATION_IMAGES,
             severity=dg.AssetCheckSeverity.WARN,
             metadata={"validation_images": card.n_val, "minimum": MIN_VALIDATION_IMAGES},
+            description=too_few_images(card.n_val, card.n_train + card.n_val)
+            if card.n_val < MIN_VALIDATION_IMAGES
+            else None,
         ),
     ]
 
@@ -179,10 +194,12 @@ def mae_model(
         data_version=dg.DataVersion(card.model_version),
     )
     yield from _card_checks(card)
-    yield _reconstruction_check(settings.root, card.model_version)
+    yield _reconstruction_check(settings.root, card.model_version, card)
 
 
-def _reconstruction_check(root: str, model_version: str) -> dg.AssetCheckResult:
+def _reconstruction_check(
+    root: str, model_version: str, card: "ModelCard | None" = None
+) -> dg.AssetCheckResult:
     from s2vec_pipeline.reconstruction import NoHeldOutImagesError, reconstruction_quality
 
     try:
@@ -195,9 +212,19 @@ def _reconstruction_check(root: str, model_version: str) -> dg.AssetCheckResult:
             description=f"not measured: {e}",
         )
     skill = report.skill("channel_mean")
+    why = None
+    if skill <= 0:
+        why = (
+            f"the masked reconstruction error on {report.n_images} held-out image(s) is not "
+            f"below the channel mean's (skill {skill:.3f})"
+        )
+        if card is not None and card.n_val < MIN_VALIDATION_IMAGES:
+            # The usual cause on small inputs: a model trained on a few dozen images.
+            why += f"; {too_few_images(card.n_val, card.n_train + card.n_val)}"
     return dg.AssetCheckResult(
         check_name="reconstruction_beats_channel_mean",
         passed=bool(skill > 0),
+        description=why,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "skill_vs_channel_mean": float(skill),
@@ -304,7 +331,12 @@ def _embedding_check_results(
             ),
         )
         for name, desc in [
-            ("cell_embeddings", "One embedding per pixel cell of every image with data."),
+            (
+                "cell_embeddings",
+                "One embedding per pixel cell of every image with data; cells of images "
+                "without data: the partition's empty_image_embeddings (written by the same "
+                "step).",
+            ),
             ("image_embeddings", "One embedding per image: the mean of its pixel tokens."),
         ]
     ],
@@ -354,7 +386,14 @@ def embeddings(
                 "model_version": version,
                 "raster_tiles_version": written["raster_tiles_version"],
                 "embedding_width": width,
-                **({"map": embedding_map} if table == "cell_embeddings" else {}),
+                **(
+                    {
+                        "map": embedding_map,
+                        "empty_image_embeddings_version": written["empty_table_version"],
+                    }
+                    if table == "cell_embeddings"
+                    else {}
+                ),
             },
         )
         yield from _embedding_check_results(

@@ -5,6 +5,13 @@ depends on the image around them). Pixel ``k`` of an image's encoder output is t
 ``(row, col) = divmod(k, S)``: ``s2.children_grid`` gives the cell ids in that same order.
 The image embedding is the mean of its pixel embeddings.
 
+Images without data (no raster row) are not stored cell by cell: a level-6 partition holds
+4^(pixel - 6) pixel cells (4^11 in the city profile). Their input is the all-zero tensor, so
+their S·S pixel embeddings depend only on the model and the pixel's position: each embedded
+partition gets those S·S rows once in ``empty_image_embeddings`` (keyed by ``parent_l6`` and
+``pixel`` = row·S + col), which also records that the partition was embedded with that model.
+``evaluation.cell_embeddings_of`` gives the embedding of any pixel cell of such a partition.
+
 Inference runs on the GPU when there is one (``device="auto"``): the model (loaded on the
 CPU) is moved there, tiles go through page-locked host memory with asynchronous copies, the
 encoder runs under bf16 autocast, and one batch is in flight while the previous one's rows
@@ -34,6 +41,7 @@ from s2vec_pipeline.versioning import partition_data_version
 
 CELL_TABLE = "cell_embeddings"
 IMAGE_TABLE = "image_embeddings"
+EMPTY_TABLE = "empty_image_embeddings"
 
 EMBEDDING_SCHEMA = pa.schema(
     [
@@ -44,6 +52,19 @@ EMBEDDING_SCHEMA = pa.schema(
         pa.field("level", pa.int8()),
         pa.field("model_version", pa.string()),
         pa.field("embedding", pa.list_(pa.float32())),  # never fixed_size_list (Delta)
+    ]
+)
+
+
+#: One row per pixel position of the all-zero image, per embedded partition and model.
+EMPTY_SCHEMA = pa.schema(
+    [
+        pa.field("parent_l6", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("row", pa.int16()),
+        pa.field("col", pa.int16()),
+        pa.field("pixel", pa.int16()),  # row * S + col: the join key of cell positions
+        pa.field("embedding", pa.list_(pa.float32())),
     ]
 )
 
@@ -224,6 +245,32 @@ def _rows(
     return cells, images
 
 
+def empty_image_embedding(
+    model: S2VecMAE, card: ModelCard, device: torch.device | None = None
+) -> np.ndarray:
+    """(S*S, D) pixel embeddings of an image without data (its all-zero raster tensor)."""
+    dev = device or next(model.parameters()).device
+    zeros = np.zeros((1, len(card.channels), card.side, card.side), np.float32)
+    ((_, emb),) = encode_batches(model, iter([(None, zeros)]), dev)
+    return emb[0]
+
+
+def _empty_rows(card: ModelCard, partition: str, emb: np.ndarray) -> pa.Table:
+    pixels = card.side * card.side
+    row, col = np.divmod(np.arange(pixels, dtype=np.int16), np.int16(card.side))
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.full(pixels, partition, dtype=object), pa.string()),
+            pa.array(np.full(pixels, card.model_version, dtype=object), pa.string()),
+            pa.array(row, pa.int16()),
+            pa.array(col, pa.int16()),
+            pa.array(np.arange(pixels, dtype=np.int16), pa.int16()),
+            _list_column(emb),
+        ],
+        schema=EMPTY_SCHEMA,
+    )
+
+
 def iter_embeddings(
     root: str | os.PathLike,
     model: S2VecMAE,
@@ -292,16 +339,19 @@ def write_embeddings(
     (cells first, then images; a crash between the two leaves cells of the new model and
     images of the old one, fixed by rerunning); both commits carry ``s2vec.model_version``,
     ``s2vec.raster_tiles_version`` and ``s2vec.raster_data_version`` in their commit info.
-    Cell rows stream to Delta batch by batch.
+    Cell rows stream to Delta batch by batch. Then the partition's rows of
+    ``empty_image_embeddings`` (the S·S pixel embeddings of an image without data) are
+    replaced, also when the partition has no image with data.
 
     Returns, per partition: ``images``, ``cells`` (rows written), ``cell_table_version``,
-    ``image_table_version`` (the new Delta versions), ``raster_tiles_version`` (the raster
-    snapshot read) and ``raster_data_version`` (that partition's data version there: the hash
-    Dagster records for ``raster_tiles``).
+    ``image_table_version``, ``empty_table_version`` (the new Delta versions),
+    ``raster_tiles_version`` (the raster snapshot read) and ``raster_data_version`` (that
+    partition's data version there: the hash Dagster records for ``raster_tiles``).
     """
     dev = _prepare(model, card, root, device)
     snapshot = raster_snapshot(root, raster_version)
     size = batch_size or default_batch_size(dev)
+    empty = empty_image_embedding(model, card, dev)
     out: dict[str, dict[str, Any]] = {}
     for partition in partitions:
         # Read here, not inside the reader: deltalake pulls the reader from its own async
@@ -340,11 +390,20 @@ def write_embeddings(
             embedding_contract(card, IMAGE_TABLE),
             commit_metadata=metadata,
         )
+        empty_version = delta_store.write_partitions(
+            root,
+            EMPTY_TABLE,
+            _empty_rows(card, partition, empty),
+            [partition],
+            embedding_contract(card, EMPTY_TABLE),
+            commit_metadata=metadata,
+        )
         out[partition] = {
             "images": image_table.num_rows,
             "cells": image_table.num_rows * card.side * card.side,
             "cell_table_version": cell_version,
             "image_table_version": image_version,
+            "empty_table_version": empty_version,
             "raster_tiles_version": snapshot,
             "raster_data_version": raster_data_version,
         }
