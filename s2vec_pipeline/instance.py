@@ -332,7 +332,8 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     def _new_run_shard(self, shard: str) -> None:
         """A new run's database as a copy of an empty, initialized one (its schema created and
         stamped once per folder): creating the schema in every run took ~0.2-0.5 s per run.
-        Copied under a temporary name and renamed: an opener never sees a partial file."""
+        Copied under a temporary name, then linked to its name: an opener never sees a partial
+        file, and a shard another process created meanwhile is never replaced."""
         path = self.path_for_shard(shard)
         if os.path.exists(path):
             return
@@ -345,7 +346,12 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             os.replace(tmp, template)
         tmp = f"{path}.{os.getpid()}.tmp"
         shutil.copyfile(template, tmp)
-        os.replace(tmp, path)
+        try:  # a hard link creates the name only if absent: another process's shard stays
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
         self._initialized_dbs.add(shard)
 
     def has_table(self, table_name: str) -> bool:
