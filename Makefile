@@ -21,9 +21,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-$(DEMO_HOME)/dagster.yaml: dagster.yaml
+# The repo's settings plus the pooled SQLite storages at this home (instance.py says why).
+$(DEMO_HOME)/dagster.yaml: dagster.yaml $(VENV)/.installed
 	mkdir -p $(DEMO_HOME)
-	cp dagster.yaml $@
+	cp dagster.yaml $@.tmp
+	$(BIN)/python -c "from s2vec_pipeline.instance import pooled_sqlite_config as c; \
+	  print(c('$(DEMO_HOME)'), end='')" >> $@.tmp
+	mv $@.tmp $@
 
 demo: setup $(DEMO_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DEMO_HOME) $(BIN)/s2vec materialize --root $(ROOT)
