@@ -52,3 +52,16 @@ class InstanceUnavailableError(S2VecError):
 
 class RootNotWritableError(S2VecError):
     """The storage root cannot be created or written."""
+
+
+class DamagedTableError(S2VecError):
+    """A Delta table cannot be read: a corrupt log entry, or a data file that is gone."""
+
+
+def quiet_worker_interrupts() -> None:
+    """In a spawned worker process: Ctrl-C (SIGINT, sent to the whole process group) ends it
+    at once with status 130 and no traceback; the parent reports the interruption once."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))

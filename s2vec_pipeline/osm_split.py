@@ -60,7 +60,7 @@ import polars as pl
 import shapely
 
 from s2vec_pipeline import s2
-from s2vec_pipeline.errors import InvalidSourceError, S2VecError
+from s2vec_pipeline.errors import InvalidSourceError, S2VecError, quiet_worker_interrupts
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.osm_extract import (
     OSM_FEATURES_SCHEMA,
@@ -469,6 +469,8 @@ ENV_KILL_WORKER = "S2VEC_TEST_KILL_WORKER"
 def _run_chunk(tasks: Sequence[_Task]) -> None:
     """Worker process entry point: extract (source, group) files one after the other, spilling
     rows by partition. A task's exception is recorded and the next task runs."""
+    if multiprocessing.parent_process() is not None:  # a spawned worker, not the in-process path
+        quiet_worker_interrupts()
     for task in tasks:
         out = Path(task.out_dir)
         if task.name in os.environ.get(ENV_KILL_WORKER, "").split(","):

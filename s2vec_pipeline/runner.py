@@ -32,6 +32,7 @@ from s2vec_pipeline.errors import (
     NoFeaturesError,
     S2VecError,
     StorageUnavailableError,
+    quiet_worker_interrupts,
 )
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.settings import PipelineSettings
@@ -138,17 +139,26 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         # instance creates its SQLite schemas, which must happen once ("table runs already
         # exists" otherwise). Later opens only read the schemas.
         try:
-            with exclusive(os.path.join(home, ".open.lock")):
-                if not os.path.exists(config):
-                    with open(config, "w") as f:
-                        f.write("telemetry:\n  enabled: false\n")
+            writable = os.access(home, os.W_OK)
+            if os.path.exists(config) and not writable:
+                # a read-only root (status): its schemas exist, there is no lock to take
                 instance = dg.DagsterInstance.local_temp(home)
+            else:
+                with exclusive(os.path.join(home, ".open.lock")):
+                    if not os.path.exists(config):
+                        with open(config, "w") as f:
+                            f.write("telemetry:\n  enabled: false\n")
+                    instance = dg.DagsterInstance.local_temp(home)
         except Exception as e:
             full = _storage_error(e, home)
             if full is None:
                 raise
             raise full from e
         with instance:
+            from s2vec_pipeline.instance import reap_dead_runs
+
+            if writable:  # runs of killed CLI processes: failed, not STARTED forever
+                reap_dead_runs(instance)
             yield instance
 
 
@@ -156,6 +166,7 @@ def _storage_error(exc: BaseException, home: str) -> StorageUnavailableError | N
     """A full disk under the instance's SQLite files, as the error a user can act on."""
     text = f"{exc} {exc.__cause__ or ''}".lower()
     full = "disk is full" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    full = full or "disk i/o error" in text  # SQLite's answer when its journal cannot grow
     if not full:
         return None
     return StorageUnavailableError(
@@ -248,9 +259,11 @@ class Launcher:
         self, partition: str, assets: Sequence[str], model_version: str | None = None
     ) -> list[str]:
         """The requested assets of one partition to compute: from the first one that was never
-        materialized, is stale (the one staleness rule) or, for embeddings, was made by another
-        model than ``model_version``, to the end (a recomputed upstream can change the rest)."""
+        materialized, is stale (the one staleness rule), lost rows or files Dagster recorded
+        (``integrity.lost_data``) or, for embeddings, was made by another model than
+        ``model_version``, to the end (a recomputed upstream can change the rest)."""
         from s2vec_pipeline.defs.automation import stale_partitions
+        from s2vec_pipeline.integrity import lost_data
 
         for i, asset in enumerate(assets):
             record = self.instance.get_latest_data_version_record(
@@ -261,6 +274,7 @@ class Launcher:
                 record is None
                 or (model_version is not None and not version.startswith(f"{model_version}-"))
                 or stale_partitions(self.instance, self.asset_graph, asset, [partition])
+                or lost_data(self.instance, self.settings.root, asset, partition)
             ):
                 return list(assets[i:])
         return []
@@ -357,6 +371,7 @@ def _partition_worker(
     assets: list[str],
 ) -> None:
     """One partition's run in a spawned process; sends back its report or its error."""
+    quiet_worker_interrupts()
     quiet_python_loggers(log_level)
     try:
         with dg.DagsterInstance.from_ref(instance_ref) as instance:
