@@ -51,6 +51,7 @@ from s2vec_pipeline.errors import (
     DamagedTableError,
     IncompatibleTableError,
     MissingInputError,
+    RootNotWritableError,
     StorageUnavailableError,
 )
 from s2vec_pipeline.locks import exclusive
@@ -79,7 +80,16 @@ def table_uri(root: str | os.PathLike, name: str) -> str:
 
 
 def table_exists(root: str | os.PathLike, name: str) -> bool:
-    return DeltaTable.is_deltatable(table_uri(root, name))
+    uri = table_uri(root, name)
+    try:
+        return DeltaTable.is_deltatable(uri)
+    except OSError as e:  # delta-rs cannot reach the object store (credentials, endpoint)
+        if not storage.is_object_store(uri):
+            raise
+        raise RootNotWritableError(
+            f"cannot read table {name} under {root} ({' '.join(str(e).split())[:200]}): check "
+            f"the credentials and endpoint in the environment ({storage.env_hint(uri)})"
+        ) from e
 
 
 def _open(root: str | os.PathLike, name: str) -> DeltaTable:

@@ -1,5 +1,7 @@
 """Errors a user can act on. Each message says what was wrong and what to do about it."""
 
+from typing import Any
+
 
 class S2VecError(Exception):
     """Base class: bad input or state the user can fix. The CLI prints these without a traceback."""
@@ -65,3 +67,20 @@ def quiet_worker_interrupts() -> None:
     import signal
 
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+
+def start_quietly(process: Any) -> None:
+    """Start a spawned ``multiprocessing`` process with SIGINT ignored until it installs its
+    own handler (:func:`quiet_worker_interrupts`): a Ctrl-C while it still imports would
+    otherwise print a traceback from its bootstrap."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        process.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)

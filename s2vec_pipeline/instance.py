@@ -186,14 +186,28 @@ def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> tuple[int, floa
 
 
 def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Mark failed the runs still STARTED/STARTING whose worker process on this host is gone
+    """Mark failed the runs still STARTED/STARTING (or NOT_STARTED, of the CLI) whose worker
+    process on this host is gone
     (killed, Ctrl-C'd, the machine rebooted); returns their ids. Only for an instance whose
     runs all run on this host (the CLI's ``<root>/_dagster``): elsewhere run monitoring does
     it (``LocalProcessRunLauncher``)."""
     reaped = []
-    running = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
+    # NOT_STARTED too: a CLI run killed between its creation and its start
+    running = dg.RunsFilter(
+        statuses=[
+            dg.DagsterRunStatus.NOT_STARTED,
+            dg.DagsterRunStatus.STARTING,
+            dg.DagsterRunStatus.STARTED,
+        ]
+    )
     for run in instance.get_runs(filters=running):
+        if run.status == dg.DagsterRunStatus.NOT_STARTED and "s2vec/pid" not in run.tags:
+            continue  # queued by someone else: not ours to judge
         found = run_worker_pid(instance, run.run_id)
+        if found is None and "s2vec/pid" in run.tags:  # killed before its first engine event
+            record = instance.get_run_record_by_id(run.run_id)
+            created = record.create_timestamp.timestamp() if record else None
+            found = (int(run.tags["s2vec/pid"]), created)
         if found is None or process_alive(found[0], not_started_after=found[1]):
             continue
         instance.report_run_failed(

@@ -60,7 +60,12 @@ import polars as pl
 import shapely
 
 from s2vec_pipeline import s2
-from s2vec_pipeline.errors import InvalidSourceError, S2VecError, quiet_worker_interrupts
+from s2vec_pipeline.errors import (
+    InvalidSourceError,
+    S2VecError,
+    quiet_worker_interrupts,
+    start_quietly,
+)
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.osm_extract import (
     OSM_FEATURES_SCHEMA,
@@ -750,7 +755,7 @@ def _run_tasks(tasks: Sequence[_Task], workers: int, work: Path) -> dict[str, st
             while queue and len(running) < max(1, workers):
                 chunk, attempt = queue.pop(0)
                 proc = ctx.Process(target=_run_chunk, args=(chunk,), name=f"s2vec-{chunk[0].name}")
-                proc.start()
+                start_quietly(proc)
                 running[proc.sentinel] = (proc, chunk, attempt)
             for sentinel in wait(list(running)):
                 proc, chunk, attempt = running.pop(sentinel)

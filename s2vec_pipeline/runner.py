@@ -33,6 +33,7 @@ from s2vec_pipeline.errors import (
     S2VecError,
     StorageUnavailableError,
     quiet_worker_interrupts,
+    start_quietly,
 )
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.settings import PipelineSettings
@@ -48,6 +49,7 @@ STAGES: dict[str, list[str]] = {
 DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
 EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
 CLI_TAG = "s2vec/cli"
+PID_TAG = "s2vec/pid"  # the process running the run: a run whose process is gone is reaped
 DATA_VERSION_TAG = "dagster/data_version"
 #: One INFO line per finished run ("[2/5] data_layer 4693 done in 3.1 s"); silent unless a
 #: handler is attached (the CLI attaches one writing to stderr).
@@ -145,9 +147,9 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
                 instance = dg.DagsterInstance.local_temp(home)
             else:
                 with exclusive(os.path.join(home, ".open.lock")):
-                    if not os.path.exists(config):
+                    if not os.path.exists(config) or _read(config) == _OLD_CONFIG:
                         with open(config, "w") as f:
-                            f.write("telemetry:\n  enabled: false\n")
+                            f.write(_CONFIG)
                     instance = dg.DagsterInstance.local_temp(home)
         except Exception as e:
             full = _storage_error(e, home)
@@ -160,6 +162,20 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
             if writable:  # runs of killed CLI processes: failed, not STARTED forever
                 reap_dead_runs(instance)
             yield instance
+
+
+_OLD_CONFIG = "telemetry:\n  enabled: false\n"
+#: No compute-log capture: it mirrors each step's output through a ``tail`` and a watcher
+#: process, which print a traceback on Ctrl-C and cost two processes per step.
+_CONFIG = (
+    _OLD_CONFIG + "compute_logs:\n  module: dagster._core.storage.noop_compute_log_manager\n"
+    "  class: NoOpComputeLogManager\n"
+)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def _storage_error(exc: BaseException, home: str) -> StorageUnavailableError | None:
@@ -232,7 +248,7 @@ class Launcher:
                 instance=self.instance,
                 partition_key=partition,
                 asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
-                tags=self.tags,
+                tags={**self.tags, PID_TAG: str(os.getpid())},  # for reap_dead_runs
             )
         except Exception as e:  # unwrap Dagster's step failure into the user's error
             user = _user_error(e) or _storage_error(e, str(self.instance.root_directory))
@@ -312,7 +328,7 @@ class Launcher:
                         list(assets),
                     ),
                 )
-                proc.start()
+                start_quietly(proc)
                 send.close()
                 running[proc.sentinel] = (proc, k, receive, time.perf_counter())
             for sentinel in mp.connection.wait(list(running)):
@@ -377,13 +393,19 @@ def _partition_worker(
         with dg.DagsterInstance.from_ref(instance_ref) as instance:
             launcher = Launcher(PipelineSettings(**settings), instance, log_level, tags)
             launcher.run(job_name, partition, assets)
-        send.send(launcher.report)
+        _send(send, launcher.report)
     except S2VecError as e:
-        send.send(e)
+        _send(send, e)
     except BaseException as e:  # noqa: BLE001 - Dagster errors do not always pickle
-        send.send(RuntimeError(f"{type(e).__name__}: {e}"))
+        _send(send, RuntimeError(f"{type(e).__name__}: {e}"))
     finally:
         send.close()
+
+
+def _send(send: mp.connection.Connection, outcome: object) -> None:
+    """Send a worker's outcome; a parent that is gone (interrupted) needs none."""
+    with contextlib.suppress(BrokenPipeError):
+        send.send(outcome)
 
 
 def materialize(

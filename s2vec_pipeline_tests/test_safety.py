@@ -24,6 +24,7 @@ from s2vec_pipeline.errors import MissingInputError
 from s2vec_pipeline.runner import DATA_ASSETS, Launcher, materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6, TINY_MODEL
+from s2vec_pipeline_tests.test_object_storage import aws, s3_env, s3_server  # noqa: F401
 
 EMBEDDINGS = ["cell_embeddings", "image_embeddings"]
 
@@ -439,9 +440,14 @@ def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, what: str) 
 
 
 def _running_runs(root: Path, job: str) -> list[dg.DagsterRun]:
-    if not (root / "_dagster" / "dagster.yaml").exists():
+    from s2vec_pipeline.locks import exclusive
+
+    home = root / "_dagster"
+    if not (home / "dagster.yaml").exists():
         return []
-    with dg.DagsterInstance.local_temp(str(root / "_dagster")) as instance:
+    with exclusive(home / ".open.lock"):  # the CLI may be creating its schemas right now
+        instance = dg.DagsterInstance.local_temp(str(home))
+    with instance:
         return [r for r in instance.get_runs() if r.job_name == job and not r.is_finished]
 
 
@@ -453,7 +459,14 @@ def test_killed_runs_are_marked_failed_and_shown(
 
     stages = ["--stages", "extract,features,raster", "--force"]
     proc = _cli(data_root, "materialize", "--cells", MONACO_L6, *stages)
-    _wait_for(lambda: bool(_running_runs(data_root, "data_layer")), proc, "a data_layer run")
+
+    def started() -> bool:
+        return any(
+            r.status == dg.DagsterRunStatus.STARTED for r in _running_runs(data_root, "data_layer")
+        )
+
+    _wait_for(started, proc, "a data_layer run")
+    time.sleep(1)  # inside its steps
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     (run,) = _running_runs(data_root, "data_layer")  # still STARTED: nobody ended it
@@ -517,3 +530,26 @@ def test_ctrl_c_during_extraction_workers(data_root: Path, tmp_path: Path) -> No
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     (line,) = _non_progress(err)
     assert line.startswith("error: interrupted")
+
+
+def test_s3_root_without_credentials(
+    s3_env: str,  # noqa: F811 - the fixture imported above
+    monaco_pbf: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Finding 9: a root whose s2vec_root.json is in the bucket, opened without credentials,
+    failed with "OSError: Generic S3 error" (exit 1) in status (moto lets pyarrow read
+    anonymously; delta-rs cannot)."""
+    from s2vec_pipeline.cli import main
+    from s2vec_pipeline.manifest import record_sources
+    from s2vec_pipeline.settings import PipelineSettings as Settings
+
+    taxonomy = Settings(root=s3_env, sources=(str(monaco_pbf),)).taxonomy.version
+    record_sources(s3_env, [str(monaco_pbf)], "city", taxonomy)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    for command in (["status"], ["materialize", "--stages", "extract"]):
+        assert main([*command, "--root", s3_env]) == 2, command
+        line = _one_error(capsys.readouterr().err)
+        assert "AWS_ACCESS_KEY_ID" in line
