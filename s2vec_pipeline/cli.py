@@ -258,8 +258,10 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         from s2vec_pipeline.model.train import check_model_exists
 
         check_model_exists(settings.root, args.model_version)
+    from s2vec_pipeline.status import TABLES
+
     t0 = time.perf_counter()
-    tables_before = {t: delta_store.table_version_safe(settings.root, t) for t in STAGE_TABLES}
+    tables_before = {t: delta_store.table_version_safe(settings.root, t) for t in TABLES}
     # The root remembers what it is built from (later commands need no --source), but only
     # once a run was not refused: a refused source or profile must not poison the root.
     record = functools.partial(
@@ -282,9 +284,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         raise  # refused (bad source, other profile...): the manifest stays as it was
     except BaseException:
         # interrupted or crashed after writing: the tables now hold these sources' data
-        if tables_before != {
-            t: delta_store.table_version_safe(settings.root, t) for t in STAGE_TABLES
-        }:
+        if tables_before != {t: delta_store.table_version_safe(settings.root, t) for t in TABLES}:
             record()
         raise
     record()
@@ -312,10 +312,6 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         print(f"FAILED asset checks: {', '.join(report.checks_failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-#: The Delta tables a materialization writes (a change of one means the run wrote data).
-STAGE_TABLES = ["osm_features", "cell_features", "raster_tiles", "cell_embeddings"]
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:

@@ -467,7 +467,8 @@ def partition_keys(root: str | os.PathLike, name: str, version: int | None = Non
     actions = pa.table(dt.get_add_actions(flatten=True))
     if actions.num_rows == 0:
         return []
-    keys = actions.filter(pc.greater(actions["num_records"], 0))
+    # a file without statistics (another writer) counts as holding rows
+    keys = actions.filter(pc.fill_null(pc.greater(actions["num_records"], 0), True))
     return sorted(set(keys[f"partition.{PARTITION_COLUMN}"].to_pylist()))
 
 

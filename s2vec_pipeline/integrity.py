@@ -44,11 +44,13 @@ def lost_data(
     uri = delta_store.table_uri(root, table)
     if not delta_store.table_exists(root, table):
         return f"Dagster recorded {rows} rows, but the table {table} is gone"
-    actions = pa.table(DeltaTable(uri).get_add_actions(flatten=True)).to_pydict()
+    with delta_store.readable(root, table):  # a corrupt log: DamagedTableError naming it
+        actions = pa.table(DeltaTable(uri).get_add_actions(flatten=True)).to_pydict()
     column = f"partition.{delta_store.PARTITION_COLUMN}"
-    mine = [i for i, k in enumerate(actions[column]) if k == partition]
-    held = sum(int(actions["num_records"][i] or 0) for i in mine)
-    if held < rows:
+    mine = [i for i, k in enumerate(actions.get(column, [])) if k == partition]
+    counts = [actions["num_records"][i] for i in mine]
+    held = sum(int(c) for c in counts if c is not None)
+    if not mine or (None not in counts and held < rows):  # a file without statistics: unknown
         return f"Dagster recorded {rows} rows, the table holds {held}"
     for i in mine:
         # log paths are %-encoded relative paths (``parent_l6=12cd/part-….parquet``)
