@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import logging
 import os
 import sys
@@ -253,21 +254,40 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     check_root_writable(settings.root)
     from s2vec_pipeline.manifest import record_sources
 
-    # the root remembers what it is built from (later commands need no --source)
-    record_sources(settings.root, list(settings.sources), profile.name, taxonomy.version)
+    if args.model_version:  # an unknown model is refused before the data layer runs
+        from s2vec_pipeline.model.train import check_model_exists
+
+        check_model_exists(settings.root, args.model_version)
+    from s2vec_pipeline.status import TABLES
+
     t0 = time.perf_counter()
-    with dagster_instance(settings.root) as instance:
-        report = materialize(
-            settings,
-            cells,
-            assets,
-            instance,
-            log_level=console_log_level(args.verbose),
-            op_config=op_config,
-            tags={CLI_TAG: " ".join(["s2vec", *(args.argv or [])])[:1000]},
-            workers=workers,
-            force=args.force,
-        )
+    tables_before = {t: delta_store.table_version_safe(settings.root, t) for t in TABLES}
+    # The root remembers what it is built from (later commands need no --source), but only
+    # once a run was not refused: a refused source or profile must not poison the root.
+    record = functools.partial(
+        record_sources, settings.root, list(settings.sources), profile.name, taxonomy.version
+    )
+    try:
+        with dagster_instance(settings.root) as instance:
+            report = materialize(
+                settings,
+                cells,
+                assets,
+                instance,
+                log_level=console_log_level(args.verbose),
+                op_config=op_config,
+                tags={CLI_TAG: " ".join(["s2vec", *(args.argv or [])])[:1000]},
+                workers=workers,
+                force=args.force,
+            )
+    except S2VecError:
+        raise  # refused (bad source, other profile...): the manifest stays as it was
+    except BaseException:
+        # interrupted or crashed after writing: the tables now hold these sources' data
+        if tables_before != {t: delta_store.table_version_safe(settings.root, t) for t in TABLES}:
+            record()
+        raise
+    record()
     seconds = time.perf_counter() - t0
     if any(a != "mae_model" for a in assets):
         print(f"\n{'table':<16} {'rows':>10}  {'delta version':>13}  path")
@@ -320,6 +340,12 @@ def _root(args: argparse.Namespace) -> str:
     root = storage.normalize_root(args.root)
     if storage.is_object_store(root):
         storage.check_bucket(root)
+    elif "%" in root:
+        # delta-rs reads a local path as a URL ("%20" becomes a space) and Dagster's SQLite
+        # URL breaks on it: refused before anything is written
+        raise S2VecError(
+            f"--root {root}: a '%' in a local root is not supported; rename the folder"
+        )
     return root
 
 
@@ -474,8 +500,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from s2vec_pipeline.runner import dagster_instance
     from s2vec_pipeline.status import root_status
 
-    if not storage.is_dir(_root(args)):
+    root = _root(args)
+    if not storage.is_dir(root):
         raise S2VecError(f"--root {args.root} does not exist: give the root of a materialized run")
+    from s2vec_pipeline import delta_store
+    from s2vec_pipeline.manifest import MANIFEST
+    from s2vec_pipeline.status import TABLES
+
+    if not storage.exists(storage.join(root, MANIFEST)) and not any(
+        delta_store.table_exists(root, t) for t in TABLES
+    ):  # nothing to report, and no _dagster/ to create in someone's folder
+        raise S2VecError(
+            f"--root {args.root} is no s2vec root (no {MANIFEST}, no table): give the root of a "
+            f"materialized run"
+        )
     settings = _settings(args)
     with dagster_instance(settings.root) as instance:
         print(root_status(settings, instance).text())
@@ -500,6 +538,12 @@ def _add_sql(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=None, help="write the result to a .parquet or .csv file")
     p.add_argument(
+        "--allow-external",
+        action="store_true",
+        help="let the query read other files and URLs and write files (COPY TO, ATTACH); by "
+        "default it reads only the root's tables (and --table files)",
+    )
+    p.add_argument(
         "--limit",
         type=int,
         default=50,
@@ -522,10 +566,14 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise S2VecError(f"--table expects NAME=PATH, got {spec!r}")
         extra[name] = path
-    result = run_sql(_root(args), args.query, extra_tables=extra or None)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():  # before the query runs
+        raise S2VecError(f"--out {args.out}: folder {out.parent} does not exist; create it first")
+    result = run_sql(
+        _root(args), args.query, extra_tables=extra or None, allow_external=args.allow_external
+    )
     df = pl.from_arrow(result)
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         if out.suffix == ".parquet":
             df.write_parquet(out)
         elif out.suffix == ".csv":
@@ -796,8 +844,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except S2VecError as e:
         return _fail(e, str(e), 2, verbosity)
     except KeyboardInterrupt as e:
-        return _fail(e, "interrupted; tables stay at their last committed version", 130, verbosity)
+        return _fail(e, INTERRUPTED, 130, verbosity)
     except Exception as e:  # noqa: BLE001 - one line, not Dagster's pages, for a bug too
+        if _interrupted(e):
+            return _fail(e, INTERRUPTED, 130, verbosity)
         inner = _innermost(e)
         if isinstance(inner, OSError) and inner.errno in _USER_OS_ERRNOS:
             where = f" ({inner.filename})" if inner.filename else ""
@@ -809,6 +859,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = (str(inner).strip().splitlines() or [""])[0]
         message = f"{type(inner).__name__}: {text} (unexpected: rerun with -vv for the traceback)"
         return _fail(e, message, 1, verbosity)
+    except BaseException as e:  # Dagster's DagsterExecutionInterruptedError is no Exception
+        if _interrupted(e):
+            return _fail(e, INTERRUPTED, 130, verbosity)
+        raise
+
+
+INTERRUPTED = "interrupted; tables stay at their last committed version"
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, however Dagster wrapped it (``DagsterExecutionInterruptedError``, a step
+    failure around a ``KeyboardInterrupt``)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (
+            isinstance(e, KeyboardInterrupt)
+            or type(e).__name__ == "DagsterExecutionInterruptedError"
+        ):
+            return True
+        todo += [getattr(e, "user_exception", None), e.__cause__, e.__context__]
+    return False
 
 
 def _innermost(exc: BaseException) -> BaseException:

@@ -36,9 +36,11 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, write_deltalake
@@ -46,8 +48,10 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 
 from s2vec_pipeline import storage
 from s2vec_pipeline.errors import (
+    DamagedTableError,
     IncompatibleTableError,
     MissingInputError,
+    RootNotWritableError,
     StorageUnavailableError,
 )
 from s2vec_pipeline.locks import exclusive
@@ -76,12 +80,22 @@ def table_uri(root: str | os.PathLike, name: str) -> str:
 
 
 def table_exists(root: str | os.PathLike, name: str) -> bool:
-    return DeltaTable.is_deltatable(table_uri(root, name))
+    uri = table_uri(root, name)
+    try:
+        return DeltaTable.is_deltatable(uri)
+    except OSError as e:  # delta-rs cannot reach the object store (credentials, endpoint)
+        if not storage.is_object_store(uri):
+            raise
+        raise RootNotWritableError(
+            f"cannot read table {name} under {root} ({' '.join(str(e).split())[:200]}): check "
+            f"the credentials and endpoint in the environment ({storage.env_hint(uri)})"
+        ) from e
 
 
 def _open(root: str | os.PathLike, name: str) -> DeltaTable:
     try:
-        return DeltaTable(table_uri(root, name))
+        with readable(root, name):
+            return DeltaTable(table_uri(root, name))
     except TableNotFoundError as e:
         raise MissingInputError(
             f"table {name!r} does not exist under {root}: build it first "
@@ -89,11 +103,29 @@ def _open(root: str | os.PathLike, name: str) -> DeltaTable:
         ) from e
 
 
+@contextlib.contextmanager
+def readable(root: str | os.PathLike, name: str) -> Iterator[None]:
+    """A table that cannot be read (a corrupt ``_delta_log`` entry, a data file gone) as
+    :class:`DamagedTableError` naming it and what to do, instead of a raw DeltaError."""
+    try:
+        yield
+    except (TableNotFoundError, CommitFailedError, DamagedTableError):
+        raise
+    except (DeltaError, FileNotFoundError, pl.exceptions.ComputeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DamagedTableError(
+            f"table {name} under {root} cannot be read ({first}). A data file gone: a plain "
+            f"`s2vec materialize --root {root}` rewrites the partitions that lost files. A "
+            f"corrupt _delta_log entry: restore it from a backup, or delete "
+            f"{table_uri(root, name)} and rerun `s2vec materialize --root {root}` to rebuild it"
+        ) from e
+
+
 def table_contract(root: str | os.PathLike, name: str) -> dict[str, Any] | None:
     """The contract stored with the table, or None when the table does not exist."""
     if not table_exists(root, name):
         return None
-    desc = DeltaTable(table_uri(root, name)).metadata().description or "{}"
+    desc = _open(root, name).metadata().description or "{}"
     try:
         return json.loads(desc).get(CONTRACT_KEY)
     except json.JSONDecodeError:
@@ -392,7 +424,18 @@ def scan_table(root: str | os.PathLike, name: str, version: int | None = None) -
     """A lazy polars scan (of table ``version``, default the latest); filter on ``parent_l6``
     to prune partitions."""
     _open(root, name)  # clear error when the table is missing
-    return pl.scan_delta(table_uri(root, name), version=version)
+    uri = table_uri(root, name)
+    if not storage.is_object_store(uri) and quote(uri) != uri:
+        # polars' native Delta scan opens delta-rs' %-encoded file paths as they are (a root
+        # with a space or a non-ASCII letter would not be found): read through pyarrow with
+        # the sub-tree filesystem (which also avoids the abort at exit, see module doc)
+        return pl.scan_delta(
+            uri,
+            version=version,
+            use_pyarrow=True,
+            pyarrow_options={"filesystem": pafs.SubTreeFileSystem(uri, pafs.LocalFileSystem())},
+        )
+    return pl.scan_delta(uri, version=version)
 
 
 def read_partitions(
@@ -407,15 +450,26 @@ def read_partitions(
         lf = lf.filter(pl.col(PARTITION_COLUMN).is_in(list(partitions)))
     if columns is not None:
         lf = lf.select(columns)
-    return lf.collect()
+    with readable(root, name):
+        return lf.collect()
 
 
 def partition_keys(root: str | os.PathLike, name: str, version: int | None = None) -> list[str]:
-    """The ``parent_l6`` values that hold at least one row (at table ``version``)."""
+    """The ``parent_l6`` values that hold at least one row (at table ``version``), from the
+    Delta log alone: a partition whose data file is gone is still listed (and reported lost,
+    ``integrity.lost_data``)."""
     if not table_exists(root, name):
         return []
-    keys = scan_table(root, name, version).select(pl.col(PARTITION_COLUMN).unique()).collect()
-    return sorted(keys[PARTITION_COLUMN].to_list())
+    dt = _open(root, name)
+    if version is not None:
+        with readable(root, name):
+            dt.load_as_version(version)
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return []
+    # a file without statistics (another writer) counts as holding rows
+    keys = actions.filter(pc.fill_null(pc.greater(actions["num_records"], 0), True))
+    return sorted(set(keys[f"partition.{PARTITION_COLUMN}"].to_pylist()))
 
 
 def dataset(root: str | os.PathLike, name: str) -> ds.Dataset:
@@ -447,7 +501,7 @@ def iter_batches(
 
 
 def table_version(root: str | os.PathLike, name: str) -> int | None:
-    return DeltaTable(table_uri(root, name)).version() if table_exists(root, name) else None
+    return _open(root, name).version() if table_exists(root, name) else None
 
 
 def table_schema(root: str | os.PathLike, name: str) -> pa.Schema:

@@ -1,5 +1,7 @@
 """Errors a user can act on. Each message says what was wrong and what to do about it."""
 
+from typing import Any
+
 
 class S2VecError(Exception):
     """Base class: bad input or state the user can fix. The CLI prints these without a traceback."""
@@ -52,3 +54,33 @@ class InstanceUnavailableError(S2VecError):
 
 class RootNotWritableError(S2VecError):
     """The storage root cannot be created or written."""
+
+
+class DamagedTableError(S2VecError):
+    """A Delta table cannot be read: a corrupt log entry, or a data file that is gone."""
+
+
+def quiet_worker_interrupts() -> None:
+    """In a spawned worker process: Ctrl-C (SIGINT, sent to the whole process group) ends it
+    at once with status 130 and no traceback; the parent reports the interruption once."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+
+def start_quietly(process: Any) -> None:
+    """Start a spawned ``multiprocessing`` process with SIGINT ignored until it installs its
+    own handler (:func:`quiet_worker_interrupts`): a Ctrl-C while it still imports would
+    otherwise print a traceback from its bootstrap."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        process.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -182,6 +182,53 @@ def process_alive(pid: int, not_started_after: float | None = None) -> bool:
     return True
 
 
+def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """(pid, time it was recorded) of a run's worker process: the first engine event with a
+    pid ("Started process for run" from a code server, "Executing steps in process" from
+    ``execute_in_process``); None while none is recorded."""
+    for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        event = entry.dagster_event
+        data = event.engine_event_data if event else None
+        pid = data.metadata.get("pid") if data and data.metadata else None
+        if pid is not None:
+            return int(pid.value), entry.timestamp
+    return None
+
+
+def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed the runs still STARTED/STARTING (or NOT_STARTED, of the CLI) whose worker
+    process on this host is gone
+    (killed, Ctrl-C'd, the machine rebooted); returns their ids. Only for an instance whose
+    runs all run on this host (the CLI's ``<root>/_dagster``): elsewhere run monitoring does
+    it (``LocalProcessRunLauncher``)."""
+    reaped = []
+    # NOT_STARTED too: a CLI run killed between its creation and its start
+    running = dg.RunsFilter(
+        statuses=[
+            dg.DagsterRunStatus.NOT_STARTED,
+            dg.DagsterRunStatus.STARTING,
+            dg.DagsterRunStatus.STARTED,
+        ]
+    )
+    for run in instance.get_runs(filters=running):
+        if run.status == dg.DagsterRunStatus.NOT_STARTED and "s2vec/pid" not in run.tags:
+            continue  # queued by someone else: not ours to judge
+        found = run_worker_pid(instance, run.run_id)
+        if found is None and "s2vec/pid" in run.tags:  # killed before its first engine event
+            record = instance.get_run_record_by_id(run.run_id)
+            created = record.create_timestamp.timestamp() if record else None
+            found = (int(run.tags["s2vec/pid"]), created)
+        if found is None or process_alive(found[0], not_started_after=found[1]):
+            continue
+        instance.report_run_failed(
+            run,
+            message=f"interrupted: its process {found[0]} is gone (found by s2vec on "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}); tables stay at their last committed version",
+        )
+        reaped.append(run.run_id)
+    return reaped
+
+
 class LocalProcessRunLauncher(dg.DefaultRunLauncher):
     """``DefaultRunLauncher`` whose run workers run monitoring can health-check by process id.
 
@@ -214,15 +261,10 @@ class LocalProcessRunLauncher(dg.DefaultRunLauncher):
         ``execute_in_process``)."""
         if run_id in self._worker_pids:
             return self._worker_pids[run_id]
-        for entry in self._instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
-            event = entry.dagster_event
-            data = event.engine_event_data if event else None
-            pid = data.metadata.get("pid") if data and data.metadata else None
-            if pid is not None:
-                found = (int(pid.value), entry.timestamp)
-                self._worker_pids[run_id] = found
-                return found
-        return None
+        found = run_worker_pid(self._instance, run_id)
+        if found is not None:
+            self._worker_pids[run_id] = found
+        return found
 
     def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
         found = self._worker_pid(run.run_id)

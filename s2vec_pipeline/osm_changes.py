@@ -622,6 +622,11 @@ def _read_change_file(path: Path, name: str, sha: str, size: int) -> _ChangeFile
             f"change file {path} has a coordinate osmium cannot read ({e}); latitudes lie in "
             f"-90..90, longitudes in -180..180: fix or remove the file. Nothing was applied"
         ) from e
+    except ValueError as e:  # e.g. id="99999999999999999999": "illegal id"
+        raise ChangeFileError(
+            f"change file {path} holds a value osmium cannot read ({e}); ids are 64-bit "
+            f"integers: fix or remove the file. Nothing was applied"
+        ) from e
     except RuntimeError as e:
         raise ChangeFileError(
             f"change file {path} is truncated or corrupt ({e}); download it again. Nothing was "

@@ -60,7 +60,12 @@ import polars as pl
 import shapely
 
 from s2vec_pipeline import s2
-from s2vec_pipeline.errors import InvalidSourceError, S2VecError
+from s2vec_pipeline.errors import (
+    InvalidSourceError,
+    S2VecError,
+    quiet_worker_interrupts,
+    start_quietly,
+)
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.osm_extract import (
     OSM_FEATURES_SCHEMA,
@@ -471,6 +476,8 @@ ENV_KILL_WORKER = "S2VEC_TEST_KILL_WORKER"
 def _run_chunk(tasks: Sequence[_Task]) -> None:
     """Worker process entry point: extract (source, group) files one after the other, spilling
     rows by partition. A task's exception is recorded and the next task runs."""
+    if multiprocessing.parent_process() is not None:  # a spawned worker, not the in-process path
+        quiet_worker_interrupts()
     for task in tasks:
         out = Path(task.out_dir)
         if task.name in os.environ.get(ENV_KILL_WORKER, "").split(","):
@@ -750,7 +757,7 @@ def _run_tasks(tasks: Sequence[_Task], workers: int, work: Path) -> dict[str, st
             while queue and len(running) < max(1, workers):
                 chunk, attempt = queue.pop(0)
                 proc = ctx.Process(target=_run_chunk, args=(chunk,), name=f"s2vec-{chunk[0].name}")
-                proc.start()
+                start_quietly(proc)
                 running[proc.sentinel] = (proc, chunk, attempt)
             for sentinel in wait(list(running)):
                 proc, chunk, attempt = running.pop(sentinel)

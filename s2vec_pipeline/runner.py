@@ -33,6 +33,8 @@ from s2vec_pipeline.errors import (
     NoFeaturesError,
     S2VecError,
     StorageUnavailableError,
+    quiet_worker_interrupts,
+    start_quietly,
 )
 from s2vec_pipeline.extract_cache import interleave_groups
 from s2vec_pipeline.locks import exclusive
@@ -49,6 +51,7 @@ STAGES: dict[str, list[str]] = {
 DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
 EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
 CLI_TAG = "s2vec/cli"
+PID_TAG = "s2vec/pid"  # the process running the run: a run whose process is gone is reaped
 DATA_VERSION_TAG = "dagster/data_version"
 #: One INFO line per finished run ("[2/5] data_layer 4693 done in 3.1 s"); silent unless a
 #: handler is attached (the CLI attaches one writing to stderr).
@@ -135,8 +138,6 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     elif storage.is_object_store(root):
         check_instance_home(root)
     else:
-        from s2vec_pipeline.instance import pooled_sqlite_config
-
         home = os.path.join(root, "_dagster")
         os.makedirs(home, exist_ok=True)
         config = os.path.join(home, "dagster.yaml")
@@ -144,25 +145,45 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         # instance creates its SQLite schemas, which must happen once ("table runs already
         # exists" otherwise). Later opens only read the schemas.
         try:
-            with exclusive(os.path.join(home, ".open.lock")):
-                # Written by us (also the older one-line file): pooled SQLite storages, which
-                # cut a run's bookkeeping (instance.py says why).
-                if not os.path.exists(config) or _read(config) == OLD_ROOT_INSTANCE_CONFIG:
-                    storage.write_bytes(
-                        config, (OLD_ROOT_INSTANCE_CONFIG + pooled_sqlite_config(home)).encode()
-                    )
+            writable = os.access(home, os.W_OK)
+            if os.path.exists(config) and not writable:
+                # a read-only root (status): its schemas exist, there is no lock to take
                 instance = dg.DagsterInstance.local_temp(home)
+            else:
+                with exclusive(os.path.join(home, ".open.lock")):
+                    # Written by us (also the older files): pooled SQLite storages, which cut a
+                    # run's bookkeeping (instance.py says why), and no compute-log capture.
+                    if not os.path.exists(config) or _read(config) in _OLD_CONFIGS:
+                        storage.write_bytes(config, _config(home).encode())
+                    instance = dg.DagsterInstance.local_temp(home)
         except Exception as e:
             full = _storage_error(e, home)
             if full is None:
                 raise
             raise full from e
         with instance:
+            from s2vec_pipeline.instance import reap_dead_runs
+
+            if writable:  # runs of killed CLI processes: failed, not STARTED forever
+                reap_dead_runs(instance)
             yield instance
 
 
-#: What the CLI wrote into ``<root>/_dagster/dagster.yaml`` before the pooled storages.
-OLD_ROOT_INSTANCE_CONFIG = "telemetry:\n  enabled: false\n"
+_OLD_CONFIG = "telemetry:\n  enabled: false\n"
+#: No compute-log capture: it mirrors each step's output through a ``tail`` and a watcher
+#: process, which print a traceback on Ctrl-C and cost two processes per step.
+_NO_COMPUTE_LOGS = (
+    "compute_logs:\n  module: dagster._core.storage.noop_compute_log_manager\n"
+    "  class: NoOpComputeLogManager\n"
+)
+#: What the CLI wrote into ``<root>/_dagster/dagster.yaml`` before: replaced by ``_config``.
+_OLD_CONFIGS = (_OLD_CONFIG, _OLD_CONFIG + _NO_COMPUTE_LOGS)
+
+
+def _config(home: str) -> str:
+    from s2vec_pipeline.instance import pooled_sqlite_config
+
+    return _OLD_CONFIG + _NO_COMPUTE_LOGS + pooled_sqlite_config(home)
 
 
 def _read(path: str) -> str:
@@ -174,6 +195,7 @@ def _storage_error(exc: BaseException, home: str) -> StorageUnavailableError | N
     """A full disk under the instance's SQLite files, as the error a user can act on."""
     text = f"{exc} {exc.__cause__ or ''}".lower()
     full = "disk is full" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    full = full or "disk i/o error" in text  # SQLite's answer when its journal cannot grow
     if not full:
         return None
     return StorageUnavailableError(
@@ -239,7 +261,7 @@ class Launcher:
                 instance=self.instance,
                 partition_key=partition,
                 asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
-                tags=self.tags,
+                tags={**self.tags, PID_TAG: str(os.getpid())},  # for reap_dead_runs
             )
         except Exception as e:  # unwrap Dagster's step failure into the user's error
             user = _user_error(e) or _storage_error(e, str(self.instance.root_directory))
@@ -268,9 +290,11 @@ class Launcher:
         self, partition: str, assets: Sequence[str], model_version: str | None = None
     ) -> list[str]:
         """The requested assets of one partition to compute: from the first one that was never
-        materialized, is stale (the one staleness rule) or, for embeddings, was made by another
-        model than ``model_version``, to the end (a recomputed upstream can change the rest)."""
+        materialized, is stale (the one staleness rule), lost rows or files Dagster recorded
+        (``integrity.lost_data``) or, for embeddings, was made by another model than
+        ``model_version``, to the end (a recomputed upstream can change the rest)."""
         from s2vec_pipeline.defs.automation import stale_partitions
+        from s2vec_pipeline.integrity import lost_data
 
         for i, asset in enumerate(assets):
             record = self.instance.get_latest_data_version_record(
@@ -281,6 +305,7 @@ class Launcher:
                 record is None
                 or (model_version is not None and not version.startswith(f"{model_version}-"))
                 or stale_partitions(self.instance, self.asset_graph, asset, [partition])
+                or lost_data(self.instance, self.settings.root, asset, partition)
             ):
                 return list(assets[i:])
         return []
@@ -322,7 +347,7 @@ class Launcher:
                     list(assets),
                 ),
             )
-            proc.start()
+            start_quietly(proc)
             theirs.close()
             procs[mine] = proc
             idle.append(mine)
@@ -423,6 +448,7 @@ def _partition_worker(
 ) -> None:
     """A long-lived worker: loads the definitions once, then runs each partition it receives
     (None: exit) and sends back that run's report or its error."""
+    quiet_worker_interrupts()
     quiet_python_loggers(log_level)
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
         launcher = Launcher(PipelineSettings(**settings), instance, log_level, tags)
@@ -432,11 +458,17 @@ def _partition_worker(
             launcher.report = RunReport()
             try:
                 launcher.run(job_name, partition, assets)
-                conn.send(launcher.report)
+                _send(conn, launcher.report)
             except S2VecError as e:
-                conn.send(e)
+                _send(conn, e)
             except Exception as e:  # noqa: BLE001 - Dagster errors do not always pickle
-                conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
+                _send(conn, RuntimeError(f"{type(e).__name__}: {e}"))
+
+
+def _send(send: mp.connection.Connection, outcome: object) -> None:
+    """Send a worker's outcome; a parent that is gone (interrupted) needs none."""
+    with contextlib.suppress(BrokenPipeError):
+        send.send(outcome)
 
 
 def materialize(

@@ -26,12 +26,14 @@ level): the ``pixel`` of ``empty_image_embeddings`` when ``level`` is the image 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import duckdb
 import numpy as np
@@ -40,7 +42,7 @@ import pyarrow as pa
 from deltalake import DeltaTable
 
 from s2vec_pipeline import delta_store, storage
-from s2vec_pipeline.errors import InvalidCellError, S2VecError
+from s2vec_pipeline.errors import DamagedTableError, InvalidCellError, S2VecError
 
 ENGINE = "duckdb"
 EMBEDDING_TABLES = ("cell_embeddings", "image_embeddings")
@@ -188,6 +190,12 @@ def _quote(text: str, quote: str = "'") -> str:
     return quote + text.replace(quote, quote * 2) + quote
 
 
+def local_files(dt: DeltaTable) -> list[str]:
+    """The table's current data files as plain local paths: ``file_uris()`` gives URIs whose
+    paths are %-encoded (a root with a space, non-ASCII letters or ``%`` would not be found)."""
+    return [unquote(u.removeprefix("file://")) for u in dt.file_uris()]
+
+
 def _register_delta(
     con: duckdb.DuckDBPyConnection, root: str | os.PathLike, name: str, view: str | None = None
 ) -> None:
@@ -199,7 +207,7 @@ def _register_delta(
     """
     view = view or name
     dt = DeltaTable(delta_store.table_uri(root, name))
-    files = [f.removeprefix("file://") for f in dt.file_uris()]
+    files = local_files(dt)
     if not files or storage.is_object_store(root):
         # DuckDB reads s3:// only through its httpfs extension, which it would download:
         # object-store tables are read through pyarrow (the same snapshot's files).
@@ -212,6 +220,16 @@ def _register_delta(
         f"CREATE VIEW {quoted} AS SELECT {columns} FROM read_parquet({file_list}, "
         "hive_partitioning = true, hive_types_autocast = false, union_by_name = true)"
     )
+
+
+@contextlib.contextmanager
+def _as_damage(root: str | os.PathLike, name: str) -> Iterator[None]:
+    """DuckDB failing on a table's files while registering it: the table is damaged."""
+    try:
+        yield
+    except duckdb.IOException as e:
+        with delta_store.readable(root, name):
+            raise FileNotFoundError(str(e).splitlines()[0]) from e
 
 
 def _read_extra(con: duckdb.DuckDBPyConnection, name: str, source: TableSource) -> pa.Table:
@@ -306,8 +324,10 @@ class SQLSession:
         root: str | os.PathLike,
         extra_tables: Mapping[str, TableSource] | None = None,
         cache: Sequence[str] = (),
+        allow_external: bool = False,
     ) -> None:
         self.root = root
+        self.allow_external = allow_external
         self.delta_tables = list_tables(root)
         extra = dict(extra_tables or {})
         if not self.delta_tables and not extra:
@@ -322,21 +342,44 @@ class SQLSession:
                 f"(tables: {', '.join(self.delta_tables) or 'none'})"
             )
         self.extra: list[str] = []
+        # tables that cannot be read: left out, named when a query needs them
+        self.damaged: dict[str, DamagedTableError] = {}
         self.con = duckdb.connect()
         try:
             _register_s2_functions(self.con)
             for name in self.delta_tables:
-                if name in cache:
-                    _register_delta(self.con, root, name, view=f"_delta_{name}")
-                    self.con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM "_delta_{name}"')
-                    self.con.execute(f'DROP VIEW "_delta_{name}"')
-                else:
-                    _register_delta(self.con, root, name)
+                try:
+                    with delta_store.readable(root, name), _as_damage(root, name):
+                        if name in cache:
+                            _register_delta(self.con, root, name, view=f"_delta_{name}")
+                            self.con.execute(
+                                f'CREATE TABLE "{name}" AS SELECT * FROM "_delta_{name}"'
+                            )
+                            self.con.execute(f'DROP VIEW "_delta_{name}"')
+                        else:
+                            _register_delta(self.con, root, name)
+                except DamagedTableError as e:
+                    self.damaged[name] = e
+            self.delta_tables = [t for t in self.delta_tables if t not in self.damaged]
             for name, source in extra.items():
                 self.register(name, source)
+            if not allow_external:
+                self._confine()
         except BaseException:
             self.con.close()
             raise
+
+    def _confine(self) -> None:
+        """From now on DuckDB reads only the root's tables' current files: no other file, no
+        URL, no file writing (``COPY … TO``, ``ATTACH``, ``EXPORT``), and no ``SET`` to undo it.
+        Extra tables were read into memory before, and ``--out`` is written by Python."""
+        files: list[str] = []
+        if not storage.is_object_store(self.root):
+            for name in self.delta_tables:
+                files += local_files(DeltaTable(delta_store.table_uri(self.root, name)))
+        self.con.execute("SET allowed_paths = ?", [files])
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
 
     @property
     def tables(self) -> list[str]:
@@ -352,7 +395,9 @@ class SQLSession:
                 f"extra table {name!r} would hide the Delta table of the same name under "
                 f"{self.root}: choose another name"
             )
-        self.con.register(name, _read_extra(self.con, name, source))
+        # a connection of its own: this session's may be confined to the root's files
+        with duckdb.connect() as reader:
+            self.con.register(name, _read_extra(reader, name, source))
         if name not in self.extra:
             self.extra.append(name)
 
@@ -364,9 +409,28 @@ class SQLSession:
     def sql(self, query: str, params: Mapping[str, Any] | None = None) -> pa.Table:
         """Run one query; ``params`` binds ``$name`` parameters. Returns a pyarrow Table."""
         available = ", ".join(self.tables)
+        if not self.allow_external:
+            _refuse_side_effects(query)
+        named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query))
+        for name, error in self.damaged.items():
+            if name in named:
+                raise error
         try:
             rel = self.con.sql(query, params=dict(params) if params else None)
             return rel.to_arrow_table() if rel is not None else pa.table({})
+        except duckdb.PermissionException as e:  # the confinement of _confine
+            first = str(e).splitlines()[0]
+            raise SQLError(
+                f"{first.removeprefix('Permission Error: ')}: s2vec sql reads only the tables "
+                f"under the root (and --table files) and writes only --out; --allow-external "
+                f"lifts this"
+            ) from e
+        except duckdb.IOException as e:  # a data file gone since the table was registered
+            for name in self.delta_tables:
+                if f"/{name}/" in str(e):
+                    with delta_store.readable(self.root, name):
+                        raise FileNotFoundError(str(e).splitlines()[0]) from e
+            raise SQLError(f"query failed in {ENGINE}: {e}") from e
         except duckdb.CatalogException as e:
             raise UnknownTableError(
                 f"{ENGINE}: {e}\nTables you can query under {self.root}: {available}"
@@ -387,11 +451,31 @@ class SQLSession:
         self.close()
 
 
+#: Statements that write files, reach outside the root or change the engine: refused unless
+#: the session allows external access (DuckDB's own confinement refuses most of them too).
+_REFUSED_STATEMENTS = {"COPY", "ATTACH", "DETACH", "EXPORT", "LOAD"}  # LOAD: also INSTALL
+
+
+def _refuse_side_effects(query: str) -> None:
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error:
+        return  # not SQL: the query itself fails with the engine's message and the tables
+    for st in statements:
+        kind = st.type.name
+        if kind in _REFUSED_STATEMENTS:
+            raise SQLError(
+                f"{kind} statements are refused: s2vec sql reads only the tables under the root "
+                f"(write results with --out; --allow-external lifts this)"
+            )
+
+
 def run_sql(
     root: str | os.PathLike,
     query: str,
     params: Mapping[str, Any] | None = None,
     extra_tables: Mapping[str, TableSource] | None = None,
+    allow_external: bool = False,
 ) -> pa.Table:
     """Run one DuckDB query over the Delta tables under ``root``; returns a pyarrow Table.
 
@@ -400,7 +484,7 @@ def run_sql(
     ``cell_token``). Errors name the engine's message and the tables that exist. For many
     queries use one ``SQLSession`` (optionally with cached tables).
     """
-    with SQLSession(root, extra_tables) as session:
+    with SQLSession(root, extra_tables, allow_external=allow_external) as session:
         return session.sql(query, params)
 
 

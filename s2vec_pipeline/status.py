@@ -7,6 +7,7 @@ one staleness rule, ``defs.automation.stale_partitions``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class RootStatus:
     embedding_models: dict[str, list[str]]  # partition -> model versions in cell_embeddings
     regions: dict[str, list[str]]
     sources: dict[str, dict[str, Any]]  # source -> last applied change file, batches
+    failed_runs: list[str] = field(default_factory=list)  # recent failed/interrupted runs
 
     @property
     def mixed_models(self) -> dict[str, list[str]]:
@@ -67,11 +69,17 @@ class RootStatus:
         for p in self.partitions:
             state = "stale: " + "; ".join(p.stale) if p.stale else "up to date"
             if p.data_version is None:
-                state = "no Dagster record here (was it run with another DAGSTER_HOME?)"
+                state = (
+                    "not recorded by Dagster here (an interrupted run, or another "
+                    "DAGSTER_HOME): s2vec materialize recomputes it"
+                )
             lines.append(
                 f"{p.table:<17} {self.tables[p.table]!s:>5}  {p.partition:<9} "
                 f"{(p.data_version or '-'):<34} {state}"
             )
+        if self.failed_runs:
+            lines.append("\nfailed or interrupted runs (newest first):")
+            lines += [f"  {r}" for r in self.failed_runs]
         if self.mixed_models:
             lines.append(
                 "\nwarning: embeddings of several models: "
@@ -84,6 +92,7 @@ class RootStatus:
 def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> RootStatus:
     from s2vec_pipeline.definitions import build_definitions
     from s2vec_pipeline.defs.automation import stale_partitions
+    from s2vec_pipeline.integrity import lost_data
     from s2vec_pipeline.model.train import list_models
     from s2vec_pipeline.regions import RegionRegistry
 
@@ -95,6 +104,13 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
             continue
         keys = delta_store.partition_keys(settings.root, table)
         stale = stale_partitions(instance, graph, table, keys)
+        # partitions Dagster recorded but the table lost (or lost files of): stale, with why
+        recorded = instance.get_materialized_partitions(dg.AssetKey(table))
+        for k in sorted(set(keys) | recorded):
+            lost = lost_data(instance, settings.root, table, k)
+            if lost:
+                stale[k] = [f"lost: {lost}", *stale.get(k, [])]
+        keys = sorted(set(keys) | set(stale))
         for k in keys:
             record = instance.get_latest_data_version_record(dg.AssetKey(table), False, k)
             version = (
@@ -130,4 +146,36 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
         embedding_models=embedding_models,
         regions={r.name: list(r.cells) for r in RegionRegistry(settings.root).list()},
         sources=sources,
+        failed_runs=failed_runs(instance),
     )
+
+
+def failed_runs(instance: dg.DagsterInstance, limit: int = 10) -> list[str]:
+    """One line per recent run that failed or was interrupted (reaped: its process is gone)
+    and was not followed by a successful run of the same job and partition."""
+    lines, succeeded = [], set()
+    for run in instance.get_runs(limit=200):  # newest first
+        key = (run.job_name, run.tags.get("dagster/partition"))
+        if run.status == dg.DagsterRunStatus.SUCCESS:
+            succeeded.add(key)
+        elif run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+            if key in succeeded:
+                continue
+            record = instance.get_run_record_by_id(run.run_id)
+            when = record.end_time or record.create_timestamp.timestamp() if record else None
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(when)) if when else "?"
+            lines.append(
+                f"{run.run_id[:8]} {run.job_name} {key[1] or ''} {run.status.value.lower()} "
+                f"{stamp} UTC{' ' + _failure(instance, run.run_id)}"
+            )
+            succeeded.add(key)  # one line per job and partition
+        if len(lines) >= limit:
+            break
+    return lines
+
+
+def _failure(instance: dg.DagsterInstance, run_id: str) -> str:
+    """The run's failure message (the reaper's "interrupted: …" line), when it has one."""
+    events = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    message = events[-1].message if events else ""
+    return f"({message.splitlines()[0][:160]})" if message else ""

@@ -319,6 +319,11 @@ def check_object_root(root: str | os.PathLike[str]) -> None:
         ) from None
 
 
+def env_hint(location: str | os.PathLike[str]) -> str:
+    """The environment variables that configure access to ``location``'s object store."""
+    return _env_hint(_scheme(location))
+
+
 def _env_hint(scheme: str | None) -> str:
     if scheme in ("s3", "s3a"):
         return "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION"

@@ -322,6 +322,15 @@ def embed_partition(
     )
 
 
+def _holds_rows(root: str | os.PathLike, partition: str) -> bool:
+    """Whether either embedding table holds rows of ``partition`` now."""
+    return any(
+        delta_store.table_exists(root, t)
+        and delta_store.read_partitions(root, t, [partition], ["parent_l6"]).height > 0
+        for t in (CELL_TABLE, IMAGE_TABLE)
+    )
+
+
 def write_embeddings(
     root: str | os.PathLike,
     model: S2VecMAE,
@@ -358,6 +367,14 @@ def write_embeddings(
         # runtime, where opening a Delta table panics ("Cannot start a runtime from within a
         # runtime").
         tiles, raster_data_version = read_tiles(root, partition, snapshot)
+        if tiles.num_rows == 0 and _holds_rows(root, partition):
+            # an empty overwrite would delete embeddings and replace them with nothing
+            raise MissingInputError(
+                f"raster_tiles holds no image of partition {partition} (version {snapshot}), "
+                f"but cell_embeddings does: its embeddings were kept. Recompute the raster "
+                f"with a plain `s2vec materialize --root {root}` (it notices the lost "
+                f"partition), then embed again"
+            )
         images: list[pa.RecordBatch] = []
 
         def cell_batches(

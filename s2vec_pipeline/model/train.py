@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -49,7 +50,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from s2vec_pipeline import delta_store, storage
-from s2vec_pipeline.errors import MissingInputError, S2VecError
+from s2vec_pipeline.errors import MissingInputError, S2VecError, StorageUnavailableError
 from s2vec_pipeline.locks import LockHeldError, exclusive
 from s2vec_pipeline.model.data import (
     RASTER_TABLE,
@@ -578,6 +579,79 @@ def train_model(
         )
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded (truncated, a damaged member), else
+    None. Torch checkpoints are zip archives: the CRC of every member is checked."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return str(e)
+    return None if bad is None else f"member {bad} is damaged"
+
+
+def _set_aside_if_torn(resume: Path) -> None:
+    """A damaged ``last.ckpt`` (a disk that filled while it was written by an older version,
+    a bad sector) is moved beside the work folder with a warning; training then starts over
+    instead of failing on it forever."""
+    for leftover in resume.parent.glob(f"{resume.name}.*.tmp"):  # a save that was killed
+        leftover.unlink(missing_ok=True)
+    if not resume.is_file():
+        return
+    problem = checkpoint_problem(resume)
+    if problem is None:
+        return
+    aside = resume.parent.with_name(f"{resume.parent.name}.torn-last.ckpt")
+    os.replace(resume, aside)
+    logging.getLogger("s2vec_pipeline.progress").warning(
+        "warning: the training checkpoint %s is damaged (%s): set aside as %s; training starts "
+        "over",
+        resume,
+        problem,
+        aside,
+    )
+
+
+class _AtomicCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose file is whole or absent: written to a temporary file, flushed
+    to disk (fsync), checked, then renamed over the previous one. A full disk keeps the
+    previous checkpoint and fails with :class:`StorageUnavailableError` naming the folder."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        temporary = f"{filepath}.{os.getpid()}.tmp"
+        try:
+            super()._save_checkpoint(trainer, temporary)
+            if trainer.is_global_zero:  # only rank 0 writes the file
+                with open(temporary, "rb") as f:
+                    os.fsync(f.fileno())
+                problem = checkpoint_problem(Path(temporary))
+                if problem is not None:
+                    raise OSError(f"checkpoint {temporary} reads back damaged: {problem}")
+                os.replace(temporary, filepath)
+                directory = os.open(os.path.dirname(filepath) or ".", os.O_RDONLY)
+                try:
+                    os.fsync(directory)  # the rename itself survives a power cut
+                finally:
+                    os.close(directory)
+        except Exception as e:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            folder = os.path.dirname(filepath)
+            free = shutil.disk_usage(folder).free
+            code = delta_store.storage_fault(e)
+            if code is not None or "write failed" in str(e) or free < (64 << 20):
+                raise StorageUnavailableError(
+                    f"cannot write the training checkpoint in {folder}: "
+                    f"{os.strerror(code) if code else 'the write failed'} "
+                    f"({free / 2**20:.0f} MiB free on that disk). Free space there (or use "
+                    f"another --root) and rerun: training resumes from the last whole epoch"
+                ) from e
+            raise
+        self._last_checkpoint_saved = filepath
+
+
 def _train(
     root: str | os.PathLike,
     partitions: list[str],
@@ -593,6 +667,7 @@ def _train(
     final = storage.join(models_dir(root), version)
     work = storage.local_cache(root, MODELS_DIR, f".{version}.partial")
     resume = work / "last.ckpt"
+    _set_aside_if_torn(resume)
     if not resume.is_file():
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -633,10 +708,10 @@ def _train(
     )
     model.set_normalization(*input_normalization(dm.channel_mean, dm.channel_std, config))
 
-    # last.ckpt at each epoch end, written atomically (Lightning saves through an fsspec
-    # transaction: temporary file, then rename). Not ``save_last=True``: since Lightning 2.6
-    # that writes last.ckpt only as a second copy of a top-k file.
-    last = ModelCheckpoint(
+    # last.ckpt at each epoch end, written atomically (_AtomicCheckpoint). Not
+    # ``save_last=True``: since Lightning 2.6 that writes last.ckpt only as a second copy of a
+    # top-k file.
+    last = _AtomicCheckpoint(
         dirpath=work,
         filename="last",
         save_top_k=1,  # with no monitored metric: the latest epoch, replacing the previous
@@ -670,7 +745,15 @@ def _train(
             log_every_n_steps=1,
         )
     with _known_warnings(), _quiet_lightning():
-        trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume.is_file() else None)
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume.is_file() else None)
+        except SystemExit:
+            # Lightning answers Ctrl-C with sys.exit(1) and leaves SIGINT ignored: restore
+            # both, so the caller sees the interruption (exit 130, one line)
+            if not trainer.interrupted:
+                raise
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt from None
     # With ddp_spawn the workers trained; this (calling) process finishes from their files.
     return _finish(
         work,
@@ -835,14 +918,9 @@ def read_loss_history(logs: Path) -> dict[str, list]:
     }
 
 
-def load_model(
-    root: str | os.PathLike, version: str, table: str | None = RASTER_TABLE
-) -> tuple[S2VecMAE, ModelCard]:
-    """The trained model (eval mode, on CPU: ``embed`` moves it to its device) and its card.
-
-    With ``table`` (default ``raster_tiles``), refuse a model that does not fit that table's
-    contract (taxonomy version, channels, side) when the table exists.
-    """
+def check_model_exists(root: str | os.PathLike, version: str) -> str:
+    """The finished model's folder; :class:`ModelNotFoundError` naming the models there (and
+    a partial training of ``version``) when there is none."""
     final = storage.join(models_dir(root), version)
     card_file = storage.join(final, "model_card.json")
     if not _VERSION_RE.match(version) or not storage.is_file(card_file):
@@ -858,6 +936,18 @@ def load_model(
                 else ". Train one first: s2vec materialize --stages train"
             )
         )
+    return final
+
+
+def load_model(
+    root: str | os.PathLike, version: str, table: str | None = RASTER_TABLE
+) -> tuple[S2VecMAE, ModelCard]:
+    """The trained model (eval mode, on CPU: ``embed`` moves it to its device) and its card.
+
+    With ``table`` (default ``raster_tiles``), refuse a model that does not fit that table's
+    contract (taxonomy version, channels, side) when the table exists.
+    """
+    final = check_model_exists(root, version)
     card = ModelCard.load(final)
     if table is not None:
         contract = delta_store.table_contract(root, table)

@@ -1,0 +1,60 @@
+"""Does a table still hold what Dagster recorded for one of its partitions?
+
+Dagster's records say a partition was materialized with N rows; the Delta table may since have
+lost that partition (a delete, a hand-edited log) or a data file (deleted from disk). Both make
+the partition unreadable or silently empty, while the data versions Dagster compares still say
+"up to date". :func:`lost_data` is the one test for it: ``runner.Launcher.stale_or_missing``
+recomputes such a partition, ``s2vec status`` reports it.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import unquote
+
+import dagster as dg
+import pyarrow as pa
+from deltalake import DeltaTable
+
+from s2vec_pipeline import delta_store, storage
+
+
+def recorded_rows(instance: dg.DagsterInstance, table: str, partition: str) -> int | None:
+    """The ``dagster/row_count`` of the partition's latest materialization (None: no record)."""
+    record = instance.get_latest_data_version_record(dg.AssetKey(table), False, partition)
+    if record is None or record.asset_materialization is None:
+        return None
+    value = record.asset_materialization.metadata.get("dagster/row_count")
+    return None if value is None else int(value.value)
+
+
+def lost_data(
+    instance: dg.DagsterInstance, root: str | os.PathLike, table: str, partition: str
+) -> str | None:
+    """Why ``table`` no longer holds the rows Dagster recorded for ``partition``, else None.
+
+    Lost: the partition holds fewer rows than recorded (none at all after a delete), or one of
+    its data files is gone from storage. A partition recorded empty (sea) or never recorded
+    loses nothing. Reads only the Delta log and lists the partition's files: cheap enough to
+    ask for every partition of every table.
+    """
+    rows = recorded_rows(instance, table, partition)
+    if not rows:
+        return None
+    uri = delta_store.table_uri(root, table)
+    if not delta_store.table_exists(root, table):
+        return f"Dagster recorded {rows} rows, but the table {table} is gone"
+    with delta_store.readable(root, table):  # a corrupt log: DamagedTableError naming it
+        actions = pa.table(DeltaTable(uri).get_add_actions(flatten=True)).to_pydict()
+    column = f"partition.{delta_store.PARTITION_COLUMN}"
+    mine = [i for i, k in enumerate(actions.get(column, [])) if k == partition]
+    counts = [actions["num_records"][i] for i in mine]
+    held = sum(int(c) for c in counts if c is not None)
+    if not mine or (None not in counts and held < rows):  # a file without statistics: unknown
+        return f"Dagster recorded {rows} rows, the table holds {held}"
+    for i in mine:
+        # log paths are %-encoded relative paths (``parent_l6=12cd/part-….parquet``)
+        location = storage.join(uri, unquote(actions["path"][i]))
+        if not storage.exists(location):
+            return f"data file {location} is gone"
+    return None
