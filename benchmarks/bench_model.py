@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_train import run, run_encode, synthetic_pool  # noqa: E402
 
+from s2vec_pipeline.model.config import TrainConfig  # noqa: E402
 from s2vec_pipeline.model.data import synthetic_raster_tiles  # noqa: E402
 from s2vec_pipeline.model.embed import embed_partition  # noqa: E402
 from s2vec_pipeline.model.mae import S2VecMAE  # noqa: E402
-from s2vec_pipeline.model.train import TrainConfig, load_model, train_model  # noqa: E402
+from s2vec_pipeline.model.registry import load_model  # noqa: E402
+from s2vec_pipeline.model.train import train_model  # noqa: E402
 
 PAPER = {}
 TINY = {

@@ -165,14 +165,11 @@ def run_pipeline(
     hparams: dict,
 ) -> dict[str, float]:
     """The real embedding path (and optionally train_model) on a synthetic raster table."""
+    from s2vec_pipeline.model.config import TrainConfig
     from s2vec_pipeline.model.data import synthetic_raster_tiles
     from s2vec_pipeline.model.embed import embed_partition, encode_batches, write_embeddings
-    from s2vec_pipeline.model.train import (
-        MODEL_CODE_VERSION,
-        ModelCard,
-        TrainConfig,
-        train_model,
-    )
+    from s2vec_pipeline.model.registry import MODEL_CODE_VERSION, ModelCard
+    from s2vec_pipeline.model.train import train_model
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as root:

@@ -84,7 +84,7 @@ class RootStatus:
 def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> RootStatus:
     from s2vec_pipeline.definitions import build_definitions
     from s2vec_pipeline.defs.automation import stale_partitions
-    from s2vec_pipeline.model.train import list_models
+    from s2vec_pipeline.model.registry import list_models
     from s2vec_pipeline.regions import RegionRegistry
 
     graph = build_definitions(settings).resolve_asset_graph()
