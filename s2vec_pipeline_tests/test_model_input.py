@@ -231,3 +231,24 @@ def test_loader_batches_are_table_tiles_and_pickle_without_the_array(tmp_path: P
     dataset = dm.train_dataloader().dataset
     assert len(pickle.dumps(dataset)) < 10_000  # a spawned worker maps the file itself
     assert os.path.getsize(dm.cache.directory / "tiles.f32") == table.nbytes
+
+
+def test_tiles_on_device_train_the_same_model(tmp_path: Path) -> None:
+    """Gathering batches from a resident copy (the GPU path) instead of the mapped file: the
+    same batches, so bit-identical weights (CPU, deterministic) and the same version."""
+    from s2vec_pipeline.model.registry import load_model
+    from s2vec_pipeline.model.train import train_model
+
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 4, "decoder_embed_dim": 32}
+    config = TrainConfig(epochs=2, batch_size=8, decoder_depth=1, decoder_num_heads=4, **tiny)
+    cards = []
+    for name, on_device in (("mapped", False), ("resident", True)):
+        root = tmp_path / name
+        synthetic_raster_tiles(root, IMAGES, channels=C)
+        cards.append(train_model(root, config=config.replace(tiles_on_device=on_device)))
+    assert cards[0].model_version == cards[1].model_version
+    assert cards[0].loss_history["train_loss"] == cards[1].loss_history["train_loss"]
+    a, _ = load_model(tmp_path / "mapped", cards[0].model_version)
+    b, _ = load_model(tmp_path / "resident", cards[1].model_version)
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name

@@ -114,6 +114,11 @@ class TrainConfig(BaseModel):
     pin_memory: bool | None = Field(
         None, description="Page-locked host batches (empty: when training on CUDA)"
     )
+    tiles_on_device: bool = Field(
+        False,
+        description="Copy the decoded tiles to the training device once and gather batches "
+        "there (when they fit in its memory); the loader then moves only indices",
+    )
     log_every_n_steps: int | None = Field(
         None, ge=1, description="Steps between logged losses (empty: ~4 per epoch, at most 50)"
     )
@@ -125,6 +130,7 @@ class TrainConfig(BaseModel):
         "read_batch_size",
         "progress_bar",
         "pin_memory",
+        "tiles_on_device",
         "log_every_n_steps",
     )
 

@@ -333,6 +333,23 @@ class CachedTiles(Dataset):
         return self.__getitems__(np.array([index]))[0]
 
 
+class TileIndices(Dataset):
+    """``dataset[indices]`` → the indices themselves (int64): the tiles are gathered on the
+    training device from a resident copy (``RasterTileDataModule(tiles_on_device=True)``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(indices, dtype=np.int64))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__(np.array([index]))[0]
+
+
 def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
     """The DataLoader's collate: ``CachedTiles.__getitems__`` already built the batch."""
     return batch
@@ -391,6 +408,9 @@ class RasterTileDataModule(L.LightningDataModule):
     by image-token hash and computes the per-channel mean/std of the training split (all
     pixels, empty ones included, float64 sums). Batches are gathered by index from the mapped
     cache: each epoch is one seeded permutation of the training split, sharded over DDP ranks.
+    With ``tiles_on_device`` the whole cache is copied to the training device once (when it
+    fits: 122×16×16 float32 tiles take 125 kB each, ~15 GB for 120,000) and the loader moves
+    only indices; the batches, and so the weights, are the same.
     """
 
     def __init__(
@@ -406,6 +426,7 @@ class RasterTileDataModule(L.LightningDataModule):
         version: int | None = None,
         pin_memory: bool | None = None,
         partition_versions: dict[str, str] | None = None,
+        tiles_on_device: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -418,6 +439,8 @@ class RasterTileDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.version = version
         self.partition_versions = partition_versions
+        self.tiles_on_device = tiles_on_device
+        self._resident: torch.Tensor | None = None
         self._ready = False
         self._train_sampler: IndexBatchSampler | None = None
 
@@ -474,10 +497,14 @@ class RasterTileDataModule(L.LightningDataModule):
         """Per-channel mean/std of the training split, for the model buffers and the card."""
         return {"mean": self.channel_mean.tolist(), "std": self.channel_std.tolist()}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned DDP workers and loader workers load their own resident copy.
+        return {**self.__dict__, "_resident": None}
+
     def _loader(self, sampler: IndexBatchSampler) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
-            CachedTiles(self.cache),
+            TileIndices(self.cache.n) if self.tiles_on_device else CachedTiles(self.cache),
             batch_sampler=sampler,
             collate_fn=_whole_batch,
             num_workers=workers,
@@ -500,6 +527,15 @@ class RasterTileDataModule(L.LightningDataModule):
         # Every rank validates on all of it (small by design): a validation set smaller than
         # the number of ranks is not silently lost.
         return self._loader(IndexBatchSampler(self.val_indices, self.batch_size))
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        """With ``tiles_on_device`` a batch arrives as row indices: gather its tiles from the
+        copy of the whole cache on the batch's device (made on first use)."""
+        if not self.tiles_on_device:
+            return batch
+        if self._resident is None or self._resident.device != batch.device:
+            self._resident = torch.from_numpy(np.array(self.cache.tiles())).to(batch.device)
+        return self._resident.index_select(0, batch)
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffle for ``epoch`` (called by ``EpochSetter`` at each epoch start)."""

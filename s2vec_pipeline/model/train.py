@@ -391,6 +391,7 @@ def _train(
         version=snapshot,
         pin_memory=config.pin_memory if config.pin_memory is not None else config.uses_cuda(),
         partition_versions=partition_versions,
+        tiles_on_device=config.tiles_on_device,
     )
     dm.setup("fit")
     world = config.world_size()
