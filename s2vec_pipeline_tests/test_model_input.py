@@ -194,6 +194,13 @@ def test_tile_cache_holds_the_snapshot_and_is_rebuilt_when_it_does_not_match(
     assert dm.cache.directory != cache.directory and dm.cache.n == 12 + 16
     assert np.array_equal(dm.cache.tiles(), _table_tiles(tmp_path))
     assert not list((tmp_path / TILE_CACHE_DIR).glob(".*.building"))
+    # A third snapshot: the two most recently used caches stay, the oldest is removed.
+    rows = delta_store.read_partitions(tmp_path, "raster_tiles", ["12cd"]).head(5).to_arrow()
+    delta_store.write_partitions(tmp_path, "raster_tiles", rows, ["12cd"], contract)
+    latest = RasterTileDataModule(tmp_path, batch_size=8)
+    latest.setup()
+    kept = {d for d in (tmp_path / TILE_CACHE_DIR).iterdir() if not d.name.startswith(".")}
+    assert kept == {dm.cache.directory, latest.cache.directory}
 
 
 def test_index_sampler_shards_like_a_distributed_sampler() -> None:

@@ -197,6 +197,9 @@ def _replica() -> tuple[int, int]:
 # --- the tile cache: a snapshot decoded once -------------------------------------------------
 
 TILE_CACHE_DIR = "_tile_cache"
+#: Caches kept per root: the one just used and the one before (a training that started on
+#: the previous snapshot may still map it); older ones are removed when a cache is built.
+TILE_CACHES_KEPT = 2
 _CACHE_FORMAT = 1
 _log = logging.getLogger(__name__)
 
@@ -275,6 +278,7 @@ def tile_cache(
     directory = base / config_hash(key)
     cache = _open_cache(directory, key)
     if cache is not None:
+        os.utime(directory / "key.json")  # recently used: kept by _prune_caches
         return cache
     base.mkdir(parents=True, exist_ok=True)
     with exclusive(base / f".{directory.name}.lock"):  # one builder; the others wait, then use
@@ -302,9 +306,25 @@ def tile_cache(
         np.save(work / "tokens.npy", np.array(tokens, dtype=str))
         (work / "key.json").write_text(json.dumps({**key, "n": n}, sort_keys=True))
         os.replace(work, directory)  # complete or absent
+    _prune_caches(base)
     cache = _open_cache(directory, key)
     assert cache is not None
     return cache
+
+
+def _prune_caches(base: Path) -> None:
+    """Remove all but the ``TILE_CACHES_KEPT`` most recently used caches under ``base`` (a
+    cache holds every tile of a snapshot: a planet's paper profile is ~15 GB)."""
+    caches = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
+
+    def used(d: Path) -> float:
+        try:
+            return (d / "key.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    for old in sorted(caches, key=used, reverse=True)[TILE_CACHES_KEPT:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class CachedTiles(Dataset):
