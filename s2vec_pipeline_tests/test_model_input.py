@@ -168,9 +168,9 @@ def test_tile_cache_holds_the_snapshot_and_is_rebuilt_when_it_does_not_match(
     assert cache.directory.parent == tmp_path / TILE_CACHE_DIR
     assert np.array_equal(cache.tiles(), _table_tiles(tmp_path))
     # Found again, not rebuilt.
-    stamp = (cache.directory / "tiles.f32").stat().st_mtime_ns
+    stamp = (cache.directory / "tiles.bin").stat().st_mtime_ns
     assert tile_cache(tmp_path, parts, version, versions, contract["channels"], S) == cache
-    assert (cache.directory / "tiles.f32").stat().st_mtime_ns == stamp
+    assert (cache.directory / "tiles.bin").stat().st_mtime_ns == stamp
 
     # A cache folder whose key names another snapshot is rebuilt, never used.
     key_file = cache.directory / "key.json"
@@ -181,7 +181,7 @@ def test_tile_cache_holds_the_snapshot_and_is_rebuilt_when_it_does_not_match(
     again = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
     assert "does not match its snapshot" in caplog.text
     assert np.array_equal(again.tiles(), _table_tiles(tmp_path))
-    with open(again.directory / "tiles.f32", "r+b") as f:
+    with open(again.directory / "tiles.bin", "r+b") as f:
         f.truncate(1000)
     third = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
     assert np.array_equal(third.tiles(), _table_tiles(tmp_path))
@@ -237,7 +237,7 @@ def test_loader_batches_are_table_tiles_and_pickle_without_the_array(tmp_path: P
     assert np.array_equal(seen[order(seen)], expected[order(expected)])
     dataset = dm.train_dataloader().dataset
     assert len(pickle.dumps(dataset)) < 10_000  # a spawned worker maps the file itself
-    assert os.path.getsize(dm.cache.directory / "tiles.f32") == table.nbytes
+    assert os.path.getsize(dm.cache.directory / "tiles.bin") == table.nbytes
 
 
 def test_tiles_on_device_train_the_same_model(tmp_path: Path) -> None:
@@ -259,3 +259,22 @@ def test_tiles_on_device_train_the_same_model(tmp_path: Path) -> None:
     b, _ = load_model(tmp_path / "resident", cards[1].model_version)
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_float16_cache_halves_the_bytes_and_is_another_model(tmp_path: Path) -> None:
+    from s2vec_pipeline.model.train import train_model
+
+    contract = synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    version = delta_store.table_version(tmp_path, "raster_tiles")
+    parts = sorted(IMAGES)
+    versions = raster_partition_versions(tmp_path, parts, version)
+    half = tile_cache(tmp_path, parts, version, versions, contract["channels"], S, "float16")
+    full = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
+    assert half.directory != full.directory
+    assert os.path.getsize(half.directory / "tiles.bin") * 2 == _table_tiles(tmp_path).nbytes
+    assert np.array_equal(half.tiles(), _table_tiles(tmp_path).astype(np.float16))
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 4, "decoder_embed_dim": 32}
+    config = TrainConfig(epochs=1, batch_size=8, decoder_depth=1, decoder_num_heads=4, **tiny)
+    card = train_model(tmp_path, config=config.replace(tile_dtype="float16"))
+    assert all(math.isfinite(v) for v in card.loss_history["train_loss"])
+    assert card.model_version != model_version(config, contract, versions)

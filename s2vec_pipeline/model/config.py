@@ -98,6 +98,11 @@ class TrainConfig(BaseModel):
         description="Input normalization of log1p values: channel (each channel standardized by "
         "its own statistics) or global (one mean and std for all channels)",
     )
+    tile_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="Values of the decoded tile cache: float32 (exact) or float16 (half the "
+        "bytes per batch, 11 significant bits: a different model)",
+    )
     held_out_channels: tuple[str, ...] = Field(
         (), description="Channels zeroed in the model's input (to probe them as labels)"
     )
@@ -141,6 +146,7 @@ class TrainConfig(BaseModel):
         "empty_pixel_weight": 1.0,
         "input_norm": "channel",
         "held_out_channels": (),
+        "tile_dtype": "float32",
     }
     INPUT_NORMS: ClassVar[tuple[str, ...]] = ("channel", "global")
 

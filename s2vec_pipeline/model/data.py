@@ -206,12 +206,13 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TileCache:
-    """The tiles of one ``raster_tiles`` snapshot decoded once into a float32 array file.
+    """The tiles of one ``raster_tiles`` snapshot decoded once into an array file.
 
-    ``tiles.f32``: (n, C, S, S) float32, partitions in sorted order, rows by ``image_id``
-    (the order ``stream_raster_tiles`` gives); ``tokens.npy``: each row's image token;
-    ``key.json``: what the files were built from (format, Delta version, each partition's
-    data version, channels, side), written last. The folder is named by a hash of the key;
+    ``tiles.bin``: (n, C, S, S) float32 (or float16 when asked: half the bytes to move, values
+    rounded to 11 significant bits), partitions in sorted order, rows by ``image_id`` (the
+    order ``stream_raster_tiles`` gives); ``tokens.npy``: each row's image token; ``key.json``:
+    what the files were built from (format, Delta version, each partition's data version,
+    channels, side, dtype), written last. The folder is named by a hash of the key;
     a folder whose key, sizes or token count do not match is rebuilt, never used.
     """
 
@@ -220,20 +221,28 @@ class TileCache:
     n: int
 
     @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.key["dtype"])
+
+    @property
     def shape(self) -> tuple[int, int, int, int]:
         c, s = len(self.key["channels"]), int(self.key["side"])
         return (self.n, c, s, s)
 
     def tiles(self) -> np.ndarray:
         """The (n, C, S, S) tiles, memory-mapped read-only."""
-        return np.memmap(self.directory / "tiles.f32", np.float32, "r", shape=self.shape)
+        return np.memmap(self.directory / "tiles.bin", self.dtype, "r", shape=self.shape)
 
     def tokens(self) -> np.ndarray:
         return np.load(self.directory / "tokens.npy")
 
 
 def tile_cache_key(
-    version: int, partition_versions: dict[str, str], channels: Sequence[str], side: int
+    version: int,
+    partition_versions: dict[str, str],
+    channels: Sequence[str],
+    side: int,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     return {
         "format": _CACHE_FORMAT,
@@ -241,7 +250,7 @@ def tile_cache_key(
         "partitions": dict(sorted(partition_versions.items())),
         "channels": list(channels),
         "side": int(side),
-        "dtype": "float32",
+        "dtype": dtype,
     }
 
 
@@ -251,11 +260,15 @@ def _open_cache(directory: Path, key: dict[str, Any]) -> TileCache | None:
         stored = json.loads((directory / "key.json").read_text())
         n = int(stored.pop("n"))
         tokens = np.load(directory / "tokens.npy", mmap_mode="r")
-        size = (directory / "tiles.f32").stat().st_size
+        size = (directory / "tiles.bin").stat().st_size
     except (OSError, ValueError, KeyError, TypeError):
         return None
     cache = TileCache(directory, key, n)
-    if stored != key or tokens.shape != (n,) or size != 4 * math.prod(cache.shape):
+    if (
+        stored != key
+        or tokens.shape != (n,)
+        or size != cache.dtype.itemsize * math.prod(cache.shape)
+    ):
         return None
     return cache
 
@@ -267,13 +280,17 @@ def tile_cache(
     partition_versions: dict[str, str],
     channels: Sequence[str],
     side: int,
+    dtype: str = "float32",
 ) -> TileCache:
     """The decoded tiles of ``partitions`` at ``raster_tiles`` version ``version``: built on
     first use (one partition in memory at a time), then memory-mapped by every run, rank and
     loader worker of that snapshot. ``partition_versions``: the partitions' data versions at
-    that version (``raster_partition_versions``), part of the cache's key."""
+    that version (``raster_partition_versions``), part of the cache's key; ``dtype``:
+    ``float32`` (the stored values) or ``float16``."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"tile cache dtype must be float32 or float16, not {dtype!r}")
     versions = {p: partition_versions[p] for p in sorted(partitions)}
-    key = tile_cache_key(version, versions, channels, side)
+    key = tile_cache_key(version, versions, channels, side, dtype)
     base = storage.local_cache(root, TILE_CACHE_DIR)
     directory = base / config_hash(key)
     cache = _open_cache(directory, key)
@@ -292,13 +309,13 @@ def tile_cache(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         n, tokens = 0, []
-        with open(work / "tiles.f32", "wb") as f:
+        with open(work / "tiles.bin", "wb") as f:
             for p in sorted(partitions):
                 rows = read_raster_partition(root, p, version, ["image_token", "tensor"])
                 if rows.height == 0:
                     continue
                 tiles = tensor_array(rows["tensor"].to_arrow(), len(channels), side)
-                f.write(np.ascontiguousarray(tiles, np.float32).tobytes())
+                f.write(np.ascontiguousarray(tiles, dtype).tobytes())
                 tokens += rows["image_token"].to_list()
                 n += rows.height
             f.flush()
@@ -328,7 +345,8 @@ def _prune_caches(base: Path) -> None:
 
 
 class CachedTiles(Dataset):
-    """Batches of a :class:`TileCache` by index: ``dataset[indices]`` → (B, C, S, S) float32.
+    """Batches of a :class:`TileCache` by index: ``dataset[indices]`` → (B, C, S, S) tiles of
+    the cache's dtype (the model computes in float32 whatever it receives).
 
     Pickles as the cache's location (the array is mapped again in each spawned worker).
     """
@@ -447,6 +465,7 @@ class RasterTileDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         partition_versions: dict[str, str] | None = None,
         tiles_on_device: bool = False,
+        tile_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -460,6 +479,7 @@ class RasterTileDataModule(L.LightningDataModule):
         self.version = version
         self.partition_versions = partition_versions
         self.tiles_on_device = tiles_on_device
+        self.tile_dtype = tile_dtype
         self._resident: torch.Tensor | None = None
         self._ready = False
         self._train_sampler: IndexBatchSampler | None = None
@@ -484,7 +504,13 @@ class RasterTileDataModule(L.LightningDataModule):
             self.root, self.partitions, self.version
         )
         self.cache = tile_cache(
-            self.root, self.partitions, self.version, versions, self.channels, self.side
+            self.root,
+            self.partitions,
+            self.version,
+            versions,
+            self.channels,
+            self.side,
+            self.tile_dtype,
         )
         tokens = self.cache.tokens().tolist()
         self.rule, val = _rule_from_hashes(token_unit_hash(tokens), tokens, self.val_fraction)

@@ -392,6 +392,7 @@ def _train(
         pin_memory=config.pin_memory if config.pin_memory is not None else config.uses_cuda(),
         partition_versions=partition_versions,
         tiles_on_device=config.tiles_on_device,
+        tile_dtype=config.tile_dtype,
     )
     dm.setup("fit")
     world = config.world_size()
