@@ -2,7 +2,7 @@
 
 Rows: the bare training step and ``encode`` (``gpu_train.run`` / ``run_encode``) for the
 paper-size model (C=100, 16×16, 5.2 M parameters) and the tiny test model; then the whole
-path through ``train_model`` (Lightning + streaming from Delta) and ``embed_partition``
+path through ``train_model`` (Lightning + the tile cache) and ``embed_partition``
 (Delta read, encode, cell ids, Arrow columns) on a synthetic ``raster_tiles`` table.
 
     python benchmarks/bench_model.py [--steps 6] [--images 64] [--channels 100]
@@ -68,7 +68,7 @@ def main() -> None:
             rows.append(
                 (
                     f"{name}, C={args.channels}: train_model ({card.images_seen} images, "
-                    "Lightning + Delta)",
+                    "Lightning + tile cache)",
                     f"{card.images_per_s:,.1f}",
                     "—",
                 )
