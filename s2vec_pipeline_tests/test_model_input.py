@@ -135,6 +135,47 @@ def test_launch_with_bad_settings_is_refused_before_the_run(tmp_path: Path) -> N
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no .partial, lock
 
 
+def test_launchpad_launch_with_bad_settings_creates_no_run(tmp_path: Path) -> None:
+    """The launchpad's path: the GraphQL launch mutation against the code location in its own
+    code server process (workspace.yaml). Dagster builds the execution plan there before it
+    creates a run; TrainConfig refuses the settings, so no run exists and nothing is written."""
+    from dagster_graphql.client.query import LAUNCH_PIPELINE_EXECUTION_MUTATION
+    from dagster_graphql.test.utils import (
+        define_out_of_process_context,
+        execute_dagster_graphql,
+        infer_job_selector,
+    )
+
+    root = tmp_path / "root"
+    synthetic_raster_tiles(root, IMAGES, channels=C)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
+    (tmp_path / "dagster").mkdir()
+    with (
+        dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance,
+        define_out_of_process_context(str(workspace), None, instance) as context,
+    ):
+        params = {
+            "selector": infer_job_selector(context, "train_model"),
+            "runConfigData": {
+                "ops": {"mae_model": {"config": {"batch_size": -4, "lr": 0.01}}},
+                "resources": {"s2vec": {"config": {"root": str(root)}}},
+            },
+            "mode": "default",
+        }
+        result = execute_dagster_graphql(
+            context, LAUNCH_PIPELINE_EXECUTION_MUTATION, {"executionParams": params}
+        )
+        launch = result.data["launchPipelineExecution"]
+        assert launch["__typename"] != "LaunchRunSuccess"
+        assert (
+            "training settings: batch_size: input should be greater than or equal to 1 (got -4)"
+            in (launch["message"])
+        )
+        assert instance.get_runs() == []
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
 def test_registry_has_its_own_module_without_torch() -> None:
     import subprocess
     import sys

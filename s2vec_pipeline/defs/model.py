@@ -57,7 +57,7 @@ def _dagster_type(annotation: Any) -> Any:
     if get_origin(annotation) is Literal:
         return str
     if type(None) in get_args(annotation):  # X | None
-        return dg.Noneable(_dagster_type(args[0] if len(args) == 1 else args[0]))
+        return dg.Noneable(_dagster_type(args[0]))
     if int in args:  # int | Literal["auto"]: devices, a count in the launchpad
         return int
     raise TypeError(f"no Dagster config type for {annotation!r}")
@@ -78,7 +78,9 @@ class _ValidatedShape(dg.Shape):
         super().__init__(fields, description)
 
     def post_process(self, value: Any) -> Any:
-        from dagster._config.errors import PostProcessingError
+        # Dagster's documented way to refuse a value in post_process (not re-exported at the
+        # top level in 1.13).
+        from dagster._config import PostProcessingError
 
         from s2vec_pipeline.model.config import TrainConfig
 
