@@ -142,8 +142,6 @@ class _EpochProgress(L.Callback):
 
 def _filter_known_warnings() -> None:
     """Targeted filters for warnings about Lightning's internals, not about our inputs."""
-    # The stream's __len__ is exact per rank and worker (see RasterTileStream).
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`")
     # The model directory holds the CSV logs, and last.ckpt when resuming: expected.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # Lightning 2.6's utilities/_pytree.py builds torch's deprecated LeafSpec (torch 2.10+);
