@@ -2,7 +2,7 @@
 
 Rows: the bare training step and ``encode`` (``gpu_train.run`` / ``run_encode``) for the
 paper-size model (C=100, 16×16, 5.2 M parameters) and the tiny test model; then the whole
-path through ``train_model`` (Lightning + streaming from Delta) and ``embed_partition``
+path through ``train_model`` (Lightning + the tile cache) and ``embed_partition``
 (Delta read, encode, cell ids, Arrow columns) on a synthetic ``raster_tiles`` table.
 
     python benchmarks/bench_model.py [--steps 6] [--images 64] [--channels 100]
@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_train import run, run_encode, synthetic_pool  # noqa: E402
 
+from s2vec_pipeline.model.config import TrainConfig  # noqa: E402
 from s2vec_pipeline.model.data import synthetic_raster_tiles  # noqa: E402
 from s2vec_pipeline.model.embed import embed_partition  # noqa: E402
 from s2vec_pipeline.model.mae import S2VecMAE  # noqa: E402
-from s2vec_pipeline.model.train import TrainConfig, load_model, train_model  # noqa: E402
+from s2vec_pipeline.model.registry import load_model  # noqa: E402
+from s2vec_pipeline.model.train import train_model  # noqa: E402
 
 PAPER = {}
 TINY = {
@@ -66,7 +68,7 @@ def main() -> None:
             rows.append(
                 (
                     f"{name}, C={args.channels}: train_model ({card.images_seen} images, "
-                    "Lightning + Delta)",
+                    "Lightning + tile cache)",
                     f"{card.images_per_s:,.1f}",
                     "—",
                 )

@@ -31,7 +31,6 @@ usage: python benchmarks/quality_eval.py ROOT [--out report.json] [--labels labe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -114,9 +113,11 @@ def held_out_label(root: str, labels: pl.DataFrame, channel: str) -> pl.DataFram
 def train_and_embed(root: str, overrides: dict[str, Any]) -> tuple[str, float]:
     """Train a model with ``overrides`` over the profile's config, embed every partition;
     (model version, training seconds)."""
+    from s2vec_pipeline.model.config import TrainConfig
     from s2vec_pipeline.model.data import RASTER_TABLE, raster_partition_keys, raster_snapshot
     from s2vec_pipeline.model.embed import write_embeddings
-    from s2vec_pipeline.model.train import TrainConfig, load_model, train_model
+    from s2vec_pipeline.model.registry import load_model
+    from s2vec_pipeline.model.train import train_model
 
     contract = delta_store.table_contract(root, RASTER_TABLE)
     config = TrainConfig.for_profile(contract.get("profile", ""), **overrides)
@@ -130,9 +131,9 @@ def train_and_embed(root: str, overrides: dict[str, Any]) -> tuple[str, float]:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs as ``TrainConfig`` fields, typed by each field's default."""
-    from s2vec_pipeline.model.train import TrainConfig
+    from s2vec_pipeline.model.config import TrainConfig
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {name: f.default for name, f in TrainConfig.model_fields.items()}
     out: dict[str, Any] = {}
     for item in items:
         key, _, value = item.partition("=")

@@ -197,10 +197,6 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     if args.model_version and args.stages is None:
         stages = [s for s in stages if s != "train"]  # embed with the given model
     assets = parse_stages(stages)
-    if args.epochs is not None and args.epochs < 1:
-        raise S2VecError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.devices is not None and args.devices < 1:
-        raise S2VecError(f"--devices must be at least 1, got {args.devices}")
     levers = {
         k: v
         for k, v in (
@@ -211,21 +207,21 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
-    if args.empty_pixel_weight is not None and not 0.0 <= args.empty_pixel_weight <= 1.0:
-        raise S2VecError(f"--empty-pixel-weight must be in [0, 1], got {args.empty_pixel_weight}")
     unknown = [c for c in levers.get("held_out_channels", []) if c not in taxonomy.channel_names]
     if unknown:
         raise S2VecError(
             f"--held-out-channels: {', '.join(unknown)} not among the taxonomy's channels "
             f'(see `s2vec sql "DESCRIBE cell_features"` or the taxonomy YAML)'
         )
-    if levers:  # bad values (a weight outside [0, 1]) fail here, before any run
-        from s2vec_pipeline.model.train import TrainConfig
+    from s2vec_pipeline.model.config import InvalidTrainConfigError, TrainConfig
 
-        TrainConfig.for_profile(profile.name, **levers)
+    try:  # the training settings, checked by the one TrainConfig before any run
+        TrainConfig.for_profile(profile.name, epochs=args.epochs, devices=args.devices, **levers)
+    except InvalidTrainConfigError as e:
+        raise S2VecError(e.describe(lambda f: "--" + f.replace("_", "-"))) from None
     op_config = {
         "mae_model": {
-            **({"epochs": args.epochs} if args.epochs else {}),
+            **({"epochs": args.epochs} if args.epochs is not None else {}),
             **({"devices": args.devices} if args.devices is not None else {}),
             **levers,
         },
@@ -255,7 +251,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     from s2vec_pipeline.manifest import record_sources
 
     if args.model_version:  # an unknown model is refused before the data layer runs
-        from s2vec_pipeline.model.train import check_model_exists
+        from s2vec_pipeline.model.registry import check_model_exists
 
         check_model_exists(settings.root, args.model_version)
     from s2vec_pipeline.status import TABLES

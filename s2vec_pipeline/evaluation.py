@@ -197,7 +197,7 @@ def resolve_model_version(
     root: str | os.PathLike, partitions: Sequence[str], model_version: str | None
 ) -> str:
     """The requested model version, checked, or the newest one with embeddings here."""
-    from s2vec_pipeline.model.train import list_models
+    from s2vec_pipeline.model.registry import list_models
 
     trained = list_models(root)
     embedded = available_model_versions(root, partitions)

@@ -503,7 +503,7 @@ def reconstruction_png(
     from PIL import Image, ImageDraw
 
     from s2vec_pipeline import preview
-    from s2vec_pipeline.model.train import list_models, load_model
+    from s2vec_pipeline.model.registry import list_models, load_model
     from s2vec_pipeline.raster import tensor_array
 
     image_id = s2.from_token(np.array([image_token]))

@@ -152,7 +152,7 @@ def reconstruction_quality(
     import polars as pl
     import torch
 
-    from s2vec_pipeline.model.train import list_models, load_model
+    from s2vec_pipeline.model.registry import list_models, load_model
     from s2vec_pipeline.raster import tensor_array
 
     versions = list_models(root)

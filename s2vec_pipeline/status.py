@@ -93,7 +93,7 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
     from s2vec_pipeline.definitions import build_definitions
     from s2vec_pipeline.defs.automation import stale_partitions
     from s2vec_pipeline.integrity import lost_data
-    from s2vec_pipeline.model.train import list_models
+    from s2vec_pipeline.model.registry import list_models
     from s2vec_pipeline.regions import RegionRegistry
 
     graph = build_definitions(settings).resolve_asset_graph()

@@ -68,8 +68,10 @@ def embedded_root(materialized_root: Path, tmp_path_factory: pytest.TempPathFact
     copy it to change it."""
     import shutil
 
+    from s2vec_pipeline.model.config import TrainConfig
     from s2vec_pipeline.model.embed import write_embeddings
-    from s2vec_pipeline.model.train import TrainConfig, load_model, train_model
+    from s2vec_pipeline.model.registry import load_model
+    from s2vec_pipeline.model.train import train_model
 
     root = tmp_path_factory.mktemp("embedded_root")
     shutil.copytree(materialized_root, root, dirs_exist_ok=True)

@@ -47,7 +47,7 @@ def _model_version(root: Path) -> str:
 
 def _zero_image_embedding(root: Path, version: str) -> np.ndarray:
     """(S*S, D): the encoder run directly on the all-zero image."""
-    from s2vec_pipeline.model.train import load_model
+    from s2vec_pipeline.model.registry import load_model
 
     model, card = load_model(root, version)
     with torch.no_grad():

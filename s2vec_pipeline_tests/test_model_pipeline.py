@@ -13,7 +13,9 @@ import pytest
 
 from s2vec_pipeline import delta_store, s2
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.model.train import ModelCard, TrainConfig, list_models, train_model
+from s2vec_pipeline.model.config import TrainConfig
+from s2vec_pipeline.model.registry import ModelCard, list_models
+from s2vec_pipeline.model.train import train_model
 from s2vec_pipeline.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6, TINY_MODEL
@@ -188,7 +190,7 @@ def test_cli_sql_recipes(embedded, tmp_path: Path, capsys: pytest.CaptureFixture
 def test_devices_flag_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["materialize", "--root", str(tmp_path), "--cells", MONACO_L6, "--stages", "train"]
     assert main([*args, "--devices", "0"]) == 2
-    assert "--devices must be at least 1" in capsys.readouterr().err
+    assert "--devices: must be 'auto', -1 or at least 1 (got 0)" in capsys.readouterr().err
     assert not (tmp_path / "models").exists()
 
 

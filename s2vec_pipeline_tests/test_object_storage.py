@@ -299,7 +299,7 @@ def _data_stages_on_both(s3_root: str, local: Path, monaco_pbf: Path) -> None:
 
 
 def test_models_and_embeddings_on_s3(s3_env: str, tmp_path: Path, monaco_pbf: Path) -> None:
-    from s2vec_pipeline.model.train import list_models, load_model
+    from s2vec_pipeline.model.registry import list_models, load_model
     from s2vec_pipeline.runner import dagster_instance, materialize, parse_stages
     from s2vec_pipeline.settings import PipelineSettings
     from s2vec_pipeline_tests.conftest import TINY_MODEL

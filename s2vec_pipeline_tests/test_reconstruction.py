@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from s2vec_pipeline import delta_store
-from s2vec_pipeline.model.train import TrainConfig, list_models, load_model, train_model
+from s2vec_pipeline.model.config import TrainConfig
+from s2vec_pipeline.model.registry import list_models, load_model
+from s2vec_pipeline.model.train import train_model
 from s2vec_pipeline.raster import tensor_array
 from s2vec_pipeline.reconstruction import (
     NoHeldOutImagesError,

@@ -102,7 +102,7 @@ def test_embedding_write_never_commits_an_empty_overwrite(copy: tuple[Path, Path
     """An embedding run for a partition whose raster is gone fails with a clear error and
     leaves the embeddings as they were (no commit at all)."""
     from s2vec_pipeline.model.embed import write_embeddings
-    from s2vec_pipeline.model.train import list_models, load_model
+    from s2vec_pipeline.model.registry import list_models, load_model
 
     root, _ = copy
     DeltaTable(str(root / "raster_tiles")).delete(f"parent_l6 = '{MONACO_L6}'")

@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import dagster as dg
 import numpy as np
@@ -26,11 +26,12 @@ from s2vec_pipeline.defs.data_layer import raster_tiles
 from s2vec_pipeline.defs.metadata import OWNERS, table_metadata
 from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
-from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.errors import MissingInputError, S2VecError
 from s2vec_pipeline.preview import markdown_image
 
 if TYPE_CHECKING:
-    from s2vec_pipeline.model.train import ModelCard, TrainConfig  # noqa: F401
+    from s2vec_pipeline.model.config import TrainConfig
+    from s2vec_pipeline.model.registry import ModelCard
 
 GROUP = "model_layer"
 EMBEDDINGS_CODE_VERSION = "3"  # 3: empty_image_embeddings
@@ -51,64 +52,98 @@ def too_few_images(n_val: int, n_images: int) -> str:
     return TOO_FEW_IMAGES.format(n_val=n_val, n_images=n_images, minimum=MIN_VALIDATION_IMAGES)
 
 
-class TrainingConfig(dg.Config):
-    """Launch config of ``mae_model``: which partitions train it, and its size and schedule.
+#: Settings the launchpad offers: every TrainConfig field but these (no effect, or CLI only).
+_NOT_IN_LAUNCHPAD = ("shuffle_buffer", "read_batch_size", "progress_bar")
+#: Launchpad defaults that differ from TrainConfig's: the profile's epochs and batch size;
+#: one device unless told (a multi-GPU DDP run is asked for, not implied).
+_LAUNCHPAD_DEFAULTS: dict[str, Any] = {"epochs": None, "batch_size": None, "devices": 1}
 
-    Defaults are the paper's model (encoder 256-d, 6 blocks, 8 heads; decoder 128-d, 2 blocks);
-    epochs and batch size default to the resolution profile's.
-    """
 
-    partitions: list[str] = Field(
-        default=[], description="Level-6 cells whose raster tiles train the model (empty: all)"
-    )
-    epochs: int | None = Field(
-        default=None, description="Training epochs (empty: the profile's; city 20, paper 10)"
-    )
-    max_steps: int | None = Field(default=None, description="Stop after this many steps")
-    batch_size: int | None = Field(
-        default=None, description="Images per batch (empty: the profile's; city 32, paper 256)"
-    )
-    lr: float = Field(default=1e-3, description="Peak learning rate (AdamW, cosine schedule)")
-    seed: int = Field(default=0, description="Seed of initialisation, split and masks")
-    mask_ratio: float = Field(default=0.75, description="Share of pixels masked (paper: 0.75)")
-    embed_dim: int = Field(default=256, description="Encoder width = embedding size")
-    depth: int = Field(default=6, description="Encoder transformer blocks")
-    num_heads: int = Field(default=8, description="Encoder attention heads")
-    decoder_embed_dim: int = Field(default=128, description="Decoder width")
-    decoder_depth: int = Field(default=2, description="Decoder transformer blocks")
-    decoder_num_heads: int = Field(default=4, description="Decoder attention heads")
-    patch_size: int = Field(default=1, description="Pixels per token side (1: a token a pixel)")
-    devices: int = Field(
-        default=1,
-        description="Devices to train on: GPUs with DDP (ddp_spawn, which works inside a "
-        "step), or CPU processes without a GPU",
-    )
-    augment: bool = Field(
-        default=False,
-        description="Train on a random one of the 8 rotations/reflections of each image "
-        "(docs/quality.md: no measurable effect on the bundled extracts)",
-    )
-    empty_pixel_weight: float = Field(
-        default=1.0,
-        description="Loss weight of masked pixels with no data, in [0, 1] (1: plain MSE)",
-    )
-    input_norm: str = Field(
-        default="channel",
-        description="Input normalization of log1p values: channel (each channel standardized by "
-        "its own statistics) or global (one mean and std for all channels)",
-    )
-    held_out_channels: list[str] = Field(
-        default=[],
-        description="Channels zeroed in the model's input (to probe them as labels)",
+def _dagster_type(annotation: Any) -> Any:
+    """The Dagster config type of a TrainConfig field (ranges are checked by TrainConfig)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if annotation in (int, float, bool, str):
+        return annotation
+    if get_origin(annotation) is tuple:
+        return [str]
+    if get_origin(annotation) is Literal:
+        return str
+    if type(None) in get_args(annotation):  # X | None
+        return dg.Noneable(_dagster_type(args[0]))
+    if int in args:  # int | Literal["auto"]: devices, a count in the launchpad
+        return int
+    raise TypeError(f"no Dagster config type for {annotation!r}")
+
+
+class _ValidatedShape(dg.Shape):
+    """A Shape whose value is validated by ``TrainConfig`` when Dagster resolves a run config,
+    i.e. when a run is launched (launchpad, schedule, CLI), before it is created: a bad value
+    fails the launch with one line, not the run ~10 s in."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_ValidatedShape":
+        # Shape memoizes instances of Shape itself by field hash: this subclass must not be
+        # swapped for a plain Shape with the same fields.
+        return object.__new__(cls)
+
+    def __init__(self, fields: dict[str, dg.Field], description: str | None = None) -> None:
+        self._initialized = False
+        super().__init__(fields, description)
+
+    def post_process(self, value: Any) -> Any:
+        # Dagster's documented way to refuse a value in post_process (not re-exported at the
+        # top level in 1.13).
+        from dagster._config import PostProcessingError
+
+        from s2vec_pipeline.model.config import TrainConfig
+
+        try:
+            TrainConfig(**_overrides(value))
+        except S2VecError as e:
+            raise PostProcessingError(str(e)) from None
+        return value
+
+
+def _overrides(op_config: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields set in an ``mae_model`` op config (empty ones: the defaults)."""
+    return {k: v for k, v in op_config.items() if k != "partitions" and v is not None}
+
+
+def training_config_schema() -> dg.Field:
+    """The launchpad config of ``mae_model``: the partitions, and TrainConfig's fields (their
+    descriptions and defaults), validated by TrainConfig at launch."""
+    from s2vec_pipeline.model.config import TrainConfig
+
+    fields: dict[str, dg.Field] = {
+        "partitions": dg.Field(
+            [str],
+            default_value=[],
+            description="Level-6 cells whose raster tiles train the model (empty: all)",
+        )
+    }
+    for name, info in TrainConfig.model_fields.items():
+        if name in _NOT_IN_LAUNCHPAD:
+            continue
+        kind = _dagster_type(info.annotation)
+        default = _LAUNCHPAD_DEFAULTS.get(name, info.default)
+        if default is None and not isinstance(kind, dg.Noneable):
+            kind = dg.Noneable(kind)
+        if isinstance(default, tuple):
+            default = list(default)
+        fields[name] = dg.Field(
+            kind, default_value=default, is_required=False, description=info.description
+        )
+    return dg.Field(
+        _ValidatedShape(fields, "Which partitions train the MAE, its size and schedule"),
+        description="Training settings (model.config.TrainConfig), checked when the run is "
+        "launched",
     )
 
-    def train_config(self, profile: str) -> "TrainConfig":
-        from s2vec_pipeline.model.train import TrainConfig
 
-        overrides = {
-            k: v for k, v in self.model_dump().items() if k != "partitions" and v is not None
-        }
-        return TrainConfig.for_profile(profile, **overrides)
+def train_config(op_config: dict[str, Any], profile: str) -> "TrainConfig":
+    """The TrainConfig of an ``mae_model`` op config on a root of ``profile``."""
+    from s2vec_pipeline.model.config import TrainConfig
+
+    return TrainConfig.for_profile(profile, **_overrides(op_config))
 
 
 def _card_checks(card: "ModelCard") -> list[dg.AssetCheckResult]:
@@ -134,6 +169,7 @@ def _card_checks(card: "ModelCard") -> list[dg.AssetCheckResult]:
     owners=OWNERS,
     tags={"layer": "model", "s2vec/stage": "train"},
     code_version="2",
+    config_schema=training_config_schema(),
     deps=[dg.AssetDep(raster_tiles, partition_mapping=dg.AllPartitionMapping())],
     check_specs=[
         dg.AssetCheckSpec(
@@ -157,7 +193,7 @@ def _card_checks(card: "ModelCard") -> list[dg.AssetCheckResult]:
     ],
 )
 def mae_model(
-    context: dg.AssetExecutionContext, config: TrainingConfig, s2vec: S2VecResource
+    context: dg.AssetExecutionContext, s2vec: S2VecResource
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """The S2Vec masked autoencoder trained on raster tiles (GPU when present, CPU otherwise)."""
     from s2vec_pipeline.model.train import train_model
@@ -169,8 +205,11 @@ def mae_model(
             f"--stages extract,features,raster first"
         )
     # One snapshot of raster_tiles: its partitions and their versions at the same Delta version.
+    config = context.op_execution_context.op_config
     card = train_model(
-        settings.root, sorted(config.partitions) or None, config.train_config(settings.profile.name)
+        settings.root,
+        sorted(config["partitions"]) or None,
+        train_config(config, settings.profile.name),
     )
     context.log.info(f"model {card.model_version} in {card.directory}")
     curve = storage.read_bytes(storage.join(card.directory, "loss_curve.png")) or b""
@@ -244,7 +283,7 @@ class EmbeddingConfig(dg.Config):
 
 def current_model_version(instance: dg.DagsterInstance, root: str) -> str | None:
     """The latest materialized mae_model's version, else the newest model under the root."""
-    from s2vec_pipeline.model.train import list_models
+    from s2vec_pipeline.model.registry import list_models
 
     event = instance.get_latest_materialization_event(mae_model.key)
     if event and event.asset_materialization:
@@ -357,7 +396,7 @@ def embeddings(
     context: dg.AssetExecutionContext, config: EmbeddingConfig, s2vec: S2VecResource
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     from s2vec_pipeline.model.embed import write_embeddings
-    from s2vec_pipeline.model.train import load_model
+    from s2vec_pipeline.model.registry import load_model
 
     settings = s2vec.settings()
     key = context.partition_key

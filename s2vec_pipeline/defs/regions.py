@@ -90,7 +90,7 @@ def materialize_region() -> None:
 
 
 def _has_model(root: str) -> bool:
-    from s2vec_pipeline.model.train import list_models
+    from s2vec_pipeline.model.registry import list_models
 
     return bool(list_models(root))
 

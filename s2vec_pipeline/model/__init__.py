@@ -1,5 +1,6 @@
-"""The S2Vec model: MAE (``mae``), streaming tile data (``data``), training with versioned
-model directories (``train``) and batch inference into embedding tables (``embed``).
+"""The S2Vec model: MAE (``mae``), the training config (``config``), tile data decoded once
+and sampled by index (``data``), training with versioned model directories (``train``), the
+finished models (``registry``) and batch inference into embedding tables (``embed``).
 
 Names are imported lazily so that ``import s2vec_pipeline.model`` does not load torch.
 """
@@ -18,16 +19,17 @@ _EXPORTS = {
     "raster_snapshot": "data",
     "raster_partition_keys": "data",
     "synthetic_raster_tiles": "data",
-    "TrainConfig": "train",
-    "ModelCard": "train",
-    "ModelNotFoundError": "train",
-    "IncompatibleModelError": "train",
+    "TrainConfig": "config",
+    "InvalidTrainConfigError": "config",
+    "ModelCard": "registry",
+    "ModelNotFoundError": "registry",
+    "IncompatibleModelError": "registry",
     "TrainingInProgressError": "train",
     "model_version": "train",
     "train_model": "train",
-    "load_model": "train",
-    "list_models": "train",
-    "check_compatible": "train",
+    "load_model": "registry",
+    "list_models": "registry",
+    "check_compatible": "registry",
     "embed_partition": "embed",
     "encode_batches": "embed",
     "resolve_device": "embed",

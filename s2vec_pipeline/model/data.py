@@ -1,20 +1,26 @@
-"""Streaming training data: raster tiles from Delta, split, shuffled and normalized.
+"""Training data: raster tiles of one Delta snapshot, decoded once, split and sampled by index.
 
 Tiles are read from one Delta version of ``raster_tiles`` (a snapshot: a concurrent refresh
 changes nothing here), one partition at a time in a content-determined order
-(``stream_raster_tiles``): memory is bounded by one partition, the shuffle buffer and the
-training batch. The train/val split is a pure function of each ``image_token`` (hash), so it
-is the same on every run, rank and worker. Per-channel mean/std come from one streaming pass
-over the training split.
+(``stream_raster_tiles``), and decoded once into a memory-mapped float32 file keyed by the
+snapshot (``TileCache``: Delta version, each partition's data version, channels, side).
+Training then gathers batches by index from it (``IndexBatchSampler``: one seeded permutation
+per epoch, sharded over DDP ranks), with no per-tile Python and no Delta read per epoch. The
+train/val split is a pure function of each ``image_token`` (hash), so it is the same on every
+run, rank and worker. Per-channel mean/std come from one pass over the training split.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,14 +28,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.locks import exclusive
+from s2vec_pipeline.model.registry import RASTER_TABLE
 from s2vec_pipeline.raster import tensor_array
-from s2vec_pipeline.versioning import partition_data_version
-
-RASTER_TABLE = "raster_tiles"
+from s2vec_pipeline.versioning import config_hash, partition_data_version
 
 
 def raster_snapshot(root: str | os.PathLike, version: int | None = None) -> int:
@@ -145,6 +151,26 @@ class SplitRule:
         return val
 
 
+def _rule_from_hashes(
+    h: np.ndarray, tokens: Sequence[str], val_fraction: float
+) -> tuple[SplitRule, np.ndarray]:
+    """The split rule and each tile's validation flag from its token hash.
+
+    At least one validation tile when there are two or more tiles and ``val_fraction`` > 0;
+    at least one training tile whenever there is a tile (ties broken by token, as always).
+    """
+    n = len(h)
+    val = h < val_fraction
+    forced_val = forced_train = None
+    if n >= 2 and val_fraction > 0 and not val.any():
+        i = int(np.lexsort((np.asarray(tokens), h))[0])
+        forced_val, val[i] = tokens[i], True
+    if n >= 1 and val.all():
+        j = int(np.lexsort((np.asarray(tokens), h))[-1])
+        forced_train, val[j] = tokens[j], False
+    return SplitRule(val_fraction, forced_val, forced_train), val
+
+
 def plan_split(
     root: str | os.PathLike,
     partitions: Sequence[str],
@@ -152,33 +178,13 @@ def plan_split(
     version: int | None = None,
     read_batch_size: int = 4096,
 ) -> tuple[SplitRule, int, int]:
-    """One pass over ``image_token`` only: the split rule and the (train, val) tile counts.
-
-    At least one validation tile when there are two or more tiles and ``val_fraction`` > 0;
-    at least one training tile whenever there is a tile.
-    """
-    n = n_val = 0
-    lo: tuple[float, str] | None = None
-    hi: tuple[float, str] | None = None
+    """One pass over ``image_token`` only: the split rule and the (train, val) tile counts."""
     version = raster_snapshot(root, version)
+    tokens: list[str] = []
     for batch in stream_raster_tiles(root, partitions, version, ["image_token"], read_batch_size):
-        tokens = batch.column("image_token").to_pylist()
-        if not tokens:
-            continue
-        h = token_unit_hash(tokens)
-        n += len(tokens)
-        n_val += int((h < val_fraction).sum())
-        i, j = int(h.argmin()), int(h.argmax())
-        if lo is None or (h[i], tokens[i]) < lo:
-            lo = (float(h[i]), tokens[i])
-        if hi is None or (h[j], tokens[j]) > hi:
-            hi = (float(h[j]), tokens[j])
-    forced_val = forced_train = None
-    if n >= 2 and val_fraction > 0 and n_val == 0 and lo is not None:
-        forced_val, n_val = lo[1], 1
-    if n >= 1 and n_val == n and hi is not None:
-        forced_train, n_val = hi[1], n - 1
-    return SplitRule(val_fraction, forced_val, forced_train), n - n_val, n_val
+        tokens += batch.column("image_token").to_pylist()
+    rule, val = _rule_from_hashes(token_unit_hash(tokens), tokens, val_fraction)
+    return rule, int((~val).sum()), int(val.sum())
 
 
 def _replica() -> tuple[int, int]:
@@ -188,119 +194,261 @@ def _replica() -> tuple[int, int]:
     return 0, 1
 
 
-class RasterTileStream(IterableDataset):
-    """Batches of (B, C, S, S) float32 tiles of one split, streamed from Delta.
+# --- the tile cache: a snapshot decoded once -------------------------------------------------
 
-    The training split is sharded over ranks and dataloader workers by position in the
-    stream. Under several ranks every shard yields the same number of tiles (the remainder is
-    dropped) so that DDP ranks step in lockstep. The validation split is sharded over workers
-    only: every rank validates on all of it (small by design), so a validation set smaller
-    than the number of ranks is not silently lost. Training shuffles within a bounded buffer
-    seeded by (seed, epoch, shard).
+TILE_CACHE_DIR = "_tile_cache"
+#: Caches kept per root: the one just used and the one before (a training that started on
+#: the previous snapshot may still map it); older ones are removed when a cache is built.
+TILE_CACHES_KEPT = 2
+_CACHE_FORMAT = 1
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TileCache:
+    """The tiles of one ``raster_tiles`` snapshot decoded once into an array file.
+
+    ``tiles.bin``: (n, C, S, S) float32 (or float16 when asked: half the bytes to move, values
+    rounded to 11 significant bits), partitions in sorted order, rows by ``image_id`` (the
+    order ``stream_raster_tiles`` gives); ``tokens.npy``: each row's image token; ``key.json``:
+    what the files were built from (format, Delta version, each partition's data version,
+    channels, side, dtype), written last. The folder is named by a hash of the key;
+    a folder whose key, sizes or token count do not match is rebuilt, never used.
+    """
+
+    directory: Path
+    key: dict[str, Any]
+    n: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.key["dtype"])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        c, s = len(self.key["channels"]), int(self.key["side"])
+        return (self.n, c, s, s)
+
+    def tiles(self) -> np.ndarray:
+        """The (n, C, S, S) tiles, memory-mapped read-only."""
+        return np.memmap(self.directory / "tiles.bin", self.dtype, "r", shape=self.shape)
+
+    def tokens(self) -> np.ndarray:
+        return np.load(self.directory / "tokens.npy")
+
+
+def tile_cache_key(
+    version: int,
+    partition_versions: dict[str, str],
+    channels: Sequence[str],
+    side: int,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    return {
+        "format": _CACHE_FORMAT,
+        "raster_tiles_version": int(version),
+        "partitions": dict(sorted(partition_versions.items())),
+        "channels": list(channels),
+        "side": int(side),
+        "dtype": dtype,
+    }
+
+
+def _open_cache(directory: Path, key: dict[str, Any]) -> TileCache | None:
+    """The cache in ``directory`` when it is complete and built from ``key``, else None."""
+    try:
+        stored = json.loads((directory / "key.json").read_text())
+        n = int(stored.pop("n"))
+        tokens = np.load(directory / "tokens.npy", mmap_mode="r")
+        size = (directory / "tiles.bin").stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    cache = TileCache(directory, key, n)
+    if (
+        stored != key
+        or tokens.shape != (n,)
+        or size != cache.dtype.itemsize * math.prod(cache.shape)
+    ):
+        return None
+    return cache
+
+
+def tile_cache(
+    root: str | os.PathLike,
+    partitions: Sequence[str],
+    version: int,
+    partition_versions: dict[str, str],
+    channels: Sequence[str],
+    side: int,
+    dtype: str = "float32",
+) -> TileCache:
+    """The decoded tiles of ``partitions`` at ``raster_tiles`` version ``version``: built on
+    first use (one partition in memory at a time), then memory-mapped by every run, rank and
+    loader worker of that snapshot. ``partition_versions``: the partitions' data versions at
+    that version (``raster_partition_versions``), part of the cache's key; ``dtype``:
+    ``float32`` (the stored values) or ``float16``."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"tile cache dtype must be float32 or float16, not {dtype!r}")
+    versions = {p: partition_versions[p] for p in sorted(partitions)}
+    key = tile_cache_key(version, versions, channels, side, dtype)
+    base = storage.local_cache(root, TILE_CACHE_DIR)
+    directory = base / config_hash(key)
+    cache = _open_cache(directory, key)
+    if cache is not None:
+        os.utime(directory / "key.json")  # recently used: kept by _prune_caches
+        return cache
+    base.mkdir(parents=True, exist_ok=True)
+    with exclusive(base / f".{directory.name}.lock"):  # one builder; the others wait, then use
+        cache = _open_cache(directory, key)
+        if cache is not None:
+            return cache
+        if directory.exists():
+            _log.warning("tile cache %s does not match its snapshot: rebuilding it", directory)
+            shutil.rmtree(directory)
+        work = base / f".{directory.name}.building"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        n, tokens = 0, []
+        with open(work / "tiles.bin", "wb") as f:
+            for p in sorted(partitions):
+                rows = read_raster_partition(root, p, version, ["image_token", "tensor"])
+                if rows.height == 0:
+                    continue
+                tiles = tensor_array(rows["tensor"].to_arrow(), len(channels), side)
+                f.write(np.ascontiguousarray(tiles, dtype).tobytes())
+                tokens += rows["image_token"].to_list()
+                n += rows.height
+            f.flush()
+            os.fsync(f.fileno())
+        np.save(work / "tokens.npy", np.array(tokens, dtype=str))
+        (work / "key.json").write_text(json.dumps({**key, "n": n}, sort_keys=True))
+        os.replace(work, directory)  # complete or absent
+    _prune_caches(base)
+    cache = _open_cache(directory, key)
+    assert cache is not None
+    return cache
+
+
+def _prune_caches(base: Path) -> None:
+    """Remove all but the ``TILE_CACHES_KEPT`` most recently used caches under ``base`` (a
+    cache holds every tile of a snapshot: a planet's paper profile is ~15 GB)."""
+    caches = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
+
+    def used(d: Path) -> float:
+        try:
+            return (d / "key.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    for old in sorted(caches, key=used, reverse=True)[TILE_CACHES_KEPT:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CachedTiles(Dataset):
+    """Batches of a :class:`TileCache` by index: ``dataset[indices]`` → (B, C, S, S) tiles of
+    the cache's dtype (the model computes in float32 whatever it receives).
+
+    Pickles as the cache's location (the array is mapped again in each spawned worker).
+    """
+
+    def __init__(self, cache: TileCache) -> None:
+        self.cache = cache
+        self._tiles: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache": self.cache, "_tiles": None}
+
+    def __len__(self) -> int:
+        return self.cache.n
+
+    def __getitems__(self, indices: np.ndarray) -> torch.Tensor:
+        if self._tiles is None:
+            self._tiles = self.cache.tiles()
+        # One gather (sorted indices: sequential reads of the mapped file).
+        return torch.from_numpy(self._tiles[np.asarray(indices)])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__(np.array([index]))[0]
+
+
+class TileIndices(Dataset):
+    """``dataset[indices]`` → the indices themselves (int64): the tiles are gathered on the
+    training device from a resident copy (``RasterTileDataModule(tiles_on_device=True)``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(indices, dtype=np.int64))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__(np.array([index]))[0]
+
+
+def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
+    """The DataLoader's collate: ``CachedTiles.__getitems__`` already built the batch."""
+    return batch
+
+
+class IndexBatchSampler(Sampler[np.ndarray]):
+    """Batches of row indices (numpy arrays, no per-tile Python) of a cached split.
+
+    The semantics of ``DistributedSampler`` + ``BatchSampler``: with ``shuffle`` a permutation
+    seeded by (seed, epoch); under ``world`` ranks the tail is dropped so every rank gets the
+    same number of tiles (DDP ranks step in lockstep) and rank ``r`` takes every ``world``-th
+    one from ``r``. Indices within a batch are sorted (sequential reads of the mapped file).
     """
 
     def __init__(
         self,
-        root: str,
-        partitions: Sequence[str],
-        version: int,
-        rule: SplitRule,
-        split: str,
-        shape: tuple[int, int, int],
-        n_tiles: int,
+        indices: np.ndarray,
         batch_size: int,
-        shuffle_buffer: int = 0,
+        shuffle: bool = False,
         seed: int = 0,
-        read_batch_size: int = 256,
-        num_workers: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
-        super().__init__()
-        self.root, self.partitions, self.rule, self.split = root, list(partitions), rule, split
-        self.version = version
-        self.shape, self.n_tiles, self.batch_size = shape, n_tiles, batch_size
-        self.shuffle_buffer, self.seed, self.read_batch_size = shuffle_buffer, seed, read_batch_size
-        self.num_workers = max(1, num_workers)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world = rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _shard_sizes(self, world: int) -> list[int]:
-        shards = world * self.num_workers
-        if world > 1:
-            return [self.n_tiles // shards] * shards
-        return [(self.n_tiles - s + shards - 1) // shards for s in range(shards)]
-
-    def _replica(self) -> tuple[int, int]:
-        return (0, 1) if self.split == "val" else _replica()
+    def _mine(self) -> np.ndarray:
+        idx = self.indices
+        if self.shuffle:
+            idx = idx[np.random.default_rng([self.seed, self.epoch]).permutation(len(idx))]
+        if self.world > 1:
+            per = len(idx) // self.world
+            idx = idx[: per * self.world][self.rank :: self.world]
+        return idx
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch (summed over its workers)."""
-        rank, world = self._replica()
-        sizes = self._shard_sizes(world)[rank * self.num_workers : (rank + 1) * self.num_workers]
-        return sum(math.ceil(s / self.batch_size) for s in sizes)
+        n = len(self.indices) // self.world if self.world > 1 else len(self.indices)
+        return math.ceil(n / self.batch_size)
 
-    def _tiles(self, shard: int, shards: int, cap: int) -> Iterator[np.ndarray]:
-        i = kept = 0
-        for batch in stream_raster_tiles(
-            self.root,
-            self.partitions,
-            self.version,
-            ["image_token", "tensor"],
-            self.read_batch_size,
-        ):
-            if batch.num_rows == 0:
-                continue
-            val = self.rule.is_val(batch.column("image_token").to_pylist())
-            rows = np.flatnonzero(val if self.split == "val" else ~val)
-            picked = [r for k, r in enumerate(rows) if (i + k) % shards == shard]
-            i += len(rows)
-            if not picked:
-                continue
-            tensors = tensor_array(batch.column("tensor").take(picked), *self.shape[:2])
-            for t in tensors:
-                if kept >= cap:
-                    return
-                kept += 1
-                yield t.copy()  # a copy, so the buffer does not pin whole read batches
-
-    def _shuffled(self, tiles: Iterator[np.ndarray], rng: np.random.Generator):
-        buf: list[np.ndarray] = []
-        for t in tiles:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(t)
-                continue
-            j = int(rng.integers(len(buf)))
-            yield buf[j]
-            buf[j] = t
-        rng.shuffle(buf)
-        yield from buf
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        rank, world = self._replica()
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        shard, shards = rank * self.num_workers + worker, world * self.num_workers
-        cap = self._shard_sizes(world)[shard]
-        tiles = self._tiles(shard, shards, cap)
-        if self.shuffle_buffer > 1:
-            tiles = self._shuffled(tiles, np.random.default_rng([self.seed, self.epoch, shard]))
-        out: list[np.ndarray] = []
-        for t in tiles:
-            out.append(t)
-            if len(out) == self.batch_size:
-                yield torch.from_numpy(np.stack(out))
-                out = []
-        if out:
-            yield torch.from_numpy(np.stack(out))
+    def __iter__(self) -> Iterator[np.ndarray]:
+        idx = self._mine()
+        for i in range(0, len(idx), self.batch_size):
+            yield np.sort(idx[i : i + self.batch_size])
 
 
 class RasterTileDataModule(L.LightningDataModule):
     """Train/val tiles of ``raster_tiles`` at one Delta ``version`` (default: the latest when
     ``setup`` runs), all partitions with data or the given ones.
 
-    ``setup`` makes two cheap streaming passes: tokens (split) and training tensors
-    (per-channel mean/std over all pixels, empty ones included, in float64 sums).
+    ``setup`` decodes the snapshot once into a :class:`TileCache` (or reuses it), splits it
+    by image-token hash and computes the per-channel mean/std of the training split (all
+    pixels, empty ones included, float64 sums). Batches are gathered by index from the mapped
+    cache: each epoch is one seeded permutation of the training split, sharded over DDP ranks.
+    With ``tiles_on_device`` the whole cache is copied to the training device once (when it
+    fits: 122×16×16 float32 tiles take 125 kB each, ~15 GB for 120,000) and the loader moves
+    only indices; the batches, and so the weights, are the same.
     """
 
     def __init__(
@@ -310,10 +458,14 @@ class RasterTileDataModule(L.LightningDataModule):
         batch_size: int = 64,
         val_fraction: float = 0.1,
         seed: int = 0,
-        shuffle_buffer: int = 2048,
+        shuffle_buffer: int = 0,
         read_batch_size: int = 256,
         num_workers: int = 0,
         version: int | None = None,
+        pin_memory: bool | None = None,
+        partition_versions: dict[str, str] | None = None,
+        tiles_on_device: bool = False,
+        tile_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -321,10 +473,16 @@ class RasterTileDataModule(L.LightningDataModule):
         self.root = str(root)
         self.partitions = list(partitions) if partitions is not None else None
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
-        self.shuffle_buffer, self.read_batch_size = shuffle_buffer, read_batch_size
+        self.read_batch_size = read_batch_size  # unused since the cache; kept for callers
         self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.version = version
+        self.partition_versions = partition_versions
+        self.tiles_on_device = tiles_on_device
+        self.tile_dtype = tile_dtype
+        self._resident: torch.Tensor | None = None
         self._ready = False
+        self._train_sampler: IndexBatchSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
@@ -342,9 +500,23 @@ class RasterTileDataModule(L.LightningDataModule):
         self.version = raster_snapshot(self.root, self.version)
         if self.partitions is None:
             self.partitions = raster_partition_keys(self.root, self.version)
-        self.rule, self.n_train, self.n_val = plan_split(
-            self.root, self.partitions, self.val_fraction, self.version
+        versions = self.partition_versions or raster_partition_versions(
+            self.root, self.partitions, self.version
         )
+        self.cache = tile_cache(
+            self.root,
+            self.partitions,
+            self.version,
+            versions,
+            self.channels,
+            self.side,
+            self.tile_dtype,
+        )
+        tokens = self.cache.tokens().tolist()
+        self.rule, val = _rule_from_hashes(token_unit_hash(tokens), tokens, self.val_fraction)
+        self.train_indices = np.flatnonzero(~val)
+        self.val_indices = np.flatnonzero(val)
+        self.n_train, self.n_val = len(self.train_indices), len(self.val_indices)
         if self.n_train == 0:
             raise MissingInputError(
                 f"raster_tiles under {self.root} has no tiles in partitions "
@@ -354,25 +526,15 @@ class RasterTileDataModule(L.LightningDataModule):
         self.channel_mean, self.channel_std = self._channel_stats()
         self._ready = True
 
-    def _channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
+    def _channel_stats(self, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         c = self.shape[0]
-        total, total_sq, count = np.zeros(c), np.zeros(c), 0
-        stream = RasterTileStream(
-            self.root,
-            self.partitions or [],
-            self.version,
-            self.rule,
-            "train",
-            self.shape,
-            self.n_train,
-            batch_size=self.read_batch_size,
-            read_batch_size=self.read_batch_size,
-        )
-        for x in stream._tiles(0, 1, self.n_train):
-            x64 = x.reshape(c, -1).astype(np.float64)
-            total += x64.sum(axis=1)
-            total_sq += (x64 * x64).sum(axis=1)
-            count += x64.shape[1]
+        tiles = self.cache.tiles()
+        total, total_sq = np.zeros(c), np.zeros(c)
+        for i in range(0, self.n_train, chunk):
+            x = tiles[self.train_indices[i : i + chunk]].astype(np.float64)
+            total += x.sum(axis=(0, 2, 3))
+            total_sq += np.einsum("bcij,bcij->c", x, x)
+        count = self.n_train * self.side * self.side
         mean = total / count
         var = np.maximum(total_sq / count - mean**2, 0.0)
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
@@ -381,48 +543,50 @@ class RasterTileDataModule(L.LightningDataModule):
         """Per-channel mean/std of the training split, for the model buffers and the card."""
         return {"mean": self.channel_mean.tolist(), "std": self.channel_std.tolist()}
 
-    def _stream(self, split: str) -> RasterTileStream:
-        train = split == "train"
-        return RasterTileStream(
-            self.root,
-            self.partitions or [],
-            self.version,
-            self.rule,
-            split,
-            self.shape,
-            self.n_train if train else self.n_val,
-            self.batch_size,
-            shuffle_buffer=self.shuffle_buffer if train else 0,
-            seed=self.seed,
-            read_batch_size=self.read_batch_size,
-            num_workers=self.num_workers,
-        )
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned DDP workers and loader workers load their own resident copy.
+        return {**self.__dict__, "_resident": None}
 
-    def _loader(self, dataset: RasterTileStream) -> DataLoader:
+    def _loader(self, sampler: IndexBatchSampler) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
-            dataset,
-            batch_size=None,  # the stream yields whole batches
+            TileIndices(self.cache.n) if self.tiles_on_device else CachedTiles(self.cache),
+            batch_sampler=sampler,
+            collate_fn=_whole_batch,
             num_workers=workers,
-            # deltalake panics in forked children: workers must be spawned.
+            # deltalake panics in forked children: workers are spawned.
             multiprocessing_context="spawn" if workers > 0 else None,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        self._train = self._stream("train")
+        rank, world = _replica()
+        self._train_sampler = IndexBatchSampler(
+            self.train_indices, self.batch_size, True, self.seed, rank, world
+        )
         if self.trainer is not None:  # also right when resuming from a checkpoint
-            self._train.set_epoch(self.trainer.current_epoch)
-        return self._loader(self._train)
+            self._train_sampler.set_epoch(self.trainer.current_epoch)
+        return self._loader(self._train_sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._stream("val"))
+        # Every rank validates on all of it (small by design): a validation set smaller than
+        # the number of ranks is not silently lost.
+        return self._loader(IndexBatchSampler(self.val_indices, self.batch_size))
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        """With ``tiles_on_device`` a batch arrives as row indices: gather its tiles from the
+        copy of the whole cache on the batch's device (made on first use)."""
+        if not self.tiles_on_device:
+            return batch
+        if self._resident is None or self._resident.device != batch.device:
+            self._resident = torch.from_numpy(np.array(self.cache.tiles())).to(batch.device)
+        return self._resident.index_select(0, batch)
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffle for ``epoch`` (called by ``EpochSetter`` at each epoch start)."""
-        if getattr(self, "_train", None) is not None:
-            self._train.set_epoch(epoch)
+        if self._train_sampler is not None:
+            self._train_sampler.set_epoch(epoch)
 
 
 class EpochSetter(L.Callback):

@@ -35,7 +35,7 @@ from s2vec_pipeline import delta_store, s2
 from s2vec_pipeline.errors import MissingInputError, S2VecError
 from s2vec_pipeline.model.data import RASTER_TABLE, raster_snapshot, read_raster_partition
 from s2vec_pipeline.model.mae import S2VecMAE
-from s2vec_pipeline.model.train import IncompatibleModelError, ModelCard, check_compatible
+from s2vec_pipeline.model.registry import IncompatibleModelError, ModelCard, check_compatible
 from s2vec_pipeline.raster import tensor_array
 from s2vec_pipeline.versioning import partition_data_version
 
@@ -208,36 +208,57 @@ def _prepare(
     return dev
 
 
+def _ascii_strings(u: np.ndarray) -> pa.StringArray:
+    """A numpy ``<U`` array of ASCII strings (S2 tokens) as an Arrow string array: the code
+    points narrowed to bytes in one pass, no Python object per string."""
+    n, width = u.size, u.dtype.itemsize // 4
+    codes = np.ascontiguousarray(u).reshape(-1).view(np.uint32).reshape(n, width)
+    keep = codes != 0  # numpy pads with NUL at the end only
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(keep.sum(axis=1, dtype=np.int32), out=offsets[1:])
+    data = codes[keep].astype(np.uint8)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _string_column(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.cast(pa.string())
+
+
 def _rows(
     card: ModelCard, batch: pa.RecordBatch, emb: np.ndarray
 ) -> tuple[pa.RecordBatch, pa.RecordBatch]:
-    """Cell rows (S·S per image, encode order) and image rows of one batch; emb (n, S*S, D)."""
+    """Cell rows (S·S per image, encode order) and image rows of one batch; emb (n, S*S, D).
+
+    Columnar throughout (Arrow take / repeat, vectorized tokens): no Python object per cell.
+    """
     n, pixels, level = batch.num_rows, card.side * card.side, card.pixel_level
     image_ids = s2.from_signed(batch.column("image_id").to_numpy())
     cell_ids = s2.children_grid(image_ids, level).reshape(n * pixels)  # row-major = encode order
-    parents = batch.column("parent_l6").to_numpy(zero_copy_only=False)
-    image_tokens = batch.column("image_token").to_numpy(zero_copy_only=False)
-    version = card.model_version
+    parents = _string_column(batch.column("parent_l6"))
+    image_tokens = _string_column(batch.column("image_token"))
+    image_of_cell = pa.array(np.repeat(np.arange(n, dtype=np.int32), pixels))
+    version = pa.scalar(card.model_version, pa.string())
     cells = pa.RecordBatch.from_arrays(
         [
-            pa.array(np.repeat(parents, pixels), pa.string()),
-            pa.array(np.repeat(image_tokens, pixels), pa.string()),
-            pa.array(s2.to_token(cell_ids), pa.string()),
+            parents.take(image_of_cell),
+            image_tokens.take(image_of_cell),
+            _ascii_strings(s2.to_token(cell_ids)),
             pa.array(s2.to_signed(cell_ids), pa.int64()),
             pa.array(np.full(n * pixels, level, np.int8)),
-            pa.array(np.full(n * pixels, version, dtype=object), pa.string()),
+            pa.repeat(version, n * pixels),
             _list_column(emb.reshape(n * pixels, -1)),
         ],
         schema=EMBEDDING_SCHEMA,
     )
     images = pa.RecordBatch.from_arrays(
         [
-            pa.array(parents, pa.string()),
-            pa.array(image_tokens, pa.string()),
-            pa.array(image_tokens, pa.string()),
+            parents,
+            image_tokens,
+            image_tokens,
             pa.array(batch.column("image_id").to_numpy(), pa.int64()),
             pa.array(np.full(n, card.image_level, np.int8)),
-            pa.array(np.full(n, version, dtype=object), pa.string()),
+            pa.repeat(version, n),
             _list_column(emb.mean(axis=1, dtype=np.float64).astype(np.float32)),
         ],
         schema=EMBEDDING_SCHEMA,

@@ -332,6 +332,14 @@ class S2VecMAE(L.LightningModule):
             prog_bar=True,
             batch_size=batch.shape[0],
         )
+        # The epoch's mean over every step, accumulated on the device (one sync per epoch).
+        self.log(
+            "epoch_train_loss",
+            loss.detach(),
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch.shape[0],
+        )
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:

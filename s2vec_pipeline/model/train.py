@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
-import json
 import logging
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +48,7 @@ from lightning.pytorch.loggers import CSVLogger
 from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import MissingInputError, S2VecError, StorageUnavailableError
 from s2vec_pipeline.locks import LockHeldError, exclusive
+from s2vec_pipeline.model.config import TrainConfig
 from s2vec_pipeline.model.data import (
     RASTER_TABLE,
     EpochSetter,
@@ -61,22 +58,10 @@ from s2vec_pipeline.model.data import (
     raster_snapshot,
 )
 from s2vec_pipeline.model.mae import S2VecMAE
+from s2vec_pipeline.model.registry import MODEL_CODE_VERSION, MODELS_DIR, ModelCard, models_dir
 from s2vec_pipeline.versioning import config_hash
 
-MODELS_DIR = "models"
-#: Bump when the architecture or training code changes what a config produces.
-#: 2: tiles stream in a content-determined order from one snapshot; one partition hash.
-MODEL_CODE_VERSION = "s2vec-mae-2"
-_VERSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
 LOGS_DIR = "logs"
-
-
-class ModelNotFoundError(S2VecError):
-    """No finished model of that version under the root."""
-
-
-class IncompatibleModelError(S2VecError):
-    """A model was trained on tiles of another taxonomy, channel set or image side."""
 
 
 class TrainingInProgressError(S2VecError):
@@ -138,7 +123,8 @@ class _EpochProgress(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self._sum, self._n = self._sum + float(loss.detach()), self._n + 1
+            # A device tensor: summed without a host sync; read once at the epoch's end.
+            self._sum, self._n = self._sum + loss.detach(), self._n + 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -148,7 +134,7 @@ class _EpochProgress(L.Callback):
             "epoch %d/%d  loss %.4f%s  (%.1f s)",
             trainer.current_epoch + 1,
             trainer.max_epochs,
-            self._sum / max(self._n, 1),
+            float(self._sum) / max(self._n, 1),
             f"  val_loss {float(val):.4f}" if val is not None else "",
             time.perf_counter() - self._t0,
             extra={"transient": True},
@@ -157,8 +143,6 @@ class _EpochProgress(L.Callback):
 
 def _filter_known_warnings() -> None:
     """Targeted filters for warnings about Lightning's internals, not about our inputs."""
-    # The stream's __len__ is exact per rank and worker (see RasterTileStream).
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`")
     # The model directory holds the CSV logs, and last.ckpt when resuming: expected.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # Lightning 2.6's utilities/_pytree.py builds torch's deprecated LeafSpec (torch 2.10+);
@@ -190,115 +174,6 @@ class _QuietWorkers(L.Callback):
 # --- configuration and versions ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings. Fields in ``RUNTIME_FIELDS`` do not enter the model version
-    (except through the resolved number of training processes, see ``world_size``)."""
-
-    epochs: int = 20
-    batch_size: int = 32  # per device
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    seed: int = 0
-    max_steps: int | None = None
-    val_fraction: float = 0.1
-    mask_ratio: float = 0.75
-    patch_size: int = 1
-    embed_dim: int = 256
-    depth: int = 6
-    num_heads: int = 8
-    decoder_embed_dim: int = 128
-    decoder_depth: int = 2
-    decoder_num_heads: int = 4
-    mlp_ratio: float = 4.0
-    shuffle_buffer: int = 2048
-    # Levers of docs/quality.md; at their defaults they stay out of the model version.
-    augment: bool = False  # a random rotation/reflection (D4) of each training image
-    empty_pixel_weight: float = 1.0  # loss weight of masked pixels with all channels zero
-    input_norm: str = "channel"  # z-score of log1p per "channel", or one for all ("global")
-    held_out_channels: tuple[str, ...] = ()  # channels zeroed in the input (probe labels)
-    # runtime only
-    num_workers: int = 0
-    devices: int | str = "auto"  # "auto": every GPU (one CPU process without a GPU), or N
-    accelerator: str = "auto"  # "auto", "cpu", "gpu"/"cuda"
-    read_batch_size: int = 256
-    progress_bar: bool = False
-
-    RUNTIME_FIELDS = (
-        "num_workers",
-        "devices",
-        "accelerator",
-        "read_batch_size",
-        "progress_bar",
-    )
-
-    #: Fields added after models were trained: left out of the version at these values, so
-    #: earlier models keep their versions.
-    OPTIONAL_FIELDS = {
-        "augment": False,
-        "empty_pixel_weight": 1.0,
-        "input_norm": "channel",
-        "held_out_channels": (),
-    }
-    INPUT_NORMS = ("channel", "global")
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.empty_pixel_weight <= 1.0:
-            raise S2VecError(f"empty_pixel_weight must be in [0, 1], not {self.empty_pixel_weight}")
-        if self.input_norm not in self.INPUT_NORMS:
-            raise S2VecError(
-                f"input_norm must be one of {', '.join(self.INPUT_NORMS)}, not {self.input_norm!r}"
-            )
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise S2VecError(f"mask_ratio must be in [0, 1), not {self.mask_ratio}")
-        # A list from JSON / Dagster config becomes a tuple (hashable, frozen).
-        object.__setattr__(self, "held_out_channels", tuple(self.held_out_channels))
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides: Any) -> TrainConfig:
-        """Defaults per resolution profile; ``overrides`` replace any field."""
-        defaults: dict[str, Any] = {
-            # A city extract gives a few hundred 16×16 images: small batches, more epochs.
-            "city": {"epochs": 20, "batch_size": 32},
-            # Paper-scale areas give many more images.
-            "paper": {"epochs": 10, "batch_size": 256},
-        }.get(profile, {})
-        return cls(**{**defaults, **overrides})
-
-    def as_dict(self) -> dict[str, Any]:
-        """Every field, JSON-shaped (the held-out channels as a list)."""
-        return {**dataclasses.asdict(self), "held_out_channels": list(self.held_out_channels)}
-
-    def version_dict(self) -> dict[str, Any]:
-        d = self.as_dict()
-        return {
-            k: v
-            for k, v in d.items()
-            if k not in self.RUNTIME_FIELDS
-            and not (k in self.OPTIONAL_FIELDS and v == self.OPTIONAL_FIELDS[k])
-            and not (k == "held_out_channels" and not v)
-        }
-
-    def uses_cuda(self) -> bool:
-        return torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
-
-    def world_size(self) -> int:
-        """Training processes this config starts: one per device."""
-        d = self.devices
-        if isinstance(d, list | tuple):
-            return len(d)
-        cuda = self.uses_cuda()
-        if d == "auto":
-            return max(1, torch.cuda.device_count()) if cuda else 1
-        n = int(d)
-        if n == -1:
-            return torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
-        if n < 1:
-            raise S2VecError(f"devices must be 'auto', -1 or at least 1, not {d!r}")
-        return n
-
-
 def model_version(
     config: TrainConfig,
     contract: dict[str, Any],
@@ -328,85 +203,6 @@ def model_version(
 
 
 # --- the model card ----------------------------------------------------------------------
-
-
-@dataclass
-class ModelCard:
-    """Everything about one trained model; saved as ``model_card.json``."""
-
-    model_version: str
-    config: dict[str, Any]
-    profile: str | None
-    image_level: int | None
-    pixel_level: int | None
-    side: int
-    taxonomy_version: str
-    channels: list[str]
-    partitions: dict[str, str]  # training partition -> its data version at the snapshot
-    normalization: dict[str, list[float]]
-    n_train: int
-    n_val: int
-    train_loss: float | None
-    val_loss: float | None
-    loss_history: dict[str, list]
-    hardware: dict[str, Any]
-    duration_s: float
-    images_seen: int
-    images_per_s: float
-    epochs_completed: int
-    steps: int
-    resumed_from: dict[str, int] | None
-    created: str
-    #: the Delta version of raster_tiles the model was trained on (its snapshot)
-    raster_tiles_version: int | None = None
-    #: training processes (DDP ranks); the batch per step is world_size × batch_size
-    world_size: int = 1
-    code_version: str = MODEL_CODE_VERSION
-    directory: str = field(default="", compare=False)
-
-    def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        d.pop("directory")
-        return json.dumps(d, indent=2, sort_keys=True)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> ModelCard:
-        raw = storage.read_bytes(storage.join(directory, "model_card.json"))
-        if raw is None:
-            raise FileNotFoundError(f"no model_card.json in {directory}")
-        d = json.loads(raw)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names}, directory=str(directory))
-
-    @property
-    def checkpoint(self) -> Path | str:
-        """The weights file: a local path, or a URI on an object-store root."""
-        location = storage.join(self.directory, "model.ckpt")
-        return location if storage.is_object_store(location) else Path(location)
-
-
-def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RASTER_TABLE) -> None:
-    """Refuse a model trained on tiles of another taxonomy, channel set or side."""
-    problems = []
-    if contract.get("taxonomy_version") != card.taxonomy_version:
-        problems.append(
-            f"taxonomy version {contract.get('taxonomy_version')!r} (model: "
-            f"{card.taxonomy_version!r})"
-        )
-    channels = list(contract.get("channels", []))
-    if len(channels) != len(card.channels):
-        problems.append(f"{len(channels)} channels (model: {len(card.channels)})")
-    elif channels != card.channels:
-        problems.append("channels in another order or with other names than the model's")
-    if contract.get("side") != card.side:
-        problems.append(f"image side {contract.get('side')} (model: {card.side})")
-    if problems:
-        raise IncompatibleModelError(
-            f"model {card.model_version} does not fit the {table} table: it has "
-            + "; ".join(problems)
-            + ". Train a model on this table (s2vec materialize --stages train) or use the root "
-            "it was trained on."
-        )
 
 
 # --- training ----------------------------------------------------------------------------
@@ -446,23 +242,6 @@ class TrainingClock(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = dict(state_dict)
-
-
-def models_dir(root: str | os.PathLike) -> str:
-    """``<root>/models`` (a local path or an object-store URI)."""
-    return storage.join(root, MODELS_DIR)
-
-
-def list_models(root: str | os.PathLike) -> list[str]:
-    """Finished model versions under ``root`` (those with a model card), oldest first."""
-    cards = [
-        e
-        for e in storage.list_files(models_dir(root))
-        if e.relative.count("/") == 1
-        and e.relative.endswith("/model_card.json")
-        and not e.relative.startswith(".")  # a training's work folder
-    ]
-    return [e.relative.split("/")[0] for e in sorted(cards, key=lambda e: e.mtime)]
 
 
 @contextlib.contextmanager
@@ -557,6 +336,7 @@ def train_model(
             f"{', '.join(map(str, available)) or 'none'})"
         )
     config = config or TrainConfig.for_profile(contract.get("profile", ""))
+    config.check_image_side(int(contract["side"]))
     unknown = [c for c in config.held_out_channels if c not in contract["channels"]]
     if unknown:  # before any directory is made
         raise S2VecError(
@@ -679,12 +459,17 @@ def _train(
         batch_size=config.batch_size,
         val_fraction=config.val_fraction,
         seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
         read_batch_size=config.read_batch_size,
         num_workers=config.num_workers,
         version=snapshot,
+        pin_memory=config.pin_memory if config.pin_memory is not None else config.uses_cuda(),
+        partition_versions=partition_versions,
+        tiles_on_device=config.tiles_on_device,
+        tile_dtype=config.tile_dtype,
     )
     dm.setup("fit")
+    world = config.world_size()
+    steps_per_epoch = math.ceil((dm.n_train // world if world > 1 else dm.n_train) / dm.batch_size)
     model = S2VecMAE(
         in_chans=len(dm.channels),
         img_size=dm.side,
@@ -742,7 +527,11 @@ def _train(
             limit_val_batches=1.0 if dm.n_val > 0 else 0,
             enable_progress_bar=config.progress_bar,
             enable_model_summary=False,
-            log_every_n_steps=1,
+            # Each logged step reads the loss back to the host (a device sync).
+            log_every_n_steps=config.steps_between_logs(steps_per_epoch),
+            # The datamodule shards the training split over ranks itself (IndexBatchSampler)
+            # and gives every rank the whole validation split.
+            use_distributed_sampler=False,
         )
     with _known_warnings(), _quiet_lightning():
         try:
@@ -888,6 +677,7 @@ def read_loss_history(logs: Path) -> dict[str, list]:
     """
     train: dict[int, tuple[int, float]] = {}
     val: dict[int, tuple[int, float]] = {}
+    epoch_mean: dict[int, float] = {}  # the mean over every step (logged steps are sampled)
 
     def attempt(p: Path) -> int:
         return int(p.parent.name.removeprefix("version_") or 0)
@@ -900,8 +690,10 @@ def read_loss_history(logs: Path) -> dict[str, list]:
                     train[step] = (epoch, float(row["train_loss"]))
                 if row.get("val_loss"):
                     val[epoch] = (step, float(row["val_loss"]))
+                if row.get("epoch_train_loss"):
+                    epoch_mean[epoch] = float(row["epoch_train_loss"])
     steps = sorted(train)
-    epochs = sorted({e for e, _ in train.values()} | set(val))
+    epochs = sorted({e for e, _ in train.values()} | set(val) | set(epoch_mean))
     per_epoch = {e: [loss for s, (ep, loss) in sorted(train.items()) if ep == e] for e in epochs}
     return {
         # Lightning logs the loss of optimizer step k at step k-1; +1 counts steps from 1.
@@ -912,51 +704,13 @@ def read_loss_history(logs: Path) -> dict[str, list]:
             max((s + 1 for s, (ep, _) in train.items() if ep == e), default=0) for e in epochs
         ],
         "epoch_train_loss": [
-            sum(per_epoch[e]) / len(per_epoch[e]) if per_epoch[e] else None for e in epochs
+            epoch_mean[e]
+            if e in epoch_mean
+            else (sum(per_epoch[e]) / len(per_epoch[e]) if per_epoch[e] else None)
+            for e in epochs
         ],
         "val_loss": [val[e][1] if e in val else None for e in epochs],
     }
-
-
-def check_model_exists(root: str | os.PathLike, version: str) -> str:
-    """The finished model's folder; :class:`ModelNotFoundError` naming the models there (and
-    a partial training of ``version``) when there is none."""
-    final = storage.join(models_dir(root), version)
-    card_file = storage.join(final, "model_card.json")
-    if not _VERSION_RE.match(version) or not storage.is_file(card_file):
-        available = list_models(root)
-        hint = f"available: {', '.join(available)}" if available else "none trained yet"
-        partial = storage.local_cache(root, MODELS_DIR, f".{version}.partial").exists()
-        raise ModelNotFoundError(
-            f"no finished model {version!r} under {models_dir(root)} ({hint})"
-            + (
-                "; a partial training of it exists: rerun s2vec materialize --stages train "
-                "to resume it"
-                if partial
-                else ". Train one first: s2vec materialize --stages train"
-            )
-        )
-    return final
-
-
-def load_model(
-    root: str | os.PathLike, version: str, table: str | None = RASTER_TABLE
-) -> tuple[S2VecMAE, ModelCard]:
-    """The trained model (eval mode, on CPU: ``embed`` moves it to its device) and its card.
-
-    With ``table`` (default ``raster_tiles``), refuse a model that does not fit that table's
-    contract (taxonomy version, channels, side) when the table exists.
-    """
-    final = check_model_exists(root, version)
-    card = ModelCard.load(final)
-    if table is not None:
-        contract = delta_store.table_contract(root, table)
-        if contract is not None:
-            check_compatible(card, contract, table)
-    with storage.local_copy(storage.join(final, "model.ckpt")) as checkpoint:
-        model = S2VecMAE.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    model.eval()
-    return model, card
 
 
 # --- loss curve (Pillow only) -------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""Host side of the model layer, model compute excluded: images/s of the training input path
+and cells/s of the inference host path, on one core.
+
+1. Input path: ``RasterTileDataModule`` on a synthetic ``raster_tiles`` table (default
+   122×16×16, the bundled taxonomy's channel count): the one-time decode into the tile cache
+   (``setup``), then whole epochs of training batches gathered by index (``num_workers=0``:
+   the calling process only), images/s.
+2. Inference host path: ``embed_partition`` (Delta read of one snapshot, tensor decoding,
+   batching, cell ids and tokens, Arrow rows) and ``write_embeddings`` (plus both Delta
+   commits) with a model whose ``encode`` returns a precomputed tensor (no compute), cells/s.
+
+    python benchmarks/bench_input.py [--images 4000] [--channels 122] [--batch-size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from s2vec_pipeline.model.data import RasterTileDataModule, synthetic_raster_tiles  # noqa: E402
+from s2vec_pipeline.model.embed import embed_partition, write_embeddings  # noqa: E402
+from s2vec_pipeline.model.mae import S2VecMAE  # noqa: E402
+from s2vec_pipeline.model.registry import MODEL_CODE_VERSION, ModelCard  # noqa: E402
+
+
+class NoComputeMAE(S2VecMAE):
+    """``encode`` returns a slice of one precomputed (B, S*S, D) tensor: no model compute."""
+
+    def __init__(self, in_chans: int, dim: int, max_batch: int) -> None:
+        super().__init__(in_chans, embed_dim=dim, depth=1, num_heads=4, decoder_depth=1)
+        self._out = torch.randn(max_batch, self.num_patches, dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._out[: x.shape[0]]
+
+
+def card_for(contract: dict, dim: int) -> ModelCard:
+    return ModelCard(
+        model_version="0" * 16,
+        config={"embed_dim": dim},
+        profile=contract["profile"],
+        image_level=contract["image_level"],
+        pixel_level=contract["pixel_level"],
+        side=contract["side"],
+        taxonomy_version=contract["taxonomy_version"],
+        channels=contract["channels"],
+        partitions={},
+        normalization={},
+        n_train=0,
+        n_val=0,
+        train_loss=None,
+        val_loss=None,
+        loss_history={},
+        hardware={},
+        duration_s=0.0,
+        images_seen=0,
+        images_per_s=0.0,
+        epochs_completed=0,
+        steps=0,
+        resumed_from=None,
+        created="",
+        code_version=MODEL_CODE_VERSION,
+    )
+
+
+def best_of(reps: int, fn) -> tuple[float, float]:  # noqa: ANN001
+    """(wall, CPU) seconds of the fastest of ``reps`` runs of ``fn``. CPU seconds are this
+    process's, all threads: throughput per CPU-second is the per-core figure, and it holds on
+    a machine shared with other load, where wall time does not."""
+    best = (math.inf, math.inf)
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+    return best
+
+
+def rate(n: int, seconds: tuple[float, float], unit: str) -> tuple[str, str]:
+    return f"{n / seconds[0]:,.0f} {unit}", f"{n / seconds[1]:,.0f} {unit}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--images", type=int, default=4000)
+    ap.add_argument("--channels", type=int, default=122)
+    ap.add_argument("--batch-size", type=int, default=256, help="training and inference batch")
+    ap.add_argument("--dim", type=int, default=256, help="embedding width written")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--tile-dtype",
+        action="append",
+        choices=("float32", "float16"),
+        help="tile cache dtype(s) of the input rows (repeatable; default float32 and float16)",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        contract = synthetic_raster_tiles(
+            root, {"4693": args.images}, channels=args.channels, side=16
+        )
+        for dtype in args.tile_dtype or ["float32", "float16"]:
+            dm = RasterTileDataModule(
+                root, batch_size=args.batch_size, pin_memory=False, tile_dtype=dtype
+            )
+            t0, c0 = time.perf_counter(), time.process_time()
+            dm.setup()
+            decode = (time.perf_counter() - t0, time.process_time() - c0)
+            rows.append(
+                (
+                    f"input, {dtype}: one-time decode into the tile cache + split + stats "
+                    f"({dm.n_train + dm.n_val:,} tiles)",
+                    *rate(dm.n_train + dm.n_val, decode, "images/s"),
+                )
+            )
+            loader = dm.train_dataloader()
+            epoch = [0]
+
+            def one_epoch(dm: RasterTileDataModule = dm, loader=loader, epoch=epoch) -> None:  # noqa: ANN001
+                dm.set_epoch(epoch[0])
+                epoch[0] += 1
+                for _ in loader:
+                    pass
+
+            dt = best_of(args.reps, one_epoch)
+            rows.append(
+                (
+                    f"input, {dtype}: training batches by index ({dm.n_train:,} tiles an "
+                    f"epoch, batch {args.batch_size})",
+                    *rate(dm.n_train, dt, "images/s"),
+                )
+            )
+
+        model = NoComputeMAE(args.channels, args.dim, args.batch_size).eval()
+        card = card_for(contract, args.dim)
+        cells = args.images * 256
+        dt = best_of(
+            args.reps,
+            lambda: embed_partition(root, model, card, "4693", args.batch_size, device="cpu"),
+        )
+        rows.append(
+            (
+                f"inference host path: embed_partition ({cells:,} cells, D={args.dim})",
+                *rate(cells, dt, "cells/s"),
+            )
+        )
+        dt = best_of(
+            args.reps,
+            lambda: write_embeddings(root, model, card, ["4693"], args.batch_size, device="cpu"),
+        )
+        rows.append(
+            (
+                "inference host path: write_embeddings (+ both Delta commits)",
+                *rate(cells, dt, "cells/s"),
+            )
+        )
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"\n{cpu}, 1 torch thread, load {os.getloadavg()[0]:.2f}; {args.images:,} synthetic "
+        f"{args.channels}x16x16 tiles; best of {args.reps}\n"
+    )
+    print("| what | per wall second | per CPU-second (one core) |")
+    print("|---|---:|---:|")
+    for what, wall, cpu_rate in rows:
+        print(f"| {what} | {wall} | {cpu_rate} |")
+
+
+if __name__ == "__main__":
+    main()

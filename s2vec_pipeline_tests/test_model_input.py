@@ -1,0 +1,321 @@
+"""The model's input path (tile cache, index sampler), the one training config and where it
+is checked (trainer, CLI, a real Dagster launch), the registry module."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+import torch
+
+from s2vec_pipeline import delta_store
+from s2vec_pipeline.model.config import InvalidTrainConfigError, TrainConfig
+from s2vec_pipeline.model.data import (
+    TILE_CACHE_DIR,
+    IndexBatchSampler,
+    RasterTileDataModule,
+    raster_partition_versions,
+    synthetic_raster_tiles,
+    tile_cache,
+)
+from s2vec_pipeline.model.train import model_version
+from s2vec_pipeline.raster import tensor_array
+
+C, S = 8, 16
+IMAGES = {"4693": 24, "12cd": 16}
+
+
+# --- the one training config -----------------------------------------------------------------
+
+
+def test_model_versions_are_those_of_the_previous_config_class() -> None:
+    """The hashes below were computed by the dataclass TrainConfig this module replaced: the
+    same data and settings keep naming the same model."""
+    contract = {
+        "profile": "city",
+        "image_level": 13,
+        "pixel_level": 17,
+        "side": 16,
+        "taxonomy_version": "t1",
+        "channels": ["a", "b"],
+    }
+    parts = {"4693": "0123abcd", "12cd": "ffee0011"}
+    assert model_version(TrainConfig(), contract, parts) == "bd3422e329306570"
+    paper = TrainConfig.for_profile(
+        "paper", epochs=3, lr=3e-3, embed_dim=32, num_heads=4, num_workers=2, read_batch_size=64
+    )
+    assert model_version(paper, contract, parts) == "46016964e4d07d96"
+    levers = TrainConfig(
+        augment=True,
+        held_out_channels=["a"],
+        input_norm="global",
+        empty_pixel_weight=0.5,
+        max_steps=7,
+    )
+    assert model_version(levers, contract, parts, world_size=2) == "01ae1f1531b3bdbe"
+    # Runtime settings (loader workers, pinned memory, logging) never enter the version.
+    runtime = TrainConfig(num_workers=3, pin_memory=True, log_every_n_steps=5, devices=1)
+    assert runtime.version_dict() == TrainConfig().version_dict()
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -4}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"lr": math.nan}, "lr"),
+        ({"lr": math.inf}, "lr"),
+        ({"embed_dim": 100, "num_heads": 8}, "embed_dim 100 must be divisible by num_heads 8"),
+        ({"decoder_embed_dim": 30, "decoder_num_heads": 3}, "divisible by 4"),
+        ({"epochs": 0}, "epochs"),
+        ({"devices": 0}, "devices"),
+        ({"input_norm": "robust"}, "input_norm"),
+        ({"seed": -1}, "seed"),
+        ({"no_such_setting": 1}, "no_such_setting"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(settings: dict, named: str) -> None:
+    with pytest.raises(InvalidTrainConfigError) as e:
+        TrainConfig(**settings)
+    message = str(e.value)
+    assert named in message and "\n" not in message and "pydantic.dev" not in message
+
+
+def test_cli_refuses_bad_settings_before_anything_is_written(
+    tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from s2vec_pipeline.cli import main
+
+    root = tmp_path / "root"
+    base = ["materialize", "--root", str(root), "--source", str(monaco_pbf)]
+    for flags, named in (
+        (["--epochs", "0"], "--epochs"),
+        (["--devices", "-4"], "--devices"),
+        (["--empty-pixel-weight", "nan"], "--empty-pixel-weight"),
+    ):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert named in err and len(err.splitlines()) == 1
+    assert not root.exists()
+
+
+def test_launch_with_bad_settings_is_refused_before_the_run(tmp_path: Path) -> None:
+    """A real launch of the train_model job (what the launchpad and the CLI do): bad settings
+    fail when Dagster resolves the run config: no run is created, nothing is written."""
+    from s2vec_pipeline.definitions import defs
+
+    root = tmp_path / "root"
+    synthetic_raster_tiles(root, IMAGES, channels=C)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    job = defs.resolve_job_def("train_model")
+    resources = {"s2vec": {"config": {"root": str(root)}}}
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        for bad, named in (
+            ({"batch_size": 0}, "batch_size"),
+            ({"batch_size": -4}, "batch_size"),
+            ({"lr": -1.0}, "lr"),
+            ({"lr": math.nan}, "lr"),
+            ({"embed_dim": 100}, "embed_dim 100 must be divisible by num_heads 8"),
+        ):
+            run_config = {"ops": {"mae_model": {"config": bad}}, "resources": resources}
+            with pytest.raises(dg.DagsterInvalidConfigError, match=named):
+                job.execute_in_process(run_config=run_config, instance=instance)
+            with pytest.raises(dg.DagsterInvalidConfigError, match=named):
+                dg.validate_run_config(job, run_config)
+        assert instance.get_runs() == []  # refused before any run existed
+        good = {"ops": {"mae_model": {"config": {"epochs": 1, "lr": 0.01}}}, "resources": resources}
+        assert dg.validate_run_config(job, good)["ops"]["mae_model"]["config"]["lr"] == 0.01
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no .partial, lock
+
+
+def test_launchpad_launch_with_bad_settings_creates_no_run(tmp_path: Path) -> None:
+    """The launchpad's path: the GraphQL launch mutation against the code location in its own
+    code server process (workspace.yaml). Dagster builds the execution plan there before it
+    creates a run; TrainConfig refuses the settings, so no run exists and nothing is written."""
+    from dagster_graphql.client.query import LAUNCH_PIPELINE_EXECUTION_MUTATION
+    from dagster_graphql.test.utils import (
+        define_out_of_process_context,
+        execute_dagster_graphql,
+        infer_job_selector,
+    )
+
+    root = tmp_path / "root"
+    synthetic_raster_tiles(root, IMAGES, channels=C)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
+    (tmp_path / "dagster").mkdir()
+    with (
+        dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance,
+        define_out_of_process_context(str(workspace), None, instance) as context,
+    ):
+        params = {
+            "selector": infer_job_selector(context, "train_model"),
+            "runConfigData": {
+                "ops": {"mae_model": {"config": {"batch_size": -4, "lr": 0.01}}},
+                "resources": {"s2vec": {"config": {"root": str(root)}}},
+            },
+            "mode": "default",
+        }
+        result = execute_dagster_graphql(
+            context, LAUNCH_PIPELINE_EXECUTION_MUTATION, {"executionParams": params}
+        )
+        launch = result.data["launchPipelineExecution"]
+        assert launch["__typename"] != "LaunchRunSuccess"
+        assert (
+            "training settings: batch_size: input should be greater than or equal to 1 (got -4)"
+            in (launch["message"])
+        )
+        assert instance.get_runs() == []
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_registry_has_its_own_module_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from s2vec_pipeline.model.registry import list_models, load_model, "
+        "ModelCard; from s2vec_pipeline.model.config import TrainConfig; TrainConfig(); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --- the tile cache ------------------------------------------------------------------------
+
+
+def _table_tiles(root: Path) -> np.ndarray:
+    """Every tile of the table, partitions sorted, rows by image id: an independent decode."""
+    table = delta_store.read_partitions(root, "raster_tiles").sort(["parent_l6", "image_id"])
+    return np.array(tensor_array(table["tensor"].to_arrow(), C, S))
+
+
+def test_tile_cache_holds_the_snapshot_and_is_rebuilt_when_it_does_not_match(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    contract = synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    version = delta_store.table_version(tmp_path, "raster_tiles")
+    parts = sorted(IMAGES)
+    versions = raster_partition_versions(tmp_path, parts, version)
+    cache = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
+    assert cache.directory.parent == tmp_path / TILE_CACHE_DIR
+    assert np.array_equal(cache.tiles(), _table_tiles(tmp_path))
+    # Found again, not rebuilt.
+    stamp = (cache.directory / "tiles.bin").stat().st_mtime_ns
+    assert tile_cache(tmp_path, parts, version, versions, contract["channels"], S) == cache
+    assert (cache.directory / "tiles.bin").stat().st_mtime_ns == stamp
+
+    # A cache folder whose key names another snapshot is rebuilt, never used.
+    key_file = cache.directory / "key.json"
+    key = json.loads(key_file.read_text())
+    key["partitions"]["4693"] = "not-this-data"
+    key_file.write_text(json.dumps(key))
+    # ... and so is one whose tile file was cut short (a crash, a full disk).
+    again = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
+    assert "does not match its snapshot" in caplog.text
+    assert np.array_equal(again.tiles(), _table_tiles(tmp_path))
+    with open(again.directory / "tiles.bin", "r+b") as f:
+        f.truncate(1000)
+    third = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
+    assert np.array_equal(third.tiles(), _table_tiles(tmp_path))
+
+    # Another snapshot (partition 4693 rewritten with half its images) has another cache.
+    rows = delta_store.read_partitions(tmp_path, "raster_tiles", ["4693"]).head(12).to_arrow()
+    delta_store.write_partitions(tmp_path, "raster_tiles", rows, ["4693"], contract)
+    dm = RasterTileDataModule(tmp_path, batch_size=8)
+    dm.setup()
+    assert dm.cache.directory != cache.directory and dm.cache.n == 12 + 16
+    assert np.array_equal(dm.cache.tiles(), _table_tiles(tmp_path))
+    assert not list((tmp_path / TILE_CACHE_DIR).glob(".*.building"))
+    # A third snapshot: the two most recently used caches stay, the oldest is removed.
+    rows = delta_store.read_partitions(tmp_path, "raster_tiles", ["12cd"]).head(5).to_arrow()
+    delta_store.write_partitions(tmp_path, "raster_tiles", rows, ["12cd"], contract)
+    latest = RasterTileDataModule(tmp_path, batch_size=8)
+    latest.setup()
+    kept = {d for d in (tmp_path / TILE_CACHE_DIR).iterdir() if not d.name.startswith(".")}
+    assert kept == {dm.cache.directory, latest.cache.directory}
+
+
+def test_index_sampler_shards_like_a_distributed_sampler() -> None:
+    indices = np.arange(100, 203)  # 103 training rows
+    ranks = [IndexBatchSampler(indices, 8, shuffle=True, seed=5, rank=r, world=2) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(3)
+    shards = [np.concatenate(list(s)) for s in ranks]
+    assert [len(x) for x in shards] == [51, 51]  # equal shards: DDP ranks step in lockstep
+    assert [len(s) for s in ranks] == [math.ceil(51 / 8)] * 2 == [len(list(s)) for s in ranks]
+    both = np.concatenate(shards)
+    assert len(set(both.tolist())) == 102 and set(both.tolist()) <= set(indices.tolist())
+    # The same epoch gives the same batches; another epoch another order of the same rows.
+    assert all(np.array_equal(a, b) for a, b in zip(ranks[0], ranks[0], strict=True))
+    ranks[0].set_epoch(4)
+    other = np.concatenate(list(ranks[0]))
+    assert not np.array_equal(other, shards[0])
+    one = IndexBatchSampler(indices, 8, shuffle=True, seed=5)
+    assert sorted(np.concatenate(list(one)).tolist()) == indices.tolist()  # nothing dropped
+    assert all(np.array_equal(b, np.sort(b)) for b in one)  # sorted: sequential reads
+
+
+def test_loader_batches_are_table_tiles_and_pickle_without_the_array(tmp_path: Path) -> None:
+    import pickle
+
+    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    dm = RasterTileDataModule(tmp_path, batch_size=8, pin_memory=False)
+    dm.setup()
+    table = _table_tiles(tmp_path)
+    batches = list(dm.train_dataloader())
+    seen = torch.cat(batches).numpy()
+    expected = table[dm.train_indices]
+    order = lambda a: np.lexsort(a.reshape(len(a), -1).T)  # noqa: E731
+    assert np.array_equal(seen[order(seen)], expected[order(expected)])
+    dataset = dm.train_dataloader().dataset
+    assert len(pickle.dumps(dataset)) < 10_000  # a spawned worker maps the file itself
+    assert os.path.getsize(dm.cache.directory / "tiles.bin") == table.nbytes
+
+
+def test_tiles_on_device_train_the_same_model(tmp_path: Path) -> None:
+    """Gathering batches from a resident copy (the GPU path) instead of the mapped file: the
+    same batches, so bit-identical weights (CPU, deterministic) and the same version."""
+    from s2vec_pipeline.model.registry import load_model
+    from s2vec_pipeline.model.train import train_model
+
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 4, "decoder_embed_dim": 32}
+    config = TrainConfig(epochs=2, batch_size=8, decoder_depth=1, decoder_num_heads=4, **tiny)
+    cards = []
+    for name, on_device in (("mapped", False), ("resident", True)):
+        root = tmp_path / name
+        synthetic_raster_tiles(root, IMAGES, channels=C)
+        cards.append(train_model(root, config=config.replace(tiles_on_device=on_device)))
+    assert cards[0].model_version == cards[1].model_version
+    assert cards[0].loss_history["train_loss"] == cards[1].loss_history["train_loss"]
+    a, _ = load_model(tmp_path / "mapped", cards[0].model_version)
+    b, _ = load_model(tmp_path / "resident", cards[1].model_version)
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_float16_cache_halves_the_bytes_and_is_another_model(tmp_path: Path) -> None:
+    from s2vec_pipeline.model.train import train_model
+
+    contract = synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    version = delta_store.table_version(tmp_path, "raster_tiles")
+    parts = sorted(IMAGES)
+    versions = raster_partition_versions(tmp_path, parts, version)
+    half = tile_cache(tmp_path, parts, version, versions, contract["channels"], S, "float16")
+    full = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
+    assert half.directory != full.directory
+    assert os.path.getsize(half.directory / "tiles.bin") * 2 == _table_tiles(tmp_path).nbytes
+    assert np.array_equal(half.tiles(), _table_tiles(tmp_path).astype(np.float16))
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 4, "decoder_embed_dim": 32}
+    config = TrainConfig(epochs=1, batch_size=8, decoder_depth=1, decoder_num_heads=4, **tiny)
+    card = train_model(tmp_path, config=config.replace(tile_dtype="float16"))
+    assert all(math.isfinite(v) for v in card.loss_history["train_loss"])
+    assert card.model_version != model_version(config, contract, versions)
