@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from s2vec_pipeline import delta_store, storage
-from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.errors import DamagedTableError, MissingInputError
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.model.registry import RASTER_TABLE
 from s2vec_pipeline.raster import tensor_array
@@ -106,7 +106,9 @@ def raster_partition_keys(root: str | os.PathLike, version: int) -> list[str]:
     """The partitions with tiles at ``raster_tiles`` version ``version``."""
     try:
         return delta_store.partition_keys(root, RASTER_TABLE, version)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DamagedTableError) as e:
+        if _is_damage(root, version, e):
+            raise
         raise _vacuumed(root, version) from e
 
 
@@ -115,8 +117,17 @@ def _read_version(
 ) -> pl.DataFrame:
     try:
         return delta_store.read_partitions(root, RASTER_TABLE, partitions, columns, version)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DamagedTableError) as e:
+        if _is_damage(root, version, e):
+            raise
         raise _vacuumed(root, version) from e
+
+
+def _is_damage(root: str | os.PathLike, version: int, error: Exception) -> bool:
+    """A file of the LATEST version gone is damage (delta_store says so and how to repair);
+    one of an older version was removed by a vacuum."""
+    latest = delta_store.table_version(root, RASTER_TABLE) or 0
+    return isinstance(error, DamagedTableError) and version >= latest
 
 
 def _vacuumed(root: str | os.PathLike, version: int) -> MissingInputError:
