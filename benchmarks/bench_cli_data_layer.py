@@ -58,8 +58,13 @@ def run_cli(pbf: Path, root: Path, workers: int, pythonpath: str | None) -> dict
         env["PYTHONPATH"] = pythonpath
     args = ["materialize", "--source", str(pbf), "--root", str(root), "--profile", "city"]
     args += ["--stages", "extract,features,raster", "--workers", str(workers)]
+    # cwd outside any checkout: `python -c` puts the working directory first on sys.path
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=root.parent,
     )
     line = [x for x in done.stderr.splitlines() if x.startswith("RESULT")]
     if not line or line[0].split()[1] != "0":
