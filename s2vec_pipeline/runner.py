@@ -12,6 +12,7 @@ instance cannot live on an object store.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import functools
@@ -19,6 +20,8 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -143,8 +146,12 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         try:
             writable = os.access(home, os.W_OK)
             if os.path.exists(config) and not writable:
-                # a read-only root (status): its schemas exist, there is no lock to take
-                instance = dg.DagsterInstance.local_temp(home)
+                # a read-only root (status): SQLite cannot open its files there, so read a
+                # copy (removed when the process ends); nothing is written to the root
+                snapshot = tempfile.mkdtemp(prefix="s2vec-readonly-instance-")
+                atexit.register(shutil.rmtree, snapshot, True)
+                shutil.copytree(home, snapshot, dirs_exist_ok=True)
+                instance = dg.DagsterInstance.local_temp(snapshot)
             else:
                 with exclusive(os.path.join(home, ".open.lock")):
                     if not os.path.exists(config) or _read(config) == _OLD_CONFIG:
