@@ -12,6 +12,7 @@ instance cannot live on an object store.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import functools
@@ -19,7 +20,9 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -147,8 +150,15 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
         try:
             writable = os.access(home, os.W_OK)
             if os.path.exists(config) and not writable:
-                # a read-only root (status): its schemas exist, there is no lock to take
-                instance = dg.DagsterInstance.local_temp(home)
+                # a read-only root (status): SQLite cannot open its files there, so read a
+                # copy (removed when the process ends); nothing is written to the root
+                snapshot = tempfile.mkdtemp(prefix="s2vec-readonly-instance-")
+                atexit.register(shutil.rmtree, snapshot, True)
+                shutil.copytree(home, snapshot, dirs_exist_ok=True)
+                if _read(config) == _config(home):  # ours names the root's paths: the copy's
+                    with open(os.path.join(snapshot, "dagster.yaml"), "w") as f:
+                        f.write(_config(snapshot))
+                instance = dg.DagsterInstance.local_temp(snapshot)
             else:
                 with exclusive(os.path.join(home, ".open.lock")):
                     # Written by us (also the older files): pooled SQLite storages, which cut a

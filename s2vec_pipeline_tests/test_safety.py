@@ -564,3 +564,24 @@ def test_s3_root_without_credentials(
         assert main([*command, "--root", s3_env]) == 2, command
         line = _one_error(capsys.readouterr().err)
         assert "AWS_ACCESS_KEY_ID" in line
+
+
+def test_status_on_a_read_only_root(data_root: Path, tmp_path: Path, capsys) -> None:
+    """Finding 9: status on a read-only root failed (it took a lock file, then SQLite could not
+    open its files there). Real read-only bind mount; skipped where mount is not allowed."""
+    from s2vec_pipeline.cli import main
+
+    assert main(["status", "--root", str(data_root)]) == 0  # the root's instance exists
+    expected = capsys.readouterr().out
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", str(data_root), str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        assert main(["status", "--root", str(ro)]) == 0
+        assert capsys.readouterr().out == expected.replace(str(data_root), str(ro))
+        assert main(["materialize", "--root", str(ro), "--stages", "extract"]) == 2
+        assert "not writable" in _one_error(capsys.readouterr().err)
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
