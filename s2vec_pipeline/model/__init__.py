@@ -22,7 +22,6 @@ _EXPORTS = {
     "ModelCard": "train",
     "ModelNotFoundError": "train",
     "IncompatibleModelError": "train",
-    "TrainingInProgressError": "train",
     "model_version": "train",
     "train_model": "train",
     "load_model": "train",
