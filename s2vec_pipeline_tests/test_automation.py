@@ -60,6 +60,8 @@ def test_staleness_sensor_wiring() -> None:
     sensor = defs.resolve_sensor_def("refresh_stale_partitions")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert {j.name for j in sensor.jobs} == {"partition_pipeline"}  # one run per partition
+    # its steps run in the run's process (no process and definitions load per step)
+    assert defs.resolve_job_def("partition_pipeline").executor_def.name == "in_process"
     graph = defs.resolve_asset_graph()
     assert graph.get(dg.AssetKey("osm_features")).parent_keys == {dg.AssetKey("osm_sources")}
 

@@ -19,6 +19,7 @@ from dagster._core.definitions.data_version import CachingStaleStatusResolver, S
 from dagster._time import get_current_datetime
 
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
+from s2vec_pipeline.k8s import executor_from_env
 
 #: Every partitioned asset, in pipeline order.
 PIPELINE_ASSETS = [
@@ -40,6 +41,10 @@ partition_pipeline_job = dg.define_asset_job(
     description="Every partitioned asset of one level-6 cell (region and refresh runs pick "
     "the assets they need).",
     tags={"s2vec/stage": "data"},
+    # Every step in the run's own process: with the default executor each step is a fresh
+    # Python process loading the definitions (~10 s each on a loaded 2-core machine), more than
+    # a partition's work. On Kubernetes (S2VEC_EXECUTOR=k8s) steps keep their own pods (GPU).
+    executor_def=executor_from_env() or dg.in_process_executor,
 )
 
 
