@@ -1105,6 +1105,21 @@ def _cut(merged: Path, out: Path, box: Box, options: dict[str, str]) -> _Cut:
     return cut
 
 
+def _cut_is_a_no_op(files: Sequence[_ChangeFile], box: Box) -> bool:
+    """Whether cutting the merge would keep every object, so the cut can be skipped: the files
+    only create or move nodes to locations inside the box (no deletion, no way or relation).
+
+    Holds when the current extract came out of a cut (a cut is idempotent): inside nodes stay
+    inside, so every kept way still has a node inside, every matched relation still matches,
+    and the new nodes are inside. The original source may hold more than its box: its first
+    batch is always cut.
+    """
+    return all(
+        not cf.ways and not cf.rels and all(_inside(box, loc) for _, loc in cf.nodes.values())
+        for cf in files
+    )
+
+
 def _removed_by_cut(cut: _Cut, files: Sequence[_ChangeFile], base: _Base) -> set[str]:
     """Level-6 cells of the objects the cut removed (in the merged file, not in the cut).
 
@@ -1348,9 +1363,15 @@ def apply_changes(
         for key, value in options.items():
             header.set(key, value)
         try:
-            _merge(current, [cf.path for cf in inside], merged, header)
-            cut = _cut(merged, tmp, region, options)
-            cells[-1] |= _removed_by_cut(cut, inside, base) & region_cells
+            if int(ledger["batches"]) >= 1 and _cut_is_a_no_op(inside, region):
+                # The merge is its own cut: write it with the cut's header directly.
+                header.add_box(osmium.osm.Box(region[1], region[0], region[3], region[2]))
+                header.set("generator", GENERATOR)
+                _merge(current, [cf.path for cf in inside], tmp, header)
+            else:
+                _merge(current, [cf.path for cf in inside], merged, header)
+                cut = _cut(merged, tmp, region, options)
+                cells[-1] |= _removed_by_cut(cut, inside, base) & region_cells
             os.replace(tmp, out)
         except RuntimeError as e:
             raise ChangeFileError(

@@ -716,3 +716,35 @@ def test_refresh_needs_no_osmium_tool(
         pytest.approx(lat + 0.001),
         pytest.approx(lon),
     )
+
+
+def test_later_node_moves_inside_skip_the_cut_with_the_same_result(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects, monkeypatch
+) -> None:
+    """After a first batch (always cut), a batch that only moves nodes within the region gives
+    the same extract as merging and cutting it (computed here with the cut forced), header box
+    included; a node moved out of the region still goes."""
+    v, lat, lon = helsinki_objects[("n", STATION)]
+    first = _osc(tmp_path / "c/1.osc", modify=_node(STATION, v + 1, lat + 0.001, lon))
+    second = _osc(tmp_path / "c/2.osc", modify=_node(STATION, v + 2, lat + 0.002, lon))
+    fast, full = tmp_path / "fast", tmp_path / "full"
+
+    def objects(path: Path) -> list[tuple]:
+        return [
+            (o.type_str(), o.id, o.version, o.location.lat if o.is_node() else None)
+            for o in osmium.FileProcessor(str(path))
+        ]
+
+    for root in (fast, full):
+        oc.apply_changes(root, helsinki_pbf, [first])
+    skipped = oc.apply_changes(fast, helsinki_pbf, [first, second])
+    with monkeypatch.context() as m:
+        m.setattr(oc, "_cut_is_a_no_op", lambda files, box: False)
+        cut = oc.apply_changes(full, helsinki_pbf, [first, second])
+    assert skipped.touched_cells == cut.touched_cells == [HELSINKI_L6]
+    assert objects(skipped.extract) == objects(cut.extract)
+    assert source_bbox(skipped.extract) == pytest.approx(source_bbox(cut.extract), abs=1e-7)
+    # out of the region (Helsinki's box ends below 60.18 N): the node goes, as the cut says
+    third = _osc(tmp_path / "c/3.osc", modify=_node(STATION, v + 3, 61.0, lon))
+    res = oc.apply_changes(fast, helsinki_pbf, [first, second, third])
+    assert res.applied == [third] and _read(res.extract, nodes=[STATION]) == {}
