@@ -100,8 +100,9 @@ def wait_runs(port: int, want: int, timeout: float, **filt: object) -> list[dict
         time.sleep(2)
 
 
-def moved_node(pbf: Path, cell: str) -> str:
-    """A change file moving one tagged node of ``cell`` used by no way 0.0001 degrees north."""
+def moved_node(pbf: Path, cell: str, nth: int) -> str:
+    """A change file moving the ``nth`` tagged amenity node of ``cell`` used by no way 0.0001
+    degrees north (a new version of it, so each change file moves another node)."""
     used: set[int] = set()
     for w in osmium.FileProcessor(str(pbf), osmium.osm.WAY):
         used.update(n.ref for n in w.nodes)
@@ -110,6 +111,9 @@ def moved_node(pbf: Path, cell: str) -> str:
             continue
         lat, lon = n.location.lat, n.location.lon
         if str(s2.to_token(s2.latlng_to_cell_id(lat, lon, 6))) != cell:
+            continue
+        if nth > 0:
+            nth -= 1
             continue
         tags = "".join(f"<tag k={quoteattr(t.k)} v={quoteattr(t.v)}/>" for t in n.tags)
         return (
@@ -127,6 +131,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=13400)
     ap.add_argument("--work", default=None, help="folder for the tiled PBF, root and home")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per phase")
+    ap.add_argument(
+        "--change-only",
+        action="store_true",
+        help="reuse --work from an earlier run (its region, model and embeddings): measure one "
+        "more change only (a later nightly change: the extract already came out of a cut)",
+    )
     args = ap.parse_args()
 
     src = bundled_source("helsinki")
@@ -136,11 +146,12 @@ def main() -> None:
     if not pbf.exists():
         tile_pbf(src, cell_center_offsets(src, args.copies), pbf)
     root, home, changes = work / "root", work / "home", work / "changes"
-    for d in (root, home, changes):
-        shutil.rmtree(d, ignore_errors=True)
-    home.mkdir()
-    changes.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    if not args.change_only:
+        for d in (root, home, changes):
+            shutil.rmtree(d, ignore_errors=True)
+        home.mkdir()
+        changes.mkdir()
+        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     settings = PipelineSettings(root=str(root), sources=[str(pbf)], changes_dir=str(changes))
     cells = sorted(settings.source_cells)
     t0 = time.perf_counter()
@@ -175,55 +186,9 @@ def main() -> None:
         # running deployment has before anyone launches a region.
         wait_runs(args.port, 1, args.timeout, pipelineName="refresh_sources")
 
-        # 1. The region, as the UI launches it.
-        lat0, lng0, lat1, lng1 = source_bbox(pbf)
-        bbox = f"{lat0},{lng0},{lat1},{lng1}"
-        config = {"ops": {"resolve_region": {"config": {"region": REGION, "bbox": bbox}}}}
-        _, t_launch = launch(args.port, loc, "materialize_region", config)
-        tag = [{"key": "s2vec/region", "value": REGION}]
-        done = wait_runs(args.port, len(cells), args.timeout, tags=tag)
-        end = max(r["endTime"] for r in done)
-        out["region_runs"] = len(done)
-        out["region_cells"] = len({t["value"] for r in done for t in r["tags"]
-                                   if t["key"] == "dagster/partition"})  # fmt: skip
-        out["region_s"] = round(end - t_launch, 1)
-        out["region_run_s_sum"] = round(sum(r["endTime"] - r["startTime"] for r in done), 1)
-        out["region_x_bare"] = round(out["region_s"] / bare_s, 1)
-        out["load_region_end"] = load()
-        time.sleep(75)  # materialize_new_regions (60 s) ticks after the registration: no rerun
-        out["partition_runs_after_75s"] = len(runs(args.port, pipelineName="partition_pipeline"))
-
-        # 2. A one-node change to new embeddings.
-        from s2vec_pipeline.runner import materialize
-
-        target = cells[len(cells) // 2]
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            materialize(settings, [target], ["mae_model", "cell_embeddings", "image_embeddings"],
-                        instance, op_config={"mae_model": TINY})  # fmt: skip
-            key = dg.AssetKey("cell_embeddings")
-            before = instance.get_latest_data_version_record(key, False, target).storage_id
-            (changes / "0001.osc").write_text(moved_node(pbf, target))
-            out["load_change_start"] = load()
-            obs_id, t_change = launch(args.port, loc, "refresh_sources", {})
-            deadline = time.monotonic() + args.timeout
-            while True:
-                rec = instance.get_latest_data_version_record(key, False, target)
-                if rec.storage_id > before:
-                    break
-                assert time.monotonic() < deadline, "no new embeddings"
-                time.sleep(0.5)
-            out["change_to_embeddings_s"] = round(rec.timestamp - t_change, 1)
-            obs = instance.get_run_stats(obs_id)
-            stale = instance.get_runs(filters=dg.RunsFilter(tags={"s2vec/trigger": "stale"}))
-            out["stale_runs"] = [(r.tags["dagster/partition"], list(map(str, r.asset_selection)))
-                                 for r in stale]  # fmt: skip
-            (run,) = stale
-            rec_run = instance.get_run_record_by_id(run.run_id)
-            stats = instance.get_run_stats(run.run_id)
-            out["observation_run_s"] = round(obs.end_time - t_change, 1)
-            out["sensor_wait_s"] = round(rec_run.create_timestamp.timestamp() - obs.end_time, 1)
-            out["pipeline_run_s"] = round(rec.timestamp - rec_run.create_timestamp.timestamp(), 1)
-            out["pipeline_run_worker_s"] = round(stats.end_time - stats.start_time, 1)
+        if not args.change_only:
+            region(args, loc, pbf, cells, bare_s, out)
+        change(args, loc, pbf, cells, settings, home, changes, out)
         out["load_end"] = load()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -233,6 +198,77 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     print(json.dumps(out, indent=1))
+
+
+def region(args: argparse.Namespace, loc: str, pbf: Path, cells: list, bare_s: float,
+           out: dict) -> None:  # fmt: skip
+    """1. The region, as the UI launches it."""
+    lat0, lng0, lat1, lng1 = source_bbox(pbf)
+    bbox = f"{lat0},{lng0},{lat1},{lng1}"
+    config = {"ops": {"resolve_region": {"config": {"region": REGION, "bbox": bbox}}}}
+    _, t_launch = launch(args.port, loc, "materialize_region", config)
+    tag = [{"key": "s2vec/region", "value": REGION}]
+    done = wait_runs(args.port, len(cells), args.timeout, tags=tag)
+    end = max(r["endTime"] for r in done)
+    out["region_runs"] = len(done)
+    out["region_cells"] = len({t["value"] for r in done for t in r["tags"]
+                               if t["key"] == "dagster/partition"})  # fmt: skip
+    out["region_s"] = round(end - t_launch, 1)
+    out["region_run_s_sum"] = round(sum(r["endTime"] - r["startTime"] for r in done), 1)
+    out["region_x_bare"] = round(out["region_s"] / bare_s, 1)
+    out["load_region_end"] = load()
+    time.sleep(75)  # materialize_new_regions (60 s) ticks after the registration: no rerun
+    out["partition_runs_after_75s"] = len(runs(args.port, pipelineName="partition_pipeline"))
+    print(json.dumps(out), flush=True)
+
+
+def change(args: argparse.Namespace, loc: str, pbf: Path, cells: list, settings: PipelineSettings,
+           home: Path, changes: Path, out: dict) -> None:  # fmt: skip
+    """2. A one-node change to new embeddings."""
+    from s2vec_pipeline.runner import materialize
+
+    target = cells[len(cells) // 2]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        materialize(settings, [target], ["mae_model", "cell_embeddings", "image_embeddings"],
+                    instance, op_config={"mae_model": TINY})  # fmt: skip
+        key = dg.AssetKey("cell_embeddings")
+        before = instance.get_latest_data_version_record(key, False, target).storage_id
+        nth = len(list(changes.glob("*.osc")))
+        (changes / f"{nth + 1:04d}.osc").write_text(moved_node(pbf, target, nth))
+        out["change_file"] = nth + 1
+        out["load_change_start"] = load()
+        obs_id, t_change = launch(args.port, loc, "refresh_sources", {})
+        deadline = time.monotonic() + args.timeout
+        while True:
+            rec = instance.get_latest_data_version_record(key, False, target)
+            if rec.storage_id > before:
+                break
+            assert time.monotonic() < deadline, "no new embeddings"
+            time.sleep(0.5)
+        out["change_to_embeddings_s"] = round(rec.timestamp - t_change, 1)
+        obs = instance.get_run_stats(obs_id)
+        stale = instance.get_runs(
+            filters=dg.RunsFilter(tags={"s2vec/trigger": "stale"}, created_after=t_launch_dt(
+                t_change)))  # fmt: skip
+        out["stale_runs"] = [(r.tags["dagster/partition"], sorted(map(str, r.asset_selection)))
+                             for r in stale]  # fmt: skip
+        (run,) = stale
+        rec_run = instance.get_run_record_by_id(run.run_id)
+        deadline = time.monotonic() + 120
+        while not instance.get_run_by_id(run.run_id).is_finished:  # its end, for the split
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        stats = instance.get_run_stats(run.run_id)
+        out["observation_run_s"] = round(obs.end_time - t_change, 1)
+        out["sensor_wait_s"] = round(rec_run.create_timestamp.timestamp() - obs.end_time, 1)
+        out["pipeline_run_s"] = round(rec.timestamp - rec_run.create_timestamp.timestamp(), 1)
+        out["pipeline_run_worker_s"] = round(stats.end_time - stats.start_time, 1)
+
+
+def t_launch_dt(t: float):  # noqa: ANN201
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t - 1, dt.UTC)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,11 @@ The region cut (two reads of the merged file, Python id sets) dominates small up
 measured on this shared 2-core machine (load ~6), a one-node change took 1.4 s on Helsinki and
 1.6 s on Monaco in all, at ~155 MiB peak RSS for the whole process (osmium-tool's cut, used
 before, took ~1.2 s for the cut alone but peaked at 1.7-2.5 GB: its dense id sets grow with the
-spread of the ids). The Python sets and every way's node list grow with the extract: for
-extracts of hundreds of MB, C++ id sets (``osmium.IdTracker``) would be the next step. A change file
+spread of the ids). It grows with the extract: 14 s (9.7 s selection, 4.5 s writing) for
+Helsinki tiled 16 times (8.2 MB) at load 9; C++ id sets (``osmium.IdTracker``) would be the
+next step. A batch that only moves or creates nodes inside the region, on an extract that
+came out of a cut, skips it (``_cut_is_a_no_op``): the nightly case of small edits pays the
+cut once, at the first batch. A change file
 outside the region costs no cut.
 """
 
