@@ -283,3 +283,16 @@ def test_region_from_missing_file(tmp_path: Path, bad: str, capsys) -> None:
     assert main(args) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / REGIONS_FILE).exists()
+
+
+def test_two_new_regions_sharing_a_cell_get_one_run(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    settings = PipelineSettings(root=str(root))
+    for name in ("a", "b"):
+        RegionRegistry(root).add(region_from_bbox(name, 43.72, 7.40, 43.75, 7.44))
+    repo = build_definitions(settings).get_repository_def()
+    resources = {"s2vec": S2VecResource.from_settings(settings)}
+    with dg.DagsterInstance.ephemeral() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo)
+        (request,) = materialize_new_regions(ctx).run_requests
+        assert (request.partition_key, request.tags[REGION_TAG]) == (MONACO_L6, "a")

@@ -214,19 +214,20 @@ def materialize_new_regions(
         {c for _, cells in covered for c in cells}
         - set(context.instance.get_dynamic_partitions(L6_PARTITIONS_NAME))
     )
+    requests: dict[str, dg.RunRequest] = {}  # a cell shared by two new regions: one run
+    for r, cells in covered:
+        todo = [c for c in cells if c not in requests]
+        for req in region_run_requests(
+            context.instance,
+            context.repository_def.asset_graph,
+            settings,
+            r.name,
+            todo,
+            f"region:{r.name}:{r.created_at}",
+        ):
+            requests[str(req.partition_key)] = req
     return dg.SensorResult(
-        run_requests=[
-            req
-            for r, cells in covered
-            for req in region_run_requests(
-                context.instance,
-                context.repository_def.asset_graph,
-                settings,
-                r.name,
-                cells,
-                f"region:{r.name}:{r.created_at}",
-            )
-        ],
+        run_requests=list(requests.values()),
         dynamic_partitions_requests=[
             dg.AddDynamicPartitionsRequest(
                 partitions_def_name=L6_PARTITIONS_NAME, partition_keys=missing
