@@ -10,6 +10,7 @@ recomputes such a partition, ``s2vec status`` reports it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from urllib.parse import unquote
 
 import dagster as dg
@@ -28,8 +29,33 @@ def recorded_rows(instance: dg.DagsterInstance, table: str, partition: str) -> i
     return None if value is None else int(value.value)
 
 
+def has_data(instance: dg.DagsterInstance, root: str | os.PathLike) -> Callable[[str, str], bool]:
+    """``check(table, partition)``: the table still holds what Dagster recorded (the
+    ``has_data`` hook of ``automation.assets_to_run``). Each table's file list is read once per
+    table version, not once per partition: a plan over N partitions reads it once."""
+    files: dict[str, tuple[int | None, dict[str, list]]] = {}
+
+    def check(table: str, partition: str) -> bool:
+        version = delta_store.table_version(root, table)
+        if table not in files or files[table][0] != version:
+            files[table] = (version, _add_actions(root, table) if version is not None else {})
+        return lost_data(instance, root, table, partition, files[table][1]) is None
+
+    return check
+
+
+def _add_actions(root: str | os.PathLike, table: str) -> dict[str, list]:
+    uri = delta_store.table_uri(root, table)
+    with delta_store.readable(root, table):  # a corrupt log: DamagedTableError naming it
+        return pa.table(DeltaTable(uri).get_add_actions(flatten=True)).to_pydict()
+
+
 def lost_data(
-    instance: dg.DagsterInstance, root: str | os.PathLike, table: str, partition: str
+    instance: dg.DagsterInstance,
+    root: str | os.PathLike,
+    table: str,
+    partition: str,
+    actions: dict[str, list] | None = None,
 ) -> str | None:
     """Why ``table`` no longer holds the rows Dagster recorded for ``partition``, else None.
 
@@ -44,8 +70,8 @@ def lost_data(
     uri = delta_store.table_uri(root, table)
     if not delta_store.table_exists(root, table):
         return f"Dagster recorded {rows} rows, but the table {table} is gone"
-    with delta_store.readable(root, table):  # a corrupt log: DamagedTableError naming it
-        actions = pa.table(DeltaTable(uri).get_add_actions(flatten=True)).to_pydict()
+    if actions is None:  # the table's add actions, unless the caller read them already
+        actions = _add_actions(root, table)
     column = f"partition.{delta_store.PARTITION_COLUMN}"
     mine = [i for i, k in enumerate(actions.get(column, [])) if k == partition]
     counts = [actions["num_records"][i] for i in mine]

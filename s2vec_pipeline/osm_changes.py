@@ -56,18 +56,20 @@ the header has none (``osm_extract.source_bbox``), recorded in the ledger on fir
    and in ``ChangeResult.outside`` (skipped, not reconsidered, on later runs); the extract is
    not rewritten. ``files_outside_every_source`` names the files no source took.
 2. The files that concern it are merged onto the current extract (below) and the merged file
-   is cut back to the box with ``osmium extract --strategy smart``: nodes inside the box; ways
+   is cut back to the box by the rule of ``osmium extract --strategy smart``, done in pyosmium
+   (``_cut``: no osmium-tool needed): nodes inside the box; ways
    with at least one node inside, with all their nodes (a way crossing the border is kept
    whole); relations with a member kept so far and their parent relations; multipolygon
    relations with such a member complete. Created objects wholly outside are therefore not
    added, and an object moved out of the region (a node used by no kept way) leaves it.
    Cutting after merging, rather than filtering the change objects, is exact by construction:
-   the same osmium code and rule as an extract made from scratch, including effects on objects
-   the change files do not hold (a way whose only inside node moved out). Both bundled
-   extracts are fixed points of this cut (``osmium diff`` against their own smart cut: no
-   difference), so a first refresh changes nothing else; an extract holding more than the
-   smart box cut keeps (data beyond its header box) loses that at its first refresh, and the
-   cells of everything the cut removed are touched (``_removed_by_cut``, from ``osmium diff``).
+   the same rule as an extract made from scratch, including effects on objects the change
+   files do not hold (a way whose only inside node moved out). Both bundled extracts are fixed
+   points of this cut (checked against osmium-tool's cut, and by the tests against the cut
+   here), so a first refresh changes nothing else; an extract holding more than the smart box
+   cut keeps (data beyond its header box) loses that at its first refresh, and the cells of
+   everything the cut removed are touched (``_removed_by_cut``, from the objects the cut's
+   writing pass left out).
 3. Touched cells are reported only within the region's level-6 cover: no other partition
    reads this source.
 
@@ -102,12 +104,16 @@ big: run ``osmium apply-changes`` (osmium-tool) for the merge, find affected way
 with ``osmium getparents`` and node locations from a persistent on-disk index
 (``sparse_file_array``), and keep this ledger.
 
-The region cut (``osmium extract --strategy smart``, three C++ reads of the merged file, and an
-``osmium diff``) dominates small updates: measured on this shared 2-core machine, a one-node
-change on Helsinki took ~1.5 s in all (the cut ~1.2 s) against ~0.2 s without the cut, and
-the cut peaks at ~1.7 GB (Helsinki) / ~2.5 GB (Monaco) resident: osmium-tool's dense id sets
-take 512 KB per 2^22-id block touched, so the peak grows with the spread of the ids (bounded by
-the OSM id range), not with the extract's size. A change file outside the region costs no cut.
+The region cut (two reads of the merged file, Python id sets) dominates small updates:
+measured on this shared 2-core machine (load ~6), a one-node change took 1.4 s on Helsinki and
+1.6 s on Monaco in all, at ~155 MiB peak RSS for the whole process (osmium-tool's cut, used
+before, took ~1.2 s for the cut alone but peaked at 1.7-2.5 GB: its dense id sets grow with the
+spread of the ids). It grows with the extract: 14 s (9.7 s selection, 4.5 s writing) for
+Helsinki tiled 16 times (8.2 MB) at load 9; C++ id sets (``osmium.IdTracker``) would be the
+next step. A batch that only moves or creates nodes inside the region, on an extract that
+came out of a cut, skips it (``_cut_is_a_no_op``): the nightly case of small edits pays the
+cut once, at the first batch. A change file
+outside the region costs no cut.
 """
 
 from __future__ import annotations
@@ -121,8 +127,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -137,7 +141,6 @@ from s2vec_pipeline import s2, storage
 from s2vec_pipeline.errors import InvalidSourceError, S2VecError
 from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.osm_extract import source_bbox, validate_source
-from s2vec_pipeline.osm_split import OsmiumToolMissingError
 from s2vec_pipeline.profiles import PARTITION_LEVEL
 
 __all__ = [
@@ -175,8 +178,7 @@ _REPLICATION_PATH = re.compile(r"^(\d{3})/(\d{3})/(\d{3})\.osc(?:\.gz)?$")
 _ROOT_ELEMENT = re.compile(rb"<(osmChange|osm)[\s>/]")
 _DIGITS = re.compile(r"(\d+)")
 _TMP_MARK = ".tmp-"
-OSMIUM_TOOL = "osmium"
-CUT_STRATEGY = "smart"  # what `osmium extract` keeps: see "Regions" in the module docstring
+COORDINATE_PRECISION = 10_000_000  # osmium's fixed-point coordinates: 1e-7 degrees
 
 logger = logging.getLogger(__name__)
 
@@ -1005,99 +1007,156 @@ def _files_in_region(files: Sequence[_ChangeFile], base: _Base, box: Box) -> lis
     return out
 
 
-def _osmium_tool() -> str:
-    path = shutil.which(OSMIUM_TOOL)
-    if path is None:
-        raise OsmiumToolMissingError(
-            "osmium-tool is not installed, and applying change files cuts the updated extract "
-            "back to its region with it: install it with `apt-get install osmium-tool`"
-        )
-    return path
+def _osm_file(path: Path) -> osmium.io.File:
+    """``path`` for osmium: the format from its name, PBF for our temp names (``…pbf.tmp-…``)."""
+    return osmium.io.File(str(path), "pbf" if _TMP_MARK in path.name else "")
 
 
-def _cut(merged: Path, out: Path, box: Box, options: dict[str, str]) -> None:
-    """``osmium extract --strategy smart`` of ``merged`` to the region box, with the header
-    ``options`` and the box as header bounds, fsynced."""
+def _fixed(box: Box) -> tuple[int, int, int, int]:
+    """The box in osmium's fixed-point coordinates (1e-7 degrees): min_x, min_y, max_x, max_y."""
+    min_lat, min_lng, max_lat, max_lng = (round(v * COORDINATE_PRECISION) for v in box)
+    return min_lng, min_lat, max_lng, max_lat
+
+
+@dataclass
+class _Cut:
+    """What the smart cut keeps (ids by kind) and the objects it removes, as read."""
+
+    nodes: set[int] = field(default_factory=set)
+    ways: set[int] = field(default_factory=set)
+    rels: set[int] = field(default_factory=set)
+    removed_nodes: dict[int, Loc] = field(default_factory=dict)
+    removed_ways: dict[int, list[int]] = field(default_factory=dict)
+    removed_rels: list[list[tuple[str, int]]] = field(default_factory=list)
+
+
+def _smart_selection(merged: Path, box: Box) -> _Cut:
+    """The objects ``osmium extract --strategy smart`` keeps (default ``types=multipolygon``):
+    nodes inside the box; ways with a node inside, with all their nodes; relations with a
+    member node inside or a member way kept, and recursively their parent relations; for
+    those of type multipolygon, all member nodes and ways, with the ways' nodes."""
+    min_x, min_y, max_x, max_y = _fixed(box)
+    inside: set[int] = set()
+    ways: set[int] = set()
+    way_nodes: dict[int, list[int]] = {}  # every way's node list: completion needs them
+    members: dict[int, list[tuple[str, int]]] = {}
+    matched: set[int] = set()
+    extra_nodes: set[int] = set()
+    extra_ways: set[int] = set()
+    for obj in osmium.FileProcessor(_osm_file(merged)):
+        if obj.is_node():
+            loc = obj.location
+            if loc.valid() and min_x <= loc.x <= max_x and min_y <= loc.y <= max_y:
+                inside.add(obj.id)
+        elif obj.is_way():
+            refs = [n.ref for n in obj.nodes]
+            way_nodes[obj.id] = refs
+            if any(r in inside for r in refs):
+                ways.add(obj.id)
+        else:
+            mem = [(m.type, m.ref) for m in obj.members]
+            members[obj.id] = mem
+            if any((t == "n" and r in inside) or (t == "w" and r in ways) for t, r in mem):
+                matched.add(obj.id)
+                if obj.tags.get("type") == "multipolygon":
+                    extra_nodes.update(r for t, r in mem if t == "n")
+                    extra_ways.update(r for t, r in mem if t == "w")
+    parents: dict[int, set[int]] = {}
+    for rid, mem in members.items():
+        for t, r in mem:
+            if t == "r":
+                parents.setdefault(r, set()).add(rid)
+    rels, todo = set(matched), list(matched)
+    while todo:  # parent relations, recursively
+        for parent in parents.get(todo.pop(), ()):
+            if parent not in rels:
+                rels.add(parent)
+                todo.append(parent)
+    nodes = inside | extra_nodes
+    for wid in ways | extra_ways:
+        nodes.update(way_nodes.get(wid, ()))
+    return _Cut(nodes=nodes, ways=ways | extra_ways, rels=rels)
+
+
+def _cut(merged: Path, out: Path, box: Box, options: dict[str, str]) -> _Cut:
+    """The smart cut of ``merged`` to the region box (``_smart_selection``, in pyosmium: no
+    osmium-tool needed), with the header ``options`` and the box as header bounds, fsynced.
+    Returns the selection with the objects it removed."""
+    cut = _smart_selection(merged, box)
+    header = osmium.io.Header()
     min_lat, min_lng, max_lat, max_lng = box
-    cmd = [
-        _osmium_tool(),
-        "extract",
-        "--bbox",
-        f"{min_lng:.7f},{min_lat:.7f},{max_lng:.7f},{max_lat:.7f}",
-        "--strategy",
-        CUT_STRATEGY,
-        "--set-bounds",
-        "--generator",
-        GENERATOR,
-        "--fsync",
-        "--no-progress",
-        "--overwrite",
-        "-F",
-        "pbf",
-        "-f",
-        "pbf",
-        "-o",
-        str(out),
-        str(merged),
-    ]
+    header.add_box(osmium.osm.Box(min_lng, min_lat, max_lng, max_lat))
+    header.set("generator", GENERATOR)
     for key, value in options.items():
-        cmd += ["--output-header", f"{key}={value}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"osmium extract failed: {done.stderr.strip()[-500:]}")
+        header.set(key, value)
+    writer = osmium.SimpleWriter(_osm_file(out), header=header, overwrite=True)
+    try:
+        for obj in osmium.FileProcessor(_osm_file(merged)):
+            if obj.is_node():
+                if obj.id in cut.nodes:
+                    writer.add_node(obj)
+                elif obj.location.valid():
+                    cut.removed_nodes[obj.id] = (obj.location.lat, obj.location.lon)
+            elif obj.is_way():
+                if obj.id in cut.ways:
+                    writer.add_way(obj)
+                else:
+                    cut.removed_ways[obj.id] = [n.ref for n in obj.nodes]
+            elif obj.id in cut.rels:
+                writer.add_relation(obj)
+            else:
+                cut.removed_rels.append([(m.type, m.ref) for m in obj.members])
+    finally:
+        writer.close()
+    with out.open("rb") as f:
+        os.fsync(f.fileno())
+    return cut
 
 
-def _removed_by_cut(merged: Path, out: Path, files: Sequence[_ChangeFile], base: _Base) -> set[str]:
-    """Level-6 cells of the objects the cut removed (in ``merged``, not in ``out``).
+def _cut_is_a_no_op(files: Sequence[_ChangeFile], box: Box) -> bool:
+    """Whether cutting the merge would keep every object, so the cut can be skipped: the files
+    only create or move nodes to locations inside the box (no deletion, no way or relation).
+
+    Holds when the current extract came out of a cut (a cut is idempotent): inside nodes stay
+    inside, so every kept way still has a node inside, every matched relation still matches,
+    and the new nodes are inside. The original source may hold more than its box: its first
+    batch is always cut.
+    """
+    return all(
+        not cf.ways and not cf.rels and all(_inside(box, loc) for _, loc in cf.nodes.values())
+        for cf in files
+    )
+
+
+def _removed_by_cut(cut: _Cut, files: Sequence[_ChangeFile], base: _Base) -> set[str]:
+    """Level-6 cells of the objects the cut removed (in the merged file, not in the cut).
 
     Most are objects the change files moved out or created outside, already counted; the rest
     are objects of an extract that the smart box cut would not have kept (an extract made with
-    another rule): their features go too, so their cells are touched. ``osmium diff`` lists
-    them as OPL; locations come from the removed nodes, the change files and the base index.
+    another rule): their features go too, so their cells are touched. Locations come from the
+    removed nodes, the change files and the base index.
     """
-    cmd = [_osmium_tool(), "diff", "--suppress-common", "-f", "opl", "-o", "-"]
-    done = subprocess.run(
-        [*cmd, "-F", "pbf", str(merged), str(out)], capture_output=True, text=True, check=False
-    )
-    if done.returncode not in (0, 1):  # 1: the files differ
-        raise RuntimeError(f"osmium diff failed: {done.stderr.strip()[-500:]}")
-    removed_nodes: dict[int, Loc] = {}
-    removed_ways: dict[int, list[int]] = {}
-    removed_rels: list[list[tuple[str, int]]] = []
-    for line in done.stdout.splitlines():
-        if not line.startswith("-"):
-            continue
-        fields = line[1:].split(" ")
-        kind, oid = fields[0][0], int(fields[0][1:])
-        attrs = {f[0]: f[1:] for f in fields[1:] if f}
-        if kind == "n" and attrs.get("x") and attrs.get("y"):
-            removed_nodes[oid] = (float(attrs["y"]), float(attrs["x"]))
-        elif kind == "w":
-            removed_ways[oid] = [int(r[1:]) for r in attrs.get("N", "").split(",") if r]
-        elif kind == "r":
-            members = [m.split("@", 1)[0] for m in attrs.get("M", "").split(",") if m]
-            removed_rels.append([(m[0], int(m[1:])) for m in members])
     changed_locs: dict[int, Loc | None] = {}
     for cf in files:
         changed_locs.update((nid, loc) for nid, (_, loc) in cf.nodes.items())
 
     def loc(nid: int) -> Loc | None:
-        if nid in removed_nodes:
-            return removed_nodes[nid]
+        if nid in cut.removed_nodes:
+            return cut.removed_nodes[nid]
         return changed_locs[nid] if nid in changed_locs else base.node_loc(nid)
 
     def way_refs(wid: int) -> list[int]:
-        if wid in removed_ways:
-            return removed_ways[wid]
+        if wid in cut.removed_ways:
+            return cut.removed_ways[wid]
         entry = base.ways.get(wid)
         return list(entry[1]) if entry else []
 
     shapes = _Shapes()
-    for point in removed_nodes.values():
+    for point in cut.removed_nodes.values():
         shapes.add(0, [point])
-    for refs in removed_ways.values():
+    for refs in cut.removed_ways.values():
         shapes.add(0, [loc(r) for r in refs])
-    for members in removed_rels:
+    for members in cut.removed_rels:
         points: list[Loc | None] = []
         for kind, ref in members:
             if kind == "n":
@@ -1312,9 +1371,15 @@ def apply_changes(
         for key, value in options.items():
             header.set(key, value)
         try:
-            _merge(current, [cf.path for cf in inside], merged, header)
-            _cut(merged, tmp, region, options)
-            cells[-1] |= _removed_by_cut(merged, tmp, inside, base) & region_cells
+            if int(ledger["batches"]) >= 1 and _cut_is_a_no_op(inside, region):
+                # The merge is its own cut: write it with the cut's header directly.
+                header.add_box(osmium.osm.Box(region[1], region[0], region[3], region[2]))
+                header.set("generator", GENERATOR)
+                _merge(current, [cf.path for cf in inside], tmp, header)
+            else:
+                _merge(current, [cf.path for cf in inside], merged, header)
+                cut = _cut(merged, tmp, region, options)
+                cells[-1] |= _removed_by_cut(cut, inside, base) & region_cells
             os.replace(tmp, out)
         except RuntimeError as e:
             raise ChangeFileError(

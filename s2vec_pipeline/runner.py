@@ -24,7 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,26 +299,21 @@ class Launcher:
     def stale_or_missing(
         self, partition: str, assets: Sequence[str], model_version: str | None = None
     ) -> list[str]:
-        """The requested assets of one partition to compute: from the first one that was never
-        materialized, is stale (the one staleness rule), lost rows or files Dagster recorded
-        (``integrity.lost_data``) or, for embeddings, was made by another model than
-        ``model_version``, to the end (a recomputed upstream can change the rest)."""
-        from s2vec_pipeline.defs.automation import stale_partitions
-        from s2vec_pipeline.integrity import lost_data
+        """The requested assets of one partition to compute, by the rule the sensors share
+        (``automation.assets_to_run``): from the first one never materialized, stale, whose rows
+        or files the table lost (``integrity``) or, for embeddings, made by another model than
+        ``model_version``, to the end."""
+        from s2vec_pipeline.defs.automation import assets_to_run
 
-        for i, asset in enumerate(assets):
-            record = self.instance.get_latest_data_version_record(
-                dg.AssetKey(asset), False, partition
-            )
-            version = record.asset_materialization.tags.get(DATA_VERSION_TAG, "") if record else ""
-            if (
-                record is None
-                or (model_version is not None and not version.startswith(f"{model_version}-"))
-                or stale_partitions(self.instance, self.asset_graph, asset, [partition])
-                or lost_data(self.instance, self.settings.root, asset, partition)
-            ):
-                return list(assets[i:])
-        return []
+        return assets_to_run(
+            self.instance, self.asset_graph, partition, assets, model_version, self.has_data
+        )
+
+    @functools.cached_property
+    def has_data(self) -> Callable[[str, str], bool]:
+        from s2vec_pipeline.integrity import has_data
+
+        return has_data(self.instance, self.settings.root)
 
     def run_partitions(
         self, job_name: str, partitions: Sequence[str], assets: Sequence[str], workers: int = 1
@@ -585,8 +580,25 @@ def refresh(
     settings: PipelineSettings, instance: dg.DagsterInstance, log_level: str = "WARNING"
 ) -> RefreshReport:
     """What the nightly schedule and ``refresh_stale_partitions`` do, in the foreground: observe
-    the sources (applying new change files), then recompute stale partitions step by step."""
-    from s2vec_pipeline.defs.automation import PARTITIONED_STEPS, stale_partitions
+    the sources (applying new change files), then recompute each stale partition in one run,
+    from its first stale asset to the end.
+
+    Concurrent refreshes of one root take turns (an OS lock); each decides what is stale only
+    once it holds the lock, so a change is applied and recomputed once.
+    """
+    with exclusive(storage.local_cache(settings.root, osm_changes.SOURCES_DIR, ".refresh.lock")):
+        return _refresh(settings, instance, log_level)
+
+
+def _refresh(
+    settings: PipelineSettings, instance: dg.DagsterInstance, log_level: str
+) -> RefreshReport:
+    from s2vec_pipeline.defs.automation import (
+        PARTITION_PIPELINE,
+        PIPELINE_ASSETS,
+        stale_partitions,
+        stale_plan,
+    )
 
     report = RefreshReport()
     before = {s: len(osm_changes.applied_changes(settings.root, s)) for s in settings.sources}
@@ -608,18 +620,14 @@ def refresh(
     ]
     applied = {f for files in report.applied.values() for f in files}
     report.outside = sorted(set.intersection(*newly_outside) - applied) if newly_outside else []
-    graph = launcher.defs.resolve_asset_graph()
-    for job, assets in PARTITIONED_STEPS:
-        stale: dict[str, list[str]] = {}
-        for a in assets:
-            for k, why in stale_partitions(instance, graph, a).items():
-                stale.setdefault(k, []).extend(why)
-        for a in assets:
-            report.recomputed[a] = sorted(stale)
-            report.reasons[a] = stale
-        for i, k in enumerate(sorted(stale), 1):
-            t0 = time.perf_counter()
-            launcher.run(job, k, assets)
-            _report_done(job, k, i, len(stale), t0)
+    graph = launcher.asset_graph
+    plan = stale_plan(instance, graph)
+    for a in PIPELINE_ASSETS:
+        report.recomputed[a] = sorted(k for k, todo in plan.items() if a in todo)
+        report.reasons[a] = stale_partitions(instance, graph, a, report.recomputed[a])
+    for i, (k, todo) in enumerate(sorted(plan.items()), 1):
+        t0 = time.perf_counter()
+        launcher.run(PARTITION_PIPELINE, k, todo)
+        _report_done(PARTITION_PIPELINE, k, i, len(plan), t0)
     report.run_ids = launcher.report.run_ids
     return report

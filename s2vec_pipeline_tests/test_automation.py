@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from deltalake import DeltaTable
 
 from s2vec_pipeline import delta_store
 from s2vec_pipeline.cli import main
@@ -28,6 +29,7 @@ from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 
 HELSINKI_BBOX = "60.15,24.90,60.20,25.00"
+DATA_TABLES = ["osm_features", "cell_features", "raster_tiles"]
 
 
 def test_nightly_schedule_tick_launches_the_source_refresh(tmp_path: Path, monkeypatch) -> None:
@@ -57,7 +59,9 @@ def test_staleness_sensor_wiring() -> None:
     defs = build_definitions(PipelineSettings())
     sensor = defs.resolve_sensor_def("refresh_stale_partitions")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert {j.name for j in sensor.jobs} == {"data_layer", "embed"}
+    assert {j.name for j in sensor.jobs} == {"partition_pipeline"}  # one run per partition
+    # its steps run in the run's process (no process and definitions load per step)
+    assert defs.resolve_job_def("partition_pipeline").executor_def.name == "in_process"
     graph = defs.resolve_asset_graph()
     assert graph.get(dg.AssetKey("osm_features")).parent_keys == {dg.AssetKey("osm_sources")}
 
@@ -108,8 +112,9 @@ def test_region_sensors_register_and_launch_new_regions(tmp_path: Path) -> None:
     settings = PipelineSettings(root=str(root), sources=[PipelineSettings().sources[0]])
     RegionRegistry(root).add(region_from_bbox("hki", 60.15, 24.90, 60.20, 25.00))
     resources = {"s2vec": S2VecResource.from_settings(settings)}
+    repo = build_definitions(settings).get_repository_def()
     with dg.DagsterInstance.ephemeral() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources=resources)
+        ctx = dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo)
         result = materialize_new_regions(ctx)
         (request,) = result.run_requests
         assert request.job_name == "partition_pipeline" and request.tags[REGION_TAG] == "hki"
@@ -125,18 +130,22 @@ def test_region_sensors_register_and_launch_new_regions(tmp_path: Path) -> None:
         assert json.loads(result.cursor) == {"hki": RegionRegistry(root).get("hki").created_at}
         instance.add_dynamic_partitions(L6_PARTITIONS_NAME, [HELSINKI_L6])
         again = materialize_new_regions(
-            dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor)
+            dg.build_sensor_context(
+                instance=instance, resources=resources, cursor=result.cursor, repository_def=repo
+            )
         )
         assert not again.run_requests
         # A region written into regions.yaml by hand outside every source never becomes a
         # partition (it could only fail), and its runs are not launched.
         RegionRegistry(root).add(region_from_bbox("mc", 43.72, 7.40, 43.75, 7.44))
         reg = register_source_partitions(
-            dg.build_sensor_context(instance=instance, resources=resources)
+            dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo)
         )
         assert not reg.dynamic_partitions_requests
         launched = materialize_new_regions(
-            dg.build_sensor_context(instance=instance, resources=resources, cursor=again.cursor)
+            dg.build_sensor_context(
+                instance=instance, resources=resources, cursor=again.cursor, repository_def=repo
+            )
         )
         assert not launched.run_requests
 
@@ -182,6 +191,7 @@ def test_materialize_region_job_registers_a_box_and_launches_its_cells(tmp_path:
             dagster_instance=instance,
             dagster_run=run,
             resources={"s2vec": S2VecResource.from_settings(settings)},
+            repository_def=defs.get_repository_def(),
         )
         (request,) = launch_region_runs(ctx).run_requests
         assert (request.partition_key, request.tags[REGION_TAG]) == (MONACO_L6, "mc")
@@ -196,6 +206,76 @@ def test_materialize_region_job_registers_a_box_and_launches_its_cells(tmp_path:
         assert done.success
         assert delta_store.partition_keys(root, "raster_tiles") == [MONACO_L6]
 
+        # The other region sensor sees "mc" registered (by the box) and the cell up to date:
+        # no second run, from it nor from a relaunch of the region.
+        versions = {t: delta_store.table_version(root, t) for t in DATA_TABLES}
+        resources = {"s2vec": S2VecResource.from_settings(settings)}
+        new = materialize_new_regions(
+            dg.build_sensor_context(
+                instance=instance, resources=resources, repository_def=defs.get_repository_def()
+            )
+        )
+        assert not new.run_requests and json.loads(new.cursor) == {
+            "mc": RegionRegistry(root).get("mc").created_at
+        }
+        relaunch = job.execute_in_process(instance=instance, run_config=run_config)
+        ctx = dg.build_run_status_sensor_context(
+            sensor_name="launch_region_runs",
+            dagster_event=success,
+            dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(relaunch.run_id),
+            resources=resources,
+            repository_def=defs.get_repository_def(),
+        )
+        assert not launch_region_runs(ctx).run_requests
+        assert {t: delta_store.table_version(root, t) for t in DATA_TABLES} == versions
+
+
+def test_region_sensors_request_one_run_per_cell_needing_work(tmp_path: Path) -> None:
+    """Both region sensors decide through the shared rule: a cell with a run in flight gets
+    none from the other sensor; a cell whose rows are gone from a table (the has_data check)
+    needs work again, from that table on."""
+    from s2vec_pipeline.defs.automation import partitions_to_run
+
+    root = tmp_path / "root"
+    settings = PipelineSettings(root=str(root))
+    defs = build_definitions(settings)
+    resources = {"s2vec": S2VecResource.from_settings(settings)}
+    RegionRegistry(root).add(region_from_bbox("mc", 43.72, 7.40, 43.75, 7.44))
+    (tmp_path / "home").mkdir()
+    with dg.DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+        instance.add_dynamic_partitions(L6_PARTITIONS_NAME, [MONACO_L6])
+        # a run for the cell was created, not finished (launch_region_runs's): nothing more
+        pipeline = defs.resolve_job_def("partition_pipeline")
+        queued = instance.create_run_for_job(
+            pipeline,
+            run_config={"resources": resource_run_config(settings)},
+            tags={"dagster/partition": MONACO_L6},
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+        ctx = dg.build_sensor_context(
+            instance=instance, resources=resources, repository_def=defs.get_repository_def()
+        )
+        assert not materialize_new_regions(ctx).run_requests
+        instance.report_run_canceled(queued)
+        # the cell materialized: up to date for the rule; its raster rows deleted: needs work
+        done = pipeline.execute_in_process(
+            instance=instance,
+            partition_key=MONACO_L6,
+            asset_selection=[dg.AssetKey(a) for a in DATA_TABLES],
+            run_config={"resources": resource_run_config(settings)},
+        )
+        assert done.success
+        graph = defs.resolve_asset_graph()
+        assert partitions_to_run(instance, graph, [MONACO_L6], DATA_TABLES) == {}
+        DeltaTable(str(root / "raster_tiles")).delete(f"parent_l6 = '{MONACO_L6}'")
+
+        def has_data(table: str, k: str) -> bool:
+            return k in delta_store.partition_keys(root, table)
+
+        plan = partitions_to_run(instance, graph, [MONACO_L6], DATA_TABLES, has_data=has_data)
+        assert plan == {MONACO_L6: ["raster_tiles"]}
+
 
 @pytest.mark.parametrize("bad", ["--source", "--geojson"])
 def test_region_from_missing_file(tmp_path: Path, bad: str, capsys) -> None:
@@ -203,3 +283,16 @@ def test_region_from_missing_file(tmp_path: Path, bad: str, capsys) -> None:
     assert main(args) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / REGIONS_FILE).exists()
+
+
+def test_two_new_regions_sharing_a_cell_get_one_run(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    settings = PipelineSettings(root=str(root))
+    for name in ("a", "b"):
+        RegionRegistry(root).add(region_from_bbox(name, 43.72, 7.40, 43.75, 7.44))
+    repo = build_definitions(settings).get_repository_def()
+    resources = {"s2vec": S2VecResource.from_settings(settings)}
+    with dg.DagsterInstance.ephemeral() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo)
+        (request,) = materialize_new_regions(ctx).run_requests
+        assert (request.partition_key, request.tags[REGION_TAG]) == (MONACO_L6, "a")

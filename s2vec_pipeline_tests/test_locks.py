@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 from pathlib import Path
 
@@ -42,14 +43,29 @@ def test_exclusive_across_processes(tmp_path: Path) -> None:
         pass
 
 
-def test_training_lock_reports_training_in_progress(tmp_path: Path) -> None:
-    from s2vec_pipeline.model.train import TrainingInProgressError, _version_lock
+def _hold_version(root: str, held: mp.synchronize.Event, release: mp.synchronize.Event) -> None:
+    from s2vec_pipeline.model.train import _version_lock
 
-    with (
-        _version_lock(tmp_path, "abc"),
-        pytest.raises(TrainingInProgressError, match="being trained by another process"),
-        _version_lock(tmp_path, "abc"),
-    ):
-        pass
-    with _version_lock(tmp_path, "abc"):  # released on exit
-        pass
+    with _version_lock(root, "abc"):
+        held.set()
+        release.wait(timeout=60)
+
+
+def test_training_lock_waits_for_the_other_trainer(tmp_path: Path) -> None:
+    """A second trainer of the same model version waits for the first instead of failing."""
+    from s2vec_pipeline.model.train import _version_lock
+
+    ctx = mp.get_context("spawn")
+    held, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_version, args=(str(tmp_path), held, release))
+    holder.start()
+    try:
+        assert held.wait(timeout=60)
+        threading.Timer(1.5, release.set).start()
+        t0 = time.monotonic()
+        with _version_lock(tmp_path, "abc"):  # entered only once the holder let go
+            assert release.is_set() and time.monotonic() - t0 >= 1.0
+    finally:
+        release.set()
+        holder.join(timeout=60)
+    assert holder.exitcode == 0

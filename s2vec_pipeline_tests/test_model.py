@@ -542,3 +542,31 @@ def test_missing_and_incompatible_models(trained, tmp_path: Path) -> None:
             write_embeddings(other, model, card, ["4693"])
         assert not delta_store.table_exists(other, CELL_TABLE)
         assert not delta_store.table_exists(other, IMAGE_TABLE)
+
+
+def _train_in_child(root: str, out: str) -> None:
+    card = train_model(root, config=CONFIG)
+    Path(out).write_text(card.model_version)
+
+
+def test_concurrent_trainings_of_one_model_wait_and_share_it(tmp_path: Path) -> None:
+    """A second process asking for the model another is training waits and gets that model:
+    no error, trained once (one attempt in its logs)."""
+    import multiprocessing as mp
+    import time
+
+    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    ctx = mp.get_context("spawn")
+    child = ctx.Process(target=_train_in_child, args=(str(tmp_path), str(tmp_path / "child")))
+    child.start()
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "models").glob(".*.partial")):  # the child holds the lock
+        assert child.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    card = train_model(tmp_path, config=CONFIG)  # waits for the child instead of failing
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert (tmp_path / "child").read_text() == card.model_version
+    assert list_models(tmp_path) == [card.model_version]
+    logs = Path(card.directory) / "logs"
+    assert [p.parent.name for p in logs.glob("*/metrics.csv")] == ["version_0"]

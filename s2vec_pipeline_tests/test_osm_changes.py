@@ -634,3 +634,117 @@ def test_source_without_header_box_uses_its_nodes_extent(tmp_path: Path, monaco_
     assert res.applied == [near] and res.skipped == [far]
     assert _read(res.extract, nodes=[NEW_NODE, NEW_NODE + 1]).keys() == {("n", NEW_NODE + 1)}
     assert source_bbox(res.extract) == pytest.approx(extent, abs=1e-7)  # the region, kept
+
+
+def _rel(rid: int, members: list[tuple[str, int]], rel_type: str) -> str:
+    kinds = {"n": "node", "w": "way", "r": "relation"}
+    body = "".join(f'    <member type="{kinds[t]}" ref="{r}" role=""/>\n' for t, r in members)
+    return (
+        f'  <relation id="{rid}" version="1" timestamp="{TS}" uid="1" user="t" changeset="1">\n'
+        f'{body}    <tag k="type" v="{rel_type}"/>\n  </relation>\n'
+    )
+
+
+def test_region_cut_follows_osmium_smart_strategy(tmp_path: Path) -> None:
+    """The region cut in pyosmium (no osmium-tool) keeps what `osmium extract --strategy smart`
+    documents: nodes inside; ways with a node inside, whole; relations with a member node inside
+    or a kept way, and their parents recursively; multipolygons with all their members (and
+    those ways' nodes). Everything else is removed, and reported as removed."""
+    box = (60.0, 24.0, 60.1, 24.1)  # min_lat, min_lng, max_lat, max_lng
+    inside, out = (60.05, 24.05), (60.5, 24.5)
+    nodes = {1: inside, 2: out, 3: out, 4: (60.6, 24.6), 5: out, 6: out, 7: out, 8: out}
+    nodes[9] = (60.1, 24.1)  # on the box's corner: inside (the bounds are inclusive)
+    body = "".join(_node(n, 1, *loc) for n, loc in nodes.items())
+    body += _way(11, 1, [1, 2], {"highway": "path"})  # crosses the border: kept whole
+    body += _way(12, 1, [3, 4], {"natural": "water"})  # outside, in a kept multipolygon
+    body += _way(15, 1, [7, 8], {"highway": "path"})  # outside, only in a route
+    body += _rel(21, [("w", 11), ("w", 12), ("n", 6)], "multipolygon")  # completed
+    body += _rel(23, [("w", 11), ("w", 15)], "route")  # kept, not completed
+    body += _rel(24, [("r", 23)], "superroute")  # parent of a kept relation
+    body += _rel(25, [("r", 24)], "collection")  # grandparent
+    body += _rel(26, [("w", 15)], "route")  # wholly outside
+    merged = tmp_path / "in.osm"
+    merged.write_text(f"<?xml version='1.0'?>\n<osm version=\"0.6\">\n{body}</osm>\n")
+    cut = oc._cut(merged, tmp_path / "cut.osm.pbf", box, {"osmosis_replication_timestamp": TS})
+    got = {(o.type_str(), o.id) for o in osmium.FileProcessor(str(tmp_path / "cut.osm.pbf"))}
+    kept_nodes = {1, 2, 3, 4, 6, 9}
+    assert got == {("n", n) for n in kept_nodes} | {("w", 11), ("w", 12)} | {
+        ("r", r) for r in (21, 23, 24, 25)
+    }
+    assert cut.removed_nodes.keys() == {5, 7, 8}
+    assert cut.removed_ways == {15: [7, 8]}
+    assert cut.removed_rels == [[("w", 15)]]
+    reader = osmium.io.Reader(str(tmp_path / "cut.osm.pbf"), osmium.osm.osm_entity_bits.NOTHING)
+    header = reader.header()
+    assert header.get("osmosis_replication_timestamp") == TS
+    b = header.box()
+    assert (b.bottom_left.lat, b.bottom_left.lon, b.top_right.lat, b.top_right.lon) == (
+        pytest.approx(box)
+    )
+    reader.close()
+
+
+@pytest.mark.parametrize("city", ["helsinki", "monaco"])
+def test_bundled_extracts_are_fixed_points_of_the_cut(city: str, tmp_path: Path) -> None:
+    """A first refresh changes nothing else: cutting a bundled extract to its own region keeps
+    every object, unchanged (as osmium-tool's smart cut did)."""
+    from s2vec_pipeline.settings import bundled_source
+
+    src = bundled_source(city)
+    out = tmp_path / "cut.osm.pbf"
+    cut = oc._cut(src, out, oc._source_region(src), {})
+
+    def objects(path: Path) -> list[tuple]:
+        return [(o.type_str(), o.id, o.version) for o in osmium.FileProcessor(str(path))]
+
+    assert objects(out) == objects(src)
+    assert not (cut.removed_nodes or cut.removed_ways or cut.removed_rels)
+
+
+def test_refresh_needs_no_osmium_tool(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects, monkeypatch
+) -> None:
+    """Applying a change (merge and region cut) runs with no `osmium` program on the PATH."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert shutil.which("osmium") is None
+    v, lat, lon = helsinki_objects[("n", STATION)]
+    f = _osc(tmp_path / "c/1.osc", modify=_node(STATION, v + 1, lat + 0.001, lon))
+    res = oc.apply_changes(tmp_path / "root", helsinki_pbf, [f])
+    assert res.applied == [f] and res.touched_cells == [HELSINKI_L6]
+    assert _read(res.extract, nodes=[STATION])[("n", STATION)] == (
+        v + 1,
+        pytest.approx(lat + 0.001),
+        pytest.approx(lon),
+    )
+
+
+def test_later_node_moves_inside_skip_the_cut_with_the_same_result(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects, monkeypatch
+) -> None:
+    """After a first batch (always cut), a batch that only moves nodes within the region gives
+    the same extract as merging and cutting it (computed here with the cut forced), header box
+    included; a node moved out of the region still goes."""
+    v, lat, lon = helsinki_objects[("n", STATION)]
+    first = _osc(tmp_path / "c/1.osc", modify=_node(STATION, v + 1, lat + 0.001, lon))
+    second = _osc(tmp_path / "c/2.osc", modify=_node(STATION, v + 2, lat + 0.002, lon))
+    fast, full = tmp_path / "fast", tmp_path / "full"
+
+    def objects(path: Path) -> list[tuple]:
+        return [
+            (o.type_str(), o.id, o.version, o.location.lat if o.is_node() else None)
+            for o in osmium.FileProcessor(str(path))
+        ]
+
+    for root in (fast, full):
+        oc.apply_changes(root, helsinki_pbf, [first])
+    skipped = oc.apply_changes(fast, helsinki_pbf, [first, second])
+    with monkeypatch.context() as m:
+        m.setattr(oc, "_cut_is_a_no_op", lambda files, box: False)
+        cut = oc.apply_changes(full, helsinki_pbf, [first, second])
+    assert skipped.touched_cells == cut.touched_cells == [HELSINKI_L6]
+    assert objects(skipped.extract) == objects(cut.extract)
+    assert source_bbox(skipped.extract) == pytest.approx(source_bbox(cut.extract), abs=1e-7)
+    # out of the region (Helsinki's box ends below 60.18 N): the node goes, as the cut says
+    third = _osc(tmp_path / "c/3.osc", modify=_node(STATION, v + 3, 61.0, lon))
+    res = oc.apply_changes(fast, helsinki_pbf, [first, second, third])
+    assert res.applied == [third] and _read(res.extract, nodes=[STATION]) == {}

@@ -154,40 +154,33 @@ def test_change_file_recomputes_only_its_partition(
     assert _versions(root) == versions
 
 
-def test_sensor_recomputes_the_changed_partition_step_by_step(env: dict, station: tuple) -> None:
+def test_sensor_recomputes_the_changed_partition_in_one_run(env: dict, station: tuple) -> None:
     """The daemon's path, without a daemon: after the nightly observation applied a change in
-    Helsinki, refresh_stale_partitions requests Helsinki's osm_features only; once that ran,
-    its cell_features; and so on. Monaco is never requested."""
-    instance = env["instance"]
+    Helsinki, refresh_stale_partitions requests ONE run for Helsinki, from osm_features through
+    the embeddings (not one tick per layer); once it ran, nothing is stale and nothing more is
+    requested. Monaco is never requested."""
+    root, instance = env["root"], env["instance"]
     settings = _settings(env, True)
     defs = build_definitions(settings)
     _osc(env["changes"] / "0001.osc", modify=_moved(station, 1, 0.004))
     launcher = Launcher(settings, instance)
     launcher.run("refresh_sources")  # what the nightly schedule launches
-    steps = []
-    for _ in range(5):
-        ctx = dg.build_sensor_context(instance=instance, definitions=defs)
-        result = refresh_stale_partitions(ctx)
-        if not result.run_requests:
-            break
-        (request,) = result.run_requests
-        assert request.partition_key == HELSINKI_L6
-        assets = [k.to_user_string() for k in request.asset_selection]
-        steps.append(assets)
-        # the same staleness is requested once (run keys), and a run does what it asked
-        again = refresh_stale_partitions(
-            dg.build_sensor_context(instance=instance, definitions=defs)
-        )
-        assert [r.run_key for r in again.run_requests] == [request.run_key]
-        launcher.run(request.job_name, request.partition_key, assets)
-    assert steps == [
-        ["osm_features"],
-        ["cell_features"],
-        ["raster_tiles"],
-        ["cell_embeddings", "image_embeddings"],
-    ]
+    before = _versions(root)
+    ctx = dg.build_sensor_context(instance=instance, definitions=defs)
+    (request,) = refresh_stale_partitions(ctx).run_requests
+    assert (request.job_name, request.partition_key) == ("partition_pipeline", HELSINKI_L6)
+    assets = [k.to_user_string() for k in request.asset_selection]
+    assert assets == TABLES
+    # the same staleness is requested once (run keys), and a run does what it asked
+    again = refresh_stale_partitions(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert [r.run_key for r in again.run_requests] == [request.run_key]
+    launcher.run(request.job_name, request.partition_key, assets)
+    after = refresh_stale_partitions(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert not after.run_requests
     graph = defs.resolve_asset_graph()
     assert all(stale_partitions(instance, graph, t) == {} for t in TABLES)
+    # every table got exactly one new commit: the one run wrote each stage once
+    assert _versions(root) == {t: v + 1 for t, v in before.items()}
 
 
 def test_bad_change_files_apply_nothing(
@@ -303,3 +296,37 @@ def test_status_reports_embeddings_of_two_models(env: dict, capsys) -> None:
     assert "warning: embeddings of several models" in out
     for m in models["model_version"].unique().to_list():
         assert m in out
+
+
+def _refresh_in_child(root: str, changes: str, home: str, out: str) -> None:
+    with dg.DagsterInstance.from_config(home) as instance:
+        report = refresh(PipelineSettings(root=root, changes_dir=changes), instance)
+    Path(out).write_text(f"{sum(map(len, report.applied.values()))} {len(report.run_ids)}")
+
+
+def test_concurrent_refreshes_apply_and_recompute_once(env: dict, station: tuple) -> None:
+    """Three `s2vec refresh` of one root at once: the change is applied by one of them and its
+    partition recomputed once (one run, one commit per table); the others find nothing to do."""
+    import multiprocessing as mp
+
+    root, instance = env["root"], env["instance"]
+    _osc(env["changes"] / "0001.osc", modify=_moved(station, 1, 0.004))
+    before = _versions(root)
+    ctx = mp.get_context("spawn")
+    outs = [env["root"].parent / f"refresh{i}" for i in range(3)]
+    home = str(instance.root_directory)
+    procs = [
+        ctx.Process(target=_refresh_in_child, args=(str(root), str(env["changes"]), home, str(o)))
+        for o in outs
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    # each: files applied, runs launched (the observation, then one run per stale partition)
+    results = sorted(o.read_text() for o in outs)
+    assert results == ["0 1", "0 1", "1 2"]
+    assert _versions(root) == {t: v + 1 for t, v in before.items()}
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name="partition_pipeline"))
+    assert [r.tags["dagster/partition"] for r in runs] == [HELSINKI_L6]

@@ -1,13 +1,19 @@
 """Regions in the UI: named sets of level-6 cells, and the partitions they become.
 
 - ``materialize_region`` (job, launchpad config ``region`` and optional ``bbox``): registers
-  the region when a box is given, then ``launch_region_runs`` starts one run per cell of the
-  data layer (and the embeddings when a model exists), tagged ``s2vec/region``. Its output
-  shows the region -> cell -> centre -> source table.
+  the region when a box is given, then ``launch_region_runs`` starts one run per cell that
+  needs work (``automation.assets_to_run``: the data layer, and the embeddings when a model
+  exists), tagged ``s2vec/region``. Its output shows the region -> cell -> centre -> source
+  table.
 - ``register_source_partitions`` (sensor): partitions = the cells of the sources and regions;
   keys typed by hand that are not level-6 tokens covered by a source are deleted, so they never
   linger as failed partitions.
 - ``materialize_new_regions`` (sensor): launches regions added with ``s2vec region add``.
+
+Both region sensors request runs through ``region_run_requests``: a cell already up to date, or
+with a run queued or running (the other sensor's, for a region registered from the UI, which
+both see), gets none; so a region launched from the UI starts exactly one run per cell that
+needs work.
 """
 
 import json
@@ -17,6 +23,12 @@ import dagster as dg
 from pydantic import Field
 
 from s2vec_pipeline import regions as rg
+from s2vec_pipeline.defs.automation import (
+    PARTITION_PIPELINE,
+    partition_pipeline_job,
+    partitions_in_progress,
+    partitions_to_run,
+)
 from s2vec_pipeline.defs.partitions import (
     L6_PARTITIONS_NAME,
     add_partitions,
@@ -28,18 +40,7 @@ from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.settings import PipelineSettings
 
 REGION_TAG = "s2vec/region"
-PARTITION_PIPELINE = "partition_pipeline"  # every partitioned asset, for region runs
-
-
-partition_pipeline_job = dg.define_asset_job(
-    PARTITION_PIPELINE,
-    selection=dg.AssetSelection.assets(
-        "osm_features", "cell_features", "raster_tiles", "cell_embeddings", "image_embeddings"
-    ),
-    description="Every partitioned asset of one level-6 cell (region and refresh runs pick "
-    "the assets they need).",
-    tags={"s2vec/stage": "data"},
-)
+__all__ = ["PARTITION_PIPELINE", "partition_pipeline_job"]  # their home: automation.py
 
 
 class RegionRequest(dg.Config):
@@ -89,28 +90,39 @@ def materialize_region() -> None:
     resolve_region()
 
 
-def _has_model(root: str) -> bool:
-    from s2vec_pipeline.model.registry import list_models
-
-    return bool(list_models(root))
-
-
 def region_run_requests(
-    settings: PipelineSettings, region: str, cells: Iterable[str], key_prefix: str
+    instance: dg.DagsterInstance,
+    asset_graph,  # noqa: ANN001 - the sensor's repository asset graph
+    settings: PipelineSettings,
+    region: str,
+    cells: Iterable[str],
+    key_prefix: str,
 ) -> list[dg.RunRequest]:
-    """One run per cell: the data layer, and the embeddings when a model exists."""
+    """One run per cell that needs work, for the assets it needs (the shared rule:
+    ``automation.assets_to_run``): the data layer, and the embeddings with the current model
+    when there is one. Cells up to date or with a run in flight get none."""
+    from s2vec_pipeline.defs.model import current_model_version
+
     assets = ["osm_features", "cell_features", "raster_tiles"]
-    if _has_model(settings.root):
+    model = current_model_version(instance, settings.root)
+    if model is not None:
         assets += ["cell_embeddings", "image_embeddings"]
+    busy = partitions_in_progress(instance)
+    from s2vec_pipeline.integrity import has_data
+
+    todo = [c for c in cells if c not in busy]
+    plan = partitions_to_run(
+        instance, asset_graph, todo, assets, model, has_data(instance, settings.root)
+    )
     return [
         dg.RunRequest(
             run_key=f"{key_prefix}:{cell}",
             job_name=PARTITION_PIPELINE,
             partition_key=cell,
-            asset_selection=[dg.AssetKey(a) for a in assets],
+            asset_selection=[dg.AssetKey(a) for a in todo],
             tags={REGION_TAG: region},
         )
-        for cell in cells
+        for cell, todo in plan.items()
     ]
 
 
@@ -126,9 +138,17 @@ def launch_region_runs(context: dg.RunStatusSensorContext, s2vec: S2VecResource)
     run = context.dagster_run
     region = run.run_config["ops"]["resolve_region"]["config"]["region"]
     cells = rg.RegionRegistry(s2vec.root).get(region).cells
-    return dg.SensorResult(
-        run_requests=region_run_requests(s2vec.settings(), region, cells, run.run_id)
+    requests = region_run_requests(
+        context.instance,
+        context.repository_def.asset_graph,
+        s2vec.settings(),
+        region,
+        cells,
+        run.run_id,
     )
+    if not requests:
+        return dg.SensorResult(skip_reason=f"region {region}: every cell up to date or running")
+    return dg.SensorResult(run_requests=requests)
 
 
 @dg.sensor(
@@ -197,14 +217,20 @@ def materialize_new_regions(
         {c for _, cells in covered for c in cells}
         - set(context.instance.get_dynamic_partitions(L6_PARTITIONS_NAME))
     )
+    requests: dict[str, dg.RunRequest] = {}  # a cell shared by two new regions: one run
+    for r, cells in covered:
+        todo = [c for c in cells if c not in requests]
+        for req in region_run_requests(
+            context.instance,
+            context.repository_def.asset_graph,
+            settings,
+            r.name,
+            todo,
+            f"region:{r.name}:{r.created_at}",
+        ):
+            requests[str(req.partition_key)] = req
     return dg.SensorResult(
-        run_requests=[
-            req
-            for r, cells in covered
-            for req in region_run_requests(
-                settings, r.name, cells, f"region:{r.name}:{r.created_at}"
-            )
-        ],
+        run_requests=list(requests.values()),
         dynamic_partitions_requests=[
             dg.AddDynamicPartitionsRequest(
                 partitions_def_name=L6_PARTITIONS_NAME, partition_keys=missing

@@ -7,7 +7,8 @@ modified) and records, per cell, a data version of what that cell's OSM data dep
 touches "Unsynced" downstream, and ``automation.py`` recomputes those.
 
 Nightly: ``nightly_refresh`` runs ``refresh_sources`` (the observation); the
-``refresh_stale_partitions`` sensor then recomputes what became stale, layer by layer.
+``refresh_stale_partitions`` sensor then recomputes what became stale, one run per partition
+through every stage.
 """
 
 import os

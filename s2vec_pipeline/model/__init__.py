@@ -24,7 +24,6 @@ _EXPORTS = {
     "ModelCard": "registry",
     "ModelNotFoundError": "registry",
     "IncompatibleModelError": "registry",
-    "TrainingInProgressError": "train",
     "model_version": "train",
     "train_model": "train",
     "load_model": "registry",

@@ -64,10 +64,6 @@ from s2vec_pipeline.versioning import config_hash
 LOGS_DIR = "logs"
 
 
-class TrainingInProgressError(S2VecError):
-    """Another process is training the same model version right now."""
-
-
 class _DropLightningTips(logging.Filter):
     """Drops Lightning's advertising tips ("💡 Tip: ... litlogger / litmodels"), nothing else."""
 
@@ -246,16 +242,17 @@ class TrainingClock(L.Callback):
 
 @contextlib.contextmanager
 def _version_lock(root: str | os.PathLike, version: str) -> Iterator[None]:
+    """Hold the lock of one model version; when another process trains it, wait for it (the
+    caller then finds the finished model, or resumes from its checkpoint if that one died)."""
     # An OS lock, so a local file: on an object-store root it serializes trainings of one host.
     base = storage.local_cache(root, MODELS_DIR)
+    path = base / f".{version}.lock"
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(exclusive(base / f".{version}.lock", blocking=False))
-        except LockHeldError as e:
-            raise TrainingInProgressError(
-                f"model {version} is being trained by another process under {base}: wait for "
-                "it to finish (its result will be reused)"
-            ) from e
+            held.enter_context(exclusive(path, blocking=False))
+        except LockHeldError:
+            _progress.info("model %s is being trained by another process: waiting for it", version)
+            held.enter_context(exclusive(path))
         yield
 
 
