@@ -468,6 +468,8 @@ def _partition_worker(
                 _send(conn, e)
             except Exception as e:  # noqa: BLE001 - Dagster errors do not always pickle
                 _send(conn, RuntimeError(f"{type(e).__name__}: {e}"))
+            except BaseException:  # Ctrl-C, as Dagster turns it into an interrupt inside runs
+                os._exit(130)  # quietly: the coordinator reports the interruption once
 
 
 def _send(send: mp.connection.Connection, outcome: object) -> None:
