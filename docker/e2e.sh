@@ -164,7 +164,7 @@ refuses_without_password() {
 }
 
 build() {
-  compose build || return 1
+  compose build s2vec_code || return 1  # one image: the other services use its tag
   docker run --rm --network none "$IMAGE" osmium --version | head -1
 }
 
@@ -258,25 +258,29 @@ sql_csv() {  # QUERY -> CSV on stdout
 
 embeddings() {
   local r out
+  "${GQL[@]}" runs --tag s2vec/region=monaco | cut -f1 > "$logs/monaco-before.ids" || return 1
   r=$("${GQL[@]}" launch materialize_region --config "$(region_config monaco)") || return 1
   "${GQL[@]}" wait "$r" --until SUCCESS --timeout 600 || return 1
-  "${GQL[@]}" settle --tag s2vec/region=monaco --count 2 --timeout 900 || return 1
+  # The launch_region_runs sensor's new run(s), now with the embeddings (a model exists).
+  "${GQL[@]}" settle --tag s2vec/region=monaco --count 1 --timeout 900 \
+    --ignore "$logs/monaco-before.ids" || return 1
   out=$(sql_csv "SELECT
-      (SELECT count(*) FROM raster_tiles WHERE parent_l6 = '$MONACO_L6') AS tiles,
+      (SELECT count(*) FROM raster_tiles
+        WHERE parent_l6 = '$MONACO_L6' AND nonempty_pixels > 0) AS tiles,
       (SELECT count(*) FROM image_embeddings WHERE parent_l6 = '$MONACO_L6') AS images,
       (SELECT count(*) FROM cell_embeddings WHERE parent_l6 = '$MONACO_L6') AS cells,
       (SELECT min(len(embedding)) FROM cell_embeddings WHERE parent_l6 = '$MONACO_L6') AS dmin,
       (SELECT max(len(embedding)) FROM cell_embeddings WHERE parent_l6 = '$MONACO_L6') AS dmax,
       (SELECT count(DISTINCT model_version) FROM cell_embeddings) AS models") || return 1
   echo "$out"
-  # One image embedding per raster tile, side x side cell embeddings per image, 32-d (the
-  # tiny model's width), one model.
+  # One image embedding per raster tile with data, side x side cell embeddings per image,
+  # 32-d (the tiny model's width), one model.
   python3 - "$out" <<'EOF' || return 1
 import csv, io, math, sys
 row = next(csv.DictReader(io.StringIO(sys.argv[1])))
 t, i, c, dmin, dmax, m = (int(row[k]) for k in ("tiles", "images", "cells", "dmin", "dmax", "models"))
 side = math.isqrt(c // i) if i else 0
-assert t > 0 and i == t, f"{i} image embeddings for {t} raster tiles"
+assert t > 0 and i == t, f"{i} image embeddings for {t} raster tiles with data"
 assert side * side * i == c, f"{c} cell embeddings are not side^2 x {i} images"
 assert dmin == dmax == 32 and m == 1, f"width {dmin}..{dmax}, {m} models"
 print(f"monaco: {t} tiles -> {i} image and {c} cell embeddings ({side}x{side}), 32-d, 1 model")
