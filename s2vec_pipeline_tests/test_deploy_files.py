@@ -184,9 +184,14 @@ def test_dockerfile_copies_what_exists_and_runs_the_compose_command() -> None:
     dockerfile = (DOCKER / "Dockerfile").read_text()
     copies = re.findall(r"^COPY (.+)$", dockerfile, flags=re.M)
     assert copies
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, flags=re.M))
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, flags=re.M))
     for line in copies:
         *sources, _dest = shlex.split(line)
-        for src in sources:
+        if sources[0].startswith("--from="):  # from an earlier stage, not from the context
+            assert sources[0].removeprefix("--from=") in stages, line
+            continue
+        for src in (re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], s) for s in sources):
             assert (REPO / src).exists(), src
             assert not _dockerignore_excludes(src), f"{src} is excluded by .dockerignore"
     # What the package needs at run time is in the context; tests and local data are not.
