@@ -1,6 +1,6 @@
 """The service path with a real daemon: a region launched as the UI does, and a change's latency.
 
-Starts ``dagster dev`` (webserver + daemon, ``dagster.yaml`` of the repository: 2 runs at once)
+Starts ``dagster dev`` (webserver + daemon, ``dagster.yaml`` as ``make ui`` writes it: 2 runs at once)
 on loopback with a fresh ``DAGSTER_HOME`` and root, the source being Helsinki tiled N times
 (``osm_tile``, one copy per level-6 cell, new ids), then measures:
 
@@ -41,6 +41,7 @@ from bench_extract import bare_read  # noqa: E402
 
 from s2vec_pipeline import s2  # noqa: E402
 from s2vec_pipeline.osm_extract import source_bbox  # noqa: E402
+from s2vec_pipeline.instance import pooled_sqlite_config
 from s2vec_pipeline.osm_tile import cell_center_offsets, tile_pbf  # noqa: E402
 from s2vec_pipeline.settings import PipelineSettings, bundled_source  # noqa: E402
 
@@ -151,7 +152,10 @@ def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
         home.mkdir()
         changes.mkdir()
-        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+        # as `make ui` writes it: the repository's settings plus the pooled SQLite storages
+        (home / "dagster.yaml").write_text(
+            (REPO / "dagster.yaml").read_text() + pooled_sqlite_config(str(home))
+        )
     settings = PipelineSettings(root=str(root), sources=[str(pbf)], changes_dir=str(changes))
     cells = sorted(settings.source_cells)
     t0 = time.perf_counter()
