@@ -1,7 +1,7 @@
 """The service path with a real daemon: a region launched as the UI does, and a change's latency.
 
-Starts ``dagster dev`` (webserver + daemon, ``dagster.yaml`` as ``make ui`` writes it: 2 runs at once)
-on loopback with a fresh ``DAGSTER_HOME`` and root, the source being Helsinki tiled N times
+Starts ``dagster dev`` (webserver + daemon, ``dagster.yaml`` as ``make ui`` writes it: 2 runs
+at once) on loopback with a fresh ``DAGSTER_HOME`` and root, the source being Helsinki tiled N times
 (``osm_tile``, one copy per level-6 cell, new ids), then measures:
 
 1. **Region, end to end**: a GraphQL ``launchRun`` of ``materialize_region`` with a box over the
@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import bare_read  # noqa: E402
 
 from s2vec_pipeline import s2  # noqa: E402
+from s2vec_pipeline.instance import pooled_sqlite_config  # noqa: E402
 from s2vec_pipeline.osm_extract import source_bbox  # noqa: E402
-from s2vec_pipeline.instance import pooled_sqlite_config
 from s2vec_pipeline.osm_tile import cell_center_offsets, tile_pbf  # noqa: E402
 from s2vec_pipeline.settings import PipelineSettings, bundled_source  # noqa: E402
 
