@@ -92,12 +92,10 @@ def table_exists(root: str | os.PathLike, name: str) -> bool:
         ) from e
 
 
-def _open(root: str | os.PathLike, name: str, files: bool = True) -> DeltaTable:
-    """The table at its latest version; ``files=False`` for metadata, version and schema only:
-    the list of data files, which grows with the table, is then not loaded."""
+def _open(root: str | os.PathLike, name: str) -> DeltaTable:
     try:
         with readable(root, name):
-            return DeltaTable(table_uri(root, name), without_files=not files)
+            return DeltaTable(table_uri(root, name))
     except TableNotFoundError as e:
         raise MissingInputError(
             f"table {name!r} does not exist under {root}: build it first "
@@ -127,7 +125,7 @@ def table_contract(root: str | os.PathLike, name: str) -> dict[str, Any] | None:
     """The contract stored with the table, or None when the table does not exist."""
     if not table_exists(root, name):
         return None
-    desc = _open(root, name, files=False).metadata().description or "{}"
+    desc = _open(root, name).metadata().description or "{}"
     try:
         return json.loads(desc).get(CONTRACT_KEY)
     except json.JSONDecodeError:
@@ -278,8 +276,7 @@ def _version_of_write(uri: str, write_id: str, newest: int = 64) -> int:
     ``DeltaTable.history()``: it labels commits by counting down from its snapshot's version
     while listing the log anew, so a commit landing in between shifts every label by one (seen
     on S3 with two writers)."""
-    # loaded after the write: at or past its commit (the file list is not needed)
-    latest = DeltaTable(uri, without_files=True).version()
+    latest = DeltaTable(uri).version()  # loaded after the write: at or past its commit
     for version in range(latest, max(-1, latest - newest), -1):
         data = storage.read_bytes(storage.join(uri, "_delta_log", f"{version:020d}.json"))
         for line in (data or b"").decode().splitlines():
@@ -504,12 +501,12 @@ def iter_batches(
 
 
 def table_version(root: str | os.PathLike, name: str) -> int | None:
-    return _open(root, name, files=False).version() if table_exists(root, name) else None
+    return _open(root, name).version() if table_exists(root, name) else None
 
 
 def table_schema(root: str | os.PathLike, name: str) -> pa.Schema:
     """The Arrow schema of a table as stored (list and string types as Delta keeps them)."""
-    return pa.schema(_open(root, name, files=False).schema().to_arrow())
+    return pa.schema(_open(root, name).schema().to_arrow())
 
 
 def remove_staging_leftovers(root: str | os.PathLike, name: str) -> list[Path] | list[str]:

@@ -64,11 +64,15 @@ class TrainConfig(BaseModel):
         "paper 256)",
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, cosine schedule)")
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of the steps with a linear learning-rate warm-up"
+    )
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of initialisation, split and masks")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps")
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of images held out for validation (by token hash)"
+    )
     mask_ratio: float = Field(0.75, ge=0, lt=1, description="Share of pixels masked (paper: 0.75)")
     patch_size: int = Field(1, ge=1, description="Pixels per token side (1: a token a pixel)")
     embed_dim: int = Field(256, ge=4, description="Encoder width = embedding size")
@@ -77,7 +81,7 @@ class TrainConfig(BaseModel):
     decoder_embed_dim: int = Field(128, ge=4, description="Decoder width")
     decoder_depth: int = Field(2, ge=1, description="Decoder transformer blocks")
     decoder_num_heads: int = Field(4, ge=1, description="Decoder attention heads")
-    mlp_ratio: float = Field(4.0, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0, description="Transformer MLP width / model width")
     # No effect since the indexed tile cache (each epoch is one seeded permutation); kept so
     # that model versions stay what they were.
     shuffle_buffer: int = Field(2048, ge=0)
@@ -113,7 +117,9 @@ class TrainConfig(BaseModel):
         description="Devices to train on: GPUs with DDP (ddp_spawn, which works inside a step), "
         "or CPU processes without a GPU; auto: every GPU, one CPU process without",
     )
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = Field(
+        "auto", description="Where to train: auto (the GPU when there is one), cpu, gpu, cuda"
+    )
     read_batch_size: int = Field(256, ge=1)
     progress_bar: bool = False
     pin_memory: bool | None = Field(
