@@ -364,7 +364,13 @@ class Launcher:
                 while pending and idle:
                     conn = idle.pop()
                     k = pending.pop(0)
-                    conn.send(k)
+                    try:
+                        conn.send(k)
+                    except OSError:  # it died while idle: its partition goes to another
+                        pending.insert(0, k)
+                        _check_interrupted(procs.pop(conn))
+                        start_worker()
+                        continue
                     busy[conn] = (procs[conn], conn, k, time.perf_counter())
                 ready = mp.connection.wait([*busy, *(p.sentinel for p, *_ in busy.values())])
                 for conn in [c for c in busy if c in ready or busy[c][0].sentinel in ready]:
@@ -381,7 +387,7 @@ class Launcher:
                     if outcome is not None:
                         idle.append(conn)
                     else:  # died: replace it while partitions remain
-                        procs.pop(conn).join()
+                        _check_interrupted(procs.pop(conn))
                         if pending:
                             start_worker()
         finally:
@@ -438,8 +444,16 @@ def _next_partition(conn: mp.connection.Connection) -> Any:
     """The next message, or None when the other end is gone."""
     try:
         return conn.recv()
-    except EOFError:
+    except (EOFError, OSError):  # closed, or reset by a process that died
         return None
+
+
+def _check_interrupted(proc: Any) -> None:
+    """Join a worker that died; one that Ctrl-C ended means the whole command was interrupted
+    (its SIGINT reached the process group): stop here instead of failing its partition."""
+    proc.join()
+    if proc.exitcode in (130, -signal.SIGINT):
+        raise KeyboardInterrupt
 
 
 def _partition_worker(
