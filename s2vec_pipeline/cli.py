@@ -867,19 +867,12 @@ INTERRUPTED = "interrupted; tables stay at their last committed version"
 def _interrupted(exc: BaseException) -> bool:
     """Ctrl-C, however Dagster wrapped it (``DagsterExecutionInterruptedError``, a step
     failure around a ``KeyboardInterrupt``)."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if (
-            isinstance(e, KeyboardInterrupt)
-            or type(e).__name__ == "DagsterExecutionInterruptedError"
-        ):
-            return True
-        todo += [getattr(e, "user_exception", None), e.__cause__, e.__context__]
-    return False
+    from s2vec_pipeline.errors import exception_chain
+
+    return any(
+        isinstance(e, KeyboardInterrupt) or type(e).__name__ == "DagsterExecutionInterruptedError"
+        for e in exception_chain(exc)
+    )
 
 
 def _innermost(exc: BaseException) -> BaseException:

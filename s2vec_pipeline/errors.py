@@ -1,5 +1,6 @@
 """Errors a user can act on. Each message says what was wrong and what to do about it."""
 
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -84,3 +85,17 @@ def start_quietly(process: Any) -> None:
         process.start()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps: Dagster's ``user_exception``, causes and contexts
+    (the one walk: chains can loop, so each is visited once)."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [getattr(e, "user_exception", None), e.__cause__, e.__context__]

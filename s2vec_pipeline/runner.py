@@ -36,6 +36,7 @@ from s2vec_pipeline.errors import (
     NoFeaturesError,
     S2VecError,
     StorageUnavailableError,
+    exception_chain,
     quiet_worker_interrupts,
     start_quietly,
 )
@@ -215,17 +216,8 @@ def _storage_error(exc: BaseException, home: str) -> StorageUnavailableError | N
 
 
 def _user_error(exc: BaseException) -> S2VecError | None:
-    """Find the S2VecError a Dagster step failure wraps (chains can loop: track visits)."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, S2VecError):
-            return e
-        todo += [getattr(e, "user_exception", None), e.__cause__, e.__context__]
-    return None
+    """Find the S2VecError a Dagster step failure wraps."""
+    return next((e for e in exception_chain(exc) if isinstance(e, S2VecError)), None)
 
 
 class Launcher:
