@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from s2vec_pipeline.model.data import RasterTileDataModule, synthetic_raster_tiles  # noqa: E402
 from s2vec_pipeline.model.embed import embed_partition, write_embeddings  # noqa: E402
 from s2vec_pipeline.model.mae import S2VecMAE  # noqa: E402
-from s2vec_pipeline.model.registry import MODEL_CODE_VERSION, ModelCard  # noqa: E402
+from s2vec_pipeline.model.registry import ModelCard  # noqa: E402
 
 
 class NoComputeMAE(S2VecMAE):
@@ -45,32 +45,7 @@ class NoComputeMAE(S2VecMAE):
 
 
 def card_for(contract: dict, dim: int) -> ModelCard:
-    return ModelCard(
-        model_version="0" * 16,
-        config={"embed_dim": dim},
-        profile=contract["profile"],
-        image_level=contract["image_level"],
-        pixel_level=contract["pixel_level"],
-        side=contract["side"],
-        taxonomy_version=contract["taxonomy_version"],
-        channels=contract["channels"],
-        partitions={},
-        normalization={},
-        n_train=0,
-        n_val=0,
-        train_loss=None,
-        val_loss=None,
-        loss_history={},
-        hardware={},
-        duration_s=0.0,
-        images_seen=0,
-        images_per_s=0.0,
-        epochs_completed=0,
-        steps=0,
-        resumed_from=None,
-        created="",
-        code_version=MODEL_CODE_VERSION,
-    )
+    return ModelCard.untrained(contract, {"embed_dim": dim})
 
 
 def best_of(reps: int, fn) -> tuple[float, float]:  # noqa: ANN001

@@ -172,39 +172,14 @@ def run_pipeline(
     from s2vec_pipeline.model.config import TrainConfig
     from s2vec_pipeline.model.data import RasterTileDataModule, synthetic_raster_tiles
     from s2vec_pipeline.model.embed import embed_partition, encode_batches, write_embeddings
-    from s2vec_pipeline.model.registry import MODEL_CODE_VERSION, ModelCard
+    from s2vec_pipeline.model.registry import ModelCard
     from s2vec_pipeline.model.train import train_model
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as root:
         contract = synthetic_raster_tiles(root, {"4693": images}, channels=channels, side=16)
         # A card for this (untrained) model: what load_model would return for it.
-        card = ModelCard(
-            model_version="0" * 16,
-            config={},
-            profile=contract["profile"],
-            image_level=contract["image_level"],
-            pixel_level=contract["pixel_level"],
-            side=16,
-            taxonomy_version=contract["taxonomy_version"],
-            channels=contract["channels"],
-            partitions={},
-            normalization={},
-            n_train=0,
-            n_val=0,
-            train_loss=None,
-            val_loss=None,
-            loss_history={},
-            hardware={},
-            duration_s=0.0,
-            images_seen=0,
-            images_per_s=0.0,
-            epochs_completed=0,
-            steps=0,
-            resumed_from=None,
-            created="",
-            code_version=MODEL_CODE_VERSION,
-        )
+        card = ModelCard.untrained(contract, {})
         model.to(device).eval()
         host = synthetic_pool(images, channels, 16, torch.device("cpu")).numpy()
         tiles = [(i, host[i : i + batch_size]) for i in range(0, images, batch_size)]

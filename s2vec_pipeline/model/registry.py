@@ -81,6 +81,37 @@ class ModelCard:
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
+    def untrained(cls, contract: dict[str, Any], config: dict[str, Any]) -> ModelCard:
+        """A card for a model that was never trained, fitting a raster table's ``contract``:
+        what ``load_model`` would return for it (benchmarks embed with such models)."""
+        return cls(
+            model_version="0" * 16,
+            config=config,
+            profile=contract["profile"],
+            image_level=contract["image_level"],
+            pixel_level=contract["pixel_level"],
+            side=contract["side"],
+            taxonomy_version=contract["taxonomy_version"],
+            channels=contract["channels"],
+            partitions={},
+            normalization={},
+            n_train=0,
+            n_val=0,
+            train_loss=None,
+            val_loss=None,
+            loss_history={},
+            hardware={},
+            duration_s=0.0,
+            images_seen=0,
+            images_per_s=0.0,
+            epochs_completed=0,
+            steps=0,
+            resumed_from=None,
+            created="",
+            code_version=MODEL_CODE_VERSION,
+        )
+
+    @classmethod
     def load(cls, directory: str | os.PathLike) -> ModelCard:
         raw = storage.read_bytes(storage.join(directory, "model_card.json"))
         if raw is None:
