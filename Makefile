@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(DEMO_HOME)/dagster.yaml: dagster.yaml $(VENV)/.installed
 	mkdir -p $(DEMO_HOME)
 	cp dagster.yaml $@.tmp
-	$(BIN)/python -c "from s2vec_pipeline.instance import pooled_sqlite_config as c; \
+	$(BIN)/python -c "from s2vec_pipeline.service.instance import pooled_sqlite_config as c; \
 	  print(c('$(DEMO_HOME)'), end='')" >> $@.tmp
 	mv $@.tmp $@
 

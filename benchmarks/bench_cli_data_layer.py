@@ -27,8 +27,8 @@ from pathlib import Path
 
 import osmium
 
-from s2vec_pipeline.osm_tile import cell_center_offsets, tile_pbf
 from s2vec_pipeline.settings import bundled_source
+from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 
 CHILD = """
 import resource, sys, time

@@ -12,7 +12,7 @@ Four tables, on the bundled extracts (or the PBFs given), city and paper profile
    the peak of numpy/Python allocations (tracemalloc, a second run).
 
 usage: python benchmarks/bench_clip.py [PBF ...] [--repeat 7] [--before e3d909a]
-(run from a git checkout: "before" is loaded from ``git show REF:s2vec_pipeline/osm_extract.py``)
+(run from a git checkout: "before" is loaded from ``git show REF:s2vec_pipeline/osm/extract.py``)
 """
 
 from __future__ import annotations
@@ -34,24 +34,24 @@ import s2geometry as s2g
 import shapely
 from bench_extract import bare_read
 
-from s2vec_pipeline import clip
-from s2vec_pipeline.osm_extract import (
+from s2vec_pipeline.cells.profiles import PROFILES
+from s2vec_pipeline.osm import clip
+from s2vec_pipeline.osm.extract import (
     EARTH_RADIUS_M,
     ExtractStats,
     _Collector,
     _read_source,
     extract_features,
 )
-from s2vec_pipeline.profiles import PROFILES
+from s2vec_pipeline.osm.taxonomy import load_taxonomy
 from s2vec_pipeline.settings import bundled_sources
-from s2vec_pipeline.taxonomy import load_taxonomy
 
 PROFILE_NAMES = ["city", "paper"]
 
 
 def old_module(ref: str) -> ModuleType:
     src = subprocess.run(
-        ["git", "show", f"{ref}:s2vec_pipeline/osm_extract.py"],
+        ["git", "show", f"{ref}:s2vec_pipeline/osm/extract.py"],
         capture_output=True,
         text=True,
         check=True,

@@ -37,7 +37,7 @@ def rows(key: str) -> pa.Table:
 
 
 def writer(root: str, w: int, parts: int, barrier: mp.synchronize.Barrier, logfile: str) -> None:
-    from s2vec_pipeline import delta_store
+    from s2vec_pipeline.storage import delta_store
 
     logging.basicConfig(filename=logfile, level=logging.INFO)
     barrier.wait(timeout=120)
@@ -50,7 +50,7 @@ def writer(root: str, w: int, parts: int, barrier: mp.synchronize.Barrier, logfi
 
 
 def one_round(base: Path, r: int, writers: int, parts: int) -> dict[str, int]:
-    from s2vec_pipeline import delta_store
+    from s2vec_pipeline.storage import delta_store
 
     ctx = mp.get_context("spawn")
     root = base / f"round{r}"

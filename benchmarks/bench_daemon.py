@@ -39,11 +39,11 @@ import osmium
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import bare_read  # noqa: E402
 
-from s2vec_pipeline import s2  # noqa: E402
-from s2vec_pipeline.instance import pooled_sqlite_config  # noqa: E402
-from s2vec_pipeline.osm_extract import source_bbox  # noqa: E402
-from s2vec_pipeline.osm_tile import cell_center_offsets, tile_pbf  # noqa: E402
+from s2vec_pipeline.cells import s2  # noqa: E402
+from s2vec_pipeline.osm.extract import source_bbox  # noqa: E402
+from s2vec_pipeline.service.instance import pooled_sqlite_config  # noqa: E402
 from s2vec_pipeline.settings import PipelineSettings, bundled_source  # noqa: E402
+from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REGION = "bench"
@@ -229,7 +229,7 @@ def region(args: argparse.Namespace, loc: str, pbf: Path, cells: list, bare_s: f
 def change(args: argparse.Namespace, loc: str, pbf: Path, cells: list, settings: PipelineSettings,
            home: Path, changes: Path, out: dict) -> None:  # fmt: skip
     """2. A one-node change to new embeddings."""
-    from s2vec_pipeline.runner import materialize
+    from s2vec_pipeline.service.runner import materialize
 
     target = cells[len(cells) // 2]
     with dg.DagsterInstance.from_config(str(home)) as instance:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import osmium
 
-from s2vec_pipeline.osm_extract import extract_features
-from s2vec_pipeline.profiles import PROFILES
+from s2vec_pipeline.cells.profiles import PROFILES
+from s2vec_pipeline.osm.extract import extract_features
+from s2vec_pipeline.osm.taxonomy import load_taxonomy
 from s2vec_pipeline.settings import bundled_sources
-from s2vec_pipeline.taxonomy import load_taxonomy
 
 
 def bare_read(path: str) -> int:

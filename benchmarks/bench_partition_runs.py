@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from s2vec_pipeline import s2
-from s2vec_pipeline.osm_extract import source_bbox
-from s2vec_pipeline.osm_tile import cell_center_offsets, tile_pbf
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.osm.extract import source_bbox
 from s2vec_pipeline.settings import bundled_source
+from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 
 READ_METADATA = r"""
 import json, os, sys

@@ -1,7 +1,7 @@
 """Lat/lng -> S2 cell id: the vectorized numpy code against s2cell and the official library.
 
 Generates N random points uniform on the sphere (default 1,000,000, fixed seed) and times
-``s2vec_pipeline.s2.latlng_to_cell_id`` on all of them at level 30 and level 12, then the
+``s2vec_pipeline.cells.s2.latlng_to_cell_id`` on all of them at level 30 and level 12, then the
 scalar ``s2cell.lat_lon_to_cell_id`` and the official ``s2geometry`` bindings
 (``S2CellId(S2LatLng.FromDegrees(lat, lng))``) on a subsample of the same points (default
 100,000; their rate is extrapolated). Each timing is the best of ``--repeats`` runs. Prints a
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from s2vec_pipeline import s2  # noqa: E402
+from s2vec_pipeline.cells import s2  # noqa: E402
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> tuple[float, object]:
@@ -54,9 +54,9 @@ def main() -> None:
 
     rows: list[tuple[str, int, float]] = []
     t30, ids30 = best_of(args.repeats, lambda: s2.latlng_to_cell_id(lat, lng, 30))
-    rows.append(("s2vec_pipeline.s2.latlng_to_cell_id, level 30", args.n, t30))
+    rows.append(("s2vec_pipeline.cells.s2.latlng_to_cell_id, level 30", args.n, t30))
     t12, _ = best_of(args.repeats, lambda: s2.latlng_to_cell_id(lat, lng, 12))
-    rows.append(("s2vec_pipeline.s2.latlng_to_cell_id, level 12", args.n, t12))
+    rows.append(("s2vec_pipeline.cells.s2.latlng_to_cell_id, level 12", args.n, t12))
 
     to_id = s2cell.lat_lon_to_cell_id
     t_s2cell, _ = best_of(

@@ -32,10 +32,10 @@ CHILD = r"""
 import json, resource, sys, time
 import polars as pl
 import pyarrow as pa
-from s2vec_pipeline import delta_store
-from s2vec_pipeline.cell_features import aggregate_cell_features
-from s2vec_pipeline.osm_split import extract_partitions
-from s2vec_pipeline.raster import RASTER_SCHEMA, iter_raster_batches
+from s2vec_pipeline.storage import delta_store
+from s2vec_pipeline.cells.features import aggregate_cell_features
+from s2vec_pipeline.osm.split import extract_partitions
+from s2vec_pipeline.cells.raster import RASTER_SCHEMA, iter_raster_batches
 from s2vec_pipeline.settings import PipelineSettings, cells_covering_source
 
 def main():
@@ -106,8 +106,8 @@ def count_objects(pbf: Path) -> int:
 def copy_cells(src: Path, offsets: list[tuple[float, float]]) -> list[str]:
     import numpy as np
 
-    from s2vec_pipeline import s2
-    from s2vec_pipeline.osm_extract import source_bbox
+    from s2vec_pipeline.cells import s2
+    from s2vec_pipeline.osm.extract import source_bbox
 
     min_lat, min_lng, max_lat, max_lng = source_bbox(src)
     lat = np.array([(min_lat + max_lat) / 2 + a for a, _ in offsets])
@@ -136,13 +136,13 @@ def run_one(pbf: Path, args: argparse.Namespace, work: Path, partitions: list[st
 
 
 def main() -> None:
-    from s2vec_pipeline.osm_tile import (
+    from s2vec_pipeline.settings import bundled_source
+    from s2vec_pipeline_tests.osm_tile import (
         cell_center_offsets,
         fill_cell_offsets,
         grid_offsets,
         tile_pbf,
     )
-    from s2vec_pipeline.settings import bundled_source
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--copies", default="1,4,16,64,256")

@@ -6,7 +6,7 @@ query in each engine and prints a markdown table (median of ``--repeats`` runs a
 warm-up):
 
 - DuckDB over ``DeltaTable.to_pyarrow_dataset()`` with a ``SubTreeFileSystem`` (what
-  ``s2vec_pipeline.sql`` uses), with ``list_cosine_similarity`` and ``array_cosine_similarity``,
+  the sql module uses), with ``list_cosine_similarity`` and ``array_cosine_similarity``,
   the query vector as a parameter and looked up by token inside the query (the recipe);
 - DataFusion through deltalake's ``QueryBuilder`` with ``cosine_distance``;
 - polars SQL (no cosine function: reported as not expressible).
@@ -28,8 +28,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from s2vec_pipeline import delta_store  # noqa: E402
-from s2vec_pipeline.sql import SIMILAR_CELLS_SQL, run_sql  # noqa: E402
+from s2vec_pipeline.analysis.sql import SIMILAR_CELLS_SQL, run_sql  # noqa: E402
+from s2vec_pipeline.storage import delta_store  # noqa: E402
 
 TABLE = "cell_embeddings"
 
@@ -109,7 +109,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - report every engine, whatever fails
             results.append((engine, how, None, f"error: {str(e).splitlines()[0][:80]}"))
 
-    # DuckDB through s2vec_pipeline.sql (pyarrow dataset with SubTreeFileSystem).
+    # DuckDB through s2vec_pipeline.analysis.sql (pyarrow dataset with SubTreeFileSystem).
     q_list = (
         f"SELECT cell_token, list_cosine_similarity(embedding, $q::FLOAT[]) AS similarity "
         f"FROM {TABLE} ORDER BY similarity DESC LIMIT 10"
@@ -135,7 +135,7 @@ def main() -> None:
     )
 
     # One session, the table cached in DuckDB memory: load once, then query repeatedly.
-    from s2vec_pipeline.sql import SQLSession
+    from s2vec_pipeline.analysis.sql import SQLSession
 
     t0 = time.perf_counter()
     session = SQLSession(root, cache=[TABLE])
@@ -154,7 +154,7 @@ def main() -> None:
     # Thread scaling, and DuckDB over a pyarrow dataset instead of its own Parquet reader.
     import duckdb
 
-    from s2vec_pipeline.sql import _register_delta
+    from s2vec_pipeline.analysis.sql import _register_delta
 
     def duckdb_with(threads: int, native: bool):
         con = duckdb.connect(config={"threads": threads})

@@ -59,9 +59,9 @@ def synthetic_pool(n: int, channels: int, side: int, device: torch.device) -> to
 
 def raster_pool(root: str, max_tiles: int, device: torch.device) -> torch.Tensor:
     """Up to max_tiles tiles of ``<root>/raster_tiles``, on device."""
-    from s2vec_pipeline import delta_store
+    from s2vec_pipeline.cells.raster import tensor_array
     from s2vec_pipeline.model.data import RASTER_TABLE
-    from s2vec_pipeline.raster import tensor_array
+    from s2vec_pipeline.storage import delta_store
 
     contract = delta_store.table_contract(root, RASTER_TABLE)
     if contract is None:

@@ -41,9 +41,11 @@ import numpy as np
 import osmium
 import polars as pl
 
-from s2vec_pipeline import delta_store, evaluation, s2
-from s2vec_pipeline.evaluation import evaluate, neighbourhood_ids, write_report
+from s2vec_pipeline.analysis import evaluation
+from s2vec_pipeline.analysis.evaluation import evaluate, neighbourhood_ids, write_report
+from s2vec_pipeline.cells import s2
 from s2vec_pipeline.settings import bundled_sources
+from s2vec_pipeline.storage import delta_store
 
 PIXEL_LEVEL = 17
 

@@ -87,7 +87,7 @@ def running_runs(root: Path) -> list[str]:
     may be creating the instance's schemas)."""
     import dagster as dg
 
-    from s2vec_pipeline.locks import exclusive
+    from s2vec_pipeline.storage.locks import exclusive
 
     home = root / "_dagster"
     if not (home / "dagster.yaml").exists():

@@ -14,9 +14,9 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from s2vec_pipeline import storage
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.settings import DEFAULT_PROFILE, PipelineSettings, bundled_sources
+from s2vec_pipeline.storage import fs
 
 
 def _csv(value: str) -> list[str]:
@@ -66,7 +66,7 @@ def _console(verbosity: int) -> Iterator[None]:
     """While a command runs: progress lines on stderr and, at default verbosity, Dagster's own
     Python logger quiet. Undone after it, so library callers (and later tests) in the same
     process are unaffected."""
-    from s2vec_pipeline.runner import PROGRESS_LOGGER
+    from s2vec_pipeline.service.runner import PROGRESS_LOGGER
 
     progress, dagster_logger = logging.getLogger(PROGRESS_LOGGER), logging.getLogger("dagster")
     handler = _ProgressHandler()
@@ -171,8 +171,7 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
-    from s2vec_pipeline import delta_store
-    from s2vec_pipeline.runner import (
+    from s2vec_pipeline.service.runner import (
         CLI_TAG,
         STAGES,
         check_instance_home,
@@ -187,6 +186,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         parse_partition_tokens,
         parse_workers,
     )
+    from s2vec_pipeline.storage import delta_store
 
     settings = _settings(args)
     profile, taxonomy = settings.profile, settings.taxonomy  # validate before any run
@@ -230,7 +230,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     if args.region and args.cells:
         raise S2VecError("give --cells or --region, not both")
     if args.region:
-        from s2vec_pipeline.regions import RegionRegistry
+        from s2vec_pipeline.cells.regions import RegionRegistry
 
         registry = RegionRegistry(settings.root)
         region = registry.get(args.region)
@@ -248,13 +248,13 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     )
     check_instance_home(settings.root)  # before anything is written
     check_root_writable(settings.root)
-    from s2vec_pipeline.manifest import record_sources
+    from s2vec_pipeline.storage.manifest import record_sources
 
     if args.model_version:  # an unknown model is refused before the data layer runs
         from s2vec_pipeline.model.registry import check_model_exists
 
         check_model_exists(settings.root, args.model_version)
-    from s2vec_pipeline.status import TABLES
+    from s2vec_pipeline.service.status import TABLES
 
     t0 = time.perf_counter()
     tables_before = {t: delta_store.table_version_safe(settings.root, t) for t in TABLES}
@@ -297,7 +297,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         )
     if report.model_version:
         model = report.model_version
-        print(f"model            {model}  {storage.join(settings.root, 'models', model)}")
+        print(f"model            {model}  {fs.join(settings.root, 'models', model)}")
     for job, keys in report.up_to_date.items():
         if keys:
             print(f"up to date, skipped ({job}): {', '.join(keys)}  (--force recomputes)")
@@ -333,9 +333,9 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 def _root(args: argparse.Namespace) -> str:
     """``--root`` as the pipeline addresses it (an absolute path, or an object-store URI whose
     bucket was checked: a missing bucket is one clear line, before anything is read)."""
-    root = storage.normalize_root(args.root)
-    if storage.is_object_store(root):
-        storage.check_bucket(root)
+    root = fs.normalize_root(args.root)
+    if fs.is_object_store(root):
+        fs.check_bucket(root)
     elif "%" in root:
         # delta-rs reads a local path as a URL ("%20" becomes a space) and Dagster's SQLite
         # URL breaks on it: refused before anything is written
@@ -346,8 +346,8 @@ def _root(args: argparse.Namespace) -> str:
 
 
 def _settings(args: argparse.Namespace, changes_dir: str | None = None) -> PipelineSettings:
-    from s2vec_pipeline.manifest import recorded_sources
-    from s2vec_pipeline.osm_extract import validate_source
+    from s2vec_pipeline.osm.extract import validate_source
+    from s2vec_pipeline.storage.manifest import recorded_sources
 
     root = _root(args)
     # Without --source: what the root was built from (its manifest), else the bundled extracts.
@@ -381,7 +381,7 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    from s2vec_pipeline.runner import (
+    from s2vec_pipeline.service.runner import (
         check_instance_home,
         console_log_level,
         dagster_instance,
@@ -396,7 +396,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     _ = (settings.profile, settings.taxonomy)  # validate before any run
     check_instance_home(settings.root)  # before anything is written
     check_root_writable(settings.root)
-    from s2vec_pipeline import delta_store
+    from s2vec_pipeline.storage import delta_store
 
     if delta_store.table_exists(settings.root, "osm_features"):  # sources must cover the root
         settings.sources_for(delta_store.partition_keys(settings.root, "osm_features"))
@@ -444,7 +444,7 @@ def _add_region(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_region_add(args: argparse.Namespace) -> int:
 
-    from s2vec_pipeline import regions as rg
+    from s2vec_pipeline.cells import regions as rg
 
     root = _root(args)
     if args.bbox:
@@ -460,7 +460,7 @@ def _cmd_region_add(args: argparse.Namespace) -> int:
     print(f"region {region.name}: {len(region.cells)} cells: {', '.join(region.cells)}")
     if os.environ.get("DAGSTER_HOME"):
         from s2vec_pipeline.defs.partitions import add_partitions
-        from s2vec_pipeline.instance import open_dagster_instance
+        from s2vec_pipeline.service.instance import open_dagster_instance
 
         with open_dagster_instance() as instance:
             new = add_partitions(instance, list(region.cells))
@@ -469,7 +469,7 @@ def _cmd_region_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_region_list(args: argparse.Namespace) -> int:
-    from s2vec_pipeline.regions import RegionRegistry
+    from s2vec_pipeline.cells.regions import RegionRegistry
 
     regions = RegionRegistry(_root(args)).list()
     if not regions:
@@ -493,17 +493,17 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from s2vec_pipeline.runner import dagster_instance
-    from s2vec_pipeline.status import root_status
+    from s2vec_pipeline.service.runner import dagster_instance
+    from s2vec_pipeline.service.status import root_status
 
     root = _root(args)
-    if not storage.is_dir(root):
+    if not fs.is_dir(root):
         raise S2VecError(f"--root {args.root} does not exist: give the root of a materialized run")
-    from s2vec_pipeline import delta_store
-    from s2vec_pipeline.manifest import MANIFEST
-    from s2vec_pipeline.status import TABLES
+    from s2vec_pipeline.service.status import TABLES
+    from s2vec_pipeline.storage import delta_store
+    from s2vec_pipeline.storage.manifest import MANIFEST
 
-    if not storage.exists(storage.join(root, MANIFEST)) and not any(
+    if not fs.exists(fs.join(root, MANIFEST)) and not any(
         delta_store.table_exists(root, t) for t in TABLES
     ):  # nothing to report, and no _dagster/ to create in someone's folder
         raise S2VecError(
@@ -554,7 +554,7 @@ def _add_sql(sub: argparse._SubParsersAction) -> None:
 def _cmd_sql(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from s2vec_pipeline.sql import run_sql
+    from s2vec_pipeline.analysis.sql import run_sql
 
     extra = {}
     for spec in args.table:
@@ -594,7 +594,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def _add_maintain(sub: argparse._SubParsersAction) -> None:
-    from s2vec_pipeline.maintenance import DEFAULT_RETENTION_HOURS
+    from s2vec_pipeline.storage.maintenance import DEFAULT_RETENTION_HOURS
 
     p = sub.add_parser(
         "maintain",
@@ -617,7 +617,7 @@ def _add_maintain(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_maintain(args: argparse.Namespace) -> int:
-    from s2vec_pipeline.maintenance import format_report, maintain_root
+    from s2vec_pipeline.storage.maintenance import format_report, maintain_root
 
     t0 = time.perf_counter()
     reports = maintain_root(_root(args), args.retention_hours)
@@ -673,12 +673,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from s2vec_pipeline import evaluation
+    from s2vec_pipeline.analysis import evaluation
 
     if args.out and not args.out.endswith(".json"):
         raise S2VecError(f"--out must end in .json, got {args.out}")
     root = _root(args)
-    if not storage.is_dir(root):
+    if not fs.is_dir(root):
         raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
     labels, areas = evaluation.read_labels(args.labels)
     other = evaluation.read_embedding_file(args.with_file) if args.with_file else None
@@ -731,10 +731,10 @@ def _add_pool(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
-    from s2vec_pipeline import areas
+    from s2vec_pipeline.analysis import areas
 
     root = _root(args)
-    if not storage.is_dir(root):
+    if not fs.is_dir(root):
         raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
     done = areas.write_pooled(root, args.areas, args.out, args.model_version, args.cells_out)
     print(
@@ -779,15 +779,15 @@ def _add_map(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
-    from s2vec_pipeline import maps
+    from s2vec_pipeline.analysis import maps
 
     root = _root(args)
-    if not storage.is_dir(root):
+    if not fs.is_dir(root):
         raise S2VecError(f"--root {root} is not a folder: give the root of a materialized run")
     if Path(args.out).suffix.lower() not in (".png", ".html", ".htm"):
         raise S2VecError(f"--out must end in .png or .html, got {args.out}")
     if args.region:
-        from s2vec_pipeline.regions import RegionRegistry
+        from s2vec_pipeline.cells.regions import RegionRegistry
 
         cells = list(RegionRegistry(root).get(args.region).cells)
     else:

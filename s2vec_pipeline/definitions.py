@@ -32,7 +32,7 @@ from s2vec_pipeline.defs.sources import (
     osm_sources_asset,
     refresh_sources_job,
 )
-from s2vec_pipeline.k8s import executor_from_env
+from s2vec_pipeline.service.k8s import executor_from_env
 from s2vec_pipeline.settings import PipelineSettings
 
 

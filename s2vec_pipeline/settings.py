@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pydantic
 
-from s2vec_pipeline import s2
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import PARTITION_LEVEL, ResolutionProfile, get_profile
 from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidCellError, S2VecError
-from s2vec_pipeline.osm_extract import source_bbox
-from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile, get_profile
-from s2vec_pipeline.storage import check_object_root, is_object_store, normalize_root
-from s2vec_pipeline.taxonomy import Taxonomy, load_taxonomy
+from s2vec_pipeline.osm.extract import source_bbox
+from s2vec_pipeline.osm.taxonomy import Taxonomy, load_taxonomy
+from s2vec_pipeline.storage.fs import check_object_root, is_object_store, normalize_root
 
 ENV_ROOT = "S2VEC_ROOT"
 ENV_SOURCES = "S2VEC_SOURCES"  # os.pathsep-separated list of .osm.pbf paths
@@ -157,7 +157,7 @@ class PipelineSettings(pydantic.BaseModel):
         """Local folder where large sources are cut into group files once per source version
         (``osm_split.cached_split``): ``<root>/_split``, or for an object-store root (osmium-tool
         writes local files) the root's local cache (``storage.local_cache``)."""
-        from s2vec_pipeline.storage import local_cache
+        from s2vec_pipeline.storage.fs import local_cache
 
         return local_cache(self.root, SPLIT_CACHE_DIR)
 
@@ -165,7 +165,7 @@ class PipelineSettings(pydantic.BaseModel):
         """Like ``sources_for``, but each source replaced by its current extract: the copy under
         the root with the applied change files, or the source itself when none was applied.
         The user's files are never modified."""
-        from s2vec_pipeline.osm_changes import current_extract
+        from s2vec_pipeline.osm.changes import current_extract
 
         return [str(current_extract(self.root, s)) for s in self.sources_for(partitions)]
 

@@ -35,7 +35,7 @@ def materialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     storage root and the Dagster home holding the runs' records (copy both to change them)."""
     import dagster as dg
 
-    from s2vec_pipeline.runner import materialize, parse_stages
+    from s2vec_pipeline.service.runner import materialize, parse_stages
 
     root = tmp_path_factory.mktemp("s2vec_root")
     home = tmp_path_factory.mktemp("dagster_home")

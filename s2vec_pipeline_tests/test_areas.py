@@ -24,10 +24,11 @@ import shapely
 import torch
 from shapely.geometry import Polygon, box, mapping
 
-from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline.analysis.evaluation import LabelError, embedding_matrix, evaluate
+from s2vec_pipeline.analysis.sql import join_labels_any_cell, pool_areas_sql
+from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.evaluation import LabelError, embedding_matrix, evaluate
-from s2vec_pipeline.sql import join_labels_any_cell, pool_areas_sql
+from s2vec_pipeline.storage import delta_store
 
 HELSINKI_L6 = "4693"
 MONACO_L6 = "12cd"

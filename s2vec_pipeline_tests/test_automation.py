@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 from deltalake import DeltaTable
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline.cells.regions import REGIONS_FILE, RegionRegistry, region_from_bbox
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
 from s2vec_pipeline.defs.model import weekly_training_schedule
@@ -24,8 +24,8 @@ from s2vec_pipeline.defs.regions import (
 )
 from s2vec_pipeline.defs.resources import S2VecResource, resource_run_config
 from s2vec_pipeline.defs.sources import nightly_refresh_schedule
-from s2vec_pipeline.regions import REGIONS_FILE, RegionRegistry, region_from_bbox
 from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 
 HELSINKI_BBOX = "60.15,24.90,60.20,25.00"

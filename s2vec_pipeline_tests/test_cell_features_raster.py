@@ -10,11 +10,11 @@ import polars as pl
 import pytest
 import s2geometry as s2g
 
-from s2vec_pipeline.cell_features import aggregate_cell_features, cell_features_schema
-from s2vec_pipeline.osm_extract import extract_features
-from s2vec_pipeline.profiles import PROFILES
-from s2vec_pipeline.raster import iter_raster_batches, rasterize, tensor_array
-from s2vec_pipeline.taxonomy import load_taxonomy
+from s2vec_pipeline.cells.features import aggregate_cell_features, cell_features_schema
+from s2vec_pipeline.cells.profiles import PROFILES
+from s2vec_pipeline.cells.raster import iter_raster_batches, rasterize, tensor_array
+from s2vec_pipeline.osm.extract import extract_features
+from s2vec_pipeline.osm.taxonomy import load_taxonomy
 
 CITY = PROFILES["city"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from s2vec_pipeline import delta_store
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.model.registry import list_models
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 from s2vec_pipeline_tests.test_osm_changes import _osc
 

@@ -11,7 +11,8 @@ import pytest
 import s2geometry as s2g
 import shapely
 
-from s2vec_pipeline import clip, s2
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.osm import clip
 
 R = clip.EARTH_RADIUS_M
 

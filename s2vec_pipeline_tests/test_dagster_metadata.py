@@ -17,7 +17,7 @@ from deltalake import DeltaTable
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
 from s2vec_pipeline.defs.automation import _resolver
-from s2vec_pipeline.osm_extract import OSM_FEATURES_CODE_VERSION
+from s2vec_pipeline.osm.extract import OSM_FEATURES_CODE_VERSION
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 

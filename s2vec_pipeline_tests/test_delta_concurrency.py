@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline.storage import delta_store
 
 CONTRACT = {"table": "t", "profile": "city", "taxonomy_version": "v1"}
 WRITERS = 4

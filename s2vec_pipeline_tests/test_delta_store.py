@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 from deltalake.exceptions import DeltaError
 
-from s2vec_pipeline import delta_store
 from s2vec_pipeline.errors import IncompatibleTableError, MissingInputError
+from s2vec_pipeline.storage import delta_store
 
 CONTRACT = {"table": "t", "profile": "city", "taxonomy_version": "v1"}
 
@@ -69,7 +69,7 @@ def test_streaming_batches_and_leftovers(tmp_path: Path) -> None:
 def test_frame_hash_is_a_function_of_content() -> None:
     import polars as pl
 
-    from s2vec_pipeline.versioning import frame_hash
+    from s2vec_pipeline.storage.versioning import frame_hash
 
     both = pl.DataFrame({"parent_l6": ["a", "b", "a"], "s": ["xx" * 20, "yy" * 20, "zz" * 20]})
     alone = pl.DataFrame({"parent_l6": ["a", "a"], "s": ["zz" * 20, "xx" * 20]})
@@ -82,7 +82,7 @@ def test_exact_sum_ignores_row_order() -> None:
     import numpy as np
     import polars as pl
 
-    from s2vec_pipeline.versioning import exact_sum
+    from s2vec_pipeline.storage.versioning import exact_sum
 
     values = np.random.default_rng(0).uniform(0, 1e4, 10_000)
     a = pl.DataFrame({"k": 1, "v": values}).group_by("k").agg(exact_sum("v"))

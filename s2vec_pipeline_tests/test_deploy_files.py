@@ -195,7 +195,7 @@ def test_dockerfile_copies_what_exists_and_runs_the_compose_command() -> None:
             assert (REPO / src).exists(), src
             assert not _dockerignore_excludes(src), f"{src} is excluded by .dockerignore"
     # What the package needs at run time is in the context; tests and local data are not.
-    for needed in ("s2vec_pipeline/data/osm/monaco.osm.pbf", "s2vec_pipeline/taxonomy.yaml"):
+    for needed in ("s2vec_pipeline/data/osm/monaco.osm.pbf", "s2vec_pipeline/osm/taxonomy.yaml"):
         assert not _dockerignore_excludes(needed)
     for left_out in ("s2vec_pipeline_tests/test_s2.py", ".venv/bin/python", "s2vec_data/x"):
         assert _dockerignore_excludes(left_out)
@@ -370,7 +370,7 @@ def test_service_instance_config_validates_with_the_docker_launcher(tmp_path: Pa
 def test_local_dagster_yaml_monitors_runs_with_a_launcher_that_checks_health(
     tmp_path: Path,
 ) -> None:
-    from s2vec_pipeline.instance import LocalProcessRunLauncher
+    from s2vec_pipeline.service.instance import LocalProcessRunLauncher
 
     home = tmp_path / "home"
     home.mkdir()
@@ -382,7 +382,7 @@ def test_local_dagster_yaml_monitors_runs_with_a_launcher_that_checks_health(
 
 
 def test_process_alive_tells_a_live_process_from_a_dead_reused_or_zombie_one() -> None:
-    from s2vec_pipeline.instance import process_alive
+    from s2vec_pipeline.service.instance import process_alive
 
     assert process_alive(os.getpid())
     assert process_alive(os.getpid(), not_started_after=time.time())
@@ -455,7 +455,7 @@ def test_k8s_executor_puts_training_and_embedding_on_gpu_nodes() -> None:
 
     from s2vec_pipeline.definitions import build_definitions
     from s2vec_pipeline.errors import S2VecError
-    from s2vec_pipeline.k8s import (
+    from s2vec_pipeline.service.k8s import (
         GPU_JOB_TAGS,
         GPU_NODE_SELECTOR,
         GPU_OPS,

@@ -18,8 +18,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from s2vec_pipeline import delta_store
 from s2vec_pipeline.cli import main
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import MONACO_L6
 from s2vec_pipeline_tests.pg_cluster import PostgresCluster, free_port, start_cluster, stop_cluster
 
@@ -136,7 +136,7 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
     can notice: the daemon marks the killed run FAILURE and the queued run then starts and
     succeeds. Code server started with the compose file's command, on loopback."""
     db = pg.create_database("run_monitoring")
-    launcher = {"module": "s2vec_pipeline.instance", "class": "LocalProcessRunLauncher"}
+    launcher = {"module": "s2vec_pipeline.service.instance", "class": "LocalProcessRunLauncher"}
     home = _service_home(tmp_path, run_launcher=launcher)
     env = {**os.environ, **pg.env(db), "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO)}
     _use_instance(monkeypatch, home, pg.env(db))
@@ -291,7 +291,7 @@ def test_instance_errors_name_the_variable_to_fix_and_leave_other_errors_alone(
 ) -> None:
     import psycopg2
 
-    from s2vec_pipeline.instance import describe_instance_error
+    from s2vec_pipeline.service.instance import describe_instance_error
 
     try:  # a real driver error: the database does not exist
         psycopg2.connect(

@@ -15,9 +15,9 @@ import polars as pl
 import pytest
 import s2geometry as s2g
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline.analysis.evaluation import evaluate
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.evaluation import evaluate
+from s2vec_pipeline.storage import delta_store
 
 ROAD = "road_residential_m"
 BUILDING = "building_residential_m2"

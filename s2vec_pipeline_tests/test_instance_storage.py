@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from s2vec_pipeline.instance import (
+from s2vec_pipeline.service.instance import (
     PooledSqliteEventLogStorage,
     PooledSqliteRunStorage,
     pooled_sqlite_config,

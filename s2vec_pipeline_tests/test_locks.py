@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from s2vec_pipeline.locks import LockHeldError, exclusive
+from s2vec_pipeline.storage.locks import LockHeldError, exclusive
 
 
 def _hold(path: str, held: mp.synchronize.Event, release: mp.synchronize.Event) -> None:

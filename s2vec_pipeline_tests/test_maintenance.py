@@ -20,9 +20,9 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from s2vec_pipeline import delta_store
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.maintenance import maintain_root
+from s2vec_pipeline.storage import delta_store
+from s2vec_pipeline.storage.maintenance import maintain_root
 
 CONTRACT = {"table": "t", "profile": "city", "taxonomy_version": "v1"}
 

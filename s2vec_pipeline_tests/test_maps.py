@@ -20,8 +20,9 @@ import pytest
 import s2geometry as s2g
 from PIL import Image
 
-from s2vec_pipeline import delta_store, maps
+from s2vec_pipeline.analysis import maps
 from s2vec_pipeline.cli import main
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import MONACO_L6
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -188,7 +189,7 @@ def test_map_of_a_region_and_of_image_cells(embedded_root: Path, tmp_path: Path)
     assert {s2g.S2CellId.FromToken(str(t)).parent(13).ToToken() for t in layer.tokens} == {image}
     root = tmp_path / "root"
     shutil.copytree(embedded_root, root)
-    from s2vec_pipeline.regions import RegionRegistry, region_from_bbox
+    from s2vec_pipeline.cells.regions import RegionRegistry, region_from_bbox
 
     RegionRegistry(root).add(region_from_bbox("monaco", 43.72, 7.40, 43.75, 7.44))
     out = tmp_path / "region.html"

@@ -16,7 +16,8 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
-from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.raster import RASTER_SCHEMA, tensor_array
 from s2vec_pipeline.errors import IncompatibleTableError, MissingInputError, S2VecError
 from s2vec_pipeline.model.config import TrainConfig
 from s2vec_pipeline.model.data import (
@@ -39,8 +40,8 @@ from s2vec_pipeline.model.registry import (
     load_model,
 )
 from s2vec_pipeline.model.train import loss_curve_caption, model_version, train_model
-from s2vec_pipeline.raster import RASTER_SCHEMA, tensor_array
-from s2vec_pipeline.versioning import frame_hash
+from s2vec_pipeline.storage import delta_store
+from s2vec_pipeline.storage.versioning import frame_hash
 
 TINY = {
     "embed_dim": 32,

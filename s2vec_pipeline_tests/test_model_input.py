@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from s2vec_pipeline import delta_store
+from s2vec_pipeline.cells.raster import tensor_array
 from s2vec_pipeline.model.config import InvalidTrainConfigError, TrainConfig
 from s2vec_pipeline.model.data import (
     TILE_CACHE_DIR,
@@ -24,7 +24,7 @@ from s2vec_pipeline.model.data import (
     tile_cache,
 )
 from s2vec_pipeline.model.train import model_version
-from s2vec_pipeline.raster import tensor_array
+from s2vec_pipeline.storage import delta_store
 
 C, S = 8, 16
 IMAGES = {"4693": 24, "12cd": 16}

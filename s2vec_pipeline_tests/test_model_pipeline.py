@@ -11,13 +11,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.model.config import TrainConfig
 from s2vec_pipeline.model.registry import ModelCard, list_models
 from s2vec_pipeline.model.train import train_model
-from s2vec_pipeline.runner import materialize, parse_stages
+from s2vec_pipeline.service.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6, TINY_MODEL
 from s2vec_pipeline_tests.contract_checks import model_problems
 
@@ -168,7 +169,7 @@ def test_cli_embeds_with_existing_model_and_rejects_unknown(
 
 def test_cli_sql_recipes(embedded, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root, _, _ = embedded
-    from s2vec_pipeline.sql import similar_cells
+    from s2vec_pipeline.analysis.sql import similar_cells
 
     token = delta_store.read_partitions(root, "cell_features")["cell_token"][0]
     top = pl.from_arrow(similar_cells(root, token, k=3))

@@ -21,8 +21,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.cli import main
+from s2vec_pipeline.storage import delta_store, fs
 from s2vec_pipeline_tests.conftest import MONACO_L6
 
 BUCKET = "s2vec-test"
@@ -95,7 +95,7 @@ def s3_env(aws: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    monkeypatch.setenv(storage.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv(fs.ENV_CACHE, str(tmp_path / "cache"))
     return f"s3://{BUCKET}/{tmp_path.name}/root"
 
 
@@ -112,18 +112,18 @@ def _sorted_table(root: str | Path, table: str) -> pl.DataFrame:
 
 
 def test_storage_paths_local_and_s3(s3_env: str, tmp_path: Path) -> None:
-    assert storage.join(s3_env, "a", "b.json") == f"{s3_env}/a/b.json"
-    assert storage.join(tmp_path, "a") == str(tmp_path / "a")
+    assert fs.join(s3_env, "a", "b.json") == f"{s3_env}/a/b.json"
+    assert fs.join(tmp_path, "a") == str(tmp_path / "a")
     for root in (s3_env, str(tmp_path / "local")):
-        target = storage.join(root, "x", "f.json")
-        assert storage.read_bytes(target) is None and not storage.exists(target)
-        storage.write_bytes(target, b"one")
-        storage.write_bytes(target, b"two")
-        assert storage.read_bytes(target) == b"two" and storage.is_file(target)
-        assert storage.list_dirs(root) == ["x"]
-        assert [e.relative for e in storage.list_files(root)] == ["x/f.json"]
-        storage.delete_tree(storage.join(root, "x"))
-        assert storage.list_files(root) == []
+        target = fs.join(root, "x", "f.json")
+        assert fs.read_bytes(target) is None and not fs.exists(target)
+        fs.write_bytes(target, b"one")
+        fs.write_bytes(target, b"two")
+        assert fs.read_bytes(target) == b"two" and fs.is_file(target)
+        assert fs.list_dirs(root) == ["x"]
+        assert [e.relative for e in fs.list_files(root)] == ["x/f.json"]
+        fs.delete_tree(fs.join(root, "x"))
+        assert fs.list_files(root) == []
     # only pyarrow's empty folder markers ("…/") may remain
     assert [k for k in _objects(s3_env.split("/", 3)[3]) if not k.endswith("/")] == []
 
@@ -167,7 +167,7 @@ def test_materialize_data_stages_and_sql_on_s3(
 
     # the manifest on s3 records the source: later commands need no --source
     assert main(["sql", "SELECT count(*) AS n FROM raster_tiles", "--root", s3_env]) == 0
-    from s2vec_pipeline.manifest import recorded_sources
+    from s2vec_pipeline.storage.manifest import recorded_sources
 
     assert recorded_sources(s3_env) == [str(monaco_pbf.resolve())]
 
@@ -215,7 +215,7 @@ def test_two_writers_create_and_write_one_s3_table(s3_env: str, table: str) -> N
     committed again as version 1; a writer read its version from a shifted history)."""
     ctx = mp.get_context("spawn")  # deltalake panics in forked children
     queue = ctx.Queue()
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == storage.ENV_CACHE}
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == fs.ENV_CACHE}
     procs = [
         ctx.Process(target=_write_one, args=(s3_env, table, k, env, queue)) for k in ("aa", "bb")
     ]
@@ -300,7 +300,7 @@ def _data_stages_on_both(s3_root: str, local: Path, monaco_pbf: Path) -> None:
 
 def test_models_and_embeddings_on_s3(s3_env: str, tmp_path: Path, monaco_pbf: Path) -> None:
     from s2vec_pipeline.model.registry import list_models, load_model
-    from s2vec_pipeline.runner import dagster_instance, materialize, parse_stages
+    from s2vec_pipeline.service.runner import dagster_instance, materialize, parse_stages
     from s2vec_pipeline.settings import PipelineSettings
     from s2vec_pipeline_tests.conftest import TINY_MODEL
 
@@ -359,7 +359,7 @@ def _restaurant_change(folder: Path) -> Path:
 def test_refresh_with_a_change_file_on_s3(
     s3_env: str, tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from s2vec_pipeline import osm_changes
+    from s2vec_pipeline.osm import changes as osm_changes
 
     local = tmp_path / "local_root"
     _data_stages_on_both(s3_env, local, monaco_pbf)
@@ -385,7 +385,7 @@ def test_refresh_with_a_change_file_on_s3(
     ledger = osm_changes.read_ledger(s3_env, monaco_pbf)
     assert [e["name"] for e in ledger["applied"]] == ["0001.osc"]
     # a fresh host (empty local cache) sees what was applied: nothing to do again
-    shutil.rmtree(os.environ[storage.ENV_CACHE])
+    shutil.rmtree(os.environ[fs.ENV_CACHE])
     versions = {t: delta_store.table_version(s3_env, t) for t in DATA_TABLES}
     assert main(["refresh", "--root", s3_env, "--changes", str(changes)]) == 0
     assert "applied: no new change file" in capsys.readouterr().out

@@ -13,9 +13,9 @@ import numpy as np
 import osmium
 import pytest
 
-from s2vec_pipeline import osm_changes as oc
-from s2vec_pipeline import s2
-from s2vec_pipeline.osm_extract import source_bbox
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.osm import changes as oc
+from s2vec_pipeline.osm.extract import source_bbox
 from s2vec_pipeline.settings import cells_covering_source
 
 HELSINKI_L6 = "4693"

@@ -13,15 +13,15 @@ import polars as pl
 import pytest
 import s2geometry as s2g
 
+from s2vec_pipeline.cells.profiles import PROFILES
 from s2vec_pipeline.errors import InvalidSourceError
-from s2vec_pipeline.osm_extract import (
+from s2vec_pipeline.osm.extract import (
     EARTH_RADIUS_M,
     OSM_FEATURES_SCHEMA,
     extract_features,
     source_bbox,
 )
-from s2vec_pipeline.profiles import PROFILES
-from s2vec_pipeline.taxonomy import load_taxonomy
+from s2vec_pipeline.osm.taxonomy import load_taxonomy
 
 CITY = PROFILES["city"]
 OSMIUM_EARTH_RADIUS_M = 6372797.560856  # libosmium's haversine radius

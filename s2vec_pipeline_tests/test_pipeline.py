@@ -8,14 +8,14 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from s2vec_pipeline import delta_store
-from s2vec_pipeline.cell_features import aggregate_cell_features
+from s2vec_pipeline.cells.features import aggregate_cell_features
+from s2vec_pipeline.cells.profiles import PROFILES
+from s2vec_pipeline.cells.raster import tensor_array
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.profiles import PROFILES
-from s2vec_pipeline.raster import tensor_array
-from s2vec_pipeline.runner import materialize, parse_stages
+from s2vec_pipeline.osm.taxonomy import load_taxonomy
+from s2vec_pipeline.service.runner import materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
-from s2vec_pipeline.taxonomy import load_taxonomy
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import DATA_STAGES, HELSINKI_L6, MONACO_L6
 from s2vec_pipeline_tests.contract_checks import data_layer_problems
 

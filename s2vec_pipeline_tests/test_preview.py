@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import s2geometry as s2g
 
-from s2vec_pipeline import delta_store, preview
-from s2vec_pipeline.raster import tensor_array
-from s2vec_pipeline.taxonomy import load_taxonomy
+from s2vec_pipeline.cells import preview
+from s2vec_pipeline.cells.raster import tensor_array
+from s2vec_pipeline.osm.taxonomy import load_taxonomy
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 
 EARTH_RADIUS_M = 6_371_008.8

@@ -12,17 +12,17 @@ import polars as pl
 import pytest
 import torch
 
-from s2vec_pipeline import delta_store
-from s2vec_pipeline.model.config import TrainConfig
-from s2vec_pipeline.model.registry import list_models, load_model
-from s2vec_pipeline.model.train import train_model
-from s2vec_pipeline.raster import tensor_array
-from s2vec_pipeline.reconstruction import (
+from s2vec_pipeline.analysis.reconstruction import (
     NoHeldOutImagesError,
     held_out_images,
     neighbour_mean,
     reconstruction_quality,
 )
+from s2vec_pipeline.cells.raster import tensor_array
+from s2vec_pipeline.model.config import TrainConfig
+from s2vec_pipeline.model.registry import list_models, load_model
+from s2vec_pipeline.model.train import train_model
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6, TINY_MODEL
 
 

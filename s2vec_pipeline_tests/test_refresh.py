@@ -14,14 +14,14 @@ import osmium
 import polars as pl
 import pytest
 
-from s2vec_pipeline import delta_store
-from s2vec_pipeline import osm_changes as oc
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
 from s2vec_pipeline.defs.automation import refresh_stale_partitions, stale_partitions
 from s2vec_pipeline.errors import S2VecError
-from s2vec_pipeline.runner import Launcher, materialize, parse_stages, refresh
+from s2vec_pipeline.osm import changes as oc
+from s2vec_pipeline.service.runner import Launcher, materialize, parse_stages, refresh
 from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 from s2vec_pipeline_tests.test_model_pipeline import TINY
 from s2vec_pipeline_tests.test_osm_changes import OLD_TS, STATION, TS, _node, _osc

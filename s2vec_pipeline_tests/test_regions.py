@@ -11,8 +11,8 @@ import s2geometry as s2g
 import shapely
 import yaml
 
-from s2vec_pipeline import regions as R
-from s2vec_pipeline import s2
+from s2vec_pipeline.cells import regions as R
+from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidBoundingBoxError
 
 HELSINKI_L6 = "4693"

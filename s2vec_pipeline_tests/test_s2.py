@@ -1,4 +1,4 @@
-"""Tests of s2vec_pipeline.s2 against the official S2 library (s2geometry), s2cell and s2sphere."""
+"""Tests of s2vec_pipeline.cells.s2 against the official S2 library, s2cell and s2sphere."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import s2cell
 import s2geometry as s2g
 import s2sphere
 
-from s2vec_pipeline import s2
+from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import InvalidBoundingBoxError, InvalidCellError
 
 N_RANDOM = 1_000_000

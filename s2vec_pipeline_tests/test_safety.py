@@ -19,10 +19,10 @@ import dagster as dg
 import pytest
 from deltalake import DeltaTable
 
-from s2vec_pipeline import delta_store
 from s2vec_pipeline.errors import MissingInputError
-from s2vec_pipeline.runner import DATA_ASSETS, Launcher, materialize, parse_stages
+from s2vec_pipeline.service.runner import DATA_ASSETS, Launcher, materialize, parse_stages
 from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6, TINY_MODEL
 from s2vec_pipeline_tests.test_object_storage import aws, s3_env, s3_server  # noqa: F401
 
@@ -67,7 +67,7 @@ def test_rerun_after_a_lost_raster_partition_keeps_and_remakes_embeddings(
     """Finding 1: a raster partition deleted behind Dagster's back. Before the fix, a plain
     rerun skipped the raster, trained on the other partition and committed an empty overwrite
     of the partition's embeddings (every row of 12cd gone)."""
-    from s2vec_pipeline.status import root_status
+    from s2vec_pipeline.service.status import root_status
 
     root, home = copy
     before = {t: _rows(root, t, MONACO_L6) for t in [*DATA_ASSETS, *EMBEDDINGS]}
@@ -118,7 +118,7 @@ def test_embedding_write_never_commits_an_empty_overwrite(copy: tuple[Path, Path
 def test_a_deleted_data_file_is_noticed_and_repaired(copy: tuple[Path, Path]) -> None:
     """Finding 5 (second half): one data file of cell_features deleted from disk. The lost
     file is named, and a plain materialize rewrites the partition from osm_features."""
-    from s2vec_pipeline.integrity import lost_data
+    from s2vec_pipeline.service.integrity import lost_data
 
     root, home = copy
     before = _rows(root, "cell_features", MONACO_L6)
@@ -171,7 +171,7 @@ def test_refused_runs_leave_the_manifest_alone(
     """Finding 4: a refused --profile and a truncated source used to be recorded in
     s2vec_root.json, and every later plain run failed on them."""
     from s2vec_pipeline.cli import main
-    from s2vec_pipeline.manifest import read_manifest
+    from s2vec_pipeline.storage.manifest import read_manifest
 
     stages = ["--stages", "extract,features,raster"]
     args = ["materialize", "--root", str(data_root), "--source", str(monaco_pbf), *stages]
@@ -451,7 +451,7 @@ def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, what: str) 
 
 
 def _running_runs(root: Path, job: str) -> list[dg.DagsterRun]:
-    from s2vec_pipeline.locks import exclusive
+    from s2vec_pipeline.storage.locks import exclusive
 
     home = root / "_dagster"
     if not (home / "dagster.yaml").exists():
@@ -555,8 +555,8 @@ def test_s3_root_without_credentials(
     failed with "OSError: Generic S3 error" (exit 1) in status (moto lets pyarrow read
     anonymously; delta-rs cannot)."""
     from s2vec_pipeline.cli import main
-    from s2vec_pipeline.manifest import record_sources
     from s2vec_pipeline.settings import PipelineSettings as Settings
+    from s2vec_pipeline.storage.manifest import record_sources
 
     taxonomy = Settings(root=s3_env, sources=(str(monaco_pbf),)).taxonomy.version
     record_sources(s3_env, [str(monaco_pbf)], "city", taxonomy)

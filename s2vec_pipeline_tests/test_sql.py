@@ -10,9 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from s2vec_pipeline import delta_store, s2
-from s2vec_pipeline.errors import InvalidCellError
-from s2vec_pipeline.sql import (
+from s2vec_pipeline.analysis.sql import (
     LABEL_JOIN_SQL,
     REGION_BY_PARENT_SQL,
     SIMILAR_CELLS_SQL,
@@ -26,6 +24,9 @@ from s2vec_pipeline.sql import (
     run_sql,
     similar_cells,
 )
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.errors import InvalidCellError
+from s2vec_pipeline.storage import delta_store
 
 DIM, SIDE = 16, 4  # 4×4 pixels per image keeps the tables small
 ANCHORS = {"4693": (60.17, 24.94), "12cd": (43.73, 7.42)}

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from s2vec_pipeline.errors import TaxonomyError
-from s2vec_pipeline.taxonomy import MEASURES, Channel, Taxonomy, load_taxonomy
+from s2vec_pipeline.osm.taxonomy import MEASURES, Channel, Taxonomy, load_taxonomy
 
 OSM_DIR = Path(__file__).resolve().parents[1] / "s2vec_pipeline" / "data" / "osm"
 HELSINKI = OSM_DIR / "helsinki.osm.pbf"
@@ -38,7 +38,7 @@ def write(tmp_path: Path, text: str, name: str = "tax.yaml") -> Path:
 
 
 def packaged_yaml() -> str:
-    return resources.files("s2vec_pipeline").joinpath("taxonomy.yaml").read_text("utf-8")
+    return resources.files("s2vec_pipeline.osm").joinpath("taxonomy.yaml").read_text("utf-8")
 
 
 # ----------------------------------------------------------------------------- the default

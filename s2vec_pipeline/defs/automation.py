@@ -19,7 +19,7 @@ from dagster._core.definitions.data_version import CachingStaleStatusResolver, S
 from dagster._time import get_current_datetime
 
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
-from s2vec_pipeline.k8s import executor_from_env
+from s2vec_pipeline.service.k8s import executor_from_env
 
 #: Every partitioned asset, in pipeline order.
 PIPELINE_ASSETS = [

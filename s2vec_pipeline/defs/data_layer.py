@@ -15,8 +15,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from s2vec_pipeline import delta_store, table_checks
-from s2vec_pipeline.cell_features import aggregate_cell_features, cell_features_schema
+from s2vec_pipeline.cells.features import aggregate_cell_features, cell_features_schema
+from s2vec_pipeline.cells.preview import markdown_image, partition_mosaic, png_bytes
+from s2vec_pipeline.cells.raster import RASTER_SCHEMA, iter_raster_batches, tensor_array
 from s2vec_pipeline.defs.metadata import (
     OWNERS,
     check_result,
@@ -27,12 +28,11 @@ from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import osm_sources
 from s2vec_pipeline.errors import MissingInputError
-from s2vec_pipeline.extract_cache import extract_partition
-from s2vec_pipeline.osm_extract import OSM_FEATURES_CODE_VERSION, OSM_FEATURES_SCHEMA
-from s2vec_pipeline.preview import markdown_image, partition_mosaic, png_bytes
-from s2vec_pipeline.raster import RASTER_SCHEMA, iter_raster_batches, tensor_array
+from s2vec_pipeline.osm.extract import OSM_FEATURES_CODE_VERSION, OSM_FEATURES_SCHEMA
+from s2vec_pipeline.osm.extract_cache import extract_partition
 from s2vec_pipeline.settings import PipelineSettings
-from s2vec_pipeline.versioning import partition_data_version
+from s2vec_pipeline.storage import delta_store, table_checks
+from s2vec_pipeline.storage.versioning import partition_data_version
 
 GROUP = "data_layer"
 DATA_TAGS = {"layer": "data", "storage": "delta"}

@@ -47,7 +47,7 @@ def evaluation(
     """Linear probes of the embeddings on the configured labels, against raw-feature baselines
     on the same folds (random k-fold and spatially blocked folds, as in the paper): R², MAE and
     RMSE per target, protocol and method."""
-    from s2vec_pipeline import evaluation as ev
+    from s2vec_pipeline.analysis import evaluation as ev
 
     report = ev.evaluate_files(
         s2vec.root,

@@ -1,6 +1,6 @@
 """Weekly maintenance of the Delta tables: the ``maintain_tables`` job and its schedule.
 
-The job runs :func:`s2vec_pipeline.maintenance.maintain_root` on the storage root of the
+The job runs :func:`s2vec_pipeline.storage.maintenance.maintain_root` on the storage root of the
 ``s2vec`` resource (compaction, vacuum, staging leftovers of killed writes; retention rules in
 that module) and reports files and bytes before and after per table as output metadata and in
 the run log. ``s2vec maintain --root DIR`` runs the same function in the foreground.
@@ -12,7 +12,7 @@ import dagster as dg
 from pydantic import Field
 
 from s2vec_pipeline.defs.resources import S2VecResource
-from s2vec_pipeline.maintenance import (
+from s2vec_pipeline.storage.maintenance import (
     DEFAULT_RETENTION_HOURS,
     format_report,
     maintain_root,

@@ -7,8 +7,8 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from s2vec_pipeline import delta_store, table_checks
 from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.storage import delta_store, table_checks
 
 OWNERS = ["team:s2vec"]
 TABLE_TAGS = {"layer": "table", "storage": "delta"}

@@ -21,13 +21,13 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
-from s2vec_pipeline import delta_store, storage
+from s2vec_pipeline.cells.preview import markdown_image
 from s2vec_pipeline.defs.data_layer import raster_tiles
 from s2vec_pipeline.defs.metadata import OWNERS, table_metadata
 from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.errors import MissingInputError, S2VecError
-from s2vec_pipeline.preview import markdown_image
+from s2vec_pipeline.storage import delta_store, fs
 
 if TYPE_CHECKING:
     from s2vec_pipeline.model.config import TrainConfig
@@ -212,7 +212,7 @@ def mae_model(
         train_config(config, settings.profile.name),
     )
     context.log.info(f"model {card.model_version} in {card.directory}")
-    curve = storage.read_bytes(storage.join(card.directory, "loss_curve.png")) or b""
+    curve = fs.read_bytes(fs.join(card.directory, "loss_curve.png")) or b""
     curve_md = markdown_image(curve, "loss curve")
     yield dg.MaterializeResult(
         metadata={
@@ -239,7 +239,7 @@ def mae_model(
 def _reconstruction_check(
     root: str, model_version: str, card: "ModelCard | None" = None
 ) -> dg.AssetCheckResult:
-    from s2vec_pipeline.reconstruction import NoHeldOutImagesError, reconstruction_quality
+    from s2vec_pipeline.analysis.reconstruction import NoHeldOutImagesError, reconstruction_quality
 
     try:
         report = reconstruction_quality(root, model_version)
@@ -407,7 +407,7 @@ def embeddings(
     # partition changes exactly the right partitions' versions.
     data_version = dg.DataVersion(f"{version}-{written['raster_data_version']}")
     width = int(card.config["embed_dim"])
-    from s2vec_pipeline.maps import partition_embedding_png
+    from s2vec_pipeline.analysis.maps import partition_embedding_png
 
     # First three principal components as RGB on the cells' true polygons.
     embedding_map = dg.MetadataValue.md(

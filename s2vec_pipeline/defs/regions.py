@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import dagster as dg
 from pydantic import Field
 
-from s2vec_pipeline import regions as rg
+from s2vec_pipeline.cells import regions as rg
 from s2vec_pipeline.defs.automation import (
     PARTITION_PIPELINE,
     partition_pipeline_job,
@@ -108,7 +108,7 @@ def region_run_requests(
     if model is not None:
         assets += ["cell_embeddings", "image_embeddings"]
     busy = partitions_in_progress(instance)
-    from s2vec_pipeline.integrity import has_data
+    from s2vec_pipeline.service.integrity import has_data
 
     todo = [c for c in cells if c not in busy]
     plan = partitions_to_run(

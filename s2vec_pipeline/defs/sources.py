@@ -16,10 +16,10 @@ from typing import Any
 
 import dagster as dg
 
-from s2vec_pipeline import osm_changes
 from s2vec_pipeline.defs.metadata import OWNERS
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME, l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
+from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.settings import PipelineSettings
 
 ENV_REFRESH_CRON = "S2VEC_REFRESH_CRON"

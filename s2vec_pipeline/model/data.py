@@ -30,12 +30,12 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from s2vec_pipeline import delta_store, storage
+from s2vec_pipeline.cells.raster import tensor_array
 from s2vec_pipeline.errors import DamagedTableError, MissingInputError
-from s2vec_pipeline.locks import exclusive
 from s2vec_pipeline.model.registry import RASTER_TABLE
-from s2vec_pipeline.raster import tensor_array
-from s2vec_pipeline.versioning import config_hash, partition_data_version
+from s2vec_pipeline.storage import delta_store, fs
+from s2vec_pipeline.storage.locks import exclusive
+from s2vec_pipeline.storage.versioning import config_hash, partition_data_version
 
 
 def raster_snapshot(root: str | os.PathLike, version: int | None = None) -> int:
@@ -302,7 +302,7 @@ def tile_cache(
         raise ValueError(f"tile cache dtype must be float32 or float16, not {dtype!r}")
     versions = {p: partition_versions[p] for p in sorted(partitions)}
     key = tile_cache_key(version, versions, channels, side, dtype)
-    base = storage.local_cache(root, TILE_CACHE_DIR)
+    base = fs.local_cache(root, TILE_CACHE_DIR)
     directory = base / config_hash(key)
     cache = _open_cache(directory, key)
     if cache is not None:
@@ -625,7 +625,7 @@ def synthetic_raster_tiles(
     (12cd) by default; each channel is a smooth wave over the pixel grid with a per-image phase,
     plus noise, with ``empty_fraction`` of pixels empty (all channels 0). Returns the contract.
     """
-    from s2vec_pipeline import s2
+    from s2vec_pipeline.cells import s2
 
     anchors = {"4693": (60.17, 24.94), "12cd": (43.73, 7.42)}
     images_per_partition = images_per_partition or {"4693": 24, "12cd": 16}

@@ -31,13 +31,14 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.raster import tensor_array
 from s2vec_pipeline.errors import MissingInputError, S2VecError
 from s2vec_pipeline.model.data import RASTER_TABLE, raster_snapshot, read_raster_partition
 from s2vec_pipeline.model.mae import S2VecMAE
 from s2vec_pipeline.model.registry import IncompatibleModelError, ModelCard, check_compatible
-from s2vec_pipeline.raster import tensor_array
-from s2vec_pipeline.versioning import partition_data_version
+from s2vec_pipeline.storage import delta_store
+from s2vec_pipeline.storage.versioning import partition_data_version
 
 CELL_TABLE = "cell_embeddings"
 IMAGE_TABLE = "image_embeddings"

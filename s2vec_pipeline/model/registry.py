@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.storage import delta_store, fs
 
 if TYPE_CHECKING:
     from s2vec_pipeline.model.mae import S2VecMAE
@@ -113,7 +113,7 @@ class ModelCard:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ModelCard:
-        raw = storage.read_bytes(storage.join(directory, "model_card.json"))
+        raw = fs.read_bytes(fs.join(directory, "model_card.json"))
         if raw is None:
             raise FileNotFoundError(f"no model_card.json in {directory}")
         d = json.loads(raw)
@@ -123,8 +123,8 @@ class ModelCard:
     @property
     def checkpoint(self) -> Path | str:
         """The weights file: a local path, or a URI on an object-store root."""
-        location = storage.join(self.directory, "model.ckpt")
-        return location if storage.is_object_store(location) else Path(location)
+        location = fs.join(self.directory, "model.ckpt")
+        return location if fs.is_object_store(location) else Path(location)
 
 
 def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RASTER_TABLE) -> None:
@@ -153,14 +153,14 @@ def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RAS
 
 def models_dir(root: str | os.PathLike) -> str:
     """``<root>/models`` (a local path or an object-store URI)."""
-    return storage.join(root, MODELS_DIR)
+    return fs.join(root, MODELS_DIR)
 
 
 def list_models(root: str | os.PathLike) -> list[str]:
     """Finished model versions under ``root`` (those with a model card), oldest first."""
     cards = [
         e
-        for e in storage.list_files(models_dir(root))
+        for e in fs.list_files(models_dir(root))
         if e.relative.count("/") == 1
         and e.relative.endswith("/model_card.json")
         and not e.relative.startswith(".")  # a training's work folder
@@ -171,12 +171,12 @@ def list_models(root: str | os.PathLike) -> list[str]:
 def check_model_exists(root: str | os.PathLike, version: str) -> str:
     """The finished model's folder; :class:`ModelNotFoundError` naming the models there (and
     a partial training of ``version``) when there is none."""
-    final = storage.join(models_dir(root), version)
-    card_file = storage.join(final, "model_card.json")
-    if not _VERSION_RE.match(version) or not storage.is_file(card_file):
+    final = fs.join(models_dir(root), version)
+    card_file = fs.join(final, "model_card.json")
+    if not _VERSION_RE.match(version) or not fs.is_file(card_file):
         available = list_models(root)
         hint = f"available: {', '.join(available)}" if available else "none trained yet"
-        partial = storage.local_cache(root, MODELS_DIR, f".{version}.partial").exists()
+        partial = fs.local_cache(root, MODELS_DIR, f".{version}.partial").exists()
         raise ModelNotFoundError(
             f"no finished model {version!r} under {models_dir(root)} ({hint})"
             + (
@@ -205,7 +205,7 @@ def load_model(
             check_compatible(card, contract, table)
     from s2vec_pipeline.model.mae import S2VecMAE
 
-    with storage.local_copy(storage.join(final, "model.ckpt")) as checkpoint:
+    with fs.local_copy(fs.join(final, "model.ckpt")) as checkpoint:
         model = S2VecMAE.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     model.eval()
     return model, card

@@ -45,9 +45,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import MissingInputError, S2VecError, StorageUnavailableError
-from s2vec_pipeline.locks import LockHeldError, exclusive
 from s2vec_pipeline.model.config import TrainConfig
 from s2vec_pipeline.model.data import (
     RASTER_TABLE,
@@ -59,7 +57,9 @@ from s2vec_pipeline.model.data import (
 )
 from s2vec_pipeline.model.mae import S2VecMAE
 from s2vec_pipeline.model.registry import MODEL_CODE_VERSION, MODELS_DIR, ModelCard, models_dir
-from s2vec_pipeline.versioning import config_hash
+from s2vec_pipeline.storage import delta_store, fs
+from s2vec_pipeline.storage.locks import LockHeldError, exclusive
+from s2vec_pipeline.storage.versioning import config_hash
 
 LOGS_DIR = "logs"
 
@@ -245,7 +245,7 @@ def _version_lock(root: str | os.PathLike, version: str) -> Iterator[None]:
     """Hold the lock of one model version; when another process trains it, wait for it (the
     caller then finds the finished model, or resumes from its checkpoint if that one died)."""
     # An OS lock, so a local file: on an object-store root it serializes trainings of one host.
-    base = storage.local_cache(root, MODELS_DIR)
+    base = fs.local_cache(root, MODELS_DIR)
     path = base / f".{version}.lock"
     with contextlib.ExitStack() as held:
         try:
@@ -343,13 +343,13 @@ def train_model(
     world_size = config.world_size()
     partition_versions = raster_partition_versions(root, partitions, snapshot)
     version = model_version(config, contract, partition_versions, world_size)
-    final = storage.join(models_dir(root), version)
-    if storage.is_file(storage.join(final, "model_card.json")):
+    final = fs.join(models_dir(root), version)
+    if fs.is_file(fs.join(final, "model_card.json")):
         return ModelCard.load(final)
 
     # Only this process takes the lock: DDP workers are spawned by it and never get here.
     with _version_lock(root, version):
-        if storage.is_file(storage.join(final, "model_card.json")):  # finished meanwhile
+        if fs.is_file(fs.join(final, "model_card.json")):  # finished meanwhile
             return ModelCard.load(final)
         return _train(
             root, partitions, snapshot, config, contract, partition_versions, version, callbacks
@@ -440,9 +440,9 @@ def _train(
     callbacks: Sequence[L.Callback],
 ) -> ModelCard:
     # Training works in a local folder (Lightning writes checkpoints and logs there): under the
-    # root for a local root, else under the root's local cache (storage.local_cache).
-    final = storage.join(models_dir(root), version)
-    work = storage.local_cache(root, MODELS_DIR, f".{version}.partial")
+    # root for a local root, else under the root's local cache (fs.local_cache).
+    final = fs.join(models_dir(root), version)
+    work = fs.local_cache(root, MODELS_DIR, f".{version}.partial")
     resume = work / "last.ckpt"
     _set_aside_if_torn(resume)
     if not resume.is_file():
@@ -654,14 +654,14 @@ def _finish(
         n_train=card.n_train,
         n_val=card.n_val,
     )
-    if not storage.is_object_store(final):
+    if not fs.is_object_store(final):
         os.replace(work, final)  # atomic: the finished directory appears complete or not at all
         return card
     # On an object store the card is uploaded last: a model without its card is not finished
     # (list_models, load_model), so a half-uploaded model never looks finished.
     files = sorted(p for p in work.rglob("*") if p.is_file() and p.name != "model_card.json")
     for path in [*files, work / "model_card.json"]:
-        storage.upload_file(path, storage.join(final, path.relative_to(work).as_posix()))
+        fs.upload_file(path, fs.join(final, path.relative_to(work).as_posix()))
     shutil.rmtree(work, ignore_errors=True)
     return card
 

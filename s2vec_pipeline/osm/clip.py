@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from s2vec_pipeline import s2
-from s2vec_pipeline.profiles import PARTITION_LEVEL
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 
 EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG), as used by S2's S2Earth
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from s2vec_pipeline import s2
+from s2vec_pipeline.cells import s2
 
 EARTH_RADIUS_M = 6_371_008.8
 BANDS = (

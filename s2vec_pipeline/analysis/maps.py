@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import InvalidCellError, MissingInputError, S2VecError
+from s2vec_pipeline.storage import delta_store
 
 #: Above this many cells a map would be unreadable and slow: ask for fewer cells.
 MAX_CELLS = 400_000
@@ -91,7 +92,7 @@ def _inside(cell_ids: np.ndarray, sel_ids: np.ndarray, sel_levels: np.ndarray) -
 def _channel_measures(root: str | os.PathLike, channels: list[str]) -> list[str]:
     """Measure of each channel: from the packaged taxonomy when the root was built with it,
     else from the channel name's unit suffix (``_m2``, ``_m``)."""
-    from s2vec_pipeline.taxonomy import load_taxonomy
+    from s2vec_pipeline.osm.taxonomy import load_taxonomy
 
     tax = load_taxonomy(None)
     contract = delta_store.table_contract(root, "cell_features") or {}
@@ -138,7 +139,7 @@ def embedding_layer(
     """The selected cells' embeddings, first three principal components as RGB."""
     from sklearn.decomposition import PCA
 
-    from s2vec_pipeline.evaluation import resolve_model_version
+    from s2vec_pipeline.analysis.evaluation import resolve_model_version
 
     table = "cell_embeddings"
     if not delta_store.table_exists(root, table):
@@ -502,9 +503,9 @@ def reconstruction_png(
     import torch
     from PIL import Image, ImageDraw
 
-    from s2vec_pipeline import preview
+    from s2vec_pipeline.cells import preview
+    from s2vec_pipeline.cells.raster import tensor_array
     from s2vec_pipeline.model.registry import list_models, load_model
-    from s2vec_pipeline.raster import tensor_array
 
     image_id = s2.from_token(np.array([image_token]))
     if int(s2.cell_level(image_id)[0]) < 7:

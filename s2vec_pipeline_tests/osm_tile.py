@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from s2vec_pipeline import s2
-from s2vec_pipeline.osm_extract import source_bbox
-from s2vec_pipeline.osm_split import osmium_tool
-from s2vec_pipeline.profiles import PARTITION_LEVEL
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
+from s2vec_pipeline.osm.extract import source_bbox
+from s2vec_pipeline.osm.split import osmium_tool
 
 _NANO = 1_000_000_000
 

@@ -39,16 +39,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from s2vec_pipeline import s2
-from s2vec_pipeline.locks import exclusive
-from s2vec_pipeline.osm_extract import (
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import PARTITION_LEVEL, ResolutionProfile
+from s2vec_pipeline.osm.extract import (
     OSM_FEATURES_CODE_VERSION,
     OSM_FEATURES_SCHEMA,
     ExtractStats,
     extract_features,
     validate_source,
 )
-from s2vec_pipeline.osm_split import (
+from s2vec_pipeline.osm.split import (
     DEFAULT_MARGIN_DEG,
     IN_PROCESS_MAX_BYTES,
     PARTITIONS_PER_GROUP,
@@ -60,8 +60,8 @@ from s2vec_pipeline.osm_split import (
     extract_partitions,
     osmium_tool,
 )
-from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile
-from s2vec_pipeline.taxonomy import Taxonomy
+from s2vec_pipeline.osm.taxonomy import Taxonomy
+from s2vec_pipeline.storage.locks import exclusive
 
 #: Bump when the layout or meaning of the kept rows changes: older rows are then unused.
 ROWS_CACHE_FORMAT = 1

@@ -137,11 +137,12 @@ import numpy as np
 import osmium
 import osmium.io
 
-from s2vec_pipeline import s2, storage
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 from s2vec_pipeline.errors import InvalidSourceError, S2VecError
-from s2vec_pipeline.locks import exclusive
-from s2vec_pipeline.osm_extract import source_bbox, validate_source
-from s2vec_pipeline.profiles import PARTITION_LEVEL
+from s2vec_pipeline.osm.extract import source_bbox, validate_source
+from s2vec_pipeline.storage import fs
+from s2vec_pipeline.storage.locks import exclusive
 
 __all__ = [
     "LEDGER_FORMAT",
@@ -172,7 +173,7 @@ CHANGE_SUFFIXES = (".osc", ".osc.gz")
 AREA_RELATION_TYPES = frozenset({"multipolygon", "boundary"})  # what osmium assembles as areas
 LOCATION_STORE = "flex_mem"  # node location index: sparse for extracts, dense for planets
 _DENSE_FILTER_BLOCKS = 64  # IdFilter for changed nodes if it costs at most 64 x 512 KB
-GENERATOR = "s2vec_pipeline.osm_changes"
+GENERATOR = "s2vec_pipeline.osm.changes"
 
 _REPLICATION_PATH = re.compile(r"^(\d{3})/(\d{3})/(\d{3})\.osc(?:\.gz)?$")
 _ROOT_ELEMENT = re.compile(rb"<(osmChange|osm)[\s>/]")
@@ -342,9 +343,9 @@ def source_dir(root: str | os.PathLike, source: str | os.PathLike) -> Path:
     (see ``source_id``). Nothing of a source is ever written outside it.
 
     On an object-store root this is a local working copy (osmium reads and writes local files)
-    under the root's cache (``storage.local_cache``); the ledger and the current extract are
+    under the root's cache (``fs.local_cache``); the ledger and the current extract are
     kept on the store at ``<root>/_sources/<id>/`` and synchronized by ``_pull`` / ``_push``."""
-    parent = storage.local_cache(root, SOURCES_DIR)
+    parent = fs.local_cache(root, SOURCES_DIR)
     sdir = parent / source_id(source)
     if sdir.parent != parent or sdir.name in ("", ".", ".."):  # by construction; kept as a guard
         raise ChangeLedgerError(f"source {source} maps to {sdir}, outside {parent}")
@@ -361,10 +362,10 @@ def _pull(root: str | os.PathLike, source: str | os.PathLike, extract: bool = Tr
     ledger, and (``extract``) the current extract it names when the local copy is missing or
     of another size. A ledger is the commit point on the store: it is uploaded last."""
     sdir = source_dir(root, source)
-    if not storage.is_object_store(root):
+    if not fs.is_object_store(root):
         return sdir
-    remote = storage.join(root, SOURCES_DIR, sdir.name)
-    raw = storage.read_bytes(storage.join(remote, LEDGER_NAME))
+    remote = fs.join(root, SOURCES_DIR, sdir.name)
+    raw = fs.read_bytes(fs.join(remote, LEDGER_NAME))
     sdir.mkdir(parents=True, exist_ok=True)
     if raw is None:  # nothing applied on the store (or reset there): forget the local copy
         (sdir / LEDGER_NAME).unlink(missing_ok=True)
@@ -374,11 +375,11 @@ def _pull(root: str | os.PathLike, source: str | os.PathLike, extract: bool = Tr
     except (ValueError, AttributeError):
         name = None  # _load_ledger reports the unreadable ledger
     if extract and name:
-        local, there = sdir / name, storage.join(remote, name)
-        size = storage.size(there)
+        local, there = sdir / name, fs.join(remote, name)
+        size = fs.size(there)
         if size is not None and (not local.is_file() or local.stat().st_size != size):
-            storage.download_file(there, local)
-    storage.write_bytes(sdir / LEDGER_NAME, raw)
+            fs.download_file(there, local)
+    fs.write_bytes(sdir / LEDGER_NAME, raw)
     return sdir
 
 
@@ -387,14 +388,14 @@ def _push(
 ) -> None:
     """Upload a new current extract, then the ledger (the commit point), to an object-store
     root; then delete the extract it replaced. Nothing to do for a local root."""
-    if not storage.is_object_store(root):
+    if not fs.is_object_store(root):
         return
-    remote = storage.join(root, SOURCES_DIR, sdir.name)
+    remote = fs.join(root, SOURCES_DIR, sdir.name)
     if extract:
-        storage.upload_file(sdir / extract, storage.join(remote, extract))
-    storage.upload_file(sdir / LEDGER_NAME, storage.join(remote, LEDGER_NAME))
+        fs.upload_file(sdir / extract, fs.join(remote, extract))
+    fs.upload_file(sdir / LEDGER_NAME, fs.join(remote, LEDGER_NAME))
     if previous and previous != extract:
-        storage.delete(storage.join(remote, previous))
+        fs.delete(fs.join(remote, previous))
 
 
 def current_extract(root: str | os.PathLike, source: str | os.PathLike) -> Path:
@@ -411,8 +412,8 @@ def reset_source(root: str | os.PathLike, source: str | os.PathLike) -> None:
     """Forget every applied change of ``source`` (ledger and updated extracts), e.g. after the
     original file was replaced by a fresh download. The original file is not touched."""
     sdir = source_dir(root, source)
-    if storage.is_object_store(root):
-        storage.delete_tree(storage.join(root, SOURCES_DIR, sdir.name))
+    if fs.is_object_store(root):
+        fs.delete_tree(fs.join(root, SOURCES_DIR, sdir.name))
     if not sdir.is_dir():
         return
     with _locked(sdir):

@@ -41,8 +41,8 @@ import polars as pl
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import DamagedTableError, InvalidCellError, S2VecError
+from s2vec_pipeline.storage import delta_store, fs
 
 ENGINE = "duckdb"
 EMBEDDING_TABLES = ("cell_embeddings", "image_embeddings")
@@ -168,12 +168,10 @@ TableSource = str | os.PathLike | pa.Table | pl.DataFrame
 
 def list_tables(root: str | os.PathLike) -> list[str]:
     """Names of the Delta tables directly under ``root`` (what ``run_sql`` can query)."""
-    if storage.is_object_store(root):
-        names = storage.list_dirs(root)
+    if fs.is_object_store(root):
+        names = fs.list_dirs(root)
         return sorted(
-            n
-            for n in names
-            if _IDENTIFIER.match(n) and DeltaTable.is_deltatable(storage.join(root, n))
+            n for n in names if _IDENTIFIER.match(n) and DeltaTable.is_deltatable(fs.join(root, n))
         )
     base = Path(root)
     if not base.is_dir():
@@ -208,7 +206,7 @@ def _register_delta(
     view = view or name
     dt = DeltaTable(delta_store.table_uri(root, name))
     files = local_files(dt)
-    if not files or storage.is_object_store(root):
+    if not files or fs.is_object_store(root):
         # DuckDB reads s3:// only through its httpfs extension, which it would download:
         # object-store tables are read through pyarrow (the same snapshot's files).
         con.register(view, delta_store.dataset(root, name))
@@ -257,7 +255,7 @@ def _read_extra(con: duckdb.DuckDBPyConnection, name: str, source: TableSource) 
 
 def _token_ids(tokens: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 ids, valid mask) of a token column; nulls are invalid."""
-    from s2vec_pipeline import s2
+    from s2vec_pipeline.cells import s2
 
     text = np.asarray(tokens.to_pylist(), dtype=object)
     valid = np.array([t is not None for t in text], dtype=bool)
@@ -272,7 +270,7 @@ def _one_level(levels: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def _s2_parent_token(tokens: pa.Array, levels: pa.Array) -> pa.Array:
-    from s2vec_pipeline import s2
+    from s2vec_pipeline.cells import s2
 
     ids, valid = _token_ids(tokens)
     lv = _one_level(levels)
@@ -284,7 +282,7 @@ def _s2_parent_token(tokens: pa.Array, levels: pa.Array) -> pa.Array:
 
 
 def _s2_child_index(tokens: pa.Array, levels: pa.Array) -> pa.Array:
-    from s2vec_pipeline import s2
+    from s2vec_pipeline.cells import s2
 
     ids, valid = _token_ids(tokens)
     lv = _one_level(levels)
@@ -374,7 +372,7 @@ class SQLSession:
         URL, no file writing (``COPY … TO``, ``ATTACH``, ``EXPORT``), and no ``SET`` to undo it.
         Extra tables were read into memory before, and ``--out`` is written by Python."""
         files: list[str] = []
-        if not storage.is_object_store(self.root):
+        if not fs.is_object_store(self.root):
             for name in self.delta_tables:
                 files += local_files(DeltaTable(delta_store.table_uri(self.root, name)))
         self.con.execute("SET allowed_paths = ?", [files])

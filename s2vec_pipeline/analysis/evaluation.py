@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from s2vec_pipeline import delta_store, s2
+from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import MissingInputError, S2VecError
+from s2vec_pipeline.storage import delta_store
 
 CELL_EMBEDDINGS = "cell_embeddings"
 CELL_FEATURES = "cell_features"
@@ -814,7 +815,7 @@ def evaluate(
         ids = label_cells(labels, pixel_level)
         cells = ids
     else:
-        from s2vec_pipeline.areas import area_cells, check_embedded, check_geometries
+        from s2vec_pipeline.analysis.areas import area_cells, check_embedded, check_geometries
 
         if len(areas) != labels.height:
             raise LabelError(f"{len(areas)} areas for {labels.height} label rows")
@@ -976,7 +977,7 @@ def evaluate_files(
 def read_labels(path: str | os.PathLike) -> tuple[pl.DataFrame, np.ndarray | None]:
     """(label table, polygons or None): per-cell labels (.parquet/.csv) or per-area labels
     (GeoJSON, GeoParquet: the polygons' attributes are the label table)."""
-    from s2vec_pipeline.areas import is_area_file, read_areas
+    from s2vec_pipeline.analysis.areas import is_area_file, read_areas
 
     if is_area_file(path):
         found = read_areas(path)

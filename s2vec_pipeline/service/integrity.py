@@ -17,7 +17,7 @@ import dagster as dg
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from s2vec_pipeline import delta_store, storage
+from s2vec_pipeline.storage import delta_store, fs
 
 
 def recorded_rows(instance: dg.DagsterInstance, table: str, partition: str) -> int | None:
@@ -80,7 +80,7 @@ def lost_data(
         return f"Dagster recorded {rows} rows, the table holds {held}"
     for i in mine:
         # log paths are %-encoded relative paths (``parent_l6=12cd/part-….parquet``)
-        location = storage.join(uri, unquote(actions["path"][i]))
-        if not storage.exists(location):
+        location = fs.join(uri, unquote(actions["path"][i]))
+        if not fs.exists(location):
             return f"data file {location} is gone"
     return None

@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from s2vec_pipeline import s2
+from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import IncompatibleTableError
 
 RASTER_SCHEMA = pa.schema(

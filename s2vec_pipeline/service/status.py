@@ -14,8 +14,9 @@ from typing import Any
 
 import dagster as dg
 
-from s2vec_pipeline import delta_store, osm_changes, storage
+from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.storage import delta_store, fs
 
 TABLES = ["osm_features", "cell_features", "raster_tiles", "cell_embeddings", "image_embeddings"]
 
@@ -90,11 +91,11 @@ class RootStatus:
 
 
 def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> RootStatus:
+    from s2vec_pipeline.cells.regions import RegionRegistry
     from s2vec_pipeline.definitions import build_definitions
     from s2vec_pipeline.defs.automation import stale_partitions
-    from s2vec_pipeline.integrity import lost_data
     from s2vec_pipeline.model.registry import list_models
-    from s2vec_pipeline.regions import RegionRegistry
+    from s2vec_pipeline.service.integrity import lost_data
 
     graph = build_definitions(settings).resolve_asset_graph()
     versions = {t: delta_store.table_version(settings.root, t) for t in TABLES}
@@ -138,7 +139,7 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
         None,
     )
     return RootStatus(
-        root=settings.root if storage.is_object_store(settings.root) else str(Path(settings.root)),
+        root=settings.root if fs.is_object_store(settings.root) else str(Path(settings.root)),
         contract=contract,
         tables=versions,
         partitions=rows,

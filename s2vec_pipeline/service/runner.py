@@ -30,7 +30,6 @@ from typing import Any
 
 import dagster as dg
 
-from s2vec_pipeline import osm_changes, storage
 from s2vec_pipeline.errors import (
     InstanceUnavailableError,
     NoFeaturesError,
@@ -40,9 +39,11 @@ from s2vec_pipeline.errors import (
     quiet_worker_interrupts,
     start_quietly,
 )
-from s2vec_pipeline.extract_cache import interleave_groups
-from s2vec_pipeline.locks import exclusive
+from s2vec_pipeline.osm import changes as osm_changes
+from s2vec_pipeline.osm.extract_cache import interleave_groups
 from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.storage import fs
+from s2vec_pipeline.storage.locks import exclusive
 
 # CLI stage name -> asset keys, in pipeline order.
 STAGES: dict[str, list[str]] = {
@@ -121,7 +122,7 @@ def parse_stages(stages: Sequence[str]) -> list[str]:
 def check_instance_home(root: str) -> None:
     """An object-store root needs ``$DAGSTER_HOME``: Dagster's SQLite instance cannot live on
     an object store. Raises :class:`InstanceUnavailableError` (exit 2) when it is unset."""
-    if storage.is_object_store(root) and not os.environ.get("DAGSTER_HOME"):
+    if fs.is_object_store(root) and not os.environ.get("DAGSTER_HOME"):
         raise InstanceUnavailableError(
             f"storage root {root} is an object store, where Dagster's instance cannot live: set "
             f"DAGSTER_HOME to a local folder (or a PostgreSQL-backed instance, docs/deploying.md) "
@@ -134,12 +135,12 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
     kept under ``<root>/_dagster``: refreshes compare with the versions earlier runs recorded."""
     if os.environ.get("DAGSTER_HOME"):
-        from s2vec_pipeline.instance import open_dagster_instance
+        from s2vec_pipeline.service.instance import open_dagster_instance
 
         # An unreachable PostgreSQL or wrong credentials: InstanceUnavailableError (exit 2).
         with open_dagster_instance() as instance:
             yield instance
-    elif storage.is_object_store(root):
+    elif fs.is_object_store(root):
         check_instance_home(root)
     else:
         home = os.path.join(root, "_dagster")
@@ -165,7 +166,7 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
                     # Written by us (also the older files): pooled SQLite storages, which cut a
                     # run's bookkeeping (instance.py says why), and no compute-log capture.
                     if not os.path.exists(config) or _read(config) in _OLD_CONFIGS:
-                        storage.write_bytes(config, _config(home).encode())
+                        fs.write_bytes(config, _config(home).encode())
                     instance = dg.DagsterInstance.local_temp(home)
         except Exception as e:
             full = _storage_error(e, home)
@@ -173,7 +174,7 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
                 raise
             raise full from e
         with instance:
-            from s2vec_pipeline.instance import reap_dead_runs
+            from s2vec_pipeline.service.instance import reap_dead_runs
 
             if writable:  # runs of killed CLI processes: failed, not STARTED forever
                 reap_dead_runs(instance)
@@ -192,7 +193,7 @@ _OLD_CONFIGS = (_OLD_CONFIG, _OLD_CONFIG + _NO_COMPUTE_LOGS)
 
 
 def _config(home: str) -> str:
-    from s2vec_pipeline.instance import pooled_sqlite_config
+    from s2vec_pipeline.service.instance import pooled_sqlite_config
 
     return _OLD_CONFIG + _NO_COMPUTE_LOGS + pooled_sqlite_config(home)
 
@@ -303,7 +304,7 @@ class Launcher:
 
     @functools.cached_property
     def has_data(self) -> Callable[[str, str], bool]:
-        from s2vec_pipeline.integrity import has_data
+        from s2vec_pipeline.service.integrity import has_data
 
         return has_data(self.instance, self.settings.root)
 
@@ -549,7 +550,7 @@ def materialize(
 
 
 def _check_contracts(settings: PipelineSettings, tables: Sequence[str]) -> None:
-    from s2vec_pipeline import delta_store
+    from s2vec_pipeline.storage import delta_store
 
     channels = list(settings.taxonomy.channel_names)
     for table in tables:
@@ -558,7 +559,7 @@ def _check_contracts(settings: PipelineSettings, tables: Sequence[str]) -> None:
 
 
 def _require_features(settings: PipelineSettings, partitions: list[str]) -> None:
-    from s2vec_pipeline import delta_store
+    from s2vec_pipeline.storage import delta_store
 
     if (
         not delta_store.table_exists(settings.root, "osm_features")
@@ -594,7 +595,7 @@ def refresh(
     Concurrent refreshes of one root take turns (an OS lock); each decides what is stale only
     once it holds the lock, so a change is applied and recomputed once.
     """
-    with exclusive(storage.local_cache(settings.root, osm_changes.SOURCES_DIR, ".refresh.lock")):
+    with exclusive(fs.local_cache(settings.root, osm_changes.SOURCES_DIR, ".refresh.lock")):
         return _refresh(settings, instance, log_level)
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from s2vec_pipeline import storage
 from s2vec_pipeline.errors import S2VecError
-from s2vec_pipeline.locks import exclusive
+from s2vec_pipeline.storage import fs
+from s2vec_pipeline.storage.locks import exclusive
 
 MANIFEST = "s2vec_root.json"
 FORMAT = 1
@@ -40,7 +40,7 @@ class RootManifest:
 
 
 def _path(root: str | os.PathLike) -> str:
-    return storage.join(root, MANIFEST)
+    return fs.join(root, MANIFEST)
 
 
 def _sha256(path: Path) -> str:
@@ -53,7 +53,7 @@ def _sha256(path: Path) -> str:
 
 def read_manifest(root: str | os.PathLike) -> RootManifest | None:
     path = _path(root)
-    raw = storage.read_bytes(path)
+    raw = fs.read_bytes(path)
     if raw is None:
         return None
     try:
@@ -70,7 +70,7 @@ def record_sources(
     root: str | os.PathLike, sources: list[str], profile: str, taxonomy_version: str
 ) -> RootManifest:
     """Add ``sources`` to the root's manifest (creating it); returns the manifest as written."""
-    with exclusive(storage.local_cache(root, f".{MANIFEST}.lock")):
+    with exclusive(fs.local_cache(root, f".{MANIFEST}.lock")):
         current = read_manifest(root)
         known = dict(current.sources) if current else {}
         for src in sources:
@@ -87,7 +87,7 @@ def record_sources(
             "profile": profile,
             "taxonomy_version": taxonomy_version,
         }
-        storage.write_bytes(_path(root), json.dumps(body, indent=2).encode())
+        fs.write_bytes(_path(root), json.dumps(body, indent=2).encode())
         return manifest
 
 

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from s2vec_pipeline import delta_store
 from s2vec_pipeline.errors import MissingInputError, S2VecError
+from s2vec_pipeline.storage import delta_store
 
 PREDICTORS = ("model", "neighbour_mean", "channel_mean")
 
@@ -152,8 +152,8 @@ def reconstruction_quality(
     import polars as pl
     import torch
 
+    from s2vec_pipeline.cells.raster import tensor_array
     from s2vec_pipeline.model.registry import list_models, load_model
-    from s2vec_pipeline.raster import tensor_array
 
     versions = list_models(root)
     if model_version is None:

@@ -25,9 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
-from s2vec_pipeline import clip, delta_store, s2
-from s2vec_pipeline.errors import MissingInputError
-from s2vec_pipeline.evaluation import (
+from s2vec_pipeline.analysis.evaluation import (
     CELL_FEATURES,
     LabelError,
     embedded_partitions,
@@ -35,6 +33,10 @@ from s2vec_pipeline.evaluation import (
     materialize_hint,
     resolve_model_version,
 )
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.osm import clip
+from s2vec_pipeline.storage import delta_store
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from s2vec_pipeline import s2
-from s2vec_pipeline.raster import tensor_array
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.raster import tensor_array
 
 CheckOutcome = tuple[bool, dict[str, Any]]
 

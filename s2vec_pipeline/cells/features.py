@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from s2vec_pipeline import s2
-from s2vec_pipeline.profiles import ResolutionProfile
-from s2vec_pipeline.taxonomy import Taxonomy
-from s2vec_pipeline.versioning import exact_sum
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import ResolutionProfile
+from s2vec_pipeline.osm.taxonomy import Taxonomy
+from s2vec_pipeline.storage.versioning import exact_sum
 
 KEY_COLUMNS = ["parent_l6", "image_token", "cell_token", "cell_id", "row", "col"]
 

@@ -33,12 +33,13 @@ import osmium
 import polars as pl
 import shapely
 
-from s2vec_pipeline import clip, s2
-from s2vec_pipeline.clip import EARTH_RADIUS_M
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import PARTITION_LEVEL, ResolutionProfile
 from s2vec_pipeline.errors import InvalidSourceError
-from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile
-from s2vec_pipeline.taxonomy import Taxonomy
-from s2vec_pipeline.versioning import exact_sum
+from s2vec_pipeline.osm import clip
+from s2vec_pipeline.osm.clip import EARTH_RADIUS_M
+from s2vec_pipeline.osm.taxonomy import Taxonomy
+from s2vec_pipeline.storage.versioning import exact_sum
 
 __all__ = [
     "EARTH_RADIUS_M",

@@ -537,7 +537,7 @@ def _parse(text: str, source: str) -> Taxonomy:
 
 @functools.lru_cache(maxsize=1)
 def _default_taxonomy() -> Taxonomy:
-    resource = resources.files("s2vec_pipeline").joinpath(DEFAULT_TAXONOMY_RESOURCE)
+    resource = resources.files("s2vec_pipeline.osm").joinpath(DEFAULT_TAXONOMY_RESOURCE)
     return _parse(resource.read_text(encoding="utf-8"), str(resource))
 
 

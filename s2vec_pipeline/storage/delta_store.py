@@ -16,7 +16,7 @@ that a retry does not need the data again; the copy is deleted when the write en
 
 A full, read-only or unwritable root raises :class:`StorageUnavailableError` naming the root and
 what to do; nothing is committed, and the files the failed write left are removed by
-``s2vec maintain`` (:mod:`s2vec_pipeline.maintenance`).
+``s2vec maintain`` (:mod:`s2vec_pipeline.storage.maintenance`).
 
 Reads go through polars or through a pyarrow dataset opened with a ``SubTreeFileSystem``: plain
 ``DeltaTable.to_pyarrow_*`` reads can abort the interpreter at exit (see docs/architecture.md).
@@ -46,7 +46,6 @@ import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from s2vec_pipeline import storage
 from s2vec_pipeline.errors import (
     DamagedTableError,
     IncompatibleTableError,
@@ -54,11 +53,12 @@ from s2vec_pipeline.errors import (
     RootNotWritableError,
     StorageUnavailableError,
 )
-from s2vec_pipeline.locks import exclusive
+from s2vec_pipeline.storage import fs
+from s2vec_pipeline.storage.locks import exclusive
 
 PARTITION_COLUMN = "parent_l6"
 CONTRACT_KEY = "s2vec"
-# under the root (an object-store root: under its local cache, storage.local_cache): replay
+# under the root (an object-store root: under its local cache, fs.local_cache): replay
 # copies of streamed writes, deleted after each
 STAGING_DIR = "_staging"
 # Application-level retries of a commit that lost to a concurrent writer (the data is written
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 
 def table_uri(root: str | os.PathLike, name: str) -> str:
     """The table's location: a local path, or a URI of the root's object store."""
-    return storage.join(root, name)
+    return fs.join(root, name)
 
 
 def table_exists(root: str | os.PathLike, name: str) -> bool:
@@ -84,11 +84,11 @@ def table_exists(root: str | os.PathLike, name: str) -> bool:
     try:
         return DeltaTable.is_deltatable(uri)
     except OSError as e:  # delta-rs cannot reach the object store (credentials, endpoint)
-        if not storage.is_object_store(uri):
+        if not fs.is_object_store(uri):
             raise
         raise RootNotWritableError(
             f"cannot read table {name} under {root} ({' '.join(str(e).split())[:200]}): check "
-            f"the credentials and endpoint in the environment ({storage.env_hint(uri)})"
+            f"the credentials and endpoint in the environment ({fs.env_hint(uri)})"
         ) from e
 
 
@@ -191,7 +191,7 @@ def _write_partitions(
         },
         max_commit_retries=DELTA_COMMIT_RETRIES,
     )
-    with _ReplayableData(data, storage.local_cache(root, STAGING_DIR), name) as replayable:
+    with _ReplayableData(data, fs.local_cache(root, STAGING_DIR), name) as replayable:
 
         def attempt(i: int) -> None:
             write_deltalake(
@@ -220,7 +220,7 @@ def ensure_table(
     """
     uri = table_uri(root, name)
     if not DeltaTable.is_deltatable(uri):
-        if storage.is_object_store(root):
+        if fs.is_object_store(root):
             _create(uri, name, schema, contract)
         else:
             Path(root).mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ def _version_of_write(uri: str, write_id: str, newest: int = 64) -> int:
     on S3 with two writers)."""
     latest = DeltaTable(uri).version()  # loaded after the write: at or past its commit
     for version in range(latest, max(-1, latest - newest), -1):
-        data = storage.read_bytes(storage.join(uri, "_delta_log", f"{version:020d}.json"))
+        data = fs.read_bytes(fs.join(uri, "_delta_log", f"{version:020d}.json"))
         for line in (data or b"").decode().splitlines():
             info = json.loads(line).get("commitInfo")
             if info is not None and info.get("s2vec.write_id") == write_id:
@@ -425,7 +425,7 @@ def scan_table(root: str | os.PathLike, name: str, version: int | None = None) -
     to prune partitions."""
     _open(root, name)  # clear error when the table is missing
     uri = table_uri(root, name)
-    if not storage.is_object_store(uri) and quote(uri) != uri:
+    if not fs.is_object_store(uri) and quote(uri) != uri:
         # polars' native Delta scan opens delta-rs' %-encoded file paths as they are (a root
         # with a space or a non-ASCII letter would not be found): read through pyarrow with
         # the sub-tree filesystem (which also avoids the abort at exit, see module doc)
@@ -476,8 +476,8 @@ def dataset(root: str | os.PathLike, name: str) -> ds.Dataset:
     """A pyarrow dataset over the table's current files (for streaming record batches)."""
     dt = _open(root, name)
     uri = table_uri(root, name)
-    if storage.is_object_store(uri):
-        base_fs, base = storage.filesystem(uri)
+    if fs.is_object_store(uri):
+        base_fs, base = fs.filesystem(uri)
     else:
         base_fs, base = pafs.LocalFileSystem(), str(Path(uri).resolve())
     return dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(base, base_fs))
@@ -513,10 +513,10 @@ def remove_staging_leftovers(root: str | os.PathLike, name: str) -> list[Path] |
     """Delete ``*.parquet#N`` staging files a killed writer left behind (vacuum keeps them);
     returns them (local paths, or URIs on an object store)."""
     uri = table_uri(root, name)
-    if storage.is_object_store(uri):
-        found = [e.location for e in storage.list_files(uri) if ".parquet#" in e.relative]
+    if fs.is_object_store(uri):
+        found = [e.location for e in fs.list_files(uri) if ".parquet#" in e.relative]
         for location in found:
-            storage.delete(location)
+            fs.delete(location)
         return found
     base = Path(uri)
     if not base.exists():

@@ -43,17 +43,18 @@ import shapely.errors
 import yaml
 from shapely.geometry import shape
 
-from s2vec_pipeline import s2, storage
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 from s2vec_pipeline.errors import (
     CellOutsideSourcesError,
     InvalidBoundingBoxError,
     InvalidCellError,
     S2VecError,
 )
-from s2vec_pipeline.locks import exclusive
-from s2vec_pipeline.osm_extract import validate_source
-from s2vec_pipeline.profiles import PARTITION_LEVEL
+from s2vec_pipeline.osm.extract import validate_source
 from s2vec_pipeline.settings import cells_covering_source
+from s2vec_pipeline.storage import fs
+from s2vec_pipeline.storage.locks import exclusive
 
 __all__ = [
     "EDGE_POINTS",
@@ -398,8 +399,8 @@ def cells_intersecting_geometry(geom: shapely.Geometry) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 _HEADER = (
     "# S2Vec named regions: each is a set of level-6 S2 cells (the pipeline's partitions).\n"
-    "# Written by s2vec_pipeline.regions. Cells are S2 tokens: keep them quoted ('4693'), as\n"
-    "# YAML reads an unquoted 4693 as a number.\n"
+    "# Written by s2vec_pipeline.cells.regions. Cells are S2 tokens: keep them quoted ('4693'),\n"
+    "# as YAML reads an unquoted 4693 as a number.\n"
 )
 
 
@@ -430,15 +431,15 @@ class RegionRegistry:
 
     def __init__(self, root: str | os.PathLike) -> None:
         # a local root keeps Path attributes; an object-store root (s3://…) its URI strings
-        self.root: Path | str = root if storage.is_object_store(root) else Path(root)
-        self.path: Path | str = storage.join(self.root, REGIONS_FILE)
+        self.root: Path | str = root if fs.is_object_store(root) else Path(root)
+        self.path: Path | str = fs.join(self.root, REGIONS_FILE)
         if isinstance(self.root, Path):
             self.path = Path(self.path)
 
     # -- reading ---------------------------------------------------------------------------
     def _load(self) -> dict[str, Region]:
         try:
-            raw = storage.read_bytes(self.path)
+            raw = fs.read_bytes(self.path)
             if raw is None:
                 return {}
             doc = yaml.safe_load(raw.decode("utf-8"))
@@ -482,7 +483,7 @@ class RegionRegistry:
             doc, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=100
         )
         if not isinstance(self.path, Path):
-            storage.write_bytes(self.path, text.encode("utf-8"))  # one PUT: atomic
+            fs.write_bytes(self.path, text.encode("utf-8"))  # one PUT: atomic
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
@@ -498,7 +499,7 @@ class RegionRegistry:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         # an OS lock: on an object-store root it serializes the writers of one host
-        with exclusive(storage.local_cache(self.root, f".{REGIONS_FILE}.lock")):
+        with exclusive(fs.local_cache(self.root, f".{REGIONS_FILE}.lock")):
             yield
 
     # -- API -------------------------------------------------------------------------------

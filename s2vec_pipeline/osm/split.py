@@ -59,15 +59,15 @@ import numpy as np
 import polars as pl
 import shapely
 
-from s2vec_pipeline import s2
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.profiles import PARTITION_LEVEL, ResolutionProfile
 from s2vec_pipeline.errors import (
     InvalidSourceError,
     S2VecError,
     quiet_worker_interrupts,
     start_quietly,
 )
-from s2vec_pipeline.locks import exclusive
-from s2vec_pipeline.osm_extract import (
+from s2vec_pipeline.osm.extract import (
     OSM_FEATURES_SCHEMA,
     ExtractStats,
     _Collector,
@@ -76,9 +76,9 @@ from s2vec_pipeline.osm_extract import (
     extract_features,
     validate_source,
 )
-from s2vec_pipeline.profiles import PARTITION_LEVEL, ResolutionProfile
+from s2vec_pipeline.osm.taxonomy import Taxonomy
 from s2vec_pipeline.settings import default_workers
-from s2vec_pipeline.taxonomy import Taxonomy
+from s2vec_pipeline.storage.locks import exclusive
 
 OSMIUM_TOOL = "osmium"
 #: Sources up to this many bytes in all are extracted in-process (faster: no split, no workers).

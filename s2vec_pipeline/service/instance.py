@@ -235,7 +235,7 @@ class LocalProcessRunLauncher(dg.DefaultRunLauncher):
     In ``dagster.yaml``::
 
         run_launcher:
-          module: s2vec_pipeline.instance
+          module: s2vec_pipeline.service.instance
           class: LocalProcessRunLauncher
         run_monitoring:
           enabled: true
@@ -331,7 +331,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     (``base_dir`` defaults to ``$DAGSTER_HOME/history/runs``, Dagster's own default)::
 
     event_log_storage:
-      module: s2vec_pipeline.instance
+      module: s2vec_pipeline.service.instance
       class: PooledSqliteEventLogStorage
     """
 
@@ -421,7 +421,7 @@ class PooledSqliteRunStorage(SqliteRunStorage):
     (``base_dir`` defaults to ``$DAGSTER_HOME/history``, Dagster's own default)::
 
     run_storage:
-      module: s2vec_pipeline.instance
+      module: s2vec_pipeline.service.instance
       class: PooledSqliteRunStorage
     """
 
@@ -454,9 +454,9 @@ def pooled_sqlite_config(home: str) -> str:
     """The ``dagster.yaml`` lines selecting the pooled SQLite storages under ``home``."""
     history = os.path.join(home, "history")
     return (
-        "run_storage:\n  module: s2vec_pipeline.instance\n  class: PooledSqliteRunStorage\n"
+        "run_storage:\n  module: s2vec_pipeline.service.instance\n  class: PooledSqliteRunStorage\n"
         f"  config:\n    base_dir: {json.dumps(history)}\n"
-        "event_log_storage:\n  module: s2vec_pipeline.instance\n"
+        "event_log_storage:\n  module: s2vec_pipeline.service.instance\n"
         "  class: PooledSqliteEventLogStorage\n"
         f"  config:\n    base_dir: {json.dumps(os.path.join(history, 'runs'))}\n"
     )

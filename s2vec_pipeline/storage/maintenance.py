@@ -35,9 +35,9 @@ from pathlib import Path
 
 from deltalake import DeltaTable
 
-from s2vec_pipeline import delta_store, storage
 from s2vec_pipeline.errors import S2VecError
-from s2vec_pipeline.locks import exclusive
+from s2vec_pipeline.storage import delta_store, fs
+from s2vec_pipeline.storage.locks import exclusive
 
 DEFAULT_RETENTION_HOURS = 168  # Delta's default deletedFileRetentionDuration (7 days)
 
@@ -69,8 +69,8 @@ class TableMaintenance:
 def disk_usage(path: str | os.PathLike) -> tuple[int, int]:
     """(files, bytes) of every regular file under ``path`` (objects under an object-store
     prefix)."""
-    if storage.is_object_store(path):
-        entries = storage.list_files(path)
+    if fs.is_object_store(path):
+        entries = fs.list_files(path)
         return len(entries), sum(e.size for e in entries)
     files = size = 0
     for dirpath, _dirs, names in os.walk(path):
@@ -84,10 +84,8 @@ def disk_usage(path: str | os.PathLike) -> tuple[int, int]:
 
 def delta_tables(root: str | os.PathLike) -> list[str]:
     """Names of the Delta tables directly under ``root``, sorted."""
-    if storage.is_object_store(root):
-        return [
-            n for n in storage.list_dirs(root) if DeltaTable.is_deltatable(storage.join(root, n))
-        ]
+    if fs.is_object_store(root):
+        return [n for n in fs.list_dirs(root) if DeltaTable.is_deltatable(fs.join(root, n))]
     base = Path(root)
     if not base.is_dir():
         return []
@@ -122,7 +120,7 @@ def _vacuum(uri: str, retention_hours: float) -> int:
             full=True,
         )
 
-    present = {e.relative for e in storage.list_files(uri)}
+    present = {e.relative for e in fs.list_files(uri)}
     if not present.intersection(run(dry_run=True)):
         return 0
     return len(present.intersection(run(dry_run=False)))
@@ -143,11 +141,11 @@ def maintain_table(
         cutoff = time.time() - retention_hours * 3600
         staging = [  # on an object store delta-rs uploads in parts: none should be there
             e.location
-            for e in storage.list_files(uri)
+            for e in fs.list_files(uri)
             if ".parquet#" in e.relative and e.mtime <= cutoff
         ]
         for location in staging:
-            storage.delete(location)
+            fs.delete(location)
         files_after, bytes_after = disk_usage(uri)
         dt = DeltaTable(uri)
         return TableMaintenance(
@@ -177,12 +175,12 @@ def maintain_root(
     """
     if retention_hours < 0:
         raise S2VecError(f"retention must be at least 0 hours, got {retention_hours}")
-    if not storage.is_dir(root):
+    if not fs.is_dir(root):
         raise S2VecError(f"storage root {root} does not exist: nothing to maintain")
     # OS lock and staging copies are local files (for an object-store root: its local cache)
-    with exclusive(storage.local_cache(root, ".maintenance.lock")):
+    with exclusive(fs.local_cache(root, ".maintenance.lock")):
         reports = [maintain_table(root, name, retention_hours) for name in delta_tables(root)]
-        staging_dir = storage.local_cache(root, delta_store.STAGING_DIR)
+        staging_dir = fs.local_cache(root, delta_store.STAGING_DIR)
         if staging_dir.is_dir() and any(staging_dir.iterdir()):
             with delta_store.storage_errors(root, delta_store.STAGING_DIR, action="clean"):
                 files_before, bytes_before = disk_usage(staging_dir)

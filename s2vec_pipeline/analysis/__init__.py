@@ -1,0 +1,1 @@
+"""Using the embeddings: evaluation probes, areas, reconstruction quality, maps, SQL."""

@@ -1,0 +1,1 @@
+"""S2 cells: cell math, regions, profiles, per-pixel features, rasterization, previews."""

@@ -1,0 +1,1 @@
+"""OSM input: reading extracts, cutting large ones, per-pixel geometry, taxonomy, change files."""

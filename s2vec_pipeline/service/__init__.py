@@ -1,0 +1,1 @@
+"""Running Dagster: the instance, launching runs from the CLI, status, integrity, Kubernetes."""

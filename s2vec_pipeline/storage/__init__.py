@@ -1,0 +1,1 @@
+"""Storage roots: files (local or object store), Delta tables, manifest, locks, versions."""
