@@ -36,7 +36,7 @@ from s2vec_pipeline.analysis.evaluation import (
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import MissingInputError
 from s2vec_pipeline.osm import clip
-from s2vec_pipeline.storage import delta_store
+from s2vec_pipeline.storage import delta_store, fs
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
 
@@ -314,9 +314,8 @@ def write_pooled(
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with fs.replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 __all__ = [

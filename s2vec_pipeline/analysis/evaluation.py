@@ -42,7 +42,7 @@ import polars as pl
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import MissingInputError, S2VecError
-from s2vec_pipeline.storage import delta_store
+from s2vec_pipeline.storage import delta_store, fs
 
 CELL_EMBEDDINGS = "cell_embeddings"
 CELL_FEATURES = "cell_features"
@@ -987,10 +987,7 @@ def read_labels(path: str | os.PathLike) -> tuple[pl.DataFrame, np.ndarray | Non
 
 def write_report(report: EvaluationReport, path: str | os.PathLike) -> None:
     """JSON with every fold's numbers (written whole, then renamed into place)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.partial")
-    tmp.write_text(report.to_json())
-    os.replace(tmp, p)
+    fs.write_text(Path(path), report.to_json())
 
 
 __all__ = [

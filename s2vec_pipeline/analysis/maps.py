@@ -29,7 +29,7 @@ import polars as pl
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import InvalidCellError, MissingInputError, S2VecError
-from s2vec_pipeline.storage import delta_store
+from s2vec_pipeline.storage import delta_store, fs
 
 #: Above this many cells a map would be unreadable and slow: ask for fewer cells.
 MAX_CELLS = 400_000
@@ -469,9 +469,7 @@ def write_map(layer: MapLayer, out: str | os.PathLike) -> Path:
         raise MapError(f"--out must end in .png or .html, got {p.name}")
     if not p.parent.is_dir():
         raise MapError(f"folder {p.parent} does not exist")
-    tmp = p.with_name(f".{p.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
+    fs.write_bytes(p, data)
     return p
 
 

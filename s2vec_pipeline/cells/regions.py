@@ -482,19 +482,7 @@ class RegionRegistry:
         text = _HEADER + yaml.dump(
             doc, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=100
         )
-        if not isinstance(self.path, Path):
-            fs.write_bytes(self.path, text.encode("utf-8"))  # one PUT: atomic
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
-            with tmp.open("w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        fs.write_text(self.path, text)  # locally renamed into place, one PUT on a bucket
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

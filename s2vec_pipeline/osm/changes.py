@@ -143,6 +143,7 @@ from s2vec_pipeline.errors import InvalidSourceError, S2VecError
 from s2vec_pipeline.osm.extract import source_bbox, validate_source
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
+from s2vec_pipeline.storage.versioning import file_sha256
 
 __all__ = [
     "LEDGER_FORMAT",
@@ -464,17 +465,7 @@ def _load_ledger(sdir: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fs.write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -493,23 +484,13 @@ def _locked(sdir: Path) -> Iterator[None]:
         yield
 
 
-def _sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 def _check_source(ledger: dict[str, Any], source: Path, sdir: Path) -> None:
     """The original must be the file the ledger's changes were applied to."""
     rec = ledger["source"]
     st = source.stat()
     if (str(source), st.st_size, st.st_mtime_ns) == (rec["path"], rec["size"], rec["mtime_ns"]):
         return
-    sha, _ = _sha256(source)
+    sha, _ = file_sha256(source)
     if sha != rec["sha256"]:
         raise ChangeLedgerError(
             f"source {source} is not the file the changes in {sdir / LEDGER_NAME} were applied "
@@ -1272,7 +1253,7 @@ def apply_changes(
         skipped: list[Path] = []
         for path in files:
             name = change_file_name(path)
-            sha, size = _sha256(path)
+            sha, size = file_sha256(path)
             prev = by_name.get(name)
             if prev is not None:
                 if prev["sha256"] != sha:
@@ -1313,7 +1294,7 @@ def apply_changes(
 
         if ledger is None:
             st = src.stat()
-            ledger = _new_ledger(src, _sha256(src)[0], st)
+            ledger = _new_ledger(src, file_sha256(src)[0], st)
         ledger.setdefault("outside", [])
         if not ledger.get("region"):
             ledger["region"] = list(_source_region(src))
@@ -1409,7 +1390,7 @@ def apply_changes(
         previous = ledger["extract"]
         ledger.update(
             extract=out.name,
-            extract_sha256=_sha256(out)[0],
+            extract_sha256=file_sha256(out)[0],
             batches=batch,
             replication={"sequence": sequence, "timestamp": timestamp},
             updated_at=applied_at,

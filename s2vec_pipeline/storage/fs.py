@@ -168,25 +168,51 @@ def read_bytes(location: str | os.PathLike[str]) -> bytes | None:
         raise e
 
 
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """The one way a local file is written whole: yields a temporary path beside ``path`` for
+    the caller (or a library such as pyarrow) to write; on success it is flushed to disk and
+    renamed over ``path``, on failure removed. A reader sees the old file or the new one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(target.parent)  # the rename itself survives a power cut
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_bytes(location: str | os.PathLike[str], data: bytes) -> None:
     """Replace a file's content atomically: a reader sees the old or the new content, never a
-    part. Locally a temporary file renamed over it; on an object store one PUT (atomic)."""
+    part. Locally through :func:`replacing`; on an object store one PUT (atomic)."""
     text = os.fspath(location)
     if not is_object_store(text):
-        path = Path(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(text) as tmp:
+            tmp.write_bytes(data)
         return
     fs, path = filesystem(text)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def write_text(location: str | os.PathLike[str], text: str) -> None:
+    """:func:`write_bytes` of UTF-8 text."""
+    write_bytes(location, text.encode("utf-8"))
 
 
 def upload_file(local: str | os.PathLike[str], location: str | os.PathLike[str]) -> None:
@@ -198,16 +224,10 @@ def upload_file(local: str | os.PathLike[str], location: str | os.PathLike[str])
 
 
 def download_file(location: str | os.PathLike[str], local: str | os.PathLike[str]) -> None:
-    """Copy ``location`` to a local file, atomically (temporary file, rename)."""
+    """Copy ``location`` to a local file, atomically (:func:`replacing`)."""
     fs, path = filesystem(location)
-    target = Path(local)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
-    try:
+    with replacing(local) as tmp:
         pafs.copy_files(path, str(tmp), source_filesystem=fs)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ and versioned (``format``), under the root's lock so concurrent commands merge t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
+from s2vec_pipeline.storage.versioning import file_sha256
 
 MANIFEST = "s2vec_root.json"
 FORMAT = 1
@@ -41,14 +41,6 @@ class RootManifest:
 
 def _path(root: str | os.PathLike) -> str:
     return fs.join(root, MANIFEST)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(root: str | os.PathLike) -> RootManifest | None:
@@ -79,7 +71,11 @@ def record_sources(
             entry = known.get(str(p))
             if entry and (entry["size"], entry["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
                 continue  # unchanged: no need to hash it again
-            known[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)}
+            known[str(p)] = {
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "sha256": file_sha256(p)[0],
+            }
         manifest = RootManifest(known, profile, taxonomy_version)
         body = {
             "format": FORMAT,
