@@ -31,44 +31,14 @@ from s2vec_pipeline.errors import MissingInputError
 from s2vec_pipeline.osm.extract import OSM_FEATURES_CODE_VERSION, OSM_FEATURES_SCHEMA
 from s2vec_pipeline.osm.extract_cache import extract_partition
 from s2vec_pipeline.settings import PipelineSettings
-from s2vec_pipeline.storage import delta_store, table_checks
+from s2vec_pipeline.storage import delta_store, tables
+from s2vec_pipeline.storage.tables import CELL_COLUMNS, OSM_FEATURES_COLUMNS, RASTER_COLUMNS
 from s2vec_pipeline.storage.versioning import partition_data_version
 
 GROUP = "data_layer"
 DATA_TAGS = {"layer": "data", "storage": "delta"}
 
 Result = Iterator[dg.MaterializeResult | dg.AssetCheckResult]
-
-OSM_FEATURES_COLUMNS = {
-    "parent_l6": "level-6 token of the pixel (the partition)",
-    "osm_type": "node, way or relation",
-    "osm_id": "OSM id",
-    "channel": "taxonomy channel the object matched",
-    "lat": "representative point: the node, a point of the piece in the cell, or (counts) inside",
-    "lon": "representative point (longitude)",
-    "length_m": "metres of this way inside this pixel (length channels)",
-    "area_m2": "square metres of the polygon inside this pixel (area channels)",
-    "cell_id": "pixel cell id: the 64 bits of the S2 id as signed int64",
-    "image_id": "image cell id (signed int64)",
-    "taxonomy_version": "content hash of the taxonomy",
-}
-CELL_COLUMNS = {
-    "parent_l6": "level-6 token (the partition)",
-    "image_token": "image cell token",
-    "cell_token": "pixel cell token",
-    "cell_id": "pixel cell id (signed int64 of the S2 id)",
-    "row": "i - i0 inside the image (S2 face i axis)",
-    "col": "j - j0 inside the image (S2 face j axis)",
-    "taxonomy_version": "content hash of the taxonomy",
-}
-RASTER_COLUMNS = {
-    "parent_l6": "level-6 token (the partition)",
-    "image_token": "image cell token",
-    "image_id": "image cell id (signed int64)",
-    "nonempty_pixels": "pixels with at least one feature",
-    "taxonomy_version": "content hash of the taxonomy",
-    "tensor": "C*S*S float32, log1p of cell_features in (channel, row, col) order",
-}
 
 
 def _check_specs(asset: str, checks: dict[str, str]) -> list[dg.AssetCheckSpec]:
@@ -171,10 +141,10 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
             "extract_seconds": round(seconds, 2),
         },
     )
-    yield check_result("schema", table_checks.schema_matches(df, OSM_FEATURES_SCHEMA))
+    yield check_result("schema", tables.schema_matches(df, OSM_FEATURES_SCHEMA))
     yield check_result(
         "valid_cells",
-        table_checks.cells_at_level(df["cell_id"].to_numpy(), settings.profile.pixel_level),
+        tables.cells_at_level(df["cell_id"].to_numpy(), settings.profile.pixel_level),
     )
 
 
@@ -226,10 +196,8 @@ def cell_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Re
             "channels_present": int(sum(v > 0 for v in nonzero)),
         },
     )
-    yield check_result(
-        "schema", table_checks.schema_matches(df, cell_features_schema(settings.taxonomy))
-    )
-    yield check_result("no_nan", table_checks.no_nan(df, channels))
+    yield check_result("schema", tables.schema_matches(df, cell_features_schema(settings.taxonomy)))
+    yield check_result("no_nan", tables.no_nan(df, channels))
 
 
 @dg.asset(
@@ -300,7 +268,7 @@ def raster_tiles(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
     yield check_result("no_nan", (bool(finite.all()), {"non_finite": int((~finite).sum())}))
     yield check_result(
         "agrees_with_cell_features",
-        table_checks.raster_agrees_with_cells(written, cells, channels, side)
+        tables.raster_agrees_with_cells(written, cells, channels, side)
         if cells.height or written.height
         else (True, {"images": 0}),
     )

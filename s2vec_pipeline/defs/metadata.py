@@ -8,7 +8,7 @@ import dagster as dg
 import pyarrow as pa
 
 from s2vec_pipeline.settings import PipelineSettings
-from s2vec_pipeline.storage import delta_store, table_checks
+from s2vec_pipeline.storage import delta_store, tables
 
 OWNERS = ["team:s2vec"]
 TABLE_TAGS = {"layer": "table", "storage": "delta"}
@@ -49,7 +49,7 @@ def table_metadata(
     }
 
 
-def check_result(name: str, outcome: table_checks.CheckOutcome) -> dg.AssetCheckResult:
+def check_result(name: str, outcome: tables.CheckOutcome) -> dg.AssetCheckResult:
     passed, details = outcome
     return dg.AssetCheckResult(
         check_name=name,

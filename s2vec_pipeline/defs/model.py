@@ -28,6 +28,7 @@ from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.errors import MissingInputError, S2VecError
 from s2vec_pipeline.storage import delta_store, fs
+from s2vec_pipeline.storage.tables import EMBEDDING_COLUMNS
 
 if TYPE_CHECKING:
     from s2vec_pipeline.model.config import TrainConfig
@@ -306,15 +307,6 @@ def _model_version(context: dg.AssetExecutionContext, config: EmbeddingConfig, r
     return version
 
 
-EMBEDDING_COLUMNS = {
-    "parent_l6": "level-6 token (the partition)",
-    "image_token": "image cell token",
-    "cell_token": "pixel cell token (image token for image_embeddings)",
-    "cell_id": "cell id (signed int64 of the S2 id)",
-    "level": "S2 level of the embedded cell",
-    "model_version": "the model that computed the embedding",
-    "embedding": "list<float32> of the model's width",
-}
 _EMBEDDING_CHECKS = {
     "one_row_per_pixel": "One row per pixel of every image with data (S*S per raster row).",
     "no_nan": "Every embedding value is finite.",

@@ -1,4 +1,18 @@
-"""Data-quality checks on written tables; the Dagster asset checks report these results.
+"""Table contracts: the Delta tables under a root, what each column means, and the checks the
+rows of each table must pass (the Dagster asset checks report these results).
+
+Where each part of a contract lives, and why there:
+
+* names, column meanings and row checks: here (Dagster's ``dagster/column_schema`` and the
+  asset checks come from these);
+* column types: beside the code that writes the rows (``osm.extract.OSM_FEATURES_SCHEMA``,
+  ``cells.features.cell_features_schema``, ``cells.raster.RASTER_SCHEMA``,
+  ``model.embed.EMBEDDING_SCHEMA`` / ``EMPTY_SCHEMA``), since that code builds them column by
+  column; ``schema_matches`` checks written rows against them;
+* the settings a table was written under (profile, levels, taxonomy, channels, model), stored
+  in the table's Delta description: written and compared by ``delta_store`` (a write under
+  other settings is refused), built by ``settings.PipelineSettings.contract`` and
+  ``model.embed.embedding_contract``.
 
 Each check returns ``(passed, details)``: details are small JSON-able facts for the UI.
 """
@@ -14,10 +28,64 @@ import polars as pl
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.raster import tensor_array
 
+OSM_FEATURES = "osm_features"
+CELL_FEATURES = "cell_features"
+RASTER_TILES = "raster_tiles"
+CELL_EMBEDDINGS = "cell_embeddings"
+IMAGE_EMBEDDINGS = "image_embeddings"
+EMPTY_IMAGE_EMBEDDINGS = "empty_image_embeddings"
+
+# --- what each column means ----------------------------------------------------------------
+
+OSM_FEATURES_COLUMNS = {
+    "parent_l6": "level-6 token of the pixel (the partition)",
+    "osm_type": "node, way or relation",
+    "osm_id": "OSM id",
+    "channel": "taxonomy channel the object matched",
+    "lat": "representative point: the node, a point of the piece in the cell, or (counts) inside",
+    "lon": "representative point (longitude)",
+    "length_m": "metres of this way inside this pixel (length channels)",
+    "area_m2": "square metres of the polygon inside this pixel (area channels)",
+    "cell_id": "pixel cell id: the 64 bits of the S2 id as signed int64",
+    "image_id": "image cell id (signed int64)",
+    "taxonomy_version": "content hash of the taxonomy",
+}
+#: ``cell_features``' key columns; each channel column is described by its measure.
+CELL_COLUMNS = {
+    "parent_l6": "level-6 token (the partition)",
+    "image_token": "image cell token",
+    "cell_token": "pixel cell token",
+    "cell_id": "pixel cell id (signed int64 of the S2 id)",
+    "row": "i - i0 inside the image (S2 face i axis)",
+    "col": "j - j0 inside the image (S2 face j axis)",
+    "taxonomy_version": "content hash of the taxonomy",
+}
+RASTER_COLUMNS = {
+    "parent_l6": "level-6 token (the partition)",
+    "image_token": "image cell token",
+    "image_id": "image cell id (signed int64)",
+    "nonempty_pixels": "pixels with at least one feature",
+    "taxonomy_version": "content hash of the taxonomy",
+    "tensor": "C*S*S float32, log1p of cell_features in (channel, row, col) order",
+}
+#: ``cell_embeddings`` and ``image_embeddings``.
+EMBEDDING_COLUMNS = {
+    "parent_l6": "level-6 token (the partition)",
+    "image_token": "image cell token",
+    "cell_token": "pixel cell token (image token for image_embeddings)",
+    "cell_id": "cell id (signed int64 of the S2 id)",
+    "level": "S2 level of the embedded cell",
+    "model_version": "the model that computed the embedding",
+    "embedding": "list<float32> of the model's width",
+}
+
+# --- checks of written rows ----------------------------------------------------------------
+
 CheckOutcome = tuple[bool, dict[str, Any]]
 
 
 def schema_matches(df: pl.DataFrame, expected: Mapping[str, pl.DataType]) -> CheckOutcome:
+    """Columns, types and column order of ``df`` against the writer's schema."""
     got = {n: str(t) for n, t in df.schema.items()}
     want = {n: str(t) for n, t in expected.items()}
     missing = [n for n in want if n not in got]
@@ -44,6 +112,7 @@ def no_nan(df: pl.DataFrame, columns: list[str]) -> CheckOutcome:
 
 
 def cells_at_level(cell_ids_signed: np.ndarray, level: int) -> CheckOutcome:
+    """Every id is a valid S2 cell at ``level``."""
     ids = s2.from_signed(np.asarray(cell_ids_signed, dtype=np.int64))
     ok = s2.is_valid(ids) & (s2.cell_level(ids) == level) if len(ids) else np.array([], bool)
     return bool(ok.all()), {"invalid_cells": int((~ok).sum()), "level": level}
