@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ import osmium
 import polars as pl
 
 from s2vec_pipeline.analysis import evaluation
-from s2vec_pipeline.analysis.evaluation import evaluate, neighbourhood_ids, write_report
+from s2vec_pipeline.analysis.cell_matrices import neighbourhood_ids, raw_feature_matrix
+from s2vec_pipeline.analysis.evaluation import evaluate, write_report
+from s2vec_pipeline.analysis.labels import label_cells
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.settings import bundled_sources
 from s2vec_pipeline.storage import delta_store
@@ -107,8 +110,8 @@ def build_labels(root: str, sources: list[str]) -> pl.DataFrame:
 
 def held_out_label(root: str, labels: pl.DataFrame, channel: str) -> pl.DataFrame:
     """``labels`` plus ``held_out`` = log1p of ``channel`` in each label cell."""
-    ids = evaluation.label_cells(labels, PIXEL_LEVEL)
-    values = evaluation.raw_feature_matrix(root, ids, [channel])[:, 0]
+    ids = label_cells(labels, PIXEL_LEVEL)
+    values = raw_feature_matrix(root, ids, [channel])[:, 0]
     return labels.with_columns(pl.Series("held_out", np.log1p(values)))
 
 
@@ -163,7 +166,7 @@ def image_embeddings(root: str, model_version: str) -> dict[str, pl.DataFrame]:
         .collect()
     )
     channels = delta_store.table_contract(root, "raster_tiles")["channels"]
-    raw = evaluation.raw_feature_matrix(root, s2.from_signed(cells["cell_id"].to_numpy()), channels)
+    raw = raw_feature_matrix(root, s2.from_signed(cells["cell_id"].to_numpy()), channels)
     emb = np.asarray(cells["embedding"].list.to_array(len(cells["embedding"][0])).to_numpy())
     frame = pl.DataFrame({"image_token": cells["image_token"], "has_data": (raw > 0).any(axis=1)})
     out = {}
@@ -186,59 +189,23 @@ def evaluate_levers(
     drop_channels: list[str],
     others: dict[str, pl.DataFrame],
 ) -> evaluation.EvaluationReport:
-    """``evaluation.evaluate``'s probes and folds with raw methods over the channels not in
-    ``drop_channels`` and several ``--with`` sources (alone and fused with s2vec)."""
-    root = str(root)
-    pixel_level, image_level, channels = evaluation._pixel_level(root)
-    channels = [c for c in channels if c not in drop_channels]
-    targets = evaluation.target_columns(labels)
-    ids = evaluation.label_cells(labels, pixel_level)
-    y = evaluation._target_matrix(labels, targets)
-    version = evaluation.resolve_model_version(root, evaluation._partitions_of(ids), model_version)
-    emb = evaluation.embedding_matrix(root, ids, version)
-    raw = np.log1p(evaluation.raw_feature_matrix(root, ids, channels))
-    raw3 = np.hstack(
-        [raw, np.log1p(evaluation.raw_neighbourhood_matrix(root, ids, pixel_level, channels))]
-    )
-    features: dict[str, tuple[np.ndarray | None, int | None]] = {
-        "mean": (None, None),
-        "s2vec": (emb, None),
-        "raw": (raw, None),
-        "raw_3x3": (raw3, None),
-        "raw_pca": (raw, emb.shape[1]),
-        "s2vec+raw": (np.hstack([emb, raw]), None),
-        "s2vec+raw_3x3": (np.hstack([emb, raw3]), None),
-    }
-    for name, other in others.items():
-        mat = evaluation.with_matrix(other, ids)
-        features[name] = (mat, None)
-        features[f"s2vec+{name}"] = (np.hstack([emb, mat]), None)
-    groups = s2.to_signed(s2.parent(ids, image_level))
-    plan = {
-        "random": (evaluation.assign_folds(ids, 5, seed), None),
-        "spatial": (evaluation.assign_folds(ids, 5, seed, image_level), groups),
-    }
-    report = evaluation.EvaluationReport(
-        root=root,
-        model_version=version,
-        pixel_level=pixel_level,
-        block_level=image_level,
-        n_rows=len(ids),
-        targets=targets,
-        methods=list(features),
-        folds={p: 5 for p in plan},
-        n_blocks=len(np.unique(groups)),
-        embedding_dim=emb.shape[1],
-        n_channels=len(channels),
-        seed=seed,
-        fold_of_row={p: f.tolist() for p, (f, _) in plan.items()},
-        notes=[f"raw methods without {', '.join(drop_channels)}"] if drop_channels else [],
-    )
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        evaluation._run_probes(report, features, plan, y, seed)
-    return report
+    """``evaluation.evaluate`` with raw methods over the channels not in ``drop_channels``, the
+    fusion ``s2vec+raw_3x3`` and several ``--with`` sources (alone and fused with s2vec)."""
+    inputs = evaluation.prepare(root, labels, model_version)
+    kept = [c for c in inputs.channels if c not in drop_channels]
+    inputs = replace(inputs, grid=replace(inputs.grid, channels=kept))
+    library = evaluation.feature_sets(inputs, others)
+    emb, raw3 = library["s2vec"][0], library["raw_3x3"][0]
+    features = {}
+    for name, value in library.items():  # the fusion right after s2vec+raw
+        features[name] = value
+        if name == "s2vec+raw":
+            features["s2vec+raw_3x3"] = (np.hstack([emb, raw3]), None)
+    plan, fold_notes = evaluation.fold_plan(inputs, 5, seed)
+    notes = evaluation.input_notes(inputs, emb.shape[1]) + fold_notes
+    if drop_channels:
+        notes.append(f"raw methods without {', '.join(drop_channels)}")
+    return evaluation.run_evaluation(inputs, features, plan, notes, seed)
 
 
 def r2_summary(report: evaluation.EvaluationReport) -> dict[str, dict[str, list[float]]]:
@@ -277,11 +244,7 @@ def main() -> None:
         labels.write_parquet(args.labels)
     t1 = time.perf_counter()
     if args.train or args.held_out or args.images:
-        version = evaluation.resolve_model_version(
-            root,
-            evaluation._partitions_of(evaluation.label_cells(labels, PIXEL_LEVEL)),
-            model_version,
-        )
+        version = evaluation.prepare(root, labels, model_version).model_version
         others = image_embeddings(root, version) if args.images else {}
         if args.with_file:
             others["with_file"] = evaluation.read_embedding_file(args.with_file)

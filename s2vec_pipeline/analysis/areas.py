@@ -4,7 +4,7 @@ Users hold labels per area (census tracts, districts, postcodes). An area's embe
 mean of the pixel embeddings covering it, each weighted by the square metres of the area
 inside that pixel's S2 cell: the exact spherical areas ``clip.polygon_cell_areas`` computes for
 the ``area_m2`` channels (edges as geodesics, S2's convention). Pixels of images without data
-count with the empty image's embedding (``evaluation.embedding_matrix``), so an area inside
+count with the empty image's embedding (``cell_matrices.embedding_matrix``), so an area inside
 embedded partitions is never short of cells; an area reaching a partition that was not embedded
 is refused, naming its rows and those partitions.
 
@@ -25,18 +25,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
-from s2vec_pipeline.analysis.evaluation import (
-    CELL_FEATURES,
-    LabelError,
+from s2vec_pipeline.analysis.cell_matrices import (
     embedded_partitions,
     embedding_matrix,
     materialize_hint,
     resolve_model_version,
+    root_grid,
 )
+from s2vec_pipeline.analysis.labels import LabelError
 from s2vec_pipeline.cells import s2
-from s2vec_pipeline.errors import MissingInputError
 from s2vec_pipeline.osm import clip
-from s2vec_pipeline.storage import delta_store, fs
+from s2vec_pipeline.storage import fs
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
 
@@ -224,17 +223,6 @@ def area_cells(geoms: np.ndarray, pixel_level: int) -> AreaCells:
     return out
 
 
-def root_levels(root: str | os.PathLike) -> tuple[int, int]:
-    """(pixel level, image level) of a materialized root."""
-    contract = delta_store.table_contract(root, CELL_FEATURES)
-    if contract is None:
-        raise MissingInputError(
-            f"no cell_features table under {root}: materialize the pipeline there first "
-            f"(s2vec materialize --root {root})"
-        )
-    return int(contract["pixel_level"]), int(contract["image_level"])
-
-
 def check_embedded(root: str | os.PathLike, cells: AreaCells, model_version: str) -> None:
     """Refuse areas that reach a partition not embedded with ``model_version``."""
     parents = s2.to_token(s2.parent(cells.cell, 6))
@@ -255,8 +243,7 @@ def pool_areas(
     root: str | os.PathLike, areas: Areas, model_version: str | None = None
 ) -> tuple[str, np.ndarray, AreaCells]:
     """(model version, (n_areas, D) area-weighted mean pixel embeddings, the area cells)."""
-    pixel_level, _ = root_levels(root)
-    cells = area_cells(areas.geoms, pixel_level)
+    cells = area_cells(areas.geoms, root_grid(root).pixel_level)
     unique, weights = cells.weights()
     parts = sorted(set(s2.to_token(s2.parent(unique, 6)).tolist()))
     version = resolve_model_version(root, parts, model_version)
