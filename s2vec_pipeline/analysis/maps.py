@@ -23,10 +23,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 
+from s2vec_pipeline.analysis.cell_matrices import resolve_model_version
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.errors import InvalidCellError, MissingInputError, S2VecError
 from s2vec_pipeline.storage import delta_store, fs
@@ -138,8 +140,6 @@ def embedding_layer(
 ) -> MapLayer:
     """The selected cells' embeddings, first three principal components as RGB."""
     from sklearn.decomposition import PCA
-
-    from s2vec_pipeline.analysis.evaluation import resolve_model_version
 
     table = "cell_embeddings"
     if not delta_store.table_exists(root, table):
@@ -498,13 +498,33 @@ def reconstruction_png(
     of log1p channels), one scale for all three panels (the input's 99th percentile per band);
     masked pixels are grey in the middle panel. The masks are drawn as in training (seeded).
     """
-    import torch
-    from PIL import Image, ImageDraw
-
     from s2vec_pipeline.cells import preview
     from s2vec_pipeline.cells.raster import tensor_array
     from s2vec_pipeline.model.registry import list_models, load_model
 
+    row = _raster_tile(root, image_token)
+    if model_version is None:
+        versions = list_models(root)
+        if not versions:
+            raise MissingInputError(f"no trained model under {root}: train one first")
+        model_version = versions[-1]
+    model, card = load_model(root, model_version)
+    x = np.array(tensor_array(row, len(card.channels), card.side))
+    ratio = float(card.config.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio)
+    recon, masked = _reconstruct(model, x, ratio, seed)
+    measures = _channel_measures(root, list(card.channels))
+    bands_in = preview.band_sums(x, measures)[0]
+    # MAE convention: the decoder's output where pixels were masked, the input where visible.
+    bands_out = np.where(masked, preview.band_sums(recon, measures)[0], bands_in)
+    caption = (
+        f"image {image_token}, model {model_version}; red POI counts, green areas, blue "
+        f"lengths; rows = S2 i, columns = S2 j"
+    )
+    return _panels_png(bands_in, masked, bands_out, ratio, caption, scale)
+
+
+def _raster_tile(root: str | os.PathLike, image_token: str) -> pl.DataFrame:
+    """The ``raster_tiles`` row (``tensor`` only) of one image."""
     image_id = s2.from_token(np.array([image_token]))
     if int(s2.cell_level(image_id)[0]) < 7:
         raise MapError(f"{image_token} is not an image cell: give an image token (raster_tiles)")
@@ -517,15 +537,16 @@ def reconstruction_png(
     )
     if row.height == 0:
         raise MapError(f"no raster tile {image_token} under {root}: it holds no data")
-    if model_version is None:
-        versions = list_models(root)
-        if not versions:
-            raise MissingInputError(f"no trained model under {root}: train one first")
-        model_version = versions[-1]
-    model, card = load_model(root, model_version)
-    shape = (len(card.channels), card.side, card.side)
-    x = np.array(tensor_array(row, *shape[:2]))
-    ratio = float(card.config.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio)
+    return row
+
+
+def _reconstruct(
+    model: Any, x: np.ndarray, ratio: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the model's reconstruction of ``x`` in log1p units, the (S, S) mask of masked pixels)
+    with masks drawn as in training from ``seed``."""
+    import torch
+
     noise = torch.rand(1, model.num_patches, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         _, pred, mask = model(torch.from_numpy(x), mask_ratio=ratio, noise=noise)
@@ -535,10 +556,20 @@ def reconstruction_png(
     recon = np.maximum(recon * std + mean, 0.0)  # back to log1p units
     p, grid = model.patch_size, model.grid
     masked = mask.numpy().reshape(grid, grid).repeat(p, axis=0).repeat(p, axis=1) > 0
-    measures = _channel_measures(root, list(card.channels))
-    bands_in = preview.band_sums(x, measures)[0]
-    # MAE convention: the decoder's output where pixels were masked, the input where visible.
-    bands_out = np.where(masked, preview.band_sums(recon, measures)[0], bands_in)
+    return recon, masked
+
+
+def _panels_png(
+    bands_in: np.ndarray,
+    masked: np.ndarray,
+    bands_out: np.ndarray,
+    ratio: float,
+    caption: str,
+    scale: int,
+) -> bytes:
+    """The three panels (input, masked input, reconstruction) on one scale, captioned."""
+    from PIL import Image, ImageDraw
+
     scales = np.array([np.percentile(b[b > 0], 99) if (b > 0).any() else 1.0 for b in bands_in])[
         :, None, None
     ]
@@ -562,12 +593,7 @@ def reconstruction_png(
     for k, (label, img) in enumerate(panels):
         out.paste(img, (10 + k * (w + 10), 30))
         draw.text((10 + k * (w + 10), 10), label, fill="black")
-    draw.text(
-        (10, h + 38),
-        f"image {image_token}, model {model_version}; red POI counts, green areas, blue "
-        f"lengths; rows = S2 i, columns = S2 j",
-        fill="black",
-    )
+    draw.text((10, h + 38), caption, fill="black")
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     return buf.getvalue()
