@@ -62,7 +62,8 @@ def test_streaming_batches_and_leftovers(tmp_path: Path) -> None:
     assert sum(b.num_rows for b in batches) == 5 and max(b.num_rows for b in batches) <= 2
     stray = tmp_path / "t" / "parent_l6=a" / "part-x.parquet#1"
     stray.write_bytes(b"junk")
-    assert delta_store.remove_staging_leftovers(tmp_path, "t") == [stray]
+    assert delta_store.remove_staging_leftovers(tmp_path, "t", retention_hours=1) == []
+    assert delta_store.remove_staging_leftovers(tmp_path, "t", retention_hours=0) == [str(stray)]
     assert not stray.exists()
 
 

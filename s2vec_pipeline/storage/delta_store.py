@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import polars as pl
 import pyarrow as pa
@@ -191,7 +191,7 @@ def _write_partitions(
         },
         max_commit_retries=DELTA_COMMIT_RETRIES,
     )
-    with _ReplayableData(data, fs.local_cache(root, STAGING_DIR), name) as replayable:
+    with _ReplayableData(data, replay_dir(root), name) as replayable:
 
         def attempt(i: int) -> None:
             write_deltalake(
@@ -509,19 +509,87 @@ def table_schema(root: str | os.PathLike, name: str) -> pa.Schema:
     return pa.schema(_open(root, name).schema().to_arrow())
 
 
-def remove_staging_leftovers(root: str | os.PathLike, name: str) -> list[Path] | list[str]:
-    """Delete ``*.parquet#N`` staging files a killed writer left behind (vacuum keeps them);
-    returns them (local paths, or URIs on an object store)."""
+def list_tables(root: str | os.PathLike) -> list[str]:
+    """Names of the Delta tables directly under ``root``, sorted."""
+    if fs.is_object_store(root):
+        names = fs.list_dirs(root)
+    else:
+        base = Path(root)
+        if not base.is_dir():
+            return []
+        names = sorted(p.name for p in base.iterdir() if p.is_dir())
+    return [n for n in names if DeltaTable.is_deltatable(table_uri(root, n))]
+
+
+def data_files(root: str | os.PathLike, name: str) -> list[str]:
+    """The data files of the table's current version: plain local paths on a local root
+    (delta-rs' URIs are %-encoded: a root with a space or a non-ASCII letter would not be
+    found), URIs on an object store."""
+    uris = _open(root, name).file_uris()
+    if fs.is_object_store(root):
+        return uris
+    return [unquote(u.removeprefix("file://")) for u in uris]
+
+
+# -- maintenance: compaction, vacuum, leftovers of killed writes ------------------------------
+
+
+def compact(root: str | os.PathLike, name: str) -> dict[str, Any]:
+    """Rewrite the current version's small files into larger ones in one commit (retried like
+    any commit on a conflict); returns delta-rs' metrics (``numFilesRemoved``/``Added``...)."""
     uri = table_uri(root, name)
-    if fs.is_object_store(uri):
-        found = [e.location for e in fs.list_files(uri) if ".parquet#" in e.relative]
-        for location in found:
-            fs.delete(location)
-        return found
-    base = Path(uri)
-    if not base.exists():
+    return retry_commit(lambda _i: DeltaTable(uri).optimize.compact())
+
+
+def vacuum(
+    root: str | os.PathLike, name: str, retention_hours: float, dry_run: bool = False
+) -> list[str]:
+    """Delete (or with ``dry_run`` only list) the files no version within ``retention_hours``
+    references, and unreferenced files (failed writes) older than that: paths relative to the
+    table. The retention is the caller's (Delta's 7-day minimum is not enforced)."""
+    return DeltaTable(table_uri(root, name)).vacuum(
+        retention_hours=int(retention_hours),
+        dry_run=dry_run,
+        enforce_retention_duration=False,
+        full=True,
+    )
+
+
+def remove_staging_leftovers(
+    root: str | os.PathLike, name: str, retention_hours: float
+) -> list[str]:
+    """Delete the ``*.parquet#N`` files a killed writer left in the table's folder (vacuum never
+    deletes them) once older than ``retention_hours`` (a running write's are younger); returns
+    their locations. On an object store delta-rs uploads in parts: none should be there."""
+    cutoff = time.time() - retention_hours * 3600
+    found = [
+        e.location
+        for e in fs.list_files(table_uri(root, name))
+        if ".parquet#" in e.relative and e.mtime <= cutoff
+    ]
+    for location in found:
+        fs.delete(location)
+    return found
+
+
+def replay_dir(root: str | os.PathLike) -> Path:
+    """The local folder of the replay copies of streamed writes (``_ReplayableData``)."""
+    return fs.local_cache(root, STAGING_DIR)
+
+
+def remove_replay_copies(root: str | os.PathLike, retention_hours: float) -> list[Path]:
+    """Delete the replay copies older than ``retention_hours``: those of killed writes (a write
+    deletes its own when it ends); returns them."""
+    folder = replay_dir(root)
+    if not folder.is_dir():
         return []
-    leftovers = [p for p in base.rglob("*.parquet#*") if p.is_file()]
-    for p in leftovers:
-        p.unlink()
-    return leftovers
+    cutoff = time.time() - retention_hours * 3600
+    old = []
+    for p in folder.iterdir():
+        try:
+            if p.is_file() and p.stat().st_mtime <= cutoff:
+                p.unlink(missing_ok=True)
+                old.append(p)
+        except FileNotFoundError:  # its writer finished (deleted it) meanwhile
+            continue
+    return old

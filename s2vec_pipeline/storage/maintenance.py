@@ -29,11 +29,7 @@ only safe when nothing else writes or reads older versions of the root meanwhile
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from deltalake import DeltaTable
 
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.storage import delta_store, fs
@@ -82,48 +78,17 @@ def disk_usage(path: str | os.PathLike) -> tuple[int, int]:
     return files, size
 
 
-def delta_tables(root: str | os.PathLike) -> list[str]:
-    """Names of the Delta tables directly under ``root``, sorted."""
-    if fs.is_object_store(root):
-        return [n for n in fs.list_dirs(root) if DeltaTable.is_deltatable(fs.join(root, n))]
-    base = Path(root)
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and DeltaTable.is_deltatable(str(p)))
-
-
-def _old_files(paths: list[Path], retention_hours: float) -> list[Path]:
-    cutoff = time.time() - retention_hours * 3600
-    old = []
-    for p in paths:
-        try:
-            if p.is_file() and p.stat().st_mtime <= cutoff:
-                old.append(p)
-        except FileNotFoundError:  # its writer finished (renamed it) meanwhile
-            continue
-    return old
-
-
-def _vacuum(uri: str, retention_hours: float) -> int:
+def _vacuum(root: str | os.PathLike, name: str, retention_hours: float) -> int:
     """Vacuum (full) and return how many files it deleted.
 
     delta-rs lists expired tombstones again on every later vacuum, files long gone included,
     and each vacuum adds two commits: only vacuum when a listed file is still on disk, and only
     count those.
     """
-
-    def run(dry_run: bool) -> list[str]:
-        return DeltaTable(uri).vacuum(
-            retention_hours=int(retention_hours),
-            dry_run=dry_run,
-            enforce_retention_duration=False,  # the retention is ours, see the module docstring
-            full=True,
-        )
-
-    present = {e.relative for e in fs.list_files(uri)}
-    if not present.intersection(run(dry_run=True)):
+    present = {e.relative for e in fs.list_files(delta_store.table_uri(root, name))}
+    if not present.intersection(delta_store.vacuum(root, name, retention_hours, dry_run=True)):
         return 0
-    return len(present.intersection(run(dry_run=False)))
+    return len(present.intersection(delta_store.vacuum(root, name, retention_hours)))
 
 
 def maintain_table(
@@ -133,31 +98,22 @@ def maintain_table(
     uri = delta_store.table_uri(root, name)
     with delta_store.storage_errors(root, name, action="maintain table"):
         files_before, bytes_before = disk_usage(uri)
-        dt = DeltaTable(uri)
-        version_before = dt.version()
-        active_before = len(dt.file_uris())
-        metrics = delta_store.retry_commit(lambda _i: DeltaTable(uri).optimize.compact())
-        vacuumed = _vacuum(uri, retention_hours)
-        cutoff = time.time() - retention_hours * 3600
-        staging = [  # on an object store delta-rs uploads in parts: none should be there
-            e.location
-            for e in fs.list_files(uri)
-            if ".parquet#" in e.relative and e.mtime <= cutoff
-        ]
-        for location in staging:
-            fs.delete(location)
+        version_before = delta_store.table_version(root, name)
+        active_before = len(delta_store.data_files(root, name))
+        metrics = delta_store.compact(root, name)
+        vacuumed = _vacuum(root, name, retention_hours)
+        staging = delta_store.remove_staging_leftovers(root, name, retention_hours)
         files_after, bytes_after = disk_usage(uri)
-        dt = DeltaTable(uri)
         return TableMaintenance(
             table=name,
             version_before=version_before,
-            version_after=dt.version(),
+            version_after=delta_store.table_version(root, name),
             files_before=files_before,
             bytes_before=bytes_before,
             files_after=files_after,
             bytes_after=bytes_after,
             active_files_before=active_before,
-            active_files_after=len(dt.file_uris()),
+            active_files_after=len(delta_store.data_files(root, name)),
             compacted_removed=int(metrics.get("numFilesRemoved", 0)),
             compacted_added=int(metrics.get("numFilesAdded", 0)),
             vacuumed=vacuumed,
@@ -179,14 +135,13 @@ def maintain_root(
         raise S2VecError(f"storage root {root} does not exist: nothing to maintain")
     # OS lock and staging copies are local files (for an object-store root: its local cache)
     with exclusive(fs.local_cache(root, ".maintenance.lock")):
-        reports = [maintain_table(root, name, retention_hours) for name in delta_tables(root)]
-        staging_dir = fs.local_cache(root, delta_store.STAGING_DIR)
+        tables = delta_store.list_tables(root)
+        reports = [maintain_table(root, name, retention_hours) for name in tables]
+        staging_dir = delta_store.replay_dir(root)
         if staging_dir.is_dir() and any(staging_dir.iterdir()):
             with delta_store.storage_errors(root, delta_store.STAGING_DIR, action="clean"):
                 files_before, bytes_before = disk_usage(staging_dir)
-                old = _old_files(list(staging_dir.iterdir()), retention_hours)
-                for p in old:
-                    p.unlink(missing_ok=True)
+                old = delta_store.remove_replay_copies(root, retention_hours)
                 files_after, bytes_after = disk_usage(staging_dir)
             reports.append(
                 TableMaintenance(
