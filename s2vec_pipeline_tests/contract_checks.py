@@ -1,7 +1,11 @@
 """Independent checks of the table contracts on a materialized root, written without the
 project's S2 or raster code: positions and parents come from the official S2 library
 (s2geometry), tensors are rebuilt from ``cell_features`` with plain numpy, tables are read with
-polars. Each function returns the list of problems found (empty: the contract holds)."""
+polars. Each function returns the list of problems found (empty: the contract holds).
+
+A second statement of the contracts on purpose: the pipeline's own (``storage.tables``, the
+writers' schemas, ``delta_store``'s stored contract) is the one home; this is the tests'
+oracle, so it must not import any of it (a shared bug would then pass unseen)."""
 
 from __future__ import annotations
 

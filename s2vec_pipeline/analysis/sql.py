@@ -33,13 +33,11 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from deltalake import DeltaTable
 
 from s2vec_pipeline.errors import DamagedTableError, InvalidCellError, S2VecError
 from s2vec_pipeline.storage import delta_store, fs
@@ -167,31 +165,14 @@ TableSource = str | os.PathLike | pa.Table | pl.DataFrame
 
 
 def list_tables(root: str | os.PathLike) -> list[str]:
-    """Names of the Delta tables directly under ``root`` (what ``run_sql`` can query)."""
-    if fs.is_object_store(root):
-        names = fs.list_dirs(root)
-        return sorted(
-            n for n in names if _IDENTIFIER.match(n) and DeltaTable.is_deltatable(fs.join(root, n))
-        )
-    base = Path(root)
-    if not base.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in base.iterdir()
-        if p.is_dir() and _IDENTIFIER.match(p.name) and DeltaTable.is_deltatable(str(p))
-    )
+    """Names of the Delta tables directly under ``root`` that are plain SQL identifiers (what
+    ``run_sql`` can query)."""
+    return [n for n in delta_store.list_tables(root) if _IDENTIFIER.match(n)]
 
 
 def _quote(text: str, quote: str = "'") -> str:
     """A SQL string literal (') or identifier (\") with the quote doubled inside."""
     return quote + text.replace(quote, quote * 2) + quote
-
-
-def local_files(dt: DeltaTable) -> list[str]:
-    """The table's current data files as plain local paths: ``file_uris()`` gives URIs whose
-    paths are %-encoded (a root with a space, non-ASCII letters or ``%`` would not be found)."""
-    return [unquote(u.removeprefix("file://")) for u in dt.file_uris()]
 
 
 def _register_delta(
@@ -204,14 +185,13 @@ def _register_delta(
     is registered through its pyarrow dataset, which still has the schema.
     """
     view = view or name
-    dt = DeltaTable(delta_store.table_uri(root, name))
-    files = local_files(dt)
+    files = delta_store.data_files(root, name)
     if not files or fs.is_object_store(root):
         # DuckDB reads s3:// only through its httpfs extension, which it would download:
         # object-store tables are read through pyarrow (the same snapshot's files).
         con.register(view, delta_store.dataset(root, name))
         return
-    columns = ", ".join(_quote(f.name, '"') for f in dt.schema().fields)
+    columns = ", ".join(_quote(c, '"') for c in delta_store.table_schema(root, name).names)
     file_list = "[" + ", ".join(_quote(f) for f in files) + "]"
     quoted = _quote(view, '"')
     con.execute(
@@ -374,7 +354,7 @@ class SQLSession:
         files: list[str] = []
         if not fs.is_object_store(self.root):
             for name in self.delta_tables:
-                files += local_files(DeltaTable(delta_store.table_uri(self.root, name)))
+                files += delta_store.data_files(self.root, name)
         self.con.execute("SET allowed_paths = ?", [files])
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
