@@ -90,3 +90,18 @@ def test_exact_sum_ignores_row_order() -> None:
     b = pl.DataFrame({"k": 1, "v": values[::-1]}).group_by("k").agg(exact_sum("v"))
     assert a["v"][0] == b["v"][0]
     assert a["v"][0] == pytest.approx(values.sum(), rel=1e-12)
+
+
+def test_every_written_column_has_a_description() -> None:
+    """The column schema Dagster shows describes every column the writers write (channel
+    columns of cell_features are described by their measure at write time)."""
+    from s2vec_pipeline.cells.features import KEY_COLUMNS
+    from s2vec_pipeline.cells.raster import RASTER_SCHEMA
+    from s2vec_pipeline.model.embed import EMBEDDING_SCHEMA
+    from s2vec_pipeline.osm.extract import OSM_FEATURES_SCHEMA
+    from s2vec_pipeline.storage import tables
+
+    assert list(tables.OSM_FEATURES_COLUMNS) == list(OSM_FEATURES_SCHEMA)
+    assert list(tables.RASTER_COLUMNS) == RASTER_SCHEMA.names
+    assert list(tables.EMBEDDING_COLUMNS) == EMBEDDING_SCHEMA.names
+    assert set(tables.CELL_COLUMNS) == set(KEY_COLUMNS) | {"taxonomy_version"}
