@@ -25,6 +25,11 @@ Every method sees exactly the same folds. Methods:
 Metrics per fold: R², MAE, RMSE (scikit-learn); the report gives their mean and standard
 deviation over folds for each (target, protocol, method), and keeps every fold's values and
 the chosen ridge alpha.
+
+This module chains the steps (``prepare`` → ``feature_sets`` → ``fold_plan`` →
+``run_evaluation``); the pieces live in ``labels`` (label files, cells, targets),
+``cell_matrices`` (embeddings, raw features, other sources per cell), ``probes`` (folds, ridge
+and MLP probes, metrics) and ``evaluation_report`` (the report and its renderings).
 """
 
 from __future__ import annotations
