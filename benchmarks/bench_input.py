@@ -27,10 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from s2vec_pipeline.model.data import RasterTileDataModule, synthetic_raster_tiles  # noqa: E402
+from s2vec_pipeline.model.config import TrainConfig  # noqa: E402
+from s2vec_pipeline.model.datamodule import RasterTileDataModule  # noqa: E402
 from s2vec_pipeline.model.embed import embed_partition, write_embeddings  # noqa: E402
 from s2vec_pipeline.model.mae import S2VecMAE  # noqa: E402
 from s2vec_pipeline.model.registry import ModelCard  # noqa: E402
+from s2vec_pipeline.model.synthetic import synthetic_raster_tiles  # noqa: E402
 
 
 class NoComputeMAE(S2VecMAE):
@@ -64,6 +66,43 @@ def rate(n: int, seconds: tuple[float, float], unit: str) -> tuple[str, str]:
     return f"{n / seconds[0]:,.0f} {unit}", f"{n / seconds[1]:,.0f} {unit}"
 
 
+def _input_rows(root: str, args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """The training input path per tile dtype: the one-time decode, then whole epochs."""
+    rows = []
+    for dtype in args.tile_dtype or ["float32", "float16"]:
+        config = TrainConfig(batch_size=args.batch_size, pin_memory=False, tile_dtype=dtype)
+        dm = RasterTileDataModule(root, config)
+        t0, c0 = time.perf_counter(), time.process_time()
+        dm.setup()
+        decode = (time.perf_counter() - t0, time.process_time() - c0)
+        rows.append(
+            (
+                f"input, {dtype}: one-time decode into the tile cache + split + stats "
+                f"({dm.n_train + dm.n_val:,} tiles)",
+                *rate(dm.n_train + dm.n_val, decode, "images/s"),
+            )
+        )
+        loader = dm.train_dataloader()
+        epoch = [0]
+
+        def one_epoch(dm: RasterTileDataModule = dm, loader=loader, epoch=epoch) -> None:  # noqa: ANN001
+            dm.set_epoch(epoch[0])
+            epoch[0] += 1
+            for _ in loader:
+                pass
+
+        dt = best_of(args.reps, one_epoch)
+        rows.append(
+            (
+                f"input, {dtype}: training batches by index ({dm.n_train:,} tiles an "
+                f"epoch, batch {args.batch_size})",
+                *rate(dm.n_train, dt, "images/s"),
+            )
+        )
+
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=4000)
@@ -84,38 +123,7 @@ def main() -> None:
         contract = synthetic_raster_tiles(
             root, {"4693": args.images}, channels=args.channels, side=16
         )
-        for dtype in args.tile_dtype or ["float32", "float16"]:
-            dm = RasterTileDataModule(
-                root, batch_size=args.batch_size, pin_memory=False, tile_dtype=dtype
-            )
-            t0, c0 = time.perf_counter(), time.process_time()
-            dm.setup()
-            decode = (time.perf_counter() - t0, time.process_time() - c0)
-            rows.append(
-                (
-                    f"input, {dtype}: one-time decode into the tile cache + split + stats "
-                    f"({dm.n_train + dm.n_val:,} tiles)",
-                    *rate(dm.n_train + dm.n_val, decode, "images/s"),
-                )
-            )
-            loader = dm.train_dataloader()
-            epoch = [0]
-
-            def one_epoch(dm: RasterTileDataModule = dm, loader=loader, epoch=epoch) -> None:  # noqa: ANN001
-                dm.set_epoch(epoch[0])
-                epoch[0] += 1
-                for _ in loader:
-                    pass
-
-            dt = best_of(args.reps, one_epoch)
-            rows.append(
-                (
-                    f"input, {dtype}: training batches by index ({dm.n_train:,} tiles an "
-                    f"epoch, batch {args.batch_size})",
-                    *rate(dm.n_train, dt, "images/s"),
-                )
-            )
-
+        rows += _input_rows(root, args)
         model = NoComputeMAE(args.channels, args.dim, args.batch_size).eval()
         card = card_for(contract, args.dim)
         cells = args.images * 256

@@ -24,13 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_train import run, run_encode, synthetic_pool  # noqa: E402
 
 from s2vec_pipeline.model.config import TrainConfig  # noqa: E402
-from s2vec_pipeline.model.data import synthetic_raster_tiles  # noqa: E402
 from s2vec_pipeline.model.embed import embed_partition  # noqa: E402
-from s2vec_pipeline.model.mae import S2VecMAE  # noqa: E402
 from s2vec_pipeline.model.registry import load_model  # noqa: E402
-from s2vec_pipeline.model.train import train_model  # noqa: E402
+from s2vec_pipeline.model.synthetic import synthetic_raster_tiles  # noqa: E402
+from s2vec_pipeline.model.train import build_model, train_model  # noqa: E402
 
-PAPER = {}
+PAPER = {}  # TrainConfig's defaults: the paper's model
 TINY = {
     "embed_dim": 32,
     "depth": 2,
@@ -54,7 +53,8 @@ def main() -> None:
 
     for name, hp, channels in (("paper", PAPER, args.channels), ("tiny (tests)", TINY, 8)):
         pool = synthetic_pool(512, channels, 16, cpu)
-        model = S2VecMAE(in_chans=channels, **hp)
+        names = [f"ch{c:03d}" for c in range(channels)]
+        model = build_model(TrainConfig(**hp), names, 16)
         r = run(model, pool, args.steps, 1, args.batch_size, bf16=False)
         e = run_encode(model, pool, args.batch_size, bf16=False)
         rows.append((f"{name}, C={channels}: bare train step", f"{r['images_per_s']:,.1f}", "—"))

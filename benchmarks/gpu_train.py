@@ -40,7 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from s2vec_pipeline.model.config import TrainConfig  # noqa: E402
 from s2vec_pipeline.model.mae import S2VecMAE  # noqa: E402
+from s2vec_pipeline.model.train import build_model  # noqa: E402
 
 
 def synthetic_pool(n: int, channels: int, side: int, device: torch.device) -> torch.Tensor:
@@ -93,9 +95,9 @@ def run(
     step_fn = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(
         model.parameters(),
-        lr=1e-3,
+        lr=model.hparams.lr,
         betas=(0.9, 0.95),
-        weight_decay=0.05,
+        weight_decay=model.hparams.weight_decay,
         fused=device.type == "cuda",
     )
     autocast = (
@@ -169,10 +171,10 @@ def run_pipeline(
     hparams: dict,
 ) -> dict[str, float]:
     """The real embedding path (and optionally train_model) on a synthetic raster table."""
-    from s2vec_pipeline.model.config import TrainConfig
-    from s2vec_pipeline.model.data import RasterTileDataModule, synthetic_raster_tiles
+    from s2vec_pipeline.model.datamodule import RasterTileDataModule
     from s2vec_pipeline.model.embed import embed_partition, encode_batches, write_embeddings
     from s2vec_pipeline.model.registry import ModelCard
+    from s2vec_pipeline.model.synthetic import synthetic_raster_tiles
     from s2vec_pipeline.model.train import train_model
 
     out: dict[str, float] = {}
@@ -198,7 +200,9 @@ def run_pipeline(
         t0 = time.perf_counter()
         written = write_embeddings(root, model, card, ["4693"], batch_size, device=device)
         out["write_embeddings_cells_per_s"] = written["4693"]["cells"] / (time.perf_counter() - t0)
-        dm = RasterTileDataModule(root, batch_size=train_batch, pin_memory=device.type == "cuda")
+        dm = RasterTileDataModule(
+            root, TrainConfig(batch_size=train_batch, pin_memory=device.type == "cuda")
+        )
         dm.setup()  # the one-time decode into the tile cache
         t0 = time.perf_counter()
         for _ in dm.train_dataloader():
@@ -219,9 +223,20 @@ def run_pipeline(
 
 
 TRAIN_GOAL, INFER_GOAL = 50_000, 5_000_000
+#: TrainConfig fields of the model's size that the command line sets.
+MODEL_SIZE = (
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
+    """The command line; ``--smoke`` shrinks everything to a quick check."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto, cuda, cuda:1, cpu")
     ap.add_argument("--steps", type=int, default=200)
@@ -247,13 +262,8 @@ def main() -> None:
         default=0,
         help="also run train_model (Lightning + Delta) for E epochs on that table",
     )
-    ap.add_argument("--patch-size", type=int, default=1)
-    ap.add_argument("--embed-dim", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--num-heads", type=int, default=8)
-    ap.add_argument("--decoder-embed-dim", type=int, default=128)
-    ap.add_argument("--decoder-depth", type=int, default=2)
-    ap.add_argument("--decoder-num-heads", type=int, default=4)
+    for name in MODEL_SIZE:  # default: TrainConfig's (the paper's model)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     ap.add_argument(
         "--smoke",
         action="store_true",
@@ -268,6 +278,66 @@ def main() -> None:
         args.embed_dim, args.depth, args.num_heads = 32, 1, 4
         args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads = 32, 1, 4
 
+    return args
+
+
+def _pipeline_rows(
+    model: S2VecMAE,
+    device: torch.device,
+    pipeline_images: int,
+    ebs: int,
+    bs: int,
+    hparams: dict,
+    args: argparse.Namespace,
+) -> list[tuple[str, str, bool]]:
+    """(what, rate, goal met) of the real embedding and training paths (``run_pipeline``)."""
+    cuda = device.type == "cuda"
+    p = run_pipeline(
+        model,
+        device,
+        pipeline_images,
+        args.channels,
+        ebs,
+        args.train_model_epochs,
+        bs,
+        hparams,
+    )
+    rows = [
+        (
+            "encode_batches (host tiles: pinned, async copies)",
+            f"{p['host_encode_cells_per_s']:,.0f} cells/s",
+            p["host_encode_cells_per_s"] >= INFER_GOAL,
+        ),
+        (
+            f"embed_partition ({pipeline_images} images: Delta read + Arrow rows)",
+            f"{p['embed_partition_cells_per_s']:,.0f} cells/s",
+            p["embed_partition_cells_per_s"] >= INFER_GOAL,
+        ),
+        (
+            "write_embeddings (+ both Delta commits)",
+            f"{p['write_embeddings_cells_per_s']:,.0f} cells/s",
+            p["write_embeddings_cells_per_s"] >= INFER_GOAL,
+        ),
+        (
+            "training input path alone (tile cache, batches by index, 1 epoch)",
+            f"{p['input_images_per_s']:,.0f} images/s",
+            p["input_images_per_s"] >= TRAIN_GOAL,
+        ),
+    ]
+    if "train_model_images_per_s" in p:
+        rows.append(
+            (
+                f"train_model ({args.train_model_epochs} epochs, Lightning + tile cache"
+                f"{', tiles on the GPU' if cuda else ''})",
+                f"{p['train_model_images_per_s']:,.0f} images/s",
+                p["train_model_images_per_s"] >= TRAIN_GOAL,
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    args = _args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -286,16 +356,9 @@ def main() -> None:
         if args.root
         else synthetic_pool(args.pool, args.channels, args.side, device)
     )
-    hparams = {
-        "patch_size": args.patch_size,
-        "embed_dim": args.embed_dim,
-        "depth": args.depth,
-        "num_heads": args.num_heads,
-        "decoder_embed_dim": args.decoder_embed_dim,
-        "decoder_depth": args.decoder_depth,
-        "decoder_num_heads": args.decoder_num_heads,
-    }
-    model = S2VecMAE(in_chans=pool.shape[1], img_size=pool.shape[-1], **hparams)
+    hparams = {k: getattr(args, k) for k in MODEL_SIZE if getattr(args, k) is not None}
+    names = [f"ch{c:03d}" for c in range(pool.shape[1])]
+    model = build_model(TrainConfig(**hparams), names, pool.shape[-1])
     name = (
         torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     )
@@ -320,47 +383,7 @@ def main() -> None:
         ),
     ]
     if pipeline_images and not args.root and args.side == 16:
-        p = run_pipeline(
-            model,
-            device,
-            pipeline_images,
-            args.channels,
-            ebs,
-            args.train_model_epochs,
-            bs,
-            hparams,
-        )
-        rows += [
-            (
-                "encode_batches (host tiles: pinned, async copies)",
-                f"{p['host_encode_cells_per_s']:,.0f} cells/s",
-                p["host_encode_cells_per_s"] >= INFER_GOAL,
-            ),
-            (
-                f"embed_partition ({pipeline_images} images: Delta read + Arrow rows)",
-                f"{p['embed_partition_cells_per_s']:,.0f} cells/s",
-                p["embed_partition_cells_per_s"] >= INFER_GOAL,
-            ),
-            (
-                "write_embeddings (+ both Delta commits)",
-                f"{p['write_embeddings_cells_per_s']:,.0f} cells/s",
-                p["write_embeddings_cells_per_s"] >= INFER_GOAL,
-            ),
-            (
-                "training input path alone (tile cache, batches by index, 1 epoch)",
-                f"{p['input_images_per_s']:,.0f} images/s",
-                p["input_images_per_s"] >= TRAIN_GOAL,
-            ),
-        ]
-        if "train_model_images_per_s" in p:
-            rows.append(
-                (
-                    f"train_model ({args.train_model_epochs} epochs, Lightning + tile cache"
-                    f"{', tiles on the GPU' if cuda else ''})",
-                    f"{p['train_model_images_per_s']:,.0f} images/s",
-                    p["train_model_images_per_s"] >= TRAIN_GOAL,
-                )
-            )
+        rows += _pipeline_rows(model, device, pipeline_images, ebs, bs, hparams, args)
     print(
         f"\nloss {r['first_loss']:.3f} → {r['last_loss']:.3f} over {args.warmup + args.steps} "
         f"steps; step {r['step_ms']:.1f} ms; peak GPU memory {r['peak_mem_gib']:.2f} GiB\n"

@@ -12,9 +12,10 @@ import torch
 
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.model.config import TrainConfig
-from s2vec_pipeline.model.data import RasterTileDataModule, synthetic_raster_tiles
+from s2vec_pipeline.model.datamodule import RasterTileDataModule
 from s2vec_pipeline.model.mae import S2VecMAE, dihedral_transform, random_dihedral
 from s2vec_pipeline.model.registry import load_model
+from s2vec_pipeline.model.synthetic import synthetic_raster_tiles
 from s2vec_pipeline.model.train import input_normalization, train_model
 
 TINY = {
@@ -166,7 +167,7 @@ def test_short_fit_with_every_lever(tmp_path: Path) -> None:
     assert model.hparams.augment and model.hparams.held_out_channels == [1]
     assert model.seen_channels.tolist() == [1.0, 0.0, 1.0]
     # Global normalization: the stored stats are one value, that of every training value.
-    dm = RasterTileDataModule(tmp_path, batch_size=8)
+    dm = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8))
     dm.setup()
     tiles = torch.cat(list(dm.train_dataloader())).double()
     assert np.allclose(model.channel_mean.numpy(), float(tiles.mean()), atol=1e-5)

@@ -20,11 +20,8 @@ from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.raster import RASTER_SCHEMA, tensor_array
 from s2vec_pipeline.errors import IncompatibleTableError, MissingInputError, S2VecError
 from s2vec_pipeline.model.config import TrainConfig
-from s2vec_pipeline.model.data import (
-    RasterTileDataModule,
-    plan_split,
-    synthetic_raster_tiles,
-)
+from s2vec_pipeline.model.data import plan_split
+from s2vec_pipeline.model.datamodule import RasterTileDataModule
 from s2vec_pipeline.model.embed import (
     CELL_TABLE,
     IMAGE_TABLE,
@@ -32,14 +29,17 @@ from s2vec_pipeline.model.embed import (
     resolve_device,
     write_embeddings,
 )
+from s2vec_pipeline.model.loss_curve import loss_curve_caption
 from s2vec_pipeline.model.mae import S2VecMAE
 from s2vec_pipeline.model.registry import (
     IncompatibleModelError,
+    InvalidModelCardError,
     ModelNotFoundError,
     list_models,
     load_model,
 )
-from s2vec_pipeline.model.train import loss_curve_caption, model_version, train_model
+from s2vec_pipeline.model.synthetic import synthetic_raster_tiles
+from s2vec_pipeline.model.train import model_version, train_model
 from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline.storage.versioning import frame_hash
 
@@ -144,7 +144,7 @@ def test_split_and_stats(tmp_path: Path) -> None:
     rule, n_train, n_val = plan_split(tmp_path, list(IMAGES), 0.1)
     assert n_train + n_val == 40 and n_val >= 1
     assert plan_split(tmp_path, list(IMAGES), 0.1) == (rule, n_train, n_val)  # deterministic
-    dm = RasterTileDataModule(tmp_path, batch_size=8, seed=3)
+    dm = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8, seed=3))
     dm.setup()
     assert (dm.n_train, dm.n_val) == (n_train, n_val)
     # The validation images are those plan_split's rule names (what reconstruction holds out).
@@ -174,14 +174,14 @@ def test_split_and_stats(tmp_path: Path) -> None:
 
 def test_spawned_workers_read_every_tile_once(tmp_path: Path) -> None:
     synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
-    dm = RasterTileDataModule(tmp_path, batch_size=8, num_workers=2)
+    dm = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8, num_workers=2))
     dm.setup()
     loader = dm.train_dataloader()
     assert loader.multiprocessing_context.get_start_method() == "spawn"
     batches = list(loader)
     assert len(batches) == len(loader)
     tiles = torch.cat(batches)
-    single = RasterTileDataModule(tmp_path, batch_size=8)
+    single = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8))
     single.setup()
     expected = torch.cat(list(single.train_dataloader()))
     # The same permutation with or without workers: the same batches in the same order.
@@ -229,6 +229,9 @@ def test_training_learns_and_writes_a_complete_model(trained) -> None:
     root, card, module = trained
     h = card.loss_history
     assert len(h["train_loss"]) == card.steps == 4 * -(-card.n_train // 8)
+    # 4 epochs trained: the card says 4 (not Lightning's 0-based index of the last one), and
+    # the CSV log has losses of 4 epochs.
+    assert card.epochs_completed == CONFIG.epochs == 4 and len(h["epoch"]) == 4
     assert card.train_loss < 0.75 * h["train_loss"][0]  # the loss falls
     assert h["val_loss"][-1] < h["val_loss"][0]
     d = Path(card.directory)
@@ -543,6 +546,67 @@ def test_missing_and_incompatible_models(trained, tmp_path: Path) -> None:
             write_embeddings(other, model, card, ["4693"])
         assert not delta_store.table_exists(other, CELL_TABLE)
         assert not delta_store.table_exists(other, IMAGE_TABLE)
+
+
+#: The keys of model_card.json as the dataclass card wrote them (format unchanged).
+CARD_KEYS = {
+    "model_version", "config", "profile", "image_level", "pixel_level", "side",
+    "taxonomy_version", "channels", "partitions", "normalization", "n_train", "n_val",
+    "train_loss", "val_loss", "loss_history", "hardware", "duration_s", "images_seen",
+    "images_per_s", "epochs_completed", "steps", "resumed_from", "created",
+    "raster_tiles_version", "world_size", "code_version",
+}  # fmt: skip
+
+
+def test_damaged_or_foreign_model_cards_are_named(trained, tmp_path: Path) -> None:
+    root, card, _ = trained
+    saved = json.loads((Path(card.directory) / "model_card.json").read_text())
+    assert set(saved) == CARD_KEYS
+    version = card.model_version
+    cases = {
+        "truncated": (lambda t: t[: len(t) // 2], "not a readable model card"),
+        "foreign": (lambda t: '{"name": "some other tool"}', "model_version: field required"),
+        "wrong type": (lambda t: t.replace('"n_train": ', '"n_train": "many", "x": '), "n_train"),
+    }
+    for name, (damage, what) in cases.items():
+        other = tmp_path / name
+        shutil.copytree(root, other, ignore=shutil.ignore_patterns("_tile_cache"))
+        card_file = other / "models" / version / "model_card.json"
+        card_file.write_text(damage(card_file.read_text()))
+        with pytest.raises(InvalidModelCardError, match=what) as info:
+            load_model(other, version)
+        message = str(info.value)
+        assert str(card_file) in message and "train again" in message and "\n" not in message
+    # A card copied into another model's folder is not taken for that model.
+    other = tmp_path / "copied"
+    shutil.copytree(Path(card.directory), other / "models" / "0123456789abcdef")
+    with pytest.raises(InvalidModelCardError, match=f"describes model {version}"):
+        load_model(other, "0123456789abcdef", table=None)
+
+
+def test_loss_curve_png(tmp_path: Path) -> None:
+    from s2vec_pipeline.model.loss_curve import draw_loss_curve
+
+    history = {
+        "step": [1, 2, 3, 4],
+        "train_loss": [1.0, 0.8, 0.7, 0.6],
+        "epoch": [0, 1],
+        "epoch_step": [2, 4],
+        "val_loss": [0.9, 0.65],
+    }
+    draw_loss_curve(history, tmp_path / "curve.png", title="t", n_train=36, n_val=4)
+    with Image.open(tmp_path / "curve.png") as png:
+        assert png.size == (800, 480)
+        colors = {c for _, c in png.convert("RGB").getcolors(800 * 480)}
+
+    def near(rgb: tuple[int, int, int]) -> bool:
+        return any(sum(abs(a - b) for a, b in zip(c, rgb, strict=True)) < 30 for c in colors)
+
+    assert near((31, 119, 180)) and near((255, 127, 14))  # the train line, the val dots
+    assert near((200, 0, 0))  # the warning about 4 validation images
+    draw_loss_curve({}, tmp_path / "empty.png")  # nothing logged: still a picture
+    with Image.open(tmp_path / "empty.png") as png:
+        assert png.size == (800, 480)
 
 
 def _train_in_child(root: str, out: str) -> None:

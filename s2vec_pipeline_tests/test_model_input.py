@@ -15,14 +15,10 @@ import torch
 
 from s2vec_pipeline.cells.raster import tensor_array
 from s2vec_pipeline.model.config import InvalidTrainConfigError, TrainConfig
-from s2vec_pipeline.model.data import (
-    TILE_CACHE_DIR,
-    IndexBatchSampler,
-    RasterTileDataModule,
-    raster_partition_versions,
-    synthetic_raster_tiles,
-    tile_cache,
-)
+from s2vec_pipeline.model.data import raster_partition_versions
+from s2vec_pipeline.model.datamodule import IndexBatchSampler, RasterTileDataModule
+from s2vec_pipeline.model.synthetic import synthetic_raster_tiles
+from s2vec_pipeline.model.tile_cache import TILE_CACHE_DIR, tile_cache
 from s2vec_pipeline.model.train import model_version
 from s2vec_pipeline.storage import delta_store
 
@@ -230,7 +226,7 @@ def test_tile_cache_holds_the_snapshot_and_is_rebuilt_when_it_does_not_match(
     # Another snapshot (partition 4693 rewritten with half its images) has another cache.
     rows = delta_store.read_partitions(tmp_path, "raster_tiles", ["4693"]).head(12).to_arrow()
     delta_store.write_partitions(tmp_path, "raster_tiles", rows, ["4693"], contract)
-    dm = RasterTileDataModule(tmp_path, batch_size=8)
+    dm = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8))
     dm.setup()
     assert dm.cache.directory != cache.directory and dm.cache.n == 12 + 16
     assert np.array_equal(dm.cache.tiles(), _table_tiles(tmp_path))
@@ -238,7 +234,7 @@ def test_tile_cache_holds_the_snapshot_and_is_rebuilt_when_it_does_not_match(
     # A third snapshot: the two most recently used caches stay, the oldest is removed.
     rows = delta_store.read_partitions(tmp_path, "raster_tiles", ["12cd"]).head(5).to_arrow()
     delta_store.write_partitions(tmp_path, "raster_tiles", rows, ["12cd"], contract)
-    latest = RasterTileDataModule(tmp_path, batch_size=8)
+    latest = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8))
     latest.setup()
     kept = {d for d in (tmp_path / TILE_CACHE_DIR).iterdir() if not d.name.startswith(".")}
     assert kept == {dm.cache.directory, latest.cache.directory}
@@ -268,7 +264,7 @@ def test_loader_batches_are_table_tiles_and_pickle_without_the_array(tmp_path: P
     import pickle
 
     synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
-    dm = RasterTileDataModule(tmp_path, batch_size=8, pin_memory=False)
+    dm = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8, pin_memory=False))
     dm.setup()
     table = _table_tiles(tmp_path)
     batches = list(dm.train_dataloader())

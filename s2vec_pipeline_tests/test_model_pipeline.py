@@ -72,6 +72,7 @@ def test_dagster_records_model_and_partition_versions(embedded) -> None:
     meta = model_event.asset_materialization.metadata
     assert meta["model_version"].value == version
     assert meta["val_loss"].value > 0 and meta["loss_curve"].value.startswith("![loss curve]")
+    assert meta["epochs"].value == TINY["epochs"] == 3  # epochs trained, not the last's index
     assert model_event.asset_materialization.tags["dagster/data_version"] == version
     # One raster-partition hash: the card's training partitions carry exactly the data
     # versions Dagster recorded for raster_tiles, read at one Delta version of the table.

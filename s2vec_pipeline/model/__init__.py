@@ -1,6 +1,9 @@
-"""The S2Vec model: MAE (``mae``), the training config (``config``), tile data decoded once
-and sampled by index (``data``), training with versioned model directories (``train``), the
-finished models (``registry``) and batch inference into embedding tables (``embed``).
+"""The S2Vec model: MAE (``mae``), the training config (``config``), ``raster_tiles`` at one
+snapshot and the train/val split (``data``), its tiles decoded once (``tile_cache``) and
+batched by index (``datamodule``), training with versioned model directories (``train``, with
+``callbacks``, ``checkpoint``, ``quiet`` and ``loss_curve``), the finished models
+(``registry``), batch inference into embedding tables (``embed``) and fake tiles for tests
+and benchmarks (``synthetic``).
 
 Names are imported lazily so that ``import s2vec_pipeline.model`` does not load torch.
 """
@@ -12,16 +15,17 @@ from typing import Any
 
 _EXPORTS = {
     "S2VecMAE": "mae",
-    "RasterTileDataModule": "data",
+    "RasterTileDataModule": "datamodule",
     "stream_raster_tiles": "data",
     "read_raster_partition": "data",
     "raster_partition_versions": "data",
     "raster_snapshot": "data",
     "raster_partition_keys": "data",
-    "synthetic_raster_tiles": "data",
+    "synthetic_raster_tiles": "synthetic",
     "TrainConfig": "config",
     "InvalidTrainConfigError": "config",
     "ModelCard": "registry",
+    "InvalidModelCardError": "registry",
     "ModelNotFoundError": "registry",
     "IncompatibleModelError": "registry",
     "model_version": "train",

@@ -73,7 +73,9 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of images held out for validation (by token hash)"
     )
-    mask_ratio: float = Field(0.75, ge=0, lt=1, description="Share of pixels masked (paper: 0.75)")
+    mask_ratio: float = Field(
+        0.75, ge=0, lt=1, description="Share of pixels masked (S2Vec paper: 0.75)"
+    )
     patch_size: int = Field(1, ge=1, description="Pixels per token side (1: a token a pixel)")
     embed_dim: int = Field(256, ge=4, description="Encoder width = embedding size")
     depth: int = Field(6, ge=1, description="Encoder transformer blocks")
@@ -213,8 +215,10 @@ class TrainConfig(BaseModel):
             and not (k == "held_out_channels" and not v)
         }
 
-    def check_image_side(self, side: int) -> None:
-        """The patch size must divide the tiles' side (known once the table is)."""
+    def check_raster(self, contract: dict[str, Any]) -> None:
+        """What can be checked once the ``raster_tiles`` table is known: the patch size must
+        divide the tiles' side, and the held-out channels must be among its channels."""
+        side, channels = int(contract["side"]), list(contract["channels"])
         if side % self.patch_size:
             raise InvalidTrainConfigError(
                 [
@@ -224,11 +228,27 @@ class TrainConfig(BaseModel):
                     )
                 ]
             )
+        unknown = [c for c in self.held_out_channels if c not in channels]
+        if unknown:
+            raise InvalidTrainConfigError(
+                [
+                    (
+                        "held_out_channels",
+                        f"{', '.join(unknown)} not among the raster channels "
+                        f"({', '.join(channels)})",
+                    )
+                ]
+            )
 
     def uses_cuda(self) -> bool:
         import torch
 
         return torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
+
+    def pins_memory(self) -> bool:
+        """``pin_memory``, else whether training runs on CUDA (page-locked batches copy
+        asynchronously to the GPU; on the CPU they only cost)."""
+        return self.pin_memory if self.pin_memory is not None else self.uses_cuda()
 
     def world_size(self) -> int:
         """Training processes this config starts: one per device."""

@@ -383,67 +383,81 @@ def write_embeddings(
     snapshot = raster_snapshot(root, raster_version)
     size = batch_size or default_batch_size(dev)
     empty = empty_image_embedding(model, card, dev)
-    out: dict[str, dict[str, Any]] = {}
-    for partition in partitions:
-        # Read here, not inside the reader: deltalake pulls the reader from its own async
-        # runtime, where opening a Delta table panics ("Cannot start a runtime from within a
-        # runtime").
-        tiles, raster_data_version = read_tiles(root, partition, snapshot)
-        if tiles.num_rows == 0 and _holds_rows(root, partition):
-            # an empty overwrite would delete embeddings and replace them with nothing
-            raise MissingInputError(
-                f"raster_tiles holds no image of partition {partition} (version {snapshot}), "
-                f"but cell_embeddings does: its embeddings were kept. Recompute the raster "
-                f"with a plain `s2vec materialize --root {root}` (it notices the lost "
-                f"partition), then embed again"
-            )
-        images: list[pa.RecordBatch] = []
+    return {
+        partition: _write_partition(root, model, card, partition, snapshot, size, dev, empty)
+        for partition in partitions
+    }
 
-        def cell_batches(
-            tiles: pa.Table = tiles, sink: list[pa.RecordBatch] = images
-        ) -> Iterator[pa.RecordBatch]:
-            for c, i in _embed_tiles(model, card, tiles, size, dev):
-                sink.append(i)  # image rows are small: kept for the second write
-                yield c
 
-        metadata = {
-            "s2vec.model_version": card.model_version,
-            "s2vec.raster_tiles_version": str(snapshot),
-            "s2vec.raster_data_version": raster_data_version,
-        }
-        reader = pa.RecordBatchReader.from_batches(EMBEDDING_SCHEMA, cell_batches())
-        cell_version = delta_store.write_partitions(
-            root,
-            CELL_TABLE,
-            reader,
-            [partition],
-            embedding_contract(card, CELL_TABLE),
-            commit_metadata=metadata,
+def _write_partition(
+    root: str | os.PathLike,
+    model: S2VecMAE,
+    card: ModelCard,
+    partition: str,
+    snapshot: int,
+    size: int,
+    dev: torch.device,
+    empty: np.ndarray,
+) -> dict[str, Any]:
+    """``write_embeddings`` of one partition: its three commits and what they wrote."""
+    # Read here, not inside the reader: deltalake pulls the reader from its own async
+    # runtime, where opening a Delta table panics ("Cannot start a runtime from within a
+    # runtime").
+    tiles, raster_data_version = read_tiles(root, partition, snapshot)
+    if tiles.num_rows == 0 and _holds_rows(root, partition):
+        # an empty overwrite would delete embeddings and replace them with nothing
+        raise MissingInputError(
+            f"raster_tiles holds no image of partition {partition} (version {snapshot}), "
+            f"but cell_embeddings does: its embeddings were kept. Recompute the raster "
+            f"with a plain `s2vec materialize --root {root}` (it notices the lost "
+            f"partition), then embed again"
         )
-        image_table = pa.Table.from_batches(images, schema=EMBEDDING_SCHEMA)
-        image_version = delta_store.write_partitions(
-            root,
-            IMAGE_TABLE,
-            image_table,
-            [partition],
-            embedding_contract(card, IMAGE_TABLE),
-            commit_metadata=metadata,
-        )
-        empty_version = delta_store.write_partitions(
-            root,
-            EMPTY_TABLE,
-            _empty_rows(card, partition, empty),
-            [partition],
-            embedding_contract(card, EMPTY_TABLE),
-            commit_metadata=metadata,
-        )
-        out[partition] = {
-            "images": image_table.num_rows,
-            "cells": image_table.num_rows * card.side * card.side,
-            "cell_table_version": cell_version,
-            "image_table_version": image_version,
-            "empty_table_version": empty_version,
-            "raster_tiles_version": snapshot,
-            "raster_data_version": raster_data_version,
-        }
-    return out
+    images: list[pa.RecordBatch] = []
+
+    def cell_batches(
+        tiles: pa.Table = tiles, sink: list[pa.RecordBatch] = images
+    ) -> Iterator[pa.RecordBatch]:
+        for c, i in _embed_tiles(model, card, tiles, size, dev):
+            sink.append(i)  # image rows are small: kept for the second write
+            yield c
+
+    metadata = {
+        "s2vec.model_version": card.model_version,
+        "s2vec.raster_tiles_version": str(snapshot),
+        "s2vec.raster_data_version": raster_data_version,
+    }
+    reader = pa.RecordBatchReader.from_batches(EMBEDDING_SCHEMA, cell_batches())
+    cell_version = delta_store.write_partitions(
+        root,
+        CELL_TABLE,
+        reader,
+        [partition],
+        embedding_contract(card, CELL_TABLE),
+        commit_metadata=metadata,
+    )
+    image_table = pa.Table.from_batches(images, schema=EMBEDDING_SCHEMA)
+    image_version = delta_store.write_partitions(
+        root,
+        IMAGE_TABLE,
+        image_table,
+        [partition],
+        embedding_contract(card, IMAGE_TABLE),
+        commit_metadata=metadata,
+    )
+    empty_version = delta_store.write_partitions(
+        root,
+        EMPTY_TABLE,
+        _empty_rows(card, partition, empty),
+        [partition],
+        embedding_contract(card, EMPTY_TABLE),
+        commit_metadata=metadata,
+    )
+    return {
+        "images": image_table.num_rows,
+        "cells": image_table.num_rows * card.side * card.side,
+        "cell_table_version": cell_version,
+        "image_table_version": image_version,
+        "empty_table_version": empty_version,
+        "raster_tiles_version": snapshot,
+        "raster_data_version": raster_data_version,
+    }

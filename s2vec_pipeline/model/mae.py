@@ -1,10 +1,11 @@
 """S2Vec masked autoencoder: a small ViT MAE over C×S×S rasters of S2 cell feature counts.
 
-Follows the MAE reference implementation (He et al. 2021, facebookresearch/mae
-``models_mae.py``) with the S2Vec choices (Choudhury et al. 2025): one token per pixel by
-default (``patch_size=1``), so each pixel's encoder token is that S2 cell's embedding; fixed
-2-D sin-cos position embeddings; per-sample random masking (ratio 0.75); a light decoder;
-MSE on masked tokens only. Differences from the reference: no class token (embeddings are the
+Follows the MAE reference implementation (He et al., 2022, "Masked Autoencoders Are Scalable
+Vision Learners", CVPR; facebookresearch/mae ``models_mae.py``) with the choices of S2Vec
+(Kreidieh et al., 2025, arXiv 2504.16942): one token per pixel by default (``patch_size=1``),
+so each pixel's encoder token is that S2 cell's embedding; fixed 2-D sin-cos position
+embeddings; per-sample random masking (ratio 0.75); a light decoder; MSE on masked tokens
+only. Differences from the reference: no class token (embeddings are the
 pixel tokens; the image embedding is their mean), the input is normalized per channel with
 statistics from the training split (stored as buffers in the checkpoint) instead of per-patch
 target normalization, and attention runs through ``F.scaled_dot_product_attention`` (flash /
@@ -95,11 +96,11 @@ class Block(nn.Module):
 class S2VecMAE(L.LightningModule):
     """Masked autoencoder over (B, C, S, S) rasters; ``encode`` gives one token per pixel.
 
-    Defaults follow the paper: encoder 256-d, 6 blocks, 8 heads; decoder 128-d, 2 blocks,
-    4 heads; MLP ratio 4; mask ratio 0.75. Optimizer: AdamW (betas 0.9/0.95, weight decay 0.05
-    on weights, none on biases and norms, as MAE), learning rate with linear warm-up over
-    ``warmup_fraction`` of the steps and cosine decay to 0 (constant after warm-up when the
-    number of steps is unknown).
+    Defaults follow the S2Vec paper (Kreidieh et al., 2025) and are ``TrainConfig``'s: encoder
+    256-d, 6 blocks, 8 heads; decoder 128-d, 2 blocks, 4 heads; MLP ratio 4; mask ratio 0.75.
+    Optimizer: AdamW (betas 0.9/0.95, weight decay 0.05 on weights, none on biases and norms,
+    as MAE), learning rate with linear warm-up over ``warmup_fraction`` of the steps and
+    cosine decay to 0 (constant after warm-up when the number of steps is unknown).
     """
 
     def __init__(

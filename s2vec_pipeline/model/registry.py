@@ -2,19 +2,20 @@
 
 ``list_models`` (the finished versions, oldest first), ``load_model`` (weights and card, with
 compatibility checks against a table's contract), ``ModelCard`` (everything about one model,
-``model_card.json``). A model is finished when its card exists: training writes it last.
-No torch import at module level: status, evaluation and the CLI list models without it.
+``model_card.json``, read and written through pydantic). A model is finished when its card
+exists: training writes it last. No torch import at module level: status, evaluation and the
+CLI list models without it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.storage import delta_store, fs
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 RASTER_TABLE = "raster_tiles"
 MODELS_DIR = "models"
+#: A model is finished when its card exists: training writes it last.
+CARD_FILE = "model_card.json"
 #: Bump when the architecture or training code changes what a config produces.
 #: 2: tiles stream in a content-determined order from one snapshot; one partition hash.
 MODEL_CODE_VERSION = "s2vec-mae-2"
@@ -41,9 +44,18 @@ class IncompatibleModelError(S2VecError):
 # --- the model card --------------------------------------------------------------------
 
 
-@dataclass
-class ModelCard:
-    """Everything about one trained model; saved as ``model_card.json``."""
+class InvalidModelCardError(S2VecError):
+    """A ``model_card.json`` that is not a card this code wrote: damaged, or another file."""
+
+
+class ModelCard(BaseModel):
+    """Everything about one trained model; saved as ``model_card.json`` (``save``, ``load``).
+
+    Fields this code does not know (a card of a later version) are ignored when read. Two
+    cards are equal when everything saved is: ``directory`` is where this one was read from.
+    """
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
     model_version: str
     config: dict[str, Any]
@@ -64,6 +76,7 @@ class ModelCard:
     duration_s: float
     images_seen: int
     images_per_s: float
+    #: epochs trained (the last one possibly cut short by max_steps)
     epochs_completed: int
     steps: int
     resumed_from: dict[str, int] | None
@@ -73,12 +86,22 @@ class ModelCard:
     #: training processes (DDP ranks); the batch per step is world_size × batch_size
     world_size: int = 1
     code_version: str = MODEL_CODE_VERSION
-    directory: str = field(default="", compare=False)
+    directory: str = Field(default="", exclude=True)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ModelCard):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
 
     def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        d.pop("directory")
-        return json.dumps(d, indent=2, sort_keys=True)
+        """The card as written to ``model_card.json`` (sorted keys, indented)."""
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``model_card.json`` into ``directory`` (whole or not at all)."""
+        fs.write_text(fs.join(directory, CARD_FILE), self.to_json())
 
     @classmethod
     def untrained(cls, contract: dict[str, Any], config: dict[str, Any]) -> ModelCard:
@@ -108,23 +131,47 @@ class ModelCard:
             steps=0,
             resumed_from=None,
             created="",
-            code_version=MODEL_CODE_VERSION,
         )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ModelCard:
-        raw = fs.read_bytes(fs.join(directory, "model_card.json"))
+        """The card in ``directory``; :class:`InvalidModelCardError` (one line: which file,
+        what is wrong, what to do) when it is damaged or not a model card."""
+        location = fs.join(directory, CARD_FILE)
+        raw = fs.read_bytes(location)
         if raw is None:
-            raise FileNotFoundError(f"no model_card.json in {directory}")
-        d = json.loads(raw)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names}, directory=str(directory))
+            raise FileNotFoundError(f"no {CARD_FILE} in {directory}")
+        try:
+            card = cls.model_validate_json(raw)
+        except ValidationError as e:
+            raise InvalidModelCardError(
+                f"{location} is not a readable model card ({_first_problem(e)}): it is damaged "
+                f"or was not written by s2vec. Remove {directory} and train again (s2vec "
+                "materialize --stages train)"
+            ) from None
+        name = os.fspath(directory).rstrip("/").rsplit("/", 1)[-1]
+        if _VERSION_RE.match(name) and card.model_version != name:
+            raise InvalidModelCardError(
+                f"{location} describes model {card.model_version}, not {name}: it was copied "
+                f"from another model. Remove {directory} and train again (s2vec materialize "
+                "--stages train)"
+            )
+        card.directory = str(directory)
+        return card
 
     @property
     def checkpoint(self) -> Path | str:
         """The weights file: a local path, or a URI on an object-store root."""
         location = fs.join(self.directory, "model.ckpt")
         return location if fs.is_object_store(location) else Path(location)
+
+
+def _first_problem(e: ValidationError) -> str:
+    """pydantic's first complaint, in a few words (no URL)."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid"))
+    return f"{where}: {msg.lower()}" if where else msg.lower()
 
 
 def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RASTER_TABLE) -> None:
@@ -162,7 +209,7 @@ def list_models(root: str | os.PathLike) -> list[str]:
         e
         for e in fs.list_files(models_dir(root))
         if e.relative.count("/") == 1
-        and e.relative.endswith("/model_card.json")
+        and e.relative.endswith(f"/{CARD_FILE}")
         and not e.relative.startswith(".")  # a training's work folder
     ]
     return [e.relative.split("/")[0] for e in sorted(cards, key=lambda e: e.mtime)]
@@ -172,7 +219,7 @@ def check_model_exists(root: str | os.PathLike, version: str) -> str:
     """The finished model's folder; :class:`ModelNotFoundError` naming the models there (and
     a partial training of ``version``) when there is none."""
     final = fs.join(models_dir(root), version)
-    card_file = fs.join(final, "model_card.json")
+    card_file = fs.join(final, CARD_FILE)
     if not _VERSION_RE.match(version) or not fs.is_file(card_file):
         available = list_models(root)
         hint = f"available: {', '.join(available)}" if available else "none trained yet"

@@ -1,0 +1,292 @@
+"""The batches Lightning trains on: one snapshot's tile cache, split by token hash and
+gathered by index.
+
+``RasterTileDataModule`` decodes the snapshot once (``tile_cache``), splits it
+(``data.split_by_hash``) and computes the per-channel mean/std of the training split;
+``IndexBatchSampler`` gives one seeded permutation per epoch, sharded over DDP ranks, as
+numpy index arrays (no per-tile Python). Its settings are the training config's
+(``TrainConfig``: batch size, split, seed, workers, pinned memory, tiles on the device, dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.model.config import TrainConfig
+from s2vec_pipeline.model.data import (
+    RASTER_TABLE,
+    raster_partition_keys,
+    raster_partition_versions,
+    raster_snapshot,
+    split_by_hash,
+    token_unit_hash,
+)
+from s2vec_pipeline.model.tile_cache import TileCache, tile_cache
+from s2vec_pipeline.storage import delta_store
+
+
+def _replica() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed, or (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class CachedTiles(Dataset):
+    """Batches of a :class:`TileCache` by index: ``dataset[indices]`` → (B, C, S, S) tiles of
+    the cache's dtype (the model computes in float32 whatever it receives).
+
+    Pickles as the cache's location (the array is mapped again in each spawned worker).
+    """
+
+    def __init__(self, cache: TileCache) -> None:
+        self.cache = cache
+        self._tiles: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache": self.cache, "_tiles": None}
+
+    def __len__(self) -> int:
+        return self.cache.n
+
+    def __getitems__(self, indices: np.ndarray) -> torch.Tensor:
+        if self._tiles is None:
+            self._tiles = self.cache.tiles()
+        # One gather (sorted indices: sequential reads of the mapped file).
+        return torch.from_numpy(self._tiles[np.asarray(indices)])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__(np.array([index]))[0]
+
+
+class TileIndices(Dataset):
+    """``dataset[indices]`` → the indices themselves (int64): the tiles are gathered on the
+    training device from a resident copy (``TrainConfig.tiles_on_device``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(indices, dtype=np.int64))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__(np.array([index]))[0]
+
+
+def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
+    """The DataLoader's collate: ``CachedTiles.__getitems__`` already built the batch."""
+    return batch
+
+
+class IndexBatchSampler(Sampler[np.ndarray]):
+    """Batches of row indices (numpy arrays, no per-tile Python) of a cached split.
+
+    The semantics of ``DistributedSampler`` + ``BatchSampler``: with ``shuffle`` a permutation
+    seeded by (seed, epoch); under ``world`` ranks the tail is dropped so every rank gets the
+    same number of tiles (DDP ranks step in lockstep) and rank ``r`` takes every ``world``-th
+    one from ``r``. Indices within a batch are sorted (sequential reads of the mapped file).
+    """
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world = rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _mine(self) -> np.ndarray:
+        idx = self.indices
+        if self.shuffle:
+            idx = idx[np.random.default_rng([self.seed, self.epoch]).permutation(len(idx))]
+        if self.world > 1:
+            per = len(idx) // self.world
+            idx = idx[: per * self.world][self.rank :: self.world]
+        return idx
+
+    def __len__(self) -> int:
+        n = len(self.indices) // self.world if self.world > 1 else len(self.indices)
+        return math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        idx = self._mine()
+        for i in range(0, len(idx), self.batch_size):
+            yield np.sort(idx[i : i + self.batch_size])
+
+
+class RasterTileDataModule(L.LightningDataModule):
+    """Train/val tiles of ``raster_tiles`` at one Delta ``version`` (default: the latest when
+    ``setup`` runs), all partitions with data or the given ones, batched as ``config`` says.
+
+    ``setup`` decodes the snapshot once into a :class:`TileCache` (or reuses it), splits it
+    by image-token hash and computes the per-channel mean/std of the training split (all
+    pixels, empty ones included, float64 sums). Batches are gathered by index from the mapped
+    cache: each epoch is one seeded permutation of the training split, sharded over DDP ranks.
+    With ``config.tiles_on_device`` the whole cache is copied to the training device once
+    (when it fits: 122×16×16 float32 tiles take 125 kB each, ~15 GB for 120,000) and the
+    loader moves only indices; the batches, and so the weights, are the same.
+    ``partition_versions``: the partitions' data versions at ``version`` when the caller
+    has them (else read here).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        config: TrainConfig | None = None,
+        partitions: Sequence[str] | None = None,
+        *,
+        version: int | None = None,
+        partition_versions: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        config = config or TrainConfig()
+        self.root = str(root)
+        self.partitions = list(partitions) if partitions is not None else None
+        self.batch_size, self.val_fraction, self.seed = (
+            config.batch_size,
+            config.val_fraction,
+            config.seed,
+        )
+        self.num_workers = config.num_workers
+        self.pin_memory = config.pins_memory()
+        self.version = version
+        self.partition_versions = partition_versions
+        self.tiles_on_device = config.tiles_on_device
+        self.tile_dtype = config.tile_dtype
+        self._resident: torch.Tensor | None = None
+        self._ready = False
+        self._train_sampler: IndexBatchSampler | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        contract = delta_store.table_contract(self.root, RASTER_TABLE)
+        if contract is None:
+            raise MissingInputError(
+                f"no raster_tiles table under {self.root}: run s2vec materialize --stages "
+                "extract,features,raster first"
+            )
+        self.contract: dict[str, Any] = contract
+        self.channels: list[str] = list(contract["channels"])
+        self.side: int = int(contract["side"])
+        self.shape = (len(self.channels), self.side, self.side)
+        self.version = raster_snapshot(self.root, self.version)
+        if self.partitions is None:
+            self.partitions = raster_partition_keys(self.root, self.version)
+        versions = self.partition_versions or raster_partition_versions(
+            self.root, self.partitions, self.version
+        )
+        self.cache = tile_cache(
+            self.root,
+            self.partitions,
+            self.version,
+            versions,
+            self.channels,
+            self.side,
+            self.tile_dtype,
+        )
+        tokens = self.cache.tokens().tolist()
+        self.rule, val = split_by_hash(token_unit_hash(tokens), tokens, self.val_fraction)
+        self.train_indices = np.flatnonzero(~val)
+        self.val_indices = np.flatnonzero(val)
+        self.n_train, self.n_val = len(self.train_indices), len(self.val_indices)
+        if self.n_train == 0:
+            raise MissingInputError(
+                f"raster_tiles under {self.root} has no tiles in partitions "
+                f"{', '.join(self.partitions)}: run s2vec materialize --cells "
+                f"{','.join(self.partitions)} --stages extract,features,raster first"
+            )
+        self.channel_mean, self.channel_std = self._channel_stats()
+        self._ready = True
+
+    def _channel_stats(self, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        c = self.shape[0]
+        tiles = self.cache.tiles()
+        total, total_sq = np.zeros(c), np.zeros(c)
+        for i in range(0, self.n_train, chunk):
+            x = tiles[self.train_indices[i : i + chunk]].astype(np.float64)
+            total += x.sum(axis=(0, 2, 3))
+            total_sq += np.einsum("bcij,bcij->c", x, x)
+        count = self.n_train * self.side * self.side
+        mean = total / count
+        var = np.maximum(total_sq / count - mean**2, 0.0)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+    def normalization_stats(self) -> dict[str, list[float]]:
+        """Per-channel mean/std of the training split, for the model buffers and the card."""
+        return {"mean": self.channel_mean.tolist(), "std": self.channel_std.tolist()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned DDP workers and loader workers load their own resident copy.
+        return {**self.__dict__, "_resident": None}
+
+    def _loader(self, sampler: IndexBatchSampler) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            TileIndices(self.cache.n) if self.tiles_on_device else CachedTiles(self.cache),
+            batch_sampler=sampler,
+            collate_fn=_whole_batch,
+            num_workers=workers,
+            # deltalake panics in forked children: workers are spawned.
+            multiprocessing_context="spawn" if workers > 0 else None,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = _replica()
+        self._train_sampler = IndexBatchSampler(
+            self.train_indices, self.batch_size, True, self.seed, rank, world
+        )
+        if self.trainer is not None:  # also right when resuming from a checkpoint
+            self._train_sampler.set_epoch(self.trainer.current_epoch)
+        return self._loader(self._train_sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        # Every rank validates on all of it (small by design): a validation set smaller than
+        # the number of ranks is not silently lost.
+        return self._loader(IndexBatchSampler(self.val_indices, self.batch_size))
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        """With ``tiles_on_device`` a batch arrives as row indices: gather its tiles from the
+        copy of the whole cache on the batch's device (made on first use)."""
+        if not self.tiles_on_device:
+            return batch
+        if self._resident is None or self._resident.device != batch.device:
+            self._resident = torch.from_numpy(np.array(self.cache.tiles())).to(batch.device)
+        return self._resident.index_select(0, batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffle for ``epoch`` (called by ``EpochSetter`` at each epoch start)."""
+        if self._train_sampler is not None:
+            self._train_sampler.set_epoch(epoch)
+
+
+class EpochSetter(L.Callback):
+    """Tells the datamodule the epoch, so each epoch shuffles differently and reproducibly."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if isinstance(dm, RasterTileDataModule):
+            dm.set_epoch(trainer.current_epoch)
