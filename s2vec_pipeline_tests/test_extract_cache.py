@@ -13,11 +13,11 @@ import pytest
 import s2cell
 
 from s2vec_pipeline.cells.profiles import PROFILES
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import extract_features
 from s2vec_pipeline.osm.extract_cache import extract_partition, interleave_groups
 from s2vec_pipeline.osm.split import _split_cache_dir
 from s2vec_pipeline.osm.taxonomy import load_taxonomy
-from s2vec_pipeline.settings import cells_covering_source
 from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 
 CITY = PROFILES["city"]

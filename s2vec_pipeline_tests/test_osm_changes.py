@@ -15,8 +15,8 @@ import pytest
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.osm import changes as oc
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import source_bbox
-from s2vec_pipeline.settings import cells_covering_source
 
 HELSINKI_L6 = "4693"
 MONACO_L6 = "12cd"

@@ -15,10 +15,11 @@ import polars as pl
 import pytest
 
 from s2vec_pipeline.cells.profiles import PROFILES
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import extract_features
 from s2vec_pipeline.osm.split import extract_partitions, whole_groups
 from s2vec_pipeline.osm.taxonomy import load_taxonomy
-from s2vec_pipeline.settings import PipelineSettings, cells_covering_source
+from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 
 CITY = PROFILES["city"]

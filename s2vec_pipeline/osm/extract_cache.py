@@ -94,7 +94,7 @@ def extract_partition(
     """The ``osm_features`` rows of partition ``token`` from ``sources`` (sorted like
     :func:`osm_extract.extract_features`; objects in several sources kept once), reading each
     source covering several partitions once per version (module docstring)."""
-    from s2vec_pipeline.settings import cells_covering_source
+    from s2vec_pipeline.osm.coverage import cells_covering_source
 
     t0 = time.perf_counter()
     out = PartitionExtract(rows=_empty())

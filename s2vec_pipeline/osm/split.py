@@ -324,7 +324,7 @@ def cached_split(
     cache (a partition outside the header box) is cut on demand. Files are published only when
     complete; caches of older versions of the same path are deleted when a new one is made.
     """
-    from s2vec_pipeline.settings import cells_covering_source
+    from s2vec_pipeline.osm.coverage import cells_covering_source
 
     src = Path(source)
     folder = _split_cache_dir(Path(cache_root), src, partitions_per_group, margin_deg)

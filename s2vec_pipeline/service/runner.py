@@ -40,6 +40,7 @@ from s2vec_pipeline.errors import (
     start_quietly,
 )
 from s2vec_pipeline.osm import changes as osm_changes
+from s2vec_pipeline.osm.coverage import source_cells, sources_for
 from s2vec_pipeline.osm.extract_cache import interleave_groups
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.storage import fs
@@ -240,7 +241,7 @@ class Launcher:
         self.tags = tags or {}
         self.defs = build_definitions(settings)
         self.report = RunReport()
-        add_partitions(instance, settings.source_cells)
+        add_partitions(instance, source_cells(settings.sources))
 
     def run(
         self,
@@ -507,7 +508,7 @@ def materialize(
     from s2vec_pipeline.defs.model import current_model_version
 
     partitions = sorted(set(partitions))
-    settings.sources_for(partitions)  # every partition must be covered: fail before any run
+    sources_for(settings.sources, partitions)  # every partition covered: fail before any run
     launcher = Launcher(settings, instance, log_level, tags)
     launcher.report.partitions, launcher.report.assets = partitions, list(assets)
     data = [a for a in DATA_ASSETS if a in assets]
@@ -568,7 +569,7 @@ def _require_features(settings: PipelineSettings, partitions: list[str]) -> None
         ).height
     ):
         raise NoFeaturesError(
-            f"no OSM object in {', '.join(map(str, settings.sources_for(partitions)))} matches "
+            f"no OSM object in {', '.join(sources_for(settings.sources, partitions))} matches "
             f"the taxonomy inside cells {', '.join(map(str, partitions))}: check that the sources "
             f"cover these cells and "
             f"carry mapped tags"
