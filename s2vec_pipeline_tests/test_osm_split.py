@@ -17,9 +17,9 @@ from s2vec_pipeline.cells.profiles import PROFILES
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import extract_features
+from s2vec_pipeline.osm.osmium_tool import OsmiumToolMissingError
 from s2vec_pipeline.osm.split import (
     ENV_KILL_WORKER,
-    OsmiumToolMissingError,
     PartitionedResult,
     extract_partitions,
     plan_groups,

@@ -41,6 +41,7 @@ import polars as pl
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL, ResolutionProfile
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import (
     OSM_FEATURES_CODE_VERSION,
     OSM_FEATURES_SCHEMA,
@@ -48,17 +49,15 @@ from s2vec_pipeline.osm.extract import (
     extract_features,
     validate_source,
 )
+from s2vec_pipeline.osm.groups import DEFAULT_MARGIN_DEG, PARTITIONS_PER_GROUP, group_level
+from s2vec_pipeline.osm.osmium_tool import OsmiumToolMissingError
 from s2vec_pipeline.osm.split import (
-    DEFAULT_MARGIN_DEG,
     IN_PROCESS_MAX_BYTES,
-    PARTITIONS_PER_GROUP,
     ROW_KEY,
     SORT_KEY,
-    OsmiumToolMissingError,
-    _group_level,
-    _split_cache_dir,
     extract_partitions,
-    osmium_tool,
+    needs_osmium_tool,
+    split_cache_dir,
 )
 from s2vec_pipeline.osm.taxonomy import Taxonomy
 from s2vec_pipeline.storage.locks import exclusive
@@ -94,8 +93,6 @@ def extract_partition(
     """The ``osm_features`` rows of partition ``token`` from ``sources`` (sorted like
     :func:`osm_extract.extract_features`; objects in several sources kept once), reading each
     source covering several partitions once per version (module docstring)."""
-    from s2vec_pipeline.osm.coverage import cells_covering_source
-
     t0 = time.perf_counter()
     out = PartitionExtract(rows=_empty())
     frames = []
@@ -128,7 +125,7 @@ def interleave_groups(
 ) -> list[str]:
     """The partitions in an order that takes one partition of each extraction group in turn:
     runs going at once then extract different groups instead of waiting for one another."""
-    level = _group_level(partitions_per_group)
+    level = group_level(partitions_per_group)
     by_group: dict[str, list[str]] = {}
     for t in sorted(set(partitions)):
         by_group.setdefault(_ancestor(t, level), []).append(t)
@@ -147,9 +144,9 @@ def _cached_rows(
     margin_deg: float,
     in_process_max_bytes: int,
 ) -> tuple[pl.DataFrame, ExtractStats, str]:
-    version_dir = _split_cache_dir(cache_root, path, partitions_per_group, margin_deg)
+    version_dir = split_cache_dir(cache_root, path, partitions_per_group, margin_deg)
     rows_dir = version_dir / f"rows-{_settings_hash(taxonomy, profile)}"
-    level = _group_level(partitions_per_group)
+    level = group_level(partitions_per_group)
     group = _ancestor(token, level)
     stats = ExtractStats()
     how = "cached"
@@ -185,7 +182,7 @@ def _cached_rows(
 def _has_osmium_tool(path: Path, in_process_max_bytes: int) -> bool:
     """Whether to cut with osmium-tool; without it only a small source can be read whole."""
     try:
-        osmium_tool()
+        needs_osmium_tool()
         return True
     except OsmiumToolMissingError:
         if path.stat().st_size > in_process_max_bytes:
