@@ -4,6 +4,8 @@ single-process extraction of the whole file (the oracle), with osmium-tool and w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -152,3 +154,18 @@ def test_version_folder_changes_with_a_file_replaced_by_rename(tmp_path):
     os.utime(src, ns=(mtime, mtime))
     assert src.stat().st_size == 1000 and src.stat().st_mtime_ns == mtime
     assert split_cache_dir(tmp_path / "cache", src, 4, 0.05) != before
+
+
+def test_split_cache_folders_keep_their_names(tmp_path):
+    """Split caches made before the source identity had one home stay in use: a source's folder
+    is ``<file name up to its first dot>-<12 hex digits of the sha256 of its resolved path>``
+    (for names made of letters, digits, - and _), its version folder a hash of the format,
+    size, mtime, inode and split parameters (the formula of the earlier code, restated)."""
+    src = tmp_path / "city-latest_2.osm.pbf"
+    src.write_bytes(b"x" * 10)
+    st = src.stat()
+    where = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:12]
+    version = [2, st.st_size, st.st_mtime_ns, st.st_ino, 4, 0.05, "pbf,pbf_compression=lz4"]
+    what = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:12]
+    got = split_cache_dir(tmp_path / "cache", src, 4, 0.05)
+    assert got == tmp_path / "cache" / f"city-latest_2-{where}" / what
