@@ -3,13 +3,13 @@
 The Dagster layer materializes one level-6 partition per run. Reading a whole source in every
 run makes a backfill of N partitions read the source N times (quadratic in the source's size).
 Here, a source covering more than one partition is extracted once per *group* (the level-6
-cells under one level-5 ancestor, :func:`osm_split.whole_groups`) and the rows of every
+cells under one level-5 ancestor, :func:`osm.groups.whole_groups`) and the rows of every
 partition of the group are kept; the group's later runs read only their partition's rows.
 
 - With osmium-tool the source is first cut into group files, once per source version
-  (:func:`osm_split.cached_split`); a group's first run extracts only its group's file, so
+  (:func:`osm.split.cached_split`); a group's first run extracts only its group's file, so
   memory is bounded by a group whatever the source's size.
-- Without osmium-tool, a source up to ``osm_split.IN_PROCESS_MAX_BYTES`` is extracted whole, once,
+- Without osmium-tool, a source up to ``osm.split.IN_PROCESS_MAX_BYTES`` is extracted whole, once,
   in the first run (memory then follows the source, as the in-process path always did), and
   the rows of every partition it covers are kept. Larger sources need osmium-tool.
 - A source covering at most one partition is read in the run itself, as before: the read is
@@ -91,7 +91,7 @@ def extract_partition(
     in_process_max_bytes: int = IN_PROCESS_MAX_BYTES,
 ) -> PartitionExtract:
     """The ``osm_features`` rows of partition ``token`` from ``sources`` (sorted like
-    :func:`osm_extract.extract_features`; objects in several sources kept once), reading each
+    :func:`osm.extract.extract_features`; objects in several sources kept once), reading each
     source covering several partitions once per version (module docstring)."""
     t0 = time.perf_counter()
     out = PartitionExtract(rows=_empty())

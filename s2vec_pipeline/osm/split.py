@@ -12,7 +12,7 @@ Public API: :func:`extract_partitions` (callback per partition), :func:`split_so
    gives it. Above 32 groups the split goes in stages (cluster files by a coarser ancestor,
    then groups), each pass with bounded memory, clusters in parallel.
 2. **Extract** each (source, group) file in a worker process (``spawn``: deltalake panics in
-   forked children), with the same code as :func:`osm_extract.extract_features` and a
+   forked children), with the same code as :func:`osm.extract.extract_features` and a
    file-backed node-location index. A worker keeps the rows that land in its own partitions,
    plus the rows an object it sees sends to another requested partition whose group may *not*
    see it (no vertex surely inside that group's region: a long segment, a large polygon). Such
