@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import bare_read  # noqa: E402
 
 from s2vec_pipeline.cells import s2  # noqa: E402
+from s2vec_pipeline.osm.coverage import source_cells  # noqa: E402
 from s2vec_pipeline.osm.extract import source_bbox  # noqa: E402
 from s2vec_pipeline.service.instance import pooled_sqlite_config  # noqa: E402
 from s2vec_pipeline.settings import PipelineSettings, bundled_source  # noqa: E402
@@ -157,7 +158,7 @@ def main() -> None:
             (REPO / "dagster.yaml").read_text() + pooled_sqlite_config(str(home))
         )
     settings = PipelineSettings(root=str(root), sources=[str(pbf)], changes_dir=str(changes))
-    cells = sorted(settings.source_cells)
+    cells = sorted(source_cells(settings.sources))
     t0 = time.perf_counter()
     objects = bare_read(str(pbf))
     bare_s = time.perf_counter() - t0

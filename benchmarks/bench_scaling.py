@@ -36,7 +36,8 @@ from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline.cells.features import aggregate_cell_features
 from s2vec_pipeline.osm.split import extract_partitions
 from s2vec_pipeline.cells.raster import RASTER_SCHEMA, iter_raster_batches
-from s2vec_pipeline.settings import PipelineSettings, cells_covering_source
+from s2vec_pipeline.osm.coverage import cells_covering_source
+from s2vec_pipeline.settings import PipelineSettings
 
 def main():
     pbf, root, profile, workers, per_group, parts_json = sys.argv[1:7]

@@ -171,6 +171,7 @@ def _add_materialize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
+    from s2vec_pipeline.osm.coverage import source_cells, sources_for
     from s2vec_pipeline.service.runner import (
         CLI_TAG,
         STAGES,
@@ -234,13 +235,13 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
 
         registry = RegionRegistry(settings.root)
         region = registry.get(args.region)
-        registry.check_covered(region, settings.source_cells)
+        registry.check_covered(region, source_cells(settings.sources))
         cells = list(region.cells)
     elif _cells_given(args.cells) is not None:
         cells = parse_partition_tokens(args.cells)
     else:
-        cells = list(settings.source_cells)
-    settings.sources_for(cells)
+        cells = list(source_cells(settings.sources))
+    sources_for(settings.sources, cells)
     print(
         f"profile {profile.name}: images level {profile.image_level}, pixels level "
         f"{profile.pixel_level} ({profile.side}x{profile.side}); taxonomy {taxonomy.version} "
@@ -381,6 +382,7 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
+    from s2vec_pipeline.osm.coverage import sources_for
     from s2vec_pipeline.service.runner import (
         check_instance_home,
         console_log_level,
@@ -399,7 +401,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     from s2vec_pipeline.storage import delta_store
 
     if delta_store.table_exists(settings.root, "osm_features"):  # sources must cover the root
-        settings.sources_for(delta_store.partition_keys(settings.root, "osm_features"))
+        sources_for(settings.sources, delta_store.partition_keys(settings.root, "osm_features"))
     t0 = time.perf_counter()
     with dagster_instance(settings.root) as instance:
         report = refresh(settings, instance, log_level=console_log_level(args.verbose))
@@ -445,6 +447,7 @@ def _add_region(sub: argparse._SubParsersAction) -> None:
 def _cmd_region_add(args: argparse.Namespace) -> int:
 
     from s2vec_pipeline.cells import regions as rg
+    from s2vec_pipeline.osm.coverage import source_cells
 
     root = _root(args)
     if args.bbox:
@@ -455,7 +458,7 @@ def _cmd_region_add(args: argparse.Namespace) -> int:
         region = rg.region_from_source(args.name, args.source)
     registry = rg.RegionRegistry(root)
     settings = PipelineSettings.from_env()
-    registry.check_covered(region, settings.source_cells)  # before anything is written
+    registry.check_covered(region, source_cells(settings.sources))  # before anything is written
     registry.add(region)
     print(f"region {region.name}: {len(region.cells)} cells: {', '.join(region.cells)}")
     if os.environ.get("DAGSTER_HOME"):

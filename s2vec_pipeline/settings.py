@@ -8,7 +8,7 @@ Helsinki and Monaco extracts. Environment variables override them for ``dagster 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -19,8 +19,7 @@ import pydantic
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL, ResolutionProfile, get_profile
-from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidCellError, S2VecError
-from s2vec_pipeline.osm.extract import source_bbox
+from s2vec_pipeline.errors import InvalidCellError, S2VecError
 from s2vec_pipeline.osm.taxonomy import Taxonomy, load_taxonomy
 from s2vec_pipeline.storage.fs import check_object_root, is_object_store, normalize_root
 
@@ -130,28 +129,6 @@ class PipelineSettings(pydantic.BaseModel):
             **extra,
         }
 
-    @cached_property
-    def source_cells(self) -> dict[str, tuple[str, ...]]:
-        """Level-6 token -> the sources whose bounding box touches that cell."""
-        cells: dict[str, list[str]] = {}
-        for src in self.sources:
-            for token in cells_covering_source(src):
-                cells.setdefault(token, []).append(src)
-        return {k: tuple(v) for k, v in sorted(cells.items())}
-
-    def sources_for(self, partitions: Iterable[str]) -> list[str]:
-        """The sources to read for these partitions; every partition must be covered."""
-        partitions = list(partitions)
-        outside = [p for p in partitions if p not in self.source_cells]
-        if outside:
-            raise CellOutsideSourcesError(
-                f"cells {', '.join(outside)} are outside every configured source; the sources "
-                f"cover {', '.join(self.source_cells)}. Add a source covering them (--source) "
-                f"or pick covered cells"
-            )
-        wanted = {s for p in partitions for s in self.source_cells[p]}
-        return [s for s in self.sources if s in wanted]
-
     @property
     def split_cache_dir(self) -> Path:
         """Local folder where large sources are cut into group files once per source version
@@ -160,21 +137,6 @@ class PipelineSettings(pydantic.BaseModel):
         from s2vec_pipeline.storage.fs import local_cache
 
         return local_cache(self.root, SPLIT_CACHE_DIR)
-
-    def current_sources_for(self, partitions: Iterable[str]) -> list[str]:
-        """Like ``sources_for``, but each source replaced by its current extract: the copy under
-        the root with the applied change files, or the source itself when none was applied.
-        The user's files are never modified."""
-        from s2vec_pipeline.osm.changes import current_extract
-
-        return [str(current_extract(self.root, s)) for s in self.sources_for(partitions)]
-
-
-def cells_covering_source(path: str | os.PathLike) -> list[str]:
-    """Level-6 tokens covering a source's header bounding box."""
-    min_lat, min_lng, max_lat, max_lng = source_bbox(path)
-    cover = s2.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL)
-    return sorted(s2.to_token(cover).tolist())  # plain str: messages show 12cd, not np.str_
 
 
 def parse_partition_tokens(tokens: Sequence[str]) -> list[str]:

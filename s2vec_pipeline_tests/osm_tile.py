@@ -27,7 +27,7 @@ import numpy as np
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 from s2vec_pipeline.osm.extract import source_bbox
-from s2vec_pipeline.osm.split import osmium_tool
+from s2vec_pipeline.osm.osmium_tool import osmium_tool
 
 _NANO = 1_000_000_000
 

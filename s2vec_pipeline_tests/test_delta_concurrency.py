@@ -186,7 +186,7 @@ def test_concurrent_cli_materializations(
     writes it (the oracle)."""
     import subprocess
 
-    from s2vec_pipeline.settings import PipelineSettings
+    from s2vec_pipeline.osm.coverage import source_cells
 
     sources = [
         helsinki_pbf,
@@ -194,7 +194,7 @@ def test_concurrent_cli_materializations(
         _shifted_copy(monaco_pbf, tmp_path / "monaco_e3.osm.pbf", 3.0),
         _shifted_copy(monaco_pbf, tmp_path / "monaco_e6.osm.pbf", 6.0),
     ]
-    cells = list(PipelineSettings(root="", sources=tuple(map(str, sources))).source_cells)
+    cells = list(source_cells(map(str, sources)))
     assert len(cells) == 4  # 4693, 12cd and the two shifted copies' cells
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     base = [sys.executable, "-m", "s2vec_pipeline.cli", "materialize"]

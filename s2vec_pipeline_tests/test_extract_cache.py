@@ -4,6 +4,8 @@ single-process extraction of the whole file (the oracle), with osmium-tool and w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,11 +15,12 @@ import pytest
 import s2cell
 
 from s2vec_pipeline.cells.profiles import PROFILES
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import extract_features
 from s2vec_pipeline.osm.extract_cache import extract_partition, interleave_groups
-from s2vec_pipeline.osm.split import _split_cache_dir
+from s2vec_pipeline.osm.osmium_tool import find_osmium_tool
+from s2vec_pipeline.osm.split import split_cache_dir
 from s2vec_pipeline.osm.taxonomy import load_taxonomy
-from s2vec_pipeline.settings import cells_covering_source
 from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 
 CITY = PROFILES["city"]
@@ -51,7 +54,7 @@ def oracle(tiled, taxonomy) -> pl.DataFrame:
 @pytest.fixture(params=["osmium-tool", "pyosmium only"])
 def tool(request, monkeypatch, tmp_path) -> str:
     if request.param == "osmium-tool":
-        if shutil.which("osmium") is None:
+        if find_osmium_tool() is None:
             pytest.skip("osmium-tool is not installed")
     else:  # a PATH without osmium: the whole small source is extracted once in process
         monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
@@ -143,11 +146,26 @@ def test_version_folder_changes_with_a_file_replaced_by_rename(tmp_path):
     neither the cut files nor the kept rows of the old file are used."""
     src = tmp_path / "a.osm.pbf"
     src.write_bytes(b"x" * 1000)
-    before = _split_cache_dir(tmp_path / "cache", src, 4, 0.05)
+    before = split_cache_dir(tmp_path / "cache", src, 4, 0.05)
     mtime = src.stat().st_mtime_ns
     tmp = tmp_path / "b.tmp"
     tmp.write_bytes(b"y" * 1000)
     os.replace(tmp, src)
     os.utime(src, ns=(mtime, mtime))
     assert src.stat().st_size == 1000 and src.stat().st_mtime_ns == mtime
-    assert _split_cache_dir(tmp_path / "cache", src, 4, 0.05) != before
+    assert split_cache_dir(tmp_path / "cache", src, 4, 0.05) != before
+
+
+def test_split_cache_folders_keep_their_names(tmp_path):
+    """Split caches made before the source identity had one home stay in use: a source's folder
+    is ``<file name up to its first dot>-<12 hex digits of the sha256 of its resolved path>``
+    (for names made of letters, digits, - and _), its version folder a hash of the format,
+    size, mtime, inode and split parameters (the formula of the earlier code, restated)."""
+    src = tmp_path / "city-latest_2.osm.pbf"
+    src.write_bytes(b"x" * 10)
+    st = src.stat()
+    where = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:12]
+    version = [2, st.st_size, st.st_mtime_ns, st.st_ino, 4, 0.05, "pbf,pbf_compression=lz4"]
+    what = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:12]
+    got = split_cache_dir(tmp_path / "cache", src, 4, 0.05)
+    assert got == tmp_path / "cache" / f"city-latest_2-{where}" / what

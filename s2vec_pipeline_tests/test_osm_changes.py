@@ -15,8 +15,14 @@ import pytest
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.osm import changes as oc
+from s2vec_pipeline.osm.changes import base as changes_base
+from s2vec_pipeline.osm.changes import region
+from s2vec_pipeline.osm.changes.apply import merge
+from s2vec_pipeline.osm.changes.cells import touched_cells
+from s2vec_pipeline.osm.changes.files import ChangeFile
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import source_bbox
-from s2vec_pipeline.settings import cells_covering_source
+from s2vec_pipeline.osm.osmium_tool import find_osmium_tool
 
 HELSINKI_L6 = "4693"
 MONACO_L6 = "12cd"
@@ -357,7 +363,7 @@ def test_scattered_changed_nodes_take_the_python_path(
 ) -> None:
     """With the C++ id filter off (as for node ids in too many 4M-id blocks) Python reads the
     changed nodes' versions itself: same staleness decisions, same cells."""
-    monkeypatch.setattr(oc, "_DENSE_FILTER_BLOCKS", -1)
+    monkeypatch.setattr(changes_base, "DENSE_FILTER_BLOCKS", -1)
     nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
     sv = helsinki_objects[("n", STATION)][0]
     stale = _osc(tmp_path / "c/old.osc", modify=_node(WAY_NODE, nv, lat, lon, OLD_TS))
@@ -372,7 +378,7 @@ def test_touched_cells_follow_area_relations_not_other_relations() -> None:
     """Synthetic base: moving a node of way 1 touches multipolygon 10 (ways 1 and 2, the latter
     in cell 468f), so every cell meeting the multipolygon's box; route 11 (ways 1 and 3, the
     latter in Monaco) makes no area and adds nothing."""
-    base = oc._Base()
+    base = changes_base.Base()
     base.locations = osmium.index.create_map("flex_mem")
     coords = {1: (60.17, 24.94), 2: (60.171, 24.95), 3: (61.0, 24.5), 4: (61.01, 24.51)}
     coords |= {5: (43.735, 7.42), 6: (43.736, 7.421)}
@@ -382,9 +388,9 @@ def test_touched_cells_follow_area_relations_not_other_relations() -> None:
     v1 = (1, 0.0)
     base.ways = {1: (v1, (1, 2)), 2: (v1, (3, 4)), 3: (v1, (5, 6))}
     base.rels = {10: (v1, (("w", 1), ("w", 2)), True), 11: (v1, (("w", 1), ("w", 3)), False)}
-    change = oc._ChangeFile(Path("x.osc"), "x.osc", "0" * 64, 0, None, None)
+    change = ChangeFile(Path("x.osc"), "x.osc", "0" * 64, 0, None, None)
     change.nodes[1] = ((2, 0.0), (60.1701, 24.9401))
-    (cells,) = oc._touched_cells([change], base)
+    (cells,) = touched_cells([change], base)
     box = set(s2.to_token(s2.cover_bbox(60.17, 24.5, 61.01, 24.95)).tolist())
     assert cells == box | {HELSINKI_L6}
     assert "468f" in cells and MONACO_L6 not in cells
@@ -592,7 +598,7 @@ def test_extract_larger_than_its_box_is_cut_and_its_removed_cells_reported(
     src.parent.mkdir()
     header = osmium.io.Header()
     header.add_box(osmium.osm.Box(box[1], box[0], box[3], box[2]))
-    oc._merge(monaco_pbf, [], src, header)  # Monaco's objects, the smaller box
+    merge(monaco_pbf, [], src, header)  # Monaco's objects, the smaller box
     assert source_bbox(src) == pytest.approx(box)
     region_cells = s2.to_token(s2.cover_bbox(*box)).tolist()
     new_at = (43.55, 7.42)
@@ -617,7 +623,7 @@ def test_extract_larger_than_its_box_is_cut_and_its_removed_cells_reported(
 def test_source_without_header_box_uses_its_nodes_extent(tmp_path: Path, monaco_pbf: Path) -> None:
     src = tmp_path / "src" / "nobox.osm.pbf"
     src.parent.mkdir()
-    oc._merge(monaco_pbf, [], src, osmium.io.Header())  # Monaco's objects, no header box
+    merge(monaco_pbf, [], src, osmium.io.Header())  # Monaco's objects, no header box
     reader = osmium.io.Reader(str(src), osmium.osm.osm_entity_bits.NOTHING)
     assert not reader.header().box().valid()
     reader.close()
@@ -665,7 +671,7 @@ def test_region_cut_follows_osmium_smart_strategy(tmp_path: Path) -> None:
     body += _rel(26, [("w", 15)], "route")  # wholly outside
     merged = tmp_path / "in.osm"
     merged.write_text(f"<?xml version='1.0'?>\n<osm version=\"0.6\">\n{body}</osm>\n")
-    cut = oc._cut(merged, tmp_path / "cut.osm.pbf", box, {"osmosis_replication_timestamp": TS})
+    cut = region.cut(merged, tmp_path / "cut.osm.pbf", box, {"osmosis_replication_timestamp": TS})
     got = {(o.type_str(), o.id) for o in osmium.FileProcessor(str(tmp_path / "cut.osm.pbf"))}
     kept_nodes = {1, 2, 3, 4, 6, 9}
     assert got == {("n", n) for n in kept_nodes} | {("w", 11), ("w", 12)} | {
@@ -692,7 +698,7 @@ def test_bundled_extracts_are_fixed_points_of_the_cut(city: str, tmp_path: Path)
 
     src = bundled_source(city)
     out = tmp_path / "cut.osm.pbf"
-    cut = oc._cut(src, out, oc._source_region(src), {})
+    cut = region.cut(src, out, region.source_region(src), {})
 
     def objects(path: Path) -> list[tuple]:
         return [(o.type_str(), o.id, o.version) for o in osmium.FileProcessor(str(path))]
@@ -706,7 +712,7 @@ def test_refresh_needs_no_osmium_tool(
 ) -> None:
     """Applying a change (merge and region cut) runs with no `osmium` program on the PATH."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert shutil.which("osmium") is None
+    assert find_osmium_tool() is None
     v, lat, lon = helsinki_objects[("n", STATION)]
     f = _osc(tmp_path / "c/1.osc", modify=_node(STATION, v + 1, lat + 0.001, lon))
     res = oc.apply_changes(tmp_path / "root", helsinki_pbf, [f])
@@ -739,7 +745,7 @@ def test_later_node_moves_inside_skip_the_cut_with_the_same_result(
         oc.apply_changes(root, helsinki_pbf, [first])
     skipped = oc.apply_changes(fast, helsinki_pbf, [first, second])
     with monkeypatch.context() as m:
-        m.setattr(oc, "_cut_is_a_no_op", lambda files, box: False)
+        m.setattr(region, "cut_is_a_no_op", lambda files, box: False)
         cut = oc.apply_changes(full, helsinki_pbf, [first, second])
     assert skipped.touched_cells == cut.touched_cells == [HELSINKI_L6]
     assert objects(skipped.extract) == objects(cut.extract)
@@ -748,3 +754,80 @@ def test_later_node_moves_inside_skip_the_cut_with_the_same_result(
     third = _osc(tmp_path / "c/3.osc", modify=_node(STATION, v + 3, 61.0, lon))
     res = oc.apply_changes(fast, helsinki_pbf, [first, second, third])
     assert res.applied == [third] and _read(res.extract, nodes=[STATION]) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger file: its on-disk format, and broken or foreign ledgers
+# ---------------------------------------------------------------------------------------------
+LEDGER_KEYS = [
+    "format",
+    "source",
+    "extract",
+    "extract_sha256",
+    "batches",
+    "replication",
+    "applied",
+    "outside",
+    "region",
+    "updated_at",
+]
+
+
+def test_ledger_file_keeps_its_format_and_reads_older_ledgers(
+    tmp_path: Path, helsinki_pbf: Path, helsinki_objects
+) -> None:
+    """ledger.json keeps the documented keys, in order; a ledger written before ``outside`` and
+    ``region`` existed still reads, and the next batch adds them."""
+    root = tmp_path / "root"
+    nv, lat, lon = helsinki_objects[("n", WAY_NODE)]
+    first = _osc(tmp_path / "c/1.osc", modify=_node(WAY_NODE, nv + 1, lat, lon + 1e-4))
+    oc.apply_changes(root, helsinki_pbf, [first])
+    path = oc.source_dir(root, helsinki_pbf) / "ledger.json"
+    stored = json.loads(path.read_text())
+    assert list(stored) == LEDGER_KEYS
+    assert list(stored["source"]) == ["path", "sha256", "size", "mtime_ns"]
+    assert list(stored["applied"][0]) == [
+        "name",
+        "sha256",
+        "size",
+        "applied_at",
+        "cells",
+        "sequence",
+        "batch",
+        "path",
+    ]
+    older = {k: v for k, v in stored.items() if k not in ("outside", "region")}
+    path.write_text(json.dumps(older, indent=2))
+    assert [e.name for e in oc.applied_changes(root, helsinki_pbf)] == ["1.osc"]
+    second = _osc(tmp_path / "c/2.osc", modify=_node(WAY_NODE, nv + 2, lat, lon + 2e-4))
+    res = oc.apply_changes(root, helsinki_pbf, [first, second])
+    assert res.applied == [second] and res.skipped == [first]
+    again = json.loads(path.read_text())
+    assert list(again) == LEDGER_KEYS and again["batches"] == 2
+    assert again["region"] == pytest.approx(list(source_bbox(helsinki_pbf)))
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"format": 1, "source": {', "cannot be read"),
+        ('["a", "list"]', "is not a format-1 ledger"),
+        ('{"format": 2, "source": {}}', "is not a format-1 ledger"),
+        ('{"format": 1, "source": {"path": "x"}}', r"is damaged \(source\.sha256: Field required"),
+        ('{"format": 1, "source": null}', r"is damaged \(source: "),
+    ],
+)
+def test_broken_or_foreign_ledger_is_refused_naming_the_way_out(
+    tmp_path: Path, helsinki_pbf: Path, content: str, problem: str
+) -> None:
+    """A ledger that is truncated, not a format-1 ledger or missing a field stops every use of
+    the source with one error naming the file and how to start again."""
+    root = tmp_path / "root"
+    sdir = oc.source_dir(root, helsinki_pbf)
+    sdir.mkdir(parents=True)
+    (sdir / "ledger.json").write_text(content)
+    for use in (oc.current_extract, oc.read_ledger, oc.applied_changes):
+        with pytest.raises(oc.ChangeLedgerError, match=problem) as err:
+            use(root, helsinki_pbf)
+        assert str(sdir / "ledger.json") in str(err.value)
+        assert f"delete {sdir}" in str(err.value)

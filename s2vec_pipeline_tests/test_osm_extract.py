@@ -6,6 +6,8 @@ length of a way and the area of a polygon inside the pixel's S2 cell (``S2Polygo
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 
 import osmium
@@ -14,7 +16,7 @@ import pytest
 import s2geometry as s2g
 
 from s2vec_pipeline.cells.profiles import PROFILES
-from s2vec_pipeline.errors import InvalidSourceError
+from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidSourceError
 from s2vec_pipeline.osm.extract import (
     EARTH_RADIUS_M,
     OSM_FEATURES_SCHEMA,
@@ -350,3 +352,25 @@ def test_bbox_from_nodes_when_header_has_none(tmp_path: Path) -> None:
         w.add_node(osmium.osm.mutable.Node(id=1, location=(24.94, 60.17), tags={"shop": "bakery"}))
         w.add_node(osmium.osm.mutable.Node(id=2, location=(24.95, 60.18), tags={}))
     assert source_bbox(path) == pytest.approx((60.17, 24.94, 60.18, 24.95))
+
+
+def test_source_cover_follows_a_replaced_file(tmp_path: Path, helsinki_pbf, monaco_pbf) -> None:
+    """The cover of a source is computed once per version of the file: a file replaced at the
+    same path (another inode, size and box) is read again."""
+    from s2vec_pipeline.osm.coverage import cells_covering_source, source_cells, sources_for
+    from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
+
+    src = tmp_path / "city.osm.pbf"
+    shutil.copy(helsinki_pbf, src)
+    assert cells_covering_source(src) == [HELSINKI_L6]
+    assert source_cells([str(src), str(monaco_pbf)]) == {
+        MONACO_L6: (str(monaco_pbf),),
+        HELSINKI_L6: (str(src),),
+    }
+    other = tmp_path / "other.osm.pbf"
+    shutil.copy(monaco_pbf, other)
+    os.replace(other, src)
+    assert cells_covering_source(src) == [MONACO_L6]
+    assert sources_for([str(src)], [MONACO_L6]) == [str(src)]
+    with pytest.raises(CellOutsideSourcesError, match=f"cells {HELSINKI_L6} are outside"):
+        sources_for([str(src)], [HELSINKI_L6])

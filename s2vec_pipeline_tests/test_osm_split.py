@@ -15,16 +15,16 @@ import pytest
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.profiles import PROFILES
 from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import extract_features
+from s2vec_pipeline.osm.osmium_tool import OsmiumToolMissingError
 from s2vec_pipeline.osm.split import (
     ENV_KILL_WORKER,
-    OsmiumToolMissingError,
     PartitionedResult,
     extract_partitions,
     plan_groups,
 )
 from s2vec_pipeline.osm.taxonomy import load_taxonomy
-from s2vec_pipeline.settings import cells_covering_source
 from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 
 CITY = PROFILES["city"]

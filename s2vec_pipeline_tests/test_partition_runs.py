@@ -11,10 +11,10 @@ import pytest
 
 from s2vec_pipeline.cells.profiles import PROFILES
 from s2vec_pipeline.cli import main
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import extract_features
 from s2vec_pipeline.osm.taxonomy import load_taxonomy
 from s2vec_pipeline.service.runner import ENV_KILL_PARTITION
-from s2vec_pipeline.settings import cells_covering_source
 from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 

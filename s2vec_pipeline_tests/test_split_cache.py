@@ -15,10 +15,12 @@ import polars as pl
 import pytest
 
 from s2vec_pipeline.cells.profiles import PROFILES
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import extract_features
+from s2vec_pipeline.osm.osmium_tool import find_osmium_tool
 from s2vec_pipeline.osm.split import extract_partitions, whole_groups
 from s2vec_pipeline.osm.taxonomy import load_taxonomy
-from s2vec_pipeline.settings import PipelineSettings, cells_covering_source
+from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 
 CITY = PROFILES["city"]
@@ -40,7 +42,7 @@ def straddling(tmp_path_factory, helsinki_pbf) -> Path:
 @pytest.fixture
 def osmium_calls(tmp_path, monkeypatch) -> Path:
     """A log file with one line per ``osmium`` command run (the real tool does the work)."""
-    real = shutil.which("osmium")
+    real = find_osmium_tool()
     if real is None:
         pytest.skip("osmium-tool is not installed")
     bin_dir, log = tmp_path / "bin", tmp_path / "osmium-calls.log"

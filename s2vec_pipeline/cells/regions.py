@@ -51,8 +51,8 @@ from s2vec_pipeline.errors import (
     InvalidCellError,
     S2VecError,
 )
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import validate_source
-from s2vec_pipeline.settings import cells_covering_source
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
 

@@ -28,6 +28,7 @@ from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import osm_sources
 from s2vec_pipeline.errors import MissingInputError
+from s2vec_pipeline.osm.coverage import current_sources_for
 from s2vec_pipeline.osm.extract import OSM_FEATURES_CODE_VERSION, OSM_FEATURES_SCHEMA
 from s2vec_pipeline.osm.extract_cache import extract_partition
 from s2vec_pipeline.settings import PipelineSettings
@@ -111,7 +112,7 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
     current extracts (the sources with the applied change files) with pyosmium."""
     settings = s2vec.settings()
     key = context.partition_key
-    sources = settings.current_sources_for([key])
+    sources = current_sources_for(settings.root, settings.sources, [key])
     # A source covering several partitions is extracted once per version and group, its
     # partitions' rows kept for their own runs (extract_cache): no run reads the whole source.
     extract = extract_partition(

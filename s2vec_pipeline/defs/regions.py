@@ -37,6 +37,7 @@ from s2vec_pipeline.defs.partitions import (
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import refresh_sources_job
 from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.osm.coverage import source_cells
 from s2vec_pipeline.settings import PipelineSettings
 
 REGION_TAG = "s2vec/region"
@@ -66,17 +67,19 @@ def resolve_region(
     registry = rg.RegionRegistry(settings.root)
     if config.bbox:
         region = rg.region_from_bbox(config.region, *rg.parse_bbox(config.bbox))
-        registry.check_covered(region, settings.source_cells)  # before anything is written
+        registry.check_covered(region, source_cells(settings.sources))  # before anything is written
         registry.add(region, replace=True)
     region = registry.get(config.region)  # an unknown name lists the registered ones
-    registry.check_covered(region, settings.source_cells)
+    registry.check_covered(region, source_cells(settings.sources))
     add_partitions(context.instance, region.cells)
     context.log.info(f"region {region.name}: {len(region.cells)} cells {list(region.cells)}")
     return dg.Output(
         list(region.cells),
         metadata={
             "region": region.name,
-            "cells": dg.MetadataValue.md(rg.regions_markdown([region], settings.source_cells)),
+            "cells": dg.MetadataValue.md(
+                rg.regions_markdown([region], source_cells(settings.sources))
+            ),
         },
     )
 
@@ -164,7 +167,7 @@ def register_source_partitions(
     context: dg.SensorEvaluationContext, s2vec: S2VecResource
 ) -> dg.SensorResult:
     settings = s2vec.settings()
-    covered = set(settings.source_cells)
+    covered = set(source_cells(settings.sources))
     wanted = covered | (set(rg.RegionRegistry(settings.root).all_cells()) & covered)
     known = context.instance.get_dynamic_partitions(L6_PARTITIONS_NAME)
     new = sorted(wanted - set(known))
@@ -212,7 +215,7 @@ def materialize_new_regions(
     cursor = json.dumps({r.name: r.created_at for r in regions})
     if not new:
         return dg.SensorResult(skip_reason="no new region", cursor=cursor)
-    covered = [(r, [c for c in r.cells if c in settings.source_cells]) for r in new]
+    covered = [(r, [c for c in r.cells if c in source_cells(settings.sources)]) for r in new]
     missing = sorted(
         {c for _, cells in covered for c in cells}
         - set(context.instance.get_dynamic_partitions(L6_PARTITIONS_NAME))
@@ -246,7 +249,7 @@ def sources_metadata(settings: PipelineSettings) -> dict[str, dg.MetadataValue]:
     """Definition metadata for the sources asset: each source and its cells, and the registered
     regions with their cells (as of the code location's last load)."""
     try:
-        cells = settings.source_cells
+        cells = source_cells(settings.sources)
         rows = ["| source | level-6 cells |", "|---|---|"] + [
             f"| `{src}` | {', '.join(f'`{c}`' for c, s in cells.items() if src in s)} |"
             for src in settings.sources

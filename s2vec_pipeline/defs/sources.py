@@ -20,6 +20,7 @@ from s2vec_pipeline.defs.metadata import OWNERS
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME, l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.osm import changes as osm_changes
+from s2vec_pipeline.osm.coverage import source_cells
 from s2vec_pipeline.settings import PipelineSettings
 
 ENV_REFRESH_CRON = "S2VEC_REFRESH_CRON"
@@ -52,10 +53,11 @@ def apply_source_changes(settings: PipelineSettings) -> dict[str, dict[str, Any]
 
 def source_versions(settings: PipelineSettings, cells: list[str]) -> dict[str, str]:
     """Data version of each covered cell's OSM data (cells no source covers are left out)."""
+    covered = source_cells(settings.sources)
     return {
-        c: osm_changes.cell_source_version(settings.root, settings.source_cells[c], c)
+        c: osm_changes.cell_source_version(settings.root, covered[c], c)
         for c in cells
-        if c in settings.source_cells
+        if c in covered
     }
 
 

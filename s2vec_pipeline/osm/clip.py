@@ -34,7 +34,7 @@ and are counted in ``fallbacks``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,11 +42,11 @@ import shapely
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
+from s2vec_pipeline.osm import sphere
+from s2vec_pipeline.osm.sphere import EARTH_RADIUS_M, areas_m2
 
-EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG), as used by S2's S2Earth
+__all__ = ["EARTH_RADIUS_M", "CellPieces", "areas_m2", "line_cell_lengths", "polygon_cell_areas"]
 
-# Face frames (S2::GetNorm, GetUAxis, GetVAxis): p = n + u * e_u + v * e_v on face f.
-_NORM, _U_AXIS, _V_AXIS = s2._FACE_C0, s2._FACE_CU, s2._FACE_CV
 #: Smallest p·n for a vertex projected onto face n (cos 84°): beyond, (u, v) blows up.
 _MIN_PROJECTION_DOT = 0.1
 #: A piece covering this share of its cell's (u, v) rectangle is the whole cell.
@@ -85,165 +85,6 @@ def _concat(parts: list[CellPieces], clipped: int, fallbacks: int) -> CellPieces
         for k in ("index", "cell", "value", "lat", "lng")
     }
     return CellPieces(**columns, clipped=clipped, fallbacks=fallbacks)
-
-
-# --------------------------------------------------------------------------- sphere helpers
-
-
-def _xyz(lat_deg: np.ndarray, lng_deg: np.ndarray) -> np.ndarray:
-    """Unit vectors, shape (n, 3), of points in degrees."""
-    phi, theta = np.radians(lat_deg), np.radians(lng_deg)
-    cos_phi = np.cos(phi)
-    return np.column_stack((cos_phi * np.cos(theta), cos_phi * np.sin(theta), np.sin(phi)))
-
-
-def _uv_to_xyz(face: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Points (not normalized), shape (n, 3), of (u, v) coordinates on each point's face."""
-    return _NORM[face] + _U_AXIS[face] * u[:, None] + _V_AXIS[face] * v[:, None]
-
-
-def _uv_to_latlng(face: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = _uv_to_xyz(face, u, v)
-    return s2._normalized_latlng_deg(p[:, 0], p[:, 1], p[:, 2])
-
-
-def _project(p: np.ndarray, face: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(u, v, p·n) of unit vectors ``p`` on the plane of ``face`` (one face per point)."""
-    dot = np.einsum("ij,ij->i", p, _NORM[face])
-    u = np.einsum("ij,ij->i", p, _U_AXIS[face]) / dot
-    v = np.einsum("ij,ij->i", p, _V_AXIS[face]) / dot
-    return u, v, dot
-
-
-def _uv_to_ij(u: np.ndarray, level: int) -> np.ndarray:
-    """floor(2**level * UVtoST(u)) clamped to the face, int64 (S2::UVtoST, quadratic)."""
-    w = 0.5 * np.sqrt(1 + 3 * np.abs(u))
-    st = np.where(u >= 0, w, 1 - w)
-    return np.clip(np.floor(st * (1 << level)), 0, (1 << level) - 1).astype(np.int64)
-
-
-def _grid_uv(k: np.ndarray, level: np.ndarray | int) -> np.ndarray:
-    """u (or v) of grid line ``k`` at ``level``: STtoUV(k / 2**level). Every rectangle edge
-    comes from here with an exact dyadic argument, so neighbours share edges bit for bit."""
-    return s2._st_to_uv(np.ldexp(np.asarray(k, dtype=np.float64), -np.asarray(level)))
-
-
-def _solid_angles(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Signed areas (steradians) of the geodesic triangles (a, b, c) of unit vectors given as
-    (3, n) component arrays, positive counter-clockwise (Van Oosterom & Strackee). The
-    numerator is computed from differences to ``a``: exact for triangles of a few metres as
-    for large ones."""
-    ab, ac = b - a, c - a
-    num = (
-        a[0] * (ab[1] * ac[2] - ab[2] * ac[1])
-        + a[1] * (ab[2] * ac[0] - ab[0] * ac[2])
-        + a[2] * (ab[0] * ac[1] - ab[1] * ac[0])
-    )
-    den = 1 + (a * b).sum(axis=0) + (b * c).sum(axis=0) + (c * a).sum(axis=0)
-    return 2 * np.arctan2(num, den)
-
-
-def _rings(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(coordinates, ring of each coordinate, geometry of each ring, whether each ring is an
-    exterior) of (multi)polygons. Polygons without holes (most of them) are one ring each,
-    read straight from their coordinates; the others go through one ragged-array export."""
-    geoms = np.where(  # single-part multipolygons (as osmium writes every area): their part
-        (shapely.get_type_id(geoms) == shapely.GeometryType.MULTIPOLYGON)
-        & (shapely.get_num_geometries(geoms) == 1),
-        shapely.get_geometry(geoms, 0),
-        geoms,
-    )
-    simple = (shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON) & (
-        shapely.get_num_interior_rings(geoms) == 0
-    )
-    simple_idx = np.flatnonzero(simple)
-    coords, k = shapely.get_coordinates(geoms[simple_idx], return_index=True)
-    parts = [(coords, k, simple_idx, np.ones(len(simple_idx), dtype=bool))]
-    rest = np.flatnonzero(~simple & ~shapely.is_empty(geoms))
-    if len(rest):
-        try:
-            kind, coords, offsets = shapely.to_ragged_array(geoms[rest])
-            part_geom = rest
-        except ValueError:  # a geometry collection among them: part by part
-            sub, sub_geom = shapely.get_parts(geoms[rest], return_index=True)
-            kind, coords, offsets = shapely.to_ragged_array(sub)
-            part_geom = rest[sub_geom]
-        if kind == shapely.GeometryType.MULTIPOLYGON:
-            part_geom = np.repeat(part_geom, np.diff(offsets[2]))
-        ring_off, part_off = offsets[0], offsets[1]
-        rings_per_part = np.diff(part_off)
-        exterior = np.zeros(len(ring_off) - 1, dtype=bool)
-        exterior[part_off[:-1][rings_per_part > 0]] = True
-        coord_ring = np.repeat(np.arange(len(ring_off) - 1), np.diff(ring_off))
-        parts.append((coords, coord_ring, np.repeat(part_geom, rings_per_part), exterior))
-    offset = np.cumsum([0] + [len(p[2]) for p in parts])
-    return (
-        np.concatenate([p[0] for p in parts]),
-        np.concatenate([p[1] + o for p, o in zip(parts, offset, strict=False)]),
-        np.concatenate([p[2] for p in parts]),
-        np.concatenate([p[3] for p in parts]),
-    )
-
-
-def _polygon_areas_m2(
-    geoms: np.ndarray, to_xyz: Callable[[np.ndarray, np.ndarray], np.ndarray]
-) -> np.ndarray:
-    """Areas on the sphere of (multi)polygons whose edges are geodesics (S2's convention):
-    each ring a fan of geodesic triangles from its first vertex, holes subtracted.
-    ``to_xyz(coords, geometry index)`` gives the unit vectors of coordinates, shape (3, n)."""
-    out = np.zeros(len(geoms))
-    if len(geoms) == 0:
-        return out
-    coords, coord_ring, ring_geom, exterior = _rings(geoms)
-    if len(coords) < 3:
-        return out
-    xyz = to_xyz(coords, ring_geom[coord_ring])
-    count = np.bincount(coord_ring, minlength=len(ring_geom))
-    first = np.repeat(np.cumsum(count) - count, count)
-    edge = np.flatnonzero(coord_ring[1:] == coord_ring[:-1])  # (closing vertex included)
-    tri = _solid_angles(xyz[:, first[edge]], xyz[:, edge], xyz[:, edge + 1])
-    ring_area = np.abs(np.bincount(coord_ring[edge], weights=tri, minlength=len(ring_geom)))
-    signed = np.where(exterior, ring_area, -ring_area)
-    out += np.bincount(ring_geom, weights=signed, minlength=len(geoms))
-    return out * EARTH_RADIUS_M**2
-
-
-def _xyz_components(lat_deg: np.ndarray, lng_deg: np.ndarray) -> np.ndarray:
-    phi, theta = np.radians(lat_deg), np.radians(lng_deg)
-    cos_phi = np.cos(phi)
-    return np.stack((cos_phi * np.cos(theta), cos_phi * np.sin(theta), np.sin(phi)))
-
-
-def areas_m2(geoms: np.ndarray) -> np.ndarray:
-    """Areas on the sphere of (multi)polygons in (lng, lat) degrees, edges geodesics."""
-    return _polygon_areas_m2(
-        np.asarray(geoms, dtype=object), lambda xy, _: _xyz_components(xy[:, 1], xy[:, 0])
-    )
-
-
-def _uv_areas_m2(pieces: np.ndarray, face: np.ndarray) -> np.ndarray:
-    """Areas on the sphere of polygons given in (u, v) of ``face`` (one face per piece)."""
-
-    def to_xyz(uv: np.ndarray, owner: np.ndarray) -> np.ndarray:
-        f = face[owner]
-        u, v = uv[:, 0], uv[:, 1]
-        p = np.stack([_NORM[f, k] + _U_AXIS[f, k] * u + _V_AXIS[f, k] * v for k in range(3)])
-        return p / np.sqrt((p * p).sum(axis=0))
-
-    return _polygon_areas_m2(pieces, to_xyz)
-
-
-def _cell_areas_m2(face: np.ndarray, i: np.ndarray, j: np.ndarray, level: int) -> np.ndarray:
-    """The area :func:`_uv_areas_m2` gives a piece equal to the whole cell (two triangles)."""
-    u0, u1 = _grid_uv(i, level), _grid_uv(i + 1, level)
-    v0, v1 = _grid_uv(j, level), _grid_uv(j + 1, level)
-    c = []
-    for u, v in ((u0, v0), (u1, v0), (u1, v1), (u0, v1)):
-        p = _uv_to_xyz(face, u, v)
-        c.append(p / np.linalg.norm(p, axis=1)[:, None])
-    c = [x.T for x in c]
-    tri = _solid_angles(c[0], c[1], c[2]) + _solid_angles(c[0], c[2], c[3])
-    return np.abs(tri) * EARTH_RADIUS_M**2
 
 
 # --------------------------------------------------------------------------- polygons
@@ -289,7 +130,7 @@ def polygon_cell_areas(
             pieces = geoms[item_obj]
             src = vertices.of(item_obj)
             counts = vertices.count[item_obj]
-            u, v, _ = _project(vertices.xyz[src], np.repeat(item_face, counts))
+            u, v, _ = sphere.project(vertices.xyz[src], np.repeat(item_face, counts))
             uv = np.column_stack((u, v))
             pieces = shapely.transform(pieces, lambda _: uv)
             items = _Items(item_obj, item_face, pieces, level, partitions)
@@ -318,7 +159,7 @@ class _Vertices:
         self.coords = coords
         self.cell = s2.latlng_to_cell_id(coords[:, 1], coords[:, 0], level)
         self.face = (self.cell >> np.uint64(61)).astype(np.int64)
-        self.xyz = _xyz(coords[:, 1], coords[:, 0])
+        self.xyz = sphere.xyz(coords[:, 1], coords[:, 0])
         self.count = np.bincount(owner, minlength=n)
         self.start = np.cumsum(self.count) - self.count
 
@@ -359,7 +200,7 @@ def _faces_of(
         starts = np.cumsum(vertices.count[several]) - vertices.count[several]
         xyz = vertices.xyz[src]
         # (6, k): the smallest p·n over each object's vertices, and which faces hold a vertex
-        min_dot = np.stack([np.minimum.reduceat(xyz @ _NORM[f], starts) for f in range(6)])
+        min_dot = np.stack([np.minimum.reduceat(xyz @ sphere.NORM[f], starts) for f in range(6)])
         holds = np.zeros((6, len(several)), dtype=bool)
         holds[vertices.face[src], local] = True
         ok = min_dot > _MIN_PROJECTION_DOT
@@ -439,10 +280,10 @@ class _Items:
         shift = self.level - self.lvl
         base_i, base_j = self.i << shift, self.j << shift
         top = (np.int64(1) << shift) - 1
-        i0 = np.clip(_uv_to_ij(x0, self.level), base_i, base_i + top)
-        i1 = np.clip(_uv_to_ij(x1, self.level), base_i, base_i + top)
-        j0 = np.clip(_uv_to_ij(y0, self.level), base_j, base_j + top)
-        j1 = np.clip(_uv_to_ij(y1, self.level), base_j, base_j + top)
+        i0 = np.clip(sphere.uv_to_ij(x0, self.level), base_i, base_i + top)
+        i1 = np.clip(sphere.uv_to_ij(x1, self.level), base_i, base_i + top)
+        j0 = np.clip(sphere.uv_to_ij(y0, self.level), base_j, base_j + top)
+        j1 = np.clip(sphere.uv_to_ij(y1, self.level), base_j, base_j + top)
         spread = np.maximum(i0 ^ i1, j0 ^ j1)
         up = np.zeros(len(spread), dtype=np.int64)  # levels above the pixel level: bit length
         nz = spread > 0
@@ -461,8 +302,8 @@ class _Items:
         four of them, since the item was settled."""
         child = self.lvl + 1
         x0, y0, x1, y1 = shapely.bounds(self.geom).T
-        u_mid = _grid_uv(2 * self.i + 1, child)
-        v_mid = _grid_uv(2 * self.j + 1, child)
+        u_mid = sphere.grid_uv(2 * self.i + 1, child)
+        v_mid = sphere.grid_uv(2 * self.j + 1, child)
         item_l, di_l, dj_l = [], [], []
         for di in (0, 1):
             for dj in (0, 1):
@@ -477,8 +318,8 @@ class _Items:
         item = item[order]
         di, dj = np.concatenate(di_l)[order], np.concatenate(dj_l)[order]
         ci, cj, cl = 2 * self.i[item] + di, 2 * self.j[item] + dj, child[item]
-        u0, u1 = _grid_uv(ci, cl), _grid_uv(ci + 1, cl)
-        v0, v1 = _grid_uv(cj, cl), _grid_uv(cj + 1, cl)
+        u0, u1 = sphere.grid_uv(ci, cl), sphere.grid_uv(ci + 1, cl)
+        v0, v1 = sphere.grid_uv(cj, cl), sphere.grid_uv(cj + 1, cl)
         geom = np.empty(len(item), dtype=object)
         for s in range(0, len(item), _CLIP_CHUNK):
             t = slice(s, s + _CLIP_CHUNK)
@@ -498,9 +339,9 @@ class _Items:
         if self.done:
             obj, face, i, j, geom = (np.concatenate(c) for c in zip(*self.done, strict=True))
             inside = shapely.point_on_surface(geom)
-            lat, lng = _uv_to_latlng(face, shapely.get_x(inside), shapely.get_y(inside))
+            lat, lng = sphere.uv_to_latlng(face, shapely.get_x(inside), shapely.get_y(inside))
             ids = s2.cell_id_from_face_ij(face, i, j, level)
-            parts.append(CellPieces(obj, ids, _uv_areas_m2(geom, face), lat, lng))
+            parts.append(CellPieces(obj, ids, sphere.uv_areas_m2(geom, face), lat, lng))
         if self.full:
             obj, face, lvl, i, j = (np.concatenate(c) for c in zip(*self.full, strict=True))
             if self.wanted is not None:  # whole cells above level 6: their wanted level-6 cells
@@ -510,7 +351,7 @@ class _Items:
             obj, face, _, i, j = _descend(obj, face, lvl, i, j, level)
             ids = s2.cell_id_from_face_ij(face, i, j, level)
             lat, lng = s2.cell_center_latlng(ids)
-            parts.append(CellPieces(obj, ids, _cell_areas_m2(face, i, j, level), lat, lng))
+            parts.append(CellPieces(obj, ids, sphere.cell_areas_m2(face, i, j, level), lat, lng))
         return _concat(parts, 0, 0)
 
 
@@ -561,7 +402,7 @@ def line_cell_lengths(lines: np.ndarray, level: int) -> CellPieces:
     seg_line = line_idx[:-1][same]
     a, b = np.flatnonzero(same), np.flatnonzero(same) + 1
     vcell = s2.latlng_to_cell_id(coords[:, 1], coords[:, 0], level)
-    p = _xyz(coords[:, 1], coords[:, 0])
+    p = sphere.xyz(coords[:, 1], coords[:, 0])
     whole = vcell[a] == vcell[b]
     seg = np.arange(len(a))
     # fast path: the segment in its ends' cell (convex), its length, its geodesic midpoint
@@ -617,8 +458,8 @@ def _cut_segments(
         if not len(cross):
             break
         ff = np.full(len(cross), f)
-        ua, va, da = _project(pa[cross], ff)
-        ub, vb, db = _project(pb[cross], ff)
+        ua, va, da = sphere.project(pa[cross], ff)
+        ub, vb, db = sphere.project(pb[cross], ff)
         ok = (da > _MIN_PROJECTION_DOT) & (db > _MIN_PROJECTION_DOT)
         lo, hi = np.zeros(len(cross)), np.ones(len(cross))
         for start, delta in ((ua, ub - ua), (va, vb - va)):
@@ -639,18 +480,18 @@ def _cut_segments(
     seg_i, face_i = np.concatenate(seg), np.concatenate(face)
     t0, t1 = np.concatenate(t_lo), np.concatenate(t_hi)
     # the face pieces in (u, v): a straight segment from t0 to t1 of the ends' projections
-    ua, va, _ = _project(pa[seg_i], face_i)
-    ub, vb, _ = _project(pb[seg_i], face_i)
+    ua, va, _ = sphere.project(pa[seg_i], face_i)
+    ub, vb, _ = sphere.project(pb[seg_i], face_i)
     du, dv = ub - ua, vb - va
     # grid lines crossed inside the piece, at the pixel level: parameters t along (u, v)
     s_u0, s_u1 = ua + t0 * du, ua + t1 * du
     s_v0, s_v1 = va + t0 * dv, va + t1 * dv
     breaks_piece, breaks_t = [np.arange(len(seg_i)), np.arange(len(seg_i))], [t0, t1]
     for c0, c1, start, delta in ((s_u0, s_u1, ua, du), (s_v0, s_v1, va, dv)):
-        k0, k1 = _uv_to_ij(c0, level), _uv_to_ij(c1, level)
+        k0, k1 = sphere.uv_to_ij(c0, level), sphere.uv_to_ij(c1, level)
         first, count = np.minimum(k0, k1) + 1, np.abs(k1 - k0)
         piece = np.repeat(np.arange(len(seg_i)), count)
-        line = _grid_uv(np.repeat(first, count) + _ramp(count), level)
+        line = sphere.grid_uv(np.repeat(first, count) + _ramp(count), level)
         t = (line - start[piece]) / delta[piece]
         inside = (t > t0[piece]) & (t < t1[piece])
         breaks_piece.append(piece[inside])
@@ -661,8 +502,8 @@ def _cut_segments(
     nxt = np.flatnonzero((bp[1:] == bp[:-1]) & (bt[1:] > bt[:-1]))
     piece, ta, tb = bp[nxt], bt[nxt], bt[nxt + 1]
     fc = face_i[piece]
-    qa = _uv_to_xyz(fc, ua[piece] + ta * du[piece], va[piece] + ta * dv[piece])
-    qb = _uv_to_xyz(fc, ua[piece] + tb * du[piece], va[piece] + tb * dv[piece])
+    qa = sphere.uv_to_xyz(fc, ua[piece] + ta * du[piece], va[piece] + ta * dv[piece])
+    qb = sphere.uv_to_xyz(fc, ua[piece] + tb * du[piece], va[piece] + tb * dv[piece])
     qa /= np.linalg.norm(qa, axis=1)[:, None]
     qb /= np.linalg.norm(qb, axis=1)[:, None]
     length = _arc_m(qa, qb)

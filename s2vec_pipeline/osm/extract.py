@@ -153,9 +153,34 @@ class _Collector:
         self.chan_idx: list[int] = []
 
 
+def _processor(
+    path: Path,
+    location_store: str,
+    node_keys: tuple[str, ...],
+    way_keys: tuple[str, ...],
+    area_keys: tuple[str, ...],
+) -> osmium.FileProcessor:
+    """Nodes, ways and assembled areas of ``path`` carrying a key their kind can use."""
+    return (
+        # Relations are not needed in the main pass: the area manager reads multipolygon
+        # relations in its own first pass (only those with a key an area can match), and they
+        # reach us assembled as areas.
+        osmium.FileProcessor(str(path), osmium.osm.NODE | osmium.osm.WAY | osmium.osm.AREA)
+        .with_locations(location_store)
+        .with_areas(osmium.filter.KeyFilter(*area_keys))
+        # Per kind, on the C++ side: Python only sees objects with a key that kind can use.
+        .with_filter(osmium.filter.KeyFilter(*node_keys).enable_for(osmium.osm.NODE))
+        .with_filter(osmium.filter.KeyFilter(*way_keys).enable_for(osmium.osm.WAY))
+        .with_filter(osmium.filter.KeyFilter(*area_keys).enable_for(osmium.osm.AREA))
+    )
+
+
 def _read_source(
     path: Path, taxonomy: Taxonomy, col: _Collector, stats: ExtractStats, location_store: str
 ) -> None:
+    """Append the objects of ``path`` that the taxonomy matches to ``col``. The read loop is
+    one function on purpose: it runs once per object, on locals bound here (a helper call
+    per object would cost more than the loop body)."""
     count_ch = set(taxonomy.indices("count").tolist())
     length_ch = set(taxonomy.indices("length_m").tolist())
     area_ch = set(taxonomy.indices("area_m2").tolist())
@@ -174,18 +199,7 @@ def _read_source(
     nan = float("nan")
 
     node_keys, way_keys, area_keys = _keys_by_kind(taxonomy, node_ok, open_way_ok, area_ok)
-    processor = (
-        # Relations are not needed in the main pass: the area manager reads multipolygon
-        # relations in its own first pass (only those with a key an area can match), and they
-        # reach us assembled as areas.
-        osmium.FileProcessor(str(path), osmium.osm.NODE | osmium.osm.WAY | osmium.osm.AREA)
-        .with_locations(location_store)
-        .with_areas(osmium.filter.KeyFilter(*area_keys))
-        # Per kind, on the C++ side: Python only sees objects with a key that kind can use.
-        .with_filter(osmium.filter.KeyFilter(*node_keys).enable_for(osmium.osm.NODE))
-        .with_filter(osmium.filter.KeyFilter(*way_keys).enable_for(osmium.osm.WAY))
-        .with_filter(osmium.filter.KeyFilter(*area_keys).enable_for(osmium.osm.AREA))
-    )
+    processor = _processor(path, location_store, node_keys, way_keys, area_keys)
     read = matched = failed = 0
     # Exact type checks: pyosmium's is_node()/is_way()/is_area() are Python-level isinstance
     # wrappers, a call each per object on this hot path.
@@ -307,6 +321,127 @@ def _piece_frame(objs: np.ndarray, pieces: clip.CellPieces, value: str) -> pl.Da
     )
 
 
+@dataclass
+class _Objects:
+    """The collected objects as arrays, with their representative points (ways: the middle
+    along the line; areas: a point inside) and their (object, channel) pairs."""
+
+    osm_type: pl.Series
+    osm_id: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    geoms: np.ndarray  # shapely geometries of ways and areas (None for nodes)
+    chan_obj: np.ndarray  # one entry per (object, channel)
+    chan_idx: np.ndarray
+    chan_measure: np.ndarray
+    names: pl.Series  # channel names by index
+
+    @classmethod
+    def of(cls, col: _Collector, taxonomy: Taxonomy) -> _Objects:
+        kind = np.asarray(col.kind, dtype=np.int8)
+        lat = np.asarray(col.lat, dtype=np.float64)
+        lon = np.asarray(col.lon, dtype=np.float64)
+        geom_rows = np.flatnonzero(kind != _KIND_NODE)
+        geoms = np.empty(len(kind), dtype=object)
+        if len(geom_rows):
+            geoms[geom_rows] = shapely.from_wkb([col.wkb[i] for i in geom_rows])
+        way_rows = np.flatnonzero(kind == _KIND_WAY)
+        area_rows = np.flatnonzero(kind >= _KIND_AREA_WAY)
+        if len(way_rows):
+            mid = shapely.line_interpolate_point(geoms[way_rows], 0.5, normalized=True)
+            lon[way_rows], lat[way_rows] = shapely.get_x(mid), shapely.get_y(mid)
+        if len(area_rows):
+            inside = shapely.point_on_surface(geoms[area_rows])
+            lon[area_rows], lat[area_rows] = shapely.get_x(inside), shapely.get_y(inside)
+        chan_idx = np.asarray(col.chan_idx, dtype=np.int64)
+        measure = np.asarray([c.measure for c in taxonomy.channels], dtype=object)
+        return cls(
+            # strings gathered by index in polars (numpy object -> str conversions cost more)
+            osm_type=pl.Series(_OSM_TYPE_OF_KIND.tolist(), dtype=pl.String).gather(kind),
+            osm_id=np.asarray(col.osm_id, dtype=np.int64),
+            lat=lat,
+            lon=lon,
+            geoms=geoms,
+            chan_obj=np.asarray(col.chan_obj, dtype=np.int64),
+            chan_idx=chan_idx,
+            chan_measure=measure[chan_idx],
+            names=pl.Series(list(taxonomy.channel_names), dtype=pl.String),
+        )
+
+    def count_rows(self, pixel_level: int) -> pl.DataFrame:
+        """Count rows: one per (object, channel), at the object's point."""
+        pt = self.chan_measure == "count"
+        pt_obj = self.chan_obj[pt]
+        rows = pl.DataFrame(
+            {
+                "osm_type": self.osm_type.gather(pt_obj),
+                "osm_id": self.osm_id[pt_obj],
+                "channel": self.names.gather(self.chan_idx[pt]),
+                "lat": self.lat[pt_obj],
+                "lon": self.lon[pt_obj],
+                "length_m": np.full(len(pt_obj), np.nan),
+                "area_m2": np.full(len(pt_obj), np.nan),
+                "obj": pt_obj,
+            }
+        ).filter(pl.col("lat").is_finite() & pl.col("lon").is_finite())
+        cells = s2.latlng_to_cell_id(rows["lat"].to_numpy(), rows["lon"].to_numpy(), pixel_level)
+        return rows.with_columns(pl.Series("cell", cells.view(np.int64)))
+
+    def measure_rows(self, per_cell: pl.DataFrame, value: str, mask: np.ndarray) -> pl.DataFrame:
+        """Per-cell values of objects joined to their (object, channel) pairs of one measure."""
+        pairs = pl.DataFrame({"obj": self.chan_obj[mask], "chan": self.chan_idx[mask]})
+        joined = pairs.join(per_cell, on="obj", how="inner")
+        obj = joined["obj"].to_numpy()
+        values = joined[value].to_numpy()
+        nan = np.full(joined.height, np.nan)
+        return pl.DataFrame(
+            {
+                "osm_type": self.osm_type.gather(obj),
+                "osm_id": self.osm_id[obj],
+                "channel": self.names.gather(joined["chan"]),
+                "lat": joined["lat"].to_numpy(),
+                "lon": joined["lon"].to_numpy(),
+                "length_m": values if value == "len" else nan,
+                "area_m2": values if value == "area" else nan,
+                "obj": obj,
+                "cell": joined["cell"].to_numpy(),
+            }
+        )
+
+    def area_rows(
+        self, pixel_level: int, partitions: Collection[str] | None
+    ) -> tuple[pl.DataFrame | None, int]:
+        """Per (area, area channel, pixel cell), the polygon's area inside the cell; and how
+        many objects were clipped."""
+        is_area = self.chan_measure == "area_m2"
+        if not is_area.any():
+            return None, 0
+        objs = np.unique(self.chan_obj[is_area])
+        pieces = clip.polygon_cell_areas(self.geoms[objs], pixel_level, partitions)
+        rows = self.measure_rows(_piece_frame(objs, pieces, "area"), "area", is_area)
+        return rows, pieces.clipped
+
+    def length_rows(self, pixel_level: int) -> tuple[pl.DataFrame | None, int]:
+        """Per (way, length channel, pixel cell), the length of the line inside it; and how
+        many objects were clipped."""
+        is_length = self.chan_measure == "length_m"
+        if not is_length.any():
+            return None, 0
+        objs = np.unique(self.chan_obj[is_length])
+        pieces = clip.line_cell_lengths(self.geoms[objs], pixel_level)
+        per_cell = (
+            _piece_frame(objs, pieces, "len")
+            .group_by("obj", "cell")
+            .agg(
+                # Pieces come in order along the line: the first one's midpoint, in the cell.
+                exact_sum("len"),
+                pl.col("lat").first(),
+                pl.col("lon").first(),
+            )
+        )
+        return self.measure_rows(per_cell, "len", is_length), pieces.clipped
+
+
 def _rows_from_collector(
     col: _Collector,
     taxonomy: Taxonomy,
@@ -322,104 +457,14 @@ def _rows_from_collector(
     if not col.kind:
         empty = _empty_frame()
         return empty.with_columns(pl.lit(None, pl.Int64).alias("obj")) if keep_object else empty
-    kind = np.asarray(col.kind, dtype=np.int8)
-    osm_id = np.asarray(col.osm_id, dtype=np.int64)
-    # strings gathered by index in polars (numpy object -> str conversions cost more)
-    osm_type = pl.Series(_OSM_TYPE_OF_KIND.tolist(), dtype=pl.String).gather(kind)
-    lat = np.asarray(col.lat, dtype=np.float64)
-    lon = np.asarray(col.lon, dtype=np.float64)
-    chan_obj = np.asarray(col.chan_obj, dtype=np.int64)
-    chan_idx = np.asarray(col.chan_idx, dtype=np.int64)
-    names = pl.Series(list(taxonomy.channel_names), dtype=pl.String)
-    measure = np.asarray([c.measure for c in taxonomy.channels], dtype=object)
-    chan_measure = measure[chan_idx]
-
-    # Representative points of ways (middle along the line) and areas (a point inside).
-    geom_rows = np.flatnonzero(kind != _KIND_NODE)
-    geoms = np.empty(len(kind), dtype=object)
-    if len(geom_rows):
-        geoms[geom_rows] = shapely.from_wkb([col.wkb[i] for i in geom_rows])
-    way_rows = np.flatnonzero(kind == _KIND_WAY)
-    area_rows = np.flatnonzero(kind >= _KIND_AREA_WAY)
-    if len(way_rows):
-        mid = shapely.line_interpolate_point(geoms[way_rows], 0.5, normalized=True)
-        lon[way_rows], lat[way_rows] = shapely.get_x(mid), shapely.get_y(mid)
-    if len(area_rows):
-        inside = shapely.point_on_surface(geoms[area_rows])
-        lon[area_rows], lat[area_rows] = shapely.get_x(inside), shapely.get_y(inside)
-
-    # Count rows: one per (object, channel), at the object's point.
-    pt = chan_measure == "count"
-    pt_obj = chan_obj[pt]
-    point_rows = pl.DataFrame(
-        {
-            "osm_type": osm_type.gather(pt_obj),
-            "osm_id": osm_id[pt_obj],
-            "channel": names.gather(chan_idx[pt]),
-            "lat": lat[pt_obj],
-            "lon": lon[pt_obj],
-            "length_m": np.full(len(pt_obj), np.nan),
-            "area_m2": np.full(len(pt_obj), np.nan),
-            "obj": pt_obj,
-        }
-    ).filter(pl.col("lat").is_finite() & pl.col("lon").is_finite())
-    point_rows = point_rows.with_columns(
-        pl.Series(
-            "cell",
-            s2.latlng_to_cell_id(
-                point_rows["lat"].to_numpy(), point_rows["lon"].to_numpy(), profile.pixel_level
-            ).view(np.int64),
-        )
-    )
-    frames = [point_rows]
+    objects = _Objects.of(col, taxonomy)
+    frames = [objects.count_rows(profile.pixel_level)]
     t0 = time.perf_counter()
-    clipped = 0
-
-    def measure_rows(per_cell: pl.DataFrame, value: str, mask: np.ndarray) -> pl.DataFrame:
-        """Per-cell values of objects joined to their (object, channel) pairs of one measure."""
-        pairs = pl.DataFrame({"obj": chan_obj[mask], "chan": chan_idx[mask]})
-        joined = pairs.join(per_cell, on="obj", how="inner")
-        obj = joined["obj"].to_numpy()
-        values = joined[value].to_numpy()
-        nan = np.full(joined.height, np.nan)
-        return pl.DataFrame(
-            {
-                "osm_type": osm_type.gather(obj),
-                "osm_id": osm_id[obj],
-                "channel": names.gather(joined["chan"]),
-                "lat": joined["lat"].to_numpy(),
-                "lon": joined["lon"].to_numpy(),
-                "length_m": values if value == "len" else nan,
-                "area_m2": values if value == "area" else nan,
-                "obj": obj,
-                "cell": joined["cell"].to_numpy(),
-            }
-        )
-
-    # Area rows: per (area, area channel, pixel cell), the polygon's area inside the cell.
-    is_area = chan_measure == "area_m2"
-    if is_area.any():
-        objs = np.unique(chan_obj[is_area])
-        pieces = clip.polygon_cell_areas(geoms[objs], profile.pixel_level, partitions)
-        clipped += pieces.clipped
-        frames.append(measure_rows(_piece_frame(objs, pieces, "area"), "area", is_area))
-
-    # Length rows: per (way, length channel, pixel cell), the length of the line inside it.
-    is_length = chan_measure == "length_m"
-    if is_length.any():
-        objs = np.unique(chan_obj[is_length])
-        pieces = clip.line_cell_lengths(geoms[objs], profile.pixel_level)
-        clipped += pieces.clipped
-        segs = _piece_frame(objs, pieces, "len")
-        per_cell = segs.group_by("obj", "cell").agg(
-            # Pieces come in order along the line: the first one's midpoint, in the cell.
-            exact_sum("len"),
-            pl.col("lat").first(),
-            pl.col("lon").first(),
-        )
-        frames.append(measure_rows(per_cell, "len", is_length))
+    areas, clipped_areas = objects.area_rows(profile.pixel_level, partitions)
+    lengths, clipped_lines = objects.length_rows(profile.pixel_level)
+    frames += [f for f in (areas, lengths) if f is not None]
     if stats is not None:
-        stats.objects_clipped += clipped
+        stats.objects_clipped += clipped_areas + clipped_lines
         stats.seconds_clipping += time.perf_counter() - t0
 
     rows = pl.concat(frames)

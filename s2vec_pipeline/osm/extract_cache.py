@@ -3,13 +3,13 @@
 The Dagster layer materializes one level-6 partition per run. Reading a whole source in every
 run makes a backfill of N partitions read the source N times (quadratic in the source's size).
 Here, a source covering more than one partition is extracted once per *group* (the level-6
-cells under one level-5 ancestor, :func:`osm_split.whole_groups`) and the rows of every
+cells under one level-5 ancestor, :func:`osm.groups.whole_groups`) and the rows of every
 partition of the group are kept; the group's later runs read only their partition's rows.
 
 - With osmium-tool the source is first cut into group files, once per source version
-  (:func:`osm_split.cached_split`); a group's first run extracts only its group's file, so
+  (:func:`osm.split.cached_split`); a group's first run extracts only its group's file, so
   memory is bounded by a group whatever the source's size.
-- Without osmium-tool, a source up to ``osm_split.IN_PROCESS_MAX_BYTES`` is extracted whole, once,
+- Without osmium-tool, a source up to ``osm.split.IN_PROCESS_MAX_BYTES`` is extracted whole, once,
   in the first run (memory then follows the source, as the in-process path always did), and
   the rows of every partition it covers are kept. Larger sources need osmium-tool.
 - A source covering at most one partition is read in the run itself, as before: the read is
@@ -41,6 +41,7 @@ import polars as pl
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL, ResolutionProfile
+from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import (
     OSM_FEATURES_CODE_VERSION,
     OSM_FEATURES_SCHEMA,
@@ -48,17 +49,15 @@ from s2vec_pipeline.osm.extract import (
     extract_features,
     validate_source,
 )
+from s2vec_pipeline.osm.groups import DEFAULT_MARGIN_DEG, PARTITIONS_PER_GROUP, group_level
+from s2vec_pipeline.osm.osmium_tool import OsmiumToolMissingError
 from s2vec_pipeline.osm.split import (
-    DEFAULT_MARGIN_DEG,
     IN_PROCESS_MAX_BYTES,
-    PARTITIONS_PER_GROUP,
     ROW_KEY,
     SORT_KEY,
-    OsmiumToolMissingError,
-    _group_level,
-    _split_cache_dir,
     extract_partitions,
-    osmium_tool,
+    needs_osmium_tool,
+    split_cache_dir,
 )
 from s2vec_pipeline.osm.taxonomy import Taxonomy
 from s2vec_pipeline.storage.locks import exclusive
@@ -92,10 +91,8 @@ def extract_partition(
     in_process_max_bytes: int = IN_PROCESS_MAX_BYTES,
 ) -> PartitionExtract:
     """The ``osm_features`` rows of partition ``token`` from ``sources`` (sorted like
-    :func:`osm_extract.extract_features`; objects in several sources kept once), reading each
+    :func:`osm.extract.extract_features`; objects in several sources kept once), reading each
     source covering several partitions once per version (module docstring)."""
-    from s2vec_pipeline.settings import cells_covering_source
-
     t0 = time.perf_counter()
     out = PartitionExtract(rows=_empty())
     frames = []
@@ -128,7 +125,7 @@ def interleave_groups(
 ) -> list[str]:
     """The partitions in an order that takes one partition of each extraction group in turn:
     runs going at once then extract different groups instead of waiting for one another."""
-    level = _group_level(partitions_per_group)
+    level = group_level(partitions_per_group)
     by_group: dict[str, list[str]] = {}
     for t in sorted(set(partitions)):
         by_group.setdefault(_ancestor(t, level), []).append(t)
@@ -147,9 +144,9 @@ def _cached_rows(
     margin_deg: float,
     in_process_max_bytes: int,
 ) -> tuple[pl.DataFrame, ExtractStats, str]:
-    version_dir = _split_cache_dir(cache_root, path, partitions_per_group, margin_deg)
+    version_dir = split_cache_dir(cache_root, path, partitions_per_group, margin_deg)
     rows_dir = version_dir / f"rows-{_settings_hash(taxonomy, profile)}"
-    level = _group_level(partitions_per_group)
+    level = group_level(partitions_per_group)
     group = _ancestor(token, level)
     stats = ExtractStats()
     how = "cached"
@@ -185,7 +182,7 @@ def _cached_rows(
 def _has_osmium_tool(path: Path, in_process_max_bytes: int) -> bool:
     """Whether to cut with osmium-tool; without it only a small source can be read whole."""
     try:
-        osmium_tool()
+        needs_osmium_tool()
         return True
     except OsmiumToolMissingError:
         if path.stat().st_size > in_process_max_bytes:

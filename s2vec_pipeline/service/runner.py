@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import dagster as dg
@@ -37,13 +38,14 @@ from s2vec_pipeline.errors import (
     StorageUnavailableError,
     exception_chain,
     quiet_worker_interrupts,
-    start_quietly,
 )
 from s2vec_pipeline.osm import changes as osm_changes
+from s2vec_pipeline.osm.coverage import source_cells, sources_for
 from s2vec_pipeline.osm.extract_cache import interleave_groups
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
+from s2vec_pipeline.worker_pool import SpawnPool
 
 # CLI stage name -> asset keys, in pipeline order.
 STAGES: dict[str, list[str]] = {
@@ -240,7 +242,7 @@ class Launcher:
         self.tags = tags or {}
         self.defs = build_definitions(settings)
         self.report = RunReport()
-        add_partitions(instance, settings.source_cells)
+        add_partitions(instance, source_cells(settings.sources))
 
     def run(
         self,
@@ -323,75 +325,7 @@ class Launcher:
                 self.run(job_name, k, assets)
                 _report_done(job_name, k, i, len(order), t0, self.report.detail)
             return
-        ctx = mp.get_context("spawn")
-        pending = list(order)
-        idle: list[mp.connection.Connection] = []
-        busy: dict[Any, tuple[Any, mp.connection.Connection, str, float]] = {}
-        procs: dict[mp.connection.Connection, Any] = {}
-        failures: dict[str, BaseException] = {}
-        done = 0
-
-        def start_worker() -> None:
-            mine, theirs = ctx.Pipe(duplex=True)
-            proc = ctx.Process(
-                target=_partition_worker,
-                args=(
-                    theirs,
-                    self.instance.get_ref(),
-                    self.settings.settings_dict(),
-                    self.log_level,
-                    self.tags,
-                    job_name,
-                    list(assets),
-                ),
-            )
-            start_quietly(proc)
-            theirs.close()
-            procs[mine] = proc
-            idle.append(mine)
-
-        try:
-            for _ in range(min(workers, len(pending))):
-                start_worker()
-            while pending or busy:
-                while pending and idle:
-                    conn = idle.pop()
-                    k = pending.pop(0)
-                    try:
-                        conn.send(k)
-                    except OSError:  # it died while idle: its partition goes to another
-                        pending.insert(0, k)
-                        _check_interrupted(procs.pop(conn))
-                        start_worker()
-                        continue
-                    busy[conn] = (procs[conn], conn, k, time.perf_counter())
-                ready = mp.connection.wait([*busy, *(p.sentinel for p, *_ in busy.values())])
-                for conn in [c for c in busy if c in ready or busy[c][0].sentinel in ready]:
-                    proc, _, k, t0 = busy.pop(conn)
-                    outcome = _next_partition(conn) if conn.poll() else None  # None: it died
-                    if isinstance(outcome, RunReport):
-                        self.report.merge(outcome)
-                        done += 1
-                        _report_done(job_name, k, done, len(order), t0, outcome.detail)
-                    else:
-                        failures[k] = outcome or RuntimeError(
-                            f"the worker for partition {k} died (exit code {proc.exitcode})"
-                        )
-                    if outcome is not None:
-                        idle.append(conn)
-                    else:  # died: replace it while partitions remain
-                        _check_interrupted(procs.pop(conn))
-                        if pending:
-                            start_worker()
-        finally:
-            for conn in procs:  # a None tells a worker to exit
-                with contextlib.suppress(OSError):
-                    conn.send(None)
-            for proc in procs.values():
-                proc.join(timeout=30)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+        failures = self._run_in_workers(job_name, order, assets, workers)
         if failures:
             k, first = next(iter(sorted(failures.items())))
             if len(failures) > 1 or not isinstance(first, S2VecError):
@@ -401,6 +335,66 @@ class Launcher:
                     f"{first}"
                 )
             raise first
+
+    def _run_in_workers(
+        self, job_name: str, order: list[str], assets: Sequence[str], workers: int
+    ) -> dict[str, BaseException]:
+        """``run_partitions`` with ``workers`` long-lived workers (``worker_pool``); returns the
+        failed partitions with their error. A worker exits when sent None, else is killed
+        after 30 s."""
+        pending = list(order)
+        idle: list[mp.connection.Connection] = []
+        busy: dict[mp.connection.Connection, tuple[BaseProcess, str, float]] = {}
+        procs: dict[mp.connection.Connection, BaseProcess] = {}
+        failures: dict[str, BaseException] = {}
+        done = 0
+        args = (self.instance.get_ref(), self.settings.settings_dict(), self.log_level, self.tags)
+        with SpawnPool(grace_s=30) as pool:
+
+            def start_worker() -> None:
+                mine, theirs = pool.pipe()
+                procs[mine] = pool.start(_partition_worker, (theirs, *args, job_name, list(assets)))
+                theirs.close()
+                idle.append(mine)
+
+            try:
+                for _ in range(min(workers, len(pending))):
+                    start_worker()
+                while pending or busy:
+                    while pending and idle:
+                        conn = idle.pop()
+                        k = pending.pop(0)
+                        try:
+                            conn.send(k)
+                        except OSError:  # it died while idle: its partition goes to another
+                            pending.insert(0, k)
+                            pool.reap(procs.pop(conn))
+                            start_worker()
+                            continue
+                        busy[conn] = (procs[conn], k, time.perf_counter())
+                    ready = pool.wait([p for p, *_ in busy.values()], busy)
+                    for conn in [c for c in busy if c in ready or busy[c][0].sentinel in ready]:
+                        proc, k, t0 = busy.pop(conn)
+                        outcome = _next_partition(conn) if conn.poll() else None  # None: died
+                        if isinstance(outcome, RunReport):
+                            self.report.merge(outcome)
+                            done += 1
+                            _report_done(job_name, k, done, len(order), t0, outcome.detail)
+                        else:
+                            failures[k] = outcome or RuntimeError(
+                                f"the worker for partition {k} died (exit code {proc.exitcode})"
+                            )
+                        if outcome is not None:
+                            idle.append(conn)
+                        else:  # died: replace it while partitions remain
+                            pool.reap(procs.pop(conn))
+                            if pending:
+                                start_worker()
+            finally:
+                for conn in procs:  # a None tells a worker to exit
+                    with contextlib.suppress(OSError):
+                        conn.send(None)
+        return failures
 
 
 def _report_done(
@@ -439,14 +433,6 @@ def _next_partition(conn: mp.connection.Connection) -> Any:
         return conn.recv()
     except (EOFError, OSError):  # closed, or reset by a process that died
         return None
-
-
-def _check_interrupted(proc: Any) -> None:
-    """Join a worker that died; one that Ctrl-C ended means the whole command was interrupted
-    (its SIGINT reached the process group): stop here instead of failing its partition."""
-    proc.join()
-    if proc.exitcode in (130, -signal.SIGINT):
-        raise KeyboardInterrupt
 
 
 def _partition_worker(
@@ -507,7 +493,7 @@ def materialize(
     from s2vec_pipeline.defs.model import current_model_version
 
     partitions = sorted(set(partitions))
-    settings.sources_for(partitions)  # every partition must be covered: fail before any run
+    sources_for(settings.sources, partitions)  # every partition covered: fail before any run
     launcher = Launcher(settings, instance, log_level, tags)
     launcher.report.partitions, launcher.report.assets = partitions, list(assets)
     data = [a for a in DATA_ASSETS if a in assets]
@@ -568,7 +554,7 @@ def _require_features(settings: PipelineSettings, partitions: list[str]) -> None
         ).height
     ):
         raise NoFeaturesError(
-            f"no OSM object in {', '.join(map(str, settings.sources_for(partitions)))} matches "
+            f"no OSM object in {', '.join(sources_for(settings.sources, partitions))} matches "
             f"the taxonomy inside cells {', '.join(map(str, partitions))}: check that the sources "
             f"cover these cells and "
             f"carry mapped tags"

@@ -17,6 +17,7 @@ from typing import Any
 
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.storage import fs
+from s2vec_pipeline.storage.file_identity import FileIdentity
 from s2vec_pipeline.storage.locks import exclusive
 from s2vec_pipeline.storage.versioning import file_sha256
 
@@ -66,15 +67,15 @@ def record_sources(
         current = read_manifest(root)
         known = dict(current.sources) if current else {}
         for src in sources:
-            p = Path(src).resolve()
-            st = p.stat()
-            entry = known.get(str(p))
-            if entry and (entry["size"], entry["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            identity = FileIdentity.of(src)
+            key = str(identity.path)
+            entry = known.get(key)
+            if entry and identity.same_version(entry["size"], entry["mtime_ns"]):
                 continue  # unchanged: no need to hash it again
-            known[str(p)] = {
-                "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns,
-                "sha256": file_sha256(p)[0],
+            known[key] = {
+                "size": identity.size,
+                "mtime_ns": identity.mtime_ns,
+                "sha256": file_sha256(identity.path)[0],
             }
         manifest = RootManifest(known, profile, taxonomy_version)
         body = {
