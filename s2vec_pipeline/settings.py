@@ -132,7 +132,7 @@ class PipelineSettings(pydantic.BaseModel):
     @property
     def split_cache_dir(self) -> Path:
         """Local folder where large sources are cut into group files once per source version
-        (``osm_split.cached_split``): ``<root>/_split``, or for an object-store root (osmium-tool
+        (``osm.split.cached_split``): ``<root>/_split``, or for an object-store root (osmium-tool
         writes local files) the root's local cache (``storage.local_cache``)."""
         from s2vec_pipeline.storage.fs import local_cache
 

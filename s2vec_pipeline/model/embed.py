@@ -10,7 +10,8 @@ Images without data (no raster row) are not stored cell by cell: a level-6 parti
 their S·S pixel embeddings depend only on the model and the pixel's position: each embedded
 partition gets those S·S rows once in ``empty_image_embeddings`` (keyed by ``parent_l6`` and
 ``pixel`` = row·S + col), which also records that the partition was embedded with that model.
-``evaluation.cell_embeddings_of`` gives the embedding of any pixel cell of such a partition.
+``analysis.cell_matrices.embedding_matrix`` gives the embedding of any pixel cell of such a
+partition.
 
 Inference runs on the GPU when there is one (``device="auto"``): the model (loaded on the
 CPU) is moved there, tiles go through page-locked host memory with asynchronous copies, the
@@ -37,12 +38,12 @@ from s2vec_pipeline.errors import MissingInputError, S2VecError
 from s2vec_pipeline.model.data import RASTER_TABLE, raster_snapshot, read_raster_partition
 from s2vec_pipeline.model.mae import S2VecMAE
 from s2vec_pipeline.model.registry import IncompatibleModelError, ModelCard, check_compatible
-from s2vec_pipeline.storage import delta_store
+from s2vec_pipeline.storage import delta_store, tables
 from s2vec_pipeline.storage.versioning import partition_data_version
 
-CELL_TABLE = "cell_embeddings"
-IMAGE_TABLE = "image_embeddings"
-EMPTY_TABLE = "empty_image_embeddings"
+CELL_TABLE = tables.CELL_EMBEDDINGS
+IMAGE_TABLE = tables.IMAGE_EMBEDDINGS
+EMPTY_TABLE = tables.EMPTY_IMAGE_EMBEDDINGS
 
 EMBEDDING_SCHEMA = pa.schema(
     [
