@@ -6,7 +6,6 @@ that module) and reports files and bytes before and after per table as output me
 the run log. ``s2vec maintain --root DIR`` runs the same function in the foreground.
 """
 
-
 import dagster as dg
 from pydantic import Field
 
