@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
-    """The parsers that run a command: those without subcommands of their own."""
+    """The parsers that run a command: those without subcommands of their own (argparse has
+    no public way to list subparsers: ``_actions`` is the one it has had since Python 2.7)."""
     groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not groups:
         yield parser
