@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ROOT ?= s2vec_data
+# Folder of OSM change files the UI's refresh (nightly_refresh, refresh_sources) applies:
+# make ui CHANGES=DIR (default: an exported S2VEC_CHANGES).
+CHANGES ?= $(S2VEC_CHANGES)
 PORT ?= 3000
 # The demo's and the UI's Dagster instance. Only demo and ui use it: tests never touch it.
 DEMO_HOME ?= $(CURDIR)/.dagster_home
@@ -47,6 +50,7 @@ ui: setup $(DEMO_HOME)/dagster.yaml
 	@$(BIN)/python -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', $(PORT)))" \
 	  2>/dev/null || { echo "port $(PORT) is taken: make ui PORT=NNNN"; exit 2; }
 	DAGSTER_HOME=$(DEMO_HOME) S2VEC_ROOT=$(abspath $(ROOT)) \
+	  S2VEC_CHANGES=$(if $(CHANGES),$(abspath $(CHANGES))) \
 	  $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 bench: setup

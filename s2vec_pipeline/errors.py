@@ -1,6 +1,9 @@
 """Errors a user can act on. Each message says what was wrong and what to do about it."""
 
+import errno
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -99,3 +102,64 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(e))
         yield e
         todo += [getattr(e, "user_exception", None), e.__cause__, e.__context__]
+
+
+# -- storage faults: a full, read-only or unwritable disk (the one errno table) ---------------
+
+
+@dataclass(frozen=True)
+class StorageFault:
+    """An OS error the user fixes on their side: what happened and what to do about it."""
+
+    code: int  #: the errno
+    reason: str  #: what happened, e.g. "no space left on device"
+    remedy: str  #: what to do; ``{where}`` is the folder or root to fix
+
+    @property
+    def needs_space(self) -> bool:
+        """Freeing space fixes it (a full disk or quota), not permissions or a remount."""
+        return self.code in (errno.ENOSPC, errno.EDQUOT)
+
+    def advice(self, where: str, maintain_root: str | None = None) -> str:
+        """What to do, ending with the other way out: another root. ``maintain_root``: the
+        root whose ``s2vec maintain`` frees space (the files of failed writes)."""
+        maintain = (
+            f" (`s2vec maintain --root {maintain_root}` deletes the files of failed writes and "
+            f"of old table versions)"
+            if maintain_root is not None and self.needs_space
+            else ""
+        )
+        return f"{self.remedy.format(where=where)}{maintain} or use another --root / S2VEC_ROOT"
+
+
+STORAGE_FAULTS: dict[int, StorageFault] = {
+    f.code: f
+    for f in (
+        StorageFault(errno.ENOSPC, "no space left on device", "free space on that disk"),
+        StorageFault(errno.EDQUOT, "disk quota exceeded", "free space within your quota"),
+        StorageFault(errno.EROFS, "the file system is read-only", "mount it read-write"),
+        StorageFault(errno.EACCES, "permission denied", "make {where} writable for this user"),
+        StorageFault(errno.EPERM, "operation not permitted", "make {where} writable for this user"),
+    )
+}
+# delta-rs reports OS errors inside its messages: "(os error 28)", "Os { code: 30, ..." (Rust),
+# "[Errno 28]" (a Python error raised while it read our stream)
+_OS_ERROR_IN_MESSAGE = re.compile(r"(?:os error|\bcode:|\berrno)\s*(\d+)", re.IGNORECASE)
+# SQLite (Dagster's records) says so in words: SQLITE_FULL, and SQLITE_IOERR when its journal
+# cannot grow on a full disk
+_SQLITE_FULL = ("database or disk is full", "disk i/o error")
+
+
+def storage_fault(error: BaseException) -> int | None:
+    """The errno of a full / read-only / unwritable storage behind ``error`` (an ``OSError`` in
+    its chain, an OS error code in a message, SQLite's words for a full disk), else None."""
+    for e in exception_chain(error):
+        if isinstance(e, OSError) and e.errno in STORAGE_FAULTS:
+            return e.errno
+        text = str(e)
+        for m in _OS_ERROR_IN_MESSAGE.finditer(text):
+            if int(m.group(1)) in STORAGE_FAULTS:
+                return int(m.group(1))
+        if any(words in text.lower() for words in _SQLITE_FULL):
+            return errno.ENOSPC
+    return None

@@ -3,6 +3,10 @@
 One plain object used by the CLI, the Dagster resource and the tests. Embedded defaults make
 a fresh clone work: tables under ``./s2vec_data``, the ``city`` profile and the bundled
 Helsinki and Monaco extracts. Environment variables override them for ``dagster dev``.
+
+This module is the only one that reads the environment for configuration: every ``S2VEC_*``
+variable (and ``DAGSTER_HOME``, which decides where the CLI records its runs) is named and read
+below, and the rest of the package (CLI defaults, schedules, executor, local cache) asks here.
 """
 
 from __future__ import annotations
@@ -23,22 +27,68 @@ from s2vec_pipeline.errors import InvalidCellError, S2VecError
 from s2vec_pipeline.osm.taxonomy import Taxonomy, load_taxonomy
 from s2vec_pipeline.storage.fs import check_object_root, is_object_store, normalize_root
 
+# -- the environment: every variable the package reads, and the one place that reads it --
 ENV_ROOT = "S2VEC_ROOT"
 ENV_SOURCES = "S2VEC_SOURCES"  # os.pathsep-separated list of .osm.pbf paths
 ENV_PROFILE = "S2VEC_PROFILE"
 ENV_TAXONOMY = "S2VEC_TAXONOMY"
 ENV_CHANGES = "S2VEC_CHANGES"  # folder of OSM change files (.osc / .osc.gz) for the refresh
 ENV_WORKERS = "S2VEC_WORKERS"  # worker processes for partitioned extraction
+ENV_CACHE_DIR = "S2VEC_CACHE_DIR"  # local working files of an object-store root
+ENV_EXECUTOR = "S2VEC_EXECUTOR"  # "k8s": every step in its own pod (service/k8s.py)
+ENV_REFRESH_CRON = "S2VEC_REFRESH_CRON"  # the schedules' cron expressions (UTC)
+ENV_TRAIN_CRON = "S2VEC_TRAIN_CRON"
+ENV_MAINTAIN_CRON = "S2VEC_MAINTAIN_CRON"
+ENV_DAGSTER_HOME = "DAGSTER_HOME"  # Dagster's own: the instance the CLI records runs in
+SCHEDULE_CRON_VARIABLES = (ENV_REFRESH_CRON, ENV_TRAIN_CRON, ENV_MAINTAIN_CRON)
 SPLIT_CACHE_DIR = "_split"  # under a local root: large sources cut once per version
 DEFAULT_ROOT = "s2vec_data"
 DEFAULT_PROFILE = "city"
 
 
+def _env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of a variable, None when it is unset or blank (a blank one is not a setting)."""
+    value = (os.environ if environ is None else environ).get(name, "")
+    return value if value.strip() else None
+
+
+def default_root(environ: Mapping[str, str] | None = None) -> str:
+    """The storage root when none is given: ``$S2VEC_ROOT``, else ``./s2vec_data`` (as given:
+    callers normalise it)."""
+    return _env(ENV_ROOT, environ) or DEFAULT_ROOT
+
+
 def default_workers() -> int:
     """Worker processes (partitions at once, extraction workers): ``$S2VEC_WORKERS``, else one
     per core."""
-    value = os.environ.get(ENV_WORKERS)
+    value = _env(ENV_WORKERS)
     return parse_workers(value) if value else (os.cpu_count() or 1)
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Base of the local working files of object-store roots: ``$S2VEC_CACHE_DIR``, else
+    ``~/.cache/s2vec``."""
+    value = _env(ENV_CACHE_DIR, environ)
+    return Path(value) if value else Path.home() / ".cache" / "s2vec"
+
+
+def executor_name(environ: Mapping[str, str] | None = None) -> str:
+    """``$S2VEC_EXECUTOR`` in lower case, "" when unset (``service.k8s`` says which exist)."""
+    return (_env(ENV_EXECUTOR, environ) or "").strip().lower()
+
+
+def schedule_cron(variable: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+    """A schedule's cron expression: ``$variable`` (one of ``SCHEDULE_CRON_VARIABLES``), else
+    ``default``."""
+    if variable not in SCHEDULE_CRON_VARIABLES:
+        raise ValueError(f"{variable} is not a schedule's variable: {SCHEDULE_CRON_VARIABLES}")
+    return _env(variable, environ) or default
+
+
+def dagster_home(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$DAGSTER_HOME`` when set: the Dagster instance runs are recorded in (else the CLI keeps
+    one under the root)."""
+    return _env(ENV_DAGSTER_HOME, environ)
 
 
 def parse_workers(value: object, what: str = ENV_WORKERS) -> int:
@@ -95,14 +145,15 @@ class PipelineSettings(pydantic.BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PipelineSettings:
-        env = os.environ if environ is None else environ
-        sources = env.get(ENV_SOURCES)
+        """The settings ``dagster dev`` and the deployments configure: ``$S2VEC_ROOT``,
+        ``$S2VEC_PROFILE``, ``$S2VEC_SOURCES``, ``$S2VEC_TAXONOMY``, ``$S2VEC_CHANGES``."""
+        sources = _env(ENV_SOURCES, environ)
         return cls(
-            root=normalize_root(env.get(ENV_ROOT, DEFAULT_ROOT)),
-            profile_name=env.get(ENV_PROFILE, DEFAULT_PROFILE),
+            root=normalize_root(default_root(environ)),
+            profile_name=_env(ENV_PROFILE, environ) or DEFAULT_PROFILE,
             sources=[s for s in sources.split(os.pathsep) if s] if sources else bundled_sources(),
-            taxonomy_path=env.get(ENV_TAXONOMY) or None,
-            changes_dir=env.get(ENV_CHANGES) or None,
+            taxonomy_path=_env(ENV_TAXONOMY, environ),
+            changes_dir=_env(ENV_CHANGES, environ),
         )
 
     def settings_dict(self) -> dict[str, Any]:

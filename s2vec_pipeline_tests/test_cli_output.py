@@ -177,3 +177,87 @@ def test_training_prints_epochs_not_lightning(root: Path) -> None:
         assert any("too few to validate a model" in line for line in others[1:]), others
     (version,) = list_models(root)
     assert f"model            {version}" in done.stdout
+
+
+#: Every command the README documents (``s2vec region`` has two).
+COMMANDS = [
+    ["materialize"],
+    ["refresh"],
+    ["region", "add"],
+    ["region", "list"],
+    ["status"],
+    ["sql"],
+    ["maintain"],
+    ["evaluate"],
+    ["pool"],
+    ["map"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_takes_verbose(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert "-v, --verbose" in capsys.readouterr().out
+
+
+def test_status_verbose(root: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["status", "-v", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "osm_features" in out and "cell_features" in out
+    assert main(["status", "-vv", "--root", str(root / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last)")  # -vv: the traceback first
+    assert _lines(err)[-1] == f"error: --root {root / 'missing'} does not exist: give the " + (
+        "root of a materialized run"
+    )
+
+
+def _s2vec(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """The real ``s2vec`` in its own process, with these variables (and no DAGSTER_HOME)."""
+    environ = {
+        **{k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "S2VEC_ROOT")},
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
+    cmd = [sys.executable, "-m", "s2vec_pipeline.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=environ, cwd=cwd, timeout=300)
+
+
+def test_root_from_the_environment(materialized_root: Path, tmp_path: Path) -> None:
+    """Without --root: $S2VEC_ROOT, else ./s2vec_data (of the working directory)."""
+    rows = delta_store.read_partitions(materialized_root, "cell_features", columns=["cell_token"])
+    query = ["sql", "SELECT count(*) AS n FROM cell_features", "--out", "n.csv"]
+    done = _s2vec(query, tmp_path, S2VEC_ROOT=str(materialized_root))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "n.csv").read_text().split() == ["n", str(rows.height)]
+
+    monaco = ["region", "add", "monaco", "--bbox", "43.72,7.40,43.75,7.44"]
+    for where, env in (("a", {}), ("b", {"S2VEC_ROOT": ""}), ("c", {"S2VEC_ROOT": "../there"})):
+        cwd = tmp_path / where
+        cwd.mkdir()
+        done = _s2vec(monaco, cwd, **env)
+        assert done.returncode == 0, done.stderr
+        expected = (cwd / "../there").resolve() if env.get("S2VEC_ROOT") else cwd / "s2vec_data"
+        assert (expected / "regions.yaml").is_file()
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
+    """``s2vec sql ... | head -1``: a real pipe whose reader goes away after one line, while
+    the command still has ~700 KB to print (more than a pipe holds)."""
+    csv = tmp_path / "big.csv"
+    csv.write_text("n,text\n" + "".join(f"{i},{'x' * 30}\n" for i in range(20_000)))
+    cmd = [sys.executable, "-m", "s2vec_pipeline.cli", "sql", "SELECT * FROM big"]
+    cmd += ["--table", f"big={csv}", "--root", str(tmp_path), "--limit", "20000"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"shape: (20_000, 2)")
+    proc.stdout.close()  # what head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) in (0, 141)
+    assert err == ""

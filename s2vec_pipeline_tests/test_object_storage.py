@@ -22,6 +22,7 @@ import pyarrow as pa
 import pytest
 
 from s2vec_pipeline.cli import main
+from s2vec_pipeline.settings import ENV_CACHE_DIR
 from s2vec_pipeline.storage import delta_store, fs
 from s2vec_pipeline_tests.conftest import MONACO_L6
 
@@ -95,7 +96,7 @@ def s3_env(aws: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    monkeypatch.setenv(fs.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "cache"))
     return f"s3://{BUCKET}/{tmp_path.name}/root"
 
 
@@ -215,7 +216,7 @@ def test_two_writers_create_and_write_one_s3_table(s3_env: str, table: str) -> N
     committed again as version 1; a writer read its version from a shifted history)."""
     ctx = mp.get_context("spawn")  # deltalake panics in forked children
     queue = ctx.Queue()
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == fs.ENV_CACHE}
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == ENV_CACHE_DIR}
     procs = [
         ctx.Process(target=_write_one, args=(s3_env, table, k, env, queue)) for k in ("aa", "bb")
     ]
@@ -385,7 +386,7 @@ def test_refresh_with_a_change_file_on_s3(
     ledger = osm_changes.read_ledger(s3_env, monaco_pbf)
     assert [e["name"] for e in ledger["applied"]] == ["0001.osc"]
     # a fresh host (empty local cache) sees what was applied: nothing to do again
-    shutil.rmtree(os.environ[fs.ENV_CACHE])
+    shutil.rmtree(os.environ[ENV_CACHE_DIR])
     versions = {t: delta_store.table_version(s3_env, t) for t in DATA_TABLES}
     assert main(["refresh", "--root", s3_env, "--changes", str(changes)]) == 0
     assert "applied: no new change file" in capsys.readouterr().out

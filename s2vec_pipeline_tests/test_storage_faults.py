@@ -7,6 +7,7 @@ read-only. Mounting needs root (CAP_SYS_ADMIN); without it the tests skip and sa
 
 from __future__ import annotations
 
+import errno
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from deltalake import DeltaTable
 
 from s2vec_pipeline.cli import main
-from s2vec_pipeline.errors import StorageUnavailableError
+from s2vec_pipeline.errors import StorageUnavailableError, storage_fault
 from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline.storage.maintenance import maintain_root
 
@@ -110,3 +111,42 @@ def test_read_only_root(small_fs: Path) -> None:
         delta_store.write_partitions(root, "new_table", _rows("b", 100), ["b"], CONTRACT)
     assert delta_store.read_partitions(root, "t").equals(before)
     assert delta_store.table_version(root, "t") == 1
+
+
+def test_storage_faults_are_recognised_in_every_form(tmp_path: Path) -> None:
+    """The one errno table (errors.storage_fault): an OSError anywhere in the chain, an OS error
+    code in a message (delta-rs, Rust, Python), SQLite's words for a full disk."""
+    assert storage_fault(OSError(errno.EROFS, "Read-only file system")) == errno.EROFS
+    for text, code in (
+        ("Generic error: No space left on device (os error 28)", errno.ENOSPC),
+        ('Os { code: 30, kind: ReadOnlyFilesystem, message: "Read-only file system" }', 30),
+        ("[Errno 13] Permission denied: '/x'", errno.EACCES),
+        ("(sqlite3.OperationalError) database or disk is full", errno.ENOSPC),
+        ("(sqlite3.OperationalError) disk I/O error", errno.ENOSPC),
+    ):
+        assert storage_fault(RuntimeError(text)) == code, text
+    try:
+        try:
+            (tmp_path / "missing" / "f").write_text("x")
+        except FileNotFoundError as e:  # not a storage fault: the folder is missing
+            assert storage_fault(e) is None
+            raise RuntimeError("wrapped") from OSError(errno.EDQUOT, "Disk quota exceeded")
+    except RuntimeError as wrapped:
+        assert storage_fault(wrapped) == errno.EDQUOT
+    assert storage_fault(ValueError("os error 2")) is None  # ENOENT: not the disk's state
+
+
+def test_a_read_only_output_file_through_the_cli(
+    small_fs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An OS error outside the Delta writes (polars writing --out): exit 2 and one line naming
+    the file, not an 'unexpected' error."""
+    table = tmp_path / "t.csv"
+    table.write_text("x\n1\n2\n")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    out = small_fs / "result.csv"
+    args = ["sql", "SELECT * FROM t", "--table", f"t={table}", "--root", str(tmp_path)]
+    assert main([*args, "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: the file system is read-only (") and str(out) in line
+    assert "mount it read-write" in line and not out.exists()

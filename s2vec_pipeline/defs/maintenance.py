@@ -6,19 +6,17 @@ that module) and reports files and bytes before and after per table as output me
 the run log. ``s2vec maintain --root DIR`` runs the same function in the foreground.
 """
 
-import os
-
 import dagster as dg
 from pydantic import Field
 
 from s2vec_pipeline.defs.resources import S2VecResource
+from s2vec_pipeline.settings import ENV_MAINTAIN_CRON, schedule_cron
 from s2vec_pipeline.storage.maintenance import (
     DEFAULT_RETENTION_HOURS,
     format_report,
     maintain_root,
 )
 
-ENV_MAINTAIN_CRON = "S2VEC_MAINTAIN_CRON"
 DEFAULT_MAINTAIN_CRON = "0 4 * * 6"  # weekly, Saturday 04:00 UTC
 
 
@@ -81,7 +79,7 @@ def weekly_maintenance_schedule(cron: str | None = None) -> dg.ScheduleDefinitio
     """``maintain_tables`` every week (``S2VEC_MAINTAIN_CRON``, default Saturday 04:00 UTC)."""
     return dg.ScheduleDefinition(
         name="weekly_maintenance",
-        cron_schedule=cron or os.environ.get(ENV_MAINTAIN_CRON) or DEFAULT_MAINTAIN_CRON,
+        cron_schedule=cron or schedule_cron(ENV_MAINTAIN_CRON, DEFAULT_MAINTAIN_CRON),
         execution_timezone="UTC",
         job=maintain_tables,
         default_status=dg.DefaultScheduleStatus.RUNNING,

@@ -12,7 +12,6 @@ the data layer then cost no torch import.
 """
 
 import math
-import os
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
@@ -27,6 +26,7 @@ from s2vec_pipeline.defs.metadata import OWNERS, table_metadata
 from s2vec_pipeline.defs.partitions import l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.errors import MissingInputError, S2VecError
+from s2vec_pipeline.settings import ENV_TRAIN_CRON, schedule_cron
 from s2vec_pipeline.storage import delta_store, fs
 from s2vec_pipeline.storage.tables import EMBEDDING_COLUMNS
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 GROUP = "model_layer"
 EMBEDDINGS_CODE_VERSION = "3"  # 3: empty_image_embeddings
-ENV_TRAIN_CRON = "S2VEC_TRAIN_CRON"
 DEFAULT_TRAIN_CRON = "0 3 * * 0"  # weekly, Sunday 03:00 UTC
 MIN_VALIDATION_IMAGES = 8
 #: What a failed validation check means and what fixes it, in the check and the CLI warning.
@@ -452,7 +451,7 @@ embed_job = dg.define_asset_job(
 def weekly_training_schedule(cron: str | None = None) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(
         name="weekly_training",
-        cron_schedule=cron or os.environ.get(ENV_TRAIN_CRON) or DEFAULT_TRAIN_CRON,
+        cron_schedule=cron or schedule_cron(ENV_TRAIN_CRON, DEFAULT_TRAIN_CRON),
         execution_timezone="UTC",
         job=train_job,
         default_status=dg.DefaultScheduleStatus.RUNNING,

@@ -11,7 +11,6 @@ Nightly: ``nightly_refresh`` runs ``refresh_sources`` (the observation); the
 through every stage.
 """
 
-import os
 from typing import Any
 
 import dagster as dg
@@ -21,9 +20,8 @@ from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME, l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.osm.coverage import source_cells
-from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.settings import ENV_REFRESH_CRON, PipelineSettings, schedule_cron
 
-ENV_REFRESH_CRON = "S2VEC_REFRESH_CRON"
 DEFAULT_REFRESH_CRON = "0 2 * * *"  # nightly, 02:00 UTC
 
 
@@ -106,7 +104,7 @@ refresh_sources_job = dg.define_asset_job(
 def nightly_refresh_schedule(cron: str | None = None) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(
         name="nightly_refresh",
-        cron_schedule=cron or os.environ.get(ENV_REFRESH_CRON) or DEFAULT_REFRESH_CRON,
+        cron_schedule=cron or schedule_cron(ENV_REFRESH_CRON, DEFAULT_REFRESH_CRON),
         execution_timezone="UTC",
         job=refresh_sources_job,
         default_status=dg.DefaultScheduleStatus.RUNNING,

@@ -17,9 +17,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from s2vec_pipeline.errors import StorageUnavailableError
+from s2vec_pipeline.errors import STORAGE_FAULTS, StorageUnavailableError, storage_fault
 from s2vec_pipeline.model.callbacks import progress
-from s2vec_pipeline.storage import delta_store
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -81,11 +80,11 @@ class AtomicCheckpoint(ModelCheckpoint):
                 os.unlink(temporary)
             folder = os.path.dirname(filepath)
             free = shutil.disk_usage(folder).free
-            code = delta_store.storage_fault(e)
+            code = storage_fault(e)
             if code is not None or "write failed" in str(e) or free < (64 << 20):
                 raise StorageUnavailableError(
                     f"cannot write the training checkpoint in {folder}: "
-                    f"{os.strerror(code) if code else 'the write failed'} "
+                    f"{STORAGE_FAULTS[code].reason if code else 'the write failed'} "
                     f"({free / 2**20:.0f} MiB free on that disk). Free space there (or use "
                     f"another --root) and rerun: training resumes from the last whole epoch"
                 ) from e

@@ -14,13 +14,13 @@ GPU nodes; change ``GPU_NODE_SELECTOR`` to your cluster's (e.g. GKE's
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
-ENV_EXECUTOR = "S2VEC_EXECUTOR"
+from s2vec_pipeline.settings import ENV_EXECUTOR, executor_name
+
 K8S_CONFIG_TAG = "dagster-k8s/config"
 
 # Ops that train or run the MAE: the GPU steps (names of the ops computing mae_model and the
@@ -80,8 +80,7 @@ def k8s_executor(max_concurrent: int = 4) -> dg.ExecutorDefinition:
 def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition | None:
     """The executor the definitions should use: the k8s one when ``S2VEC_EXECUTOR=k8s``, else
     None (Dagster's default multiprocess executor)."""
-    env = os.environ if environ is None else environ
-    choice = env.get(ENV_EXECUTOR, "").strip().lower()
+    choice = executor_name(environ)
     if choice in ("", "default", "multiprocess"):
         return None
     if choice == "k8s":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import functools
 import logging
 import multiprocessing as mp
@@ -32,12 +31,14 @@ from typing import Any
 import dagster as dg
 
 from s2vec_pipeline.errors import (
+    STORAGE_FAULTS,
     InstanceUnavailableError,
     NoFeaturesError,
     S2VecError,
     StorageUnavailableError,
     exception_chain,
     quiet_worker_interrupts,
+    storage_fault,
 )
 from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.osm.coverage import source_cells, sources_for
@@ -206,15 +207,15 @@ def _read(path: str) -> str:
 
 
 def _storage_error(exc: BaseException, home: str) -> StorageUnavailableError | None:
-    """A full disk under the instance's SQLite files, as the error a user can act on."""
-    text = f"{exc} {exc.__cause__ or ''}".lower()
-    full = "disk is full" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
-    full = full or "disk i/o error" in text  # SQLite's answer when its journal cannot grow
-    if not full:
+    """A full disk under the instance's SQLite files, as the error a user can act on (other
+    faults are a step's own: its message names them)."""
+    code = storage_fault(exc)
+    if code is None or not STORAGE_FAULTS[code].needs_space:
         return None
+    fault = STORAGE_FAULTS[code]
     return StorageUnavailableError(
-        f"cannot write the Dagster records under {home}: no space left on device. Free space "
-        f"on that disk or use another --root; nothing was committed"
+        f"cannot write the Dagster records under {home}: {fault.reason}. Nothing was "
+        f"committed; {fault.advice(home)}"
     )
 
 

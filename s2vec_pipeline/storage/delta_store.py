@@ -25,12 +25,10 @@ Reads go through polars or through a pyarrow dataset opened with a ``SubTreeFile
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -47,11 +45,13 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from s2vec_pipeline.errors import (
+    STORAGE_FAULTS,
     DamagedTableError,
     IncompatibleTableError,
     MissingInputError,
     RootNotWritableError,
     StorageUnavailableError,
+    storage_fault,
 )
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
@@ -345,50 +345,6 @@ class _ReplayableData:
 
 # -- storage faults: a full, read-only or unwritable root -------------------------------------
 
-_STORAGE_FAULTS: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: (
-        "no space left on device",
-        "free space on that disk (`s2vec maintain --root {root}` deletes the files of failed "
-        "writes and of old table versions) or use another --root / S2VEC_ROOT",
-    ),
-    errno.EDQUOT: (
-        "disk quota exceeded",
-        "free space within your quota (`s2vec maintain --root {root}` deletes the files of "
-        "failed writes and of old table versions) or use another --root / S2VEC_ROOT",
-    ),
-    errno.EROFS: (
-        "the file system is read-only",
-        "mount it read-write or use another --root / S2VEC_ROOT",
-    ),
-    errno.EACCES: (
-        "permission denied",
-        "make {root} writable for this user or use another --root / S2VEC_ROOT",
-    ),
-    errno.EPERM: (
-        "operation not permitted",
-        "make {root} writable for this user or use another --root / S2VEC_ROOT",
-    ),
-}
-# delta-rs reports OS errors inside its messages: "(os error 28)", "Os { code: 30, ..." (Rust),
-# "[Errno 28]" (a Python error raised while it read our stream)
-_OS_ERROR_IN_MESSAGE = re.compile(r"(?:os error|\bcode:|\berrno)\s*(\d+)", re.IGNORECASE)
-
-
-def storage_fault(error: BaseException) -> int | None:
-    """The errno of a full / read-only / unwritable storage behind ``error``, else None."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:  # the error, or what caused it
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _STORAGE_FAULTS:
-            return e.errno
-        for m in _OS_ERROR_IN_MESSAGE.finditer(str(e)):
-            code = int(m.group(1))
-            if code in _STORAGE_FAULTS:
-                return code
-        e = e.__cause__ or e.__context__
-    return None
-
 
 @contextlib.contextmanager
 def storage_errors(
@@ -403,12 +359,12 @@ def storage_errors(
         code = storage_fault(e)
         if code is None:
             raise
-        reason, todo = _STORAGE_FAULTS[code]
+        fault = STORAGE_FAULTS[code]
         version = table_version_safe(root, name)
         state = "no table exists" if version is None else f"the table's version is {version}"
         raise StorageUnavailableError(
-            f"cannot {action} {name!r} under {root}: {reason}. Nothing of this write was "
-            f"committed ({state}); {todo.format(root=root)}."
+            f"cannot {action} {name!r} under {root}: {fault.reason}. Nothing of this write was "
+            f"committed ({state}); {fault.advice(str(root), maintain_root=str(root))}."
         ) from e
 
 

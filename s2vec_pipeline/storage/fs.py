@@ -60,7 +60,6 @@ __all__ = [
 
 #: URI schemes treated as object stores (pyarrow and delta-rs both understand them).
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
-ENV_CACHE = "S2VEC_CACHE_DIR"  # local working files of an object-store root
 
 
 def _scheme(location: str | os.PathLike[str]) -> str | None:
@@ -290,7 +289,9 @@ def local_cache(root: str | os.PathLike[str], *parts: str) -> Path:
     text = os.fspath(root)
     if not is_object_store(text):
         return Path(text, *parts)
-    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "s2vec")
+    from s2vec_pipeline.settings import cache_dir  # at call time: settings imports this module
+
+    base = cache_dir()
     digest = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
     return base.joinpath(digest, *parts)
 
