@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 from s2vec_pipeline.osm.extract import source_bbox
 from s2vec_pipeline.osm.osmium_tool import osmium_tool
@@ -241,16 +241,16 @@ def cell_center_offsets(
     radius = 1.0
     while True:
         lat_lo, lat_hi = max(clat - radius, -80.0), min(clat + radius, 80.0)
-        cells = s2.cover_bbox(
+        cells = s2_geometry.cover_bbox(
             lat_lo, max(clng - 2 * radius, -175.0), lat_hi, min(clng + 2 * radius, 175.0), level
         )
         if len(cells) >= 2 * copies or radius > 60:
             break
         radius *= 2
     if at == "center":
-        lat, lng = s2.cell_center_latlng(cells)
+        lat, lng = s2_geometry.cell_center_latlng(cells)
     else:
-        corners = s2.cell_corners_latlng(cells)
+        corners = s2_geometry.cell_corners_latlng(cells)
         lat, lng = corners[:, 0, 0], corners[:, 0, 1]
     inside = (np.abs(lat) < 80) & (np.abs(lng) < 175)
     lat, lng = lat[inside], lng[inside]
@@ -280,7 +280,7 @@ def fill_cell_offsets(
     min_lat, min_lng, max_lat, max_lng = source_bbox(source)
     clat, clng = (min_lat + max_lat) / 2, (min_lng + max_lng) / 2
     cell = s2.latlng_to_cell_id(np.array([clat]), np.array([clng]), level)
-    corners = s2.cell_corners_latlng(cell)[0]
+    corners = s2_geometry.cell_corners_latlng(cell)[0]
     outline = shapely.Polygon(corners[:, ::-1]).buffer(grow)
     x0, y0, x1, y1 = outline.bounds
     lngs, lats = np.meshgrid(np.arange(x0, x1, lng_step), np.arange(y0, y1, lat_step))

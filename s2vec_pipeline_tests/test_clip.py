@@ -11,7 +11,7 @@ import pytest
 import s2geometry as s2g
 import shapely
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.osm import clip
 
 R = clip.EARTH_RADIUS_M
@@ -153,7 +153,7 @@ def test_whole_cells_inside_a_large_polygon() -> None:
     assert np.all(got.value <= areas * (1 + 1e-9))
     assert got.value.sum() == pytest.approx(oracle_area(poly), rel=1e-8)
     # their point is the cell's centre
-    lat, lng = s2.cell_center_latlng(got.cell[full])
+    lat, lng = s2_geometry.cell_center_latlng(got.cell[full])
     assert np.array_equal(got.lat[full], lat) and np.array_equal(got.lng[full], lng)
 
 
@@ -193,7 +193,7 @@ def test_values_depend_on_the_object_alone() -> None:
 
 
 def test_polygon_inside_one_cell_is_not_clipped() -> None:
-    lat, lng = s2.cell_center_latlng(s2.latlng_to_cell_id(60.17, 24.94, 17))
+    lat, lng = s2_geometry.cell_center_latlng(s2.latlng_to_cell_id(60.17, 24.94, 17))
     poly = box(float(lng) - 1e-4, float(lat) - 5e-5, float(lng) + 1e-4, float(lat) + 5e-5)
     got = clip.polygon_cell_areas(np.array([poly]), 17)
     assert got.clipped == 0 and len(got.cell) == 1
@@ -237,7 +237,7 @@ def test_line_lengths_per_cell_match_s2(name: str, line: shapely.LineString, lev
 
 
 def test_segments_inside_one_cell_are_whole() -> None:
-    lat, lng = s2.cell_center_latlng(s2.latlng_to_cell_id(60.17, 24.94, 17))
+    lat, lng = s2_geometry.cell_center_latlng(s2.latlng_to_cell_id(60.17, 24.94, 17))
     line = shapely.LineString([(lng - 1e-4, lat), (lng + 1e-4, lat + 1e-4)])
     got = clip.line_cell_lengths(np.array([line, line]), 17)
     assert got.clipped == 0 and got.index.tolist() == [0, 1]

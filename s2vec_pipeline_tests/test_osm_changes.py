@@ -13,7 +13,7 @@ import numpy as np
 import osmium
 import pytest
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.osm import changes as oc
 from s2vec_pipeline.osm.changes import base as changes_base
 from s2vec_pipeline.osm.changes import region
@@ -225,7 +225,7 @@ def test_way_node_moved_across_cells_touches_the_ways_span(
     res = oc.apply_changes(tmp_path / "root", helsinki_pbf, [f])
     new_cell = str(s2.to_token(s2.latlng_to_cell_id(61.0, 24.5, 6)))
     assert new_cell == "468f" and cells_covering_source(helsinki_pbf) == [HELSINKI_L6]
-    spanned = s2.to_token(s2.cover_bbox(lat, 24.5, 61.0, lon)).tolist()
+    spanned = s2.to_token(s2_geometry.cover_bbox(lat, 24.5, 61.0, lon)).tolist()
     assert {"468d", "468f", HELSINKI_L6} <= set(spanned)
     assert res.touched_cells == [HELSINKI_L6]
     entry = oc.read_ledger(tmp_path / "root", helsinki_pbf)["applied"][0]
@@ -391,7 +391,7 @@ def test_touched_cells_follow_area_relations_not_other_relations() -> None:
     change = ChangeFile(Path("x.osc"), "x.osc", "0" * 64, 0, None, None)
     change.nodes[1] = ((2, 0.0), (60.1701, 24.9401))
     (cells,) = touched_cells([change], base)
-    box = set(s2.to_token(s2.cover_bbox(60.17, 24.5, 61.01, 24.95)).tolist())
+    box = set(s2.to_token(s2_geometry.cover_bbox(60.17, 24.5, 61.01, 24.95)).tolist())
     assert cells == box | {HELSINKI_L6}
     assert "468f" in cells and MONACO_L6 not in cells
 
@@ -600,7 +600,7 @@ def test_extract_larger_than_its_box_is_cut_and_its_removed_cells_reported(
     header.add_box(osmium.osm.Box(box[1], box[0], box[3], box[2]))
     merge(monaco_pbf, [], src, header)  # Monaco's objects, the smaller box
     assert source_bbox(src) == pytest.approx(box)
-    region_cells = s2.to_token(s2.cover_bbox(*box)).tolist()
+    region_cells = s2.to_token(s2_geometry.cover_bbox(*box)).tolist()
     new_at = (43.55, 7.42)
     assert sorted(region_cells) == [MONACO_L6, "12cf"]
     assert str(s2.to_token(s2.latlng_to_cell_id(*new_at, 6))) == "12cf"

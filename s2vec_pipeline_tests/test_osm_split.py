@@ -12,7 +12,7 @@ import osmium
 import polars as pl
 import pytest
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.cells.profiles import PROFILES
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.osm.coverage import cells_covering_source
@@ -176,7 +176,7 @@ def test_dead_worker_fails_only_its_partitions(straddling, taxonomy, monkeypatch
     # objects only it saw could land there); the others are delivered, and correct
     (dead,) = [g for g in plan_groups(partitions, 1, 0.0) if g.partitions == (partitions[0],)]
     x0, y0, x1, y1 = (c / 1e7 for c in dead.box)
-    near = set(s2.to_token(s2.cover_bbox(y0, x0, y1, x1, 6)).tolist())
+    near = set(s2.to_token(s2_geometry.cover_bbox(y0, x0, y1, x1, 6)).tolist())
     assert set(result.failed) == {partitions[0]} | (near & set(partitions))
     assert len(got) >= 2
     for token, rows in got.items():

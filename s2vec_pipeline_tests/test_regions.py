@@ -12,7 +12,7 @@ import shapely
 import yaml
 
 from s2vec_pipeline.cells import regions as R
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.errors import CellOutsideSourcesError, InvalidBoundingBoxError
 
 HELSINKI_L6 = "4693"
@@ -73,7 +73,7 @@ def test_geojson_polygon_gives_exactly_the_cells_it_meets(tmp_path: Path) -> Non
     region = R.region_from_geojson("finland-south", _write(tmp_path / "p.geojson", poly))
     geom = shapely.geometry.shape(poly)
     min_lng, min_lat, max_lng, max_lat = geom.bounds
-    candidates = s2.cover_bbox(min_lat, min_lng, max_lat, max_lng, 6)
+    candidates = s2_geometry.cover_bbox(min_lat, min_lng, max_lat, max_lng, 6)
     expected = _official_cells(geom, candidates)
     assert 5 <= len(expected) < len(candidates)  # the test has cells to drop
     assert list(region.cells) == expected
@@ -103,7 +103,7 @@ def test_geojson_polygon_gives_exactly_the_cells_it_meets(tmp_path: Path) -> Non
 def test_geojson_cells_follow_geodesic_cell_edges(tmp_path: Path) -> None:
     """A tiny triangle between the straight lng/lat chord of a cell edge and the real (geodesic)
     edge: drawn with straight edges the cell would miss it; densified edges get it right."""
-    corners = s2.cell_corners_latlng(s2.from_token(np.array([HELSINKI_L6])))[0]
+    corners = s2_geometry.cell_corners_latlng(s2.from_token(np.array([HELSINKI_L6])))[0]
     a, b = corners[1], corners[2]  # the northern edge of 4693
 
     def xyz(p: np.ndarray) -> np.ndarray:
@@ -122,7 +122,7 @@ def test_geojson_cells_follow_geodesic_cell_edges(tmp_path: Path) -> None:
     }
     region = R.region_from_geojson("edge", _write(tmp_path / "t.geojson", tri))
     geom = shapely.geometry.shape(tri)
-    candidates = s2.cover_bbox(lat - 1, lng - 1, lat + 1, lng + 1, 6)
+    candidates = s2_geometry.cover_bbox(lat - 1, lng - 1, lat + 1, lng + 1, 6)
     assert list(region.cells) == _official_cells(geom, candidates) == [HELSINKI_L6]
     straight = R.cell_outlines(s2.from_token(np.array([HELSINKI_L6])), edge_points=1)[0]
     assert not straight.intersects(geom)  # four straight edges would have missed it
@@ -261,7 +261,9 @@ def test_geojson_rectangles_match_exact_bbox_cover(tmp_path: Path) -> None:
         rings = [[[[a, lat0], [b, lat0], [b, lat1], [a, lat1], [a, lat0]]] for a, b in spans]
         path = _write(tmp_path / f"{k}.geojson", {"type": "MultiPolygon", "coordinates": rings})
         got = R.region_from_geojson(f"r{k}", path).cells
-        expected = tuple(sorted(s2.to_token(s2.cover_bbox(lat0, lng0, lat1, lng1, 6)).tolist()))
+        expected = tuple(
+            sorted(s2.to_token(s2_geometry.cover_bbox(lat0, lng0, lat1, lng1, 6)).tolist())
+        )
         assert got == expected, (lat0, lng0, lat1, lng1)
 
 
@@ -272,4 +274,4 @@ def test_self_intersecting_polygon_is_repaired(tmp_path: Path) -> None:
     }
     region = R.region_from_geojson("bowtie", _write(tmp_path / "b.geojson", bowtie))
     geom = shapely.make_valid(shapely.geometry.shape(bowtie))
-    assert list(region.cells) == _official_cells(geom, s2.cover_bbox(60, 24, 61, 25, 6))
+    assert list(region.cells) == _official_cells(geom, s2_geometry.cover_bbox(60, 24, 61, 25, 6))

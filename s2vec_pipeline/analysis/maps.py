@@ -9,7 +9,7 @@
 A layer renders as a PNG (matplotlib: polygons in longitude/latitude, north up, with a legend,
 coordinates and a scale bar) or as one self-contained HTML file (inline SVG and JavaScript, no
 tiles, no network: it opens offline) that shows each cell's token and top channels on hover.
-Polygons are the cells' four S2 vertices (``s2.cell_corners_latlng``); at pixel levels the
+Polygons are the cells' four S2 vertices (``s2_geometry.cell_corners_latlng``); at pixel levels the
 edges' curvature is far below a screen pixel.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from s2vec_pipeline.analysis.cell_matrices import resolve_model_version
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.errors import InvalidCellError, MissingInputError, S2VecError
 from s2vec_pipeline.storage import delta_store, fs
 
@@ -176,7 +176,7 @@ def embedding_layer(
     return MapLayer(
         title=f"S2Vec embeddings, model {version}: {len(ids):,} cells",
         tokens=s2.to_token(ids),
-        corners=s2.cell_corners_latlng(ids),
+        corners=s2_geometry.cell_corners_latlng(ids),
         colors=rgb,
         legend=legend,
         hover=_hover_text(root, ids, partitions),
@@ -225,7 +225,7 @@ def channel_layer(root: str | os.PathLike, cells: Sequence[str], channel: str) -
     return MapLayer(
         title=f"{channel} per level-{pixel_level} cell: {len(ids):,} cells",
         tokens=s2.to_token(ids),
-        corners=s2.cell_corners_latlng(ids),
+        corners=s2_geometry.cell_corners_latlng(ids),
         colors=rgb,
         legend=[(tuple(cmap(0.0)[:3]), "0: no such feature in the cell")],
         hover=_hover_text(root, ids, partitions),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 
 EARTH_RADIUS_M = 6_371_008.8
 BANDS = (
@@ -63,9 +63,9 @@ def orientation(image_id: int, side: int) -> Orientation:
     grid = s2.children_grid(image, pixel_level)[0]  # (S, S): grid[row, col]
     mid = side // 2 - 1 if side > 1 else 0
     nxt = min(mid + 1, side - 1)
-    lat0, lng0 = (float(v) for v in s2.cell_center_latlng(grid[mid, mid]))
-    lat_r, lng_r = (float(v) for v in s2.cell_center_latlng(grid[nxt, mid]))  # +1 row
-    lat_c, lng_c = (float(v) for v in s2.cell_center_latlng(grid[mid, nxt]))  # +1 col
+    lat0, lng0 = (float(v) for v in s2_geometry.cell_center_latlng(grid[mid, mid]))
+    lat_r, lng_r = (float(v) for v in s2_geometry.cell_center_latlng(grid[nxt, mid]))  # +1 row
+    lat_c, lng_c = (float(v) for v in s2_geometry.cell_center_latlng(grid[mid, nxt]))  # +1 col
     coslat = math.cos(math.radians(lat0))
     # columns of m: the (north, east) displacement of one step along +col and along +row
     m = np.array([[lat_c - lat0, lat_r - lat0], [(lng_c - lng0) * coslat, (lng_r - lng0) * coslat]])
@@ -74,7 +74,7 @@ def orientation(image_id: int, side: int) -> Orientation:
     north, east = north / np.linalg.norm(north), east / np.linalg.norm(east)
     # On a north-up map (y down) east is 90° clockwise from north: cross(north, east) > 0.
     mirrored = bool(north[0] * east[1] - north[1] * east[0] < 0)
-    corners = s2.cell_corners_latlng(grid[mid, mid : mid + 1])[0]
+    corners = s2_geometry.cell_corners_latlng(grid[mid, mid : mid + 1])[0]
     edges = _haversine_m(corners, np.roll(corners, -1, axis=0))
     face = int(s2.face_ij(image)[0][0])
     return Orientation(
@@ -221,7 +221,7 @@ def partition_mosaic(
     if not annotate:
         return img
     ids = np.asarray(image_ids, dtype=np.int64)
-    centres = np.array(s2.cell_center_latlng(s2.from_signed(ids))).T
+    centres = np.array(s2_geometry.cell_center_latlng(s2.from_signed(ids))).T
     central = int(np.argmin(((centres - centres.mean(axis=0)) ** 2).sum(axis=1)))
     orient = orientation(int(ids[central]), tensors.shape[-1])
     width = max(img.width, PANEL_MIN_WIDTH)

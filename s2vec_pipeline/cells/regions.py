@@ -8,19 +8,18 @@ GeoJSON cells
 -------------
 ``region_from_geojson`` returns exactly the level-6 cells whose area meets the geometry (closed
 sets: touching counts). Candidates are the cells meeting each polygon's lat/lng bounds
-(``s2.cover_bbox``, exact); each candidate's outline is then tested against the geometry with
-shapely in the lng/lat plane. GeoJSON edges are straight lines in lng/lat (RFC 7946 §3.1.1), but
-S2 cell edges are geodesics, which in lng/lat bow away from the straight line between the
-corners: drawn with its 4 corners a level-6 cell is off by up to ~0.3 km at 45° latitude,
-~0.6 km at 60° and ~2.3 km at 80° (measured). Each cell edge is therefore densified with
-``EDGE_POINTS`` points on the geodesic itself (cell edges are great-circle arcs, so normalised
-chords between the corners lie exactly on them), which leaves ~0.15 m at 60°, ~0.6 m at 80° and
-~1.3 m at 85°: the approximation only matters for geometry within a metre of a cell edge.
-Cells crossing the antimeridian are unwrapped to longitudes beyond 180 and tested against the
-geometry shifted by 360°; a cell vertex at a pole is replaced by the pole's segment of latitude
-±90 between its neighbours' longitudes. Tests check the result against s2geometry's exact
-S2Polygon/S2Cell intersection and, for lng/lat rectangles, against ``cover_bbox``.
-"""
+(``s2_geometry.cover_bbox``, exact); each candidate's outline is then tested against the
+geometry with shapely in the lng/lat plane. GeoJSON edges are straight lines in lng/lat (RFC
+7946 §3.1.1), but S2 cell edges are geodesics, which in lng/lat bow away from the straight line
+between the corners: drawn with its 4 corners a level-6 cell is off by up to ~0.3 km at 45°
+latitude, ~0.6 km at 60° and ~2.3 km at 80° (measured). Each cell edge is therefore densified
+with ``EDGE_POINTS`` points on the geodesic itself (cell edges are great-circle arcs, so
+normalised chords between the corners lie exactly on them), which leaves ~0.15 m at 60°, ~0.6 m
+at 80° and ~1.3 m at 85°: the approximation only matters for geometry within a metre of a cell
+edge. Cells crossing the antimeridian are unwrapped to longitudes beyond 180 and tested against
+the geometry shifted by 360°; a cell vertex at a pole is replaced by the pole's segment of
+latitude ±90 between its neighbours' longitudes. Tests check the result against s2geometry's
+exact S2Polygon/S2Cell intersection and, for lng/lat rectangles, against ``cover_bbox``."""
 
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ import shapely.errors
 import yaml
 from shapely.geometry import shape
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 from s2vec_pipeline.errors import (
     CellOutsideSourcesError,
@@ -191,7 +190,7 @@ def region_from_bbox(
     """The level-6 cells meeting a lat/lng box (degrees; ``min_lng > max_lng`` crosses the
     antimeridian). Raises InvalidBoundingBoxError for malformed boxes."""
     validate_region_name(name)
-    ids = s2.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL)
+    ids = s2_geometry.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL)
     spec = {"min_lat": min_lat, "min_lng": min_lng, "max_lat": max_lat, "max_lng": max_lng}
     return Region(
         name, tuple(s2.to_token(ids).tolist()), "bbox", {k: float(v) for k, v in spec.items()}
@@ -216,7 +215,7 @@ def regions_markdown(regions: Iterable[Region], source_cells: dict[str, Iterable
     """A Markdown table region -> cell -> its centre -> the sources covering it."""
     rows = ["| region | cell | centre (lat, lng) | sources |", "|---|---|---|---|"]
     for r in regions:
-        lats, lngs = s2.cell_center_latlng(s2.from_token(np.array(r.cells)))
+        lats, lngs = s2_geometry.cell_center_latlng(s2.from_token(np.array(r.cells)))
         for cell, lat, lng in zip(r.cells, lats, lngs, strict=True):
             names = ", ".join(Path(s).name for s in source_cells.get(cell, ())) or "(none)"
             rows.append(f"| {r.name} | `{cell}` | {lat:.3f}, {lng:.3f} | {names} |")
@@ -343,7 +342,7 @@ def _unit_vectors(latlng: np.ndarray) -> np.ndarray:
 def cell_outlines(ids: np.ndarray, edge_points: int = EDGE_POINTS) -> list[shapely.Polygon]:
     """Cell outlines as lng/lat polygons with geodesic edges densified (module docstring);
     longitudes of antimeridian cells run past 180."""
-    corners = s2.cell_corners_latlng(ids)  # (n, 4, 2) lat, lng
+    corners = s2_geometry.cell_corners_latlng(ids)  # (n, 4, 2) lat, lng
     xyz = _unit_vectors(corners)  # (n, 4, 3)
     t = np.arange(edge_points) / edge_points
     a = xyz[:, :, None, :]
@@ -381,7 +380,7 @@ def cells_intersecting_geometry(geom: shapely.Geometry) -> list[str]:
     for part in shapely.get_parts(geom):
         min_lng, min_lat, max_lng, max_lat = part.bounds
         candidates.update(
-            s2.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL).tolist()
+            s2_geometry.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL).tolist()
         )
     if not candidates:
         return []

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 from s2vec_pipeline.osm import sphere
 from s2vec_pipeline.osm.sphere import EARTH_RADIUS_M, areas_m2
@@ -350,7 +350,7 @@ class _Items:
                 obj, face, lvl, i, j = obj[keep], face[keep], lvl[keep], i[keep], j[keep]
             obj, face, _, i, j = _descend(obj, face, lvl, i, j, level)
             ids = s2.cell_id_from_face_ij(face, i, j, level)
-            lat, lng = s2.cell_center_latlng(ids)
+            lat, lng = s2_geometry.cell_center_latlng(ids)
             parts.append(CellPieces(obj, ids, sphere.cell_areas_m2(face, i, j, level), lat, lng))
         return _concat(parts, 0, 0)
 
@@ -408,7 +408,7 @@ def line_cell_lengths(lines: np.ndarray, level: int) -> CellPieces:
     # fast path: the segment in its ends' cell (convex), its length, its geodesic midpoint
     w = seg[whole]
     mid = p[a[w]] + p[b[w]]
-    mlat, mlng = s2._normalized_latlng_deg(mid[:, 0], mid[:, 1], mid[:, 2])
+    mlat, mlng = s2_geometry.normalized_latlng_deg(mid[:, 0], mid[:, 1], mid[:, 2])
     order_seg, order_t = [w], [np.zeros(len(w))]
     values = [(vcell[a[w]], _arc_m(p[a[w]], p[b[w]]), mlat, mlng)]
     cut = seg[~whole]
@@ -508,7 +508,7 @@ def _cut_segments(
     qb /= np.linalg.norm(qb, axis=1)[:, None]
     length = _arc_m(qa, qb)
     mid = qa + qb
-    lat, lng = s2._normalized_latlng_deg(mid[:, 0], mid[:, 1], mid[:, 2])
+    lat, lng = s2_geometry.normalized_latlng_deg(mid[:, 0], mid[:, 1], mid[:, 2])
     cell = s2.latlng_to_cell_id(lat, lng, level)
     # sort key along the segment (t differs between faces): the chord from its start
     along = np.linalg.norm(qa - pa[seg_i[piece]], axis=1)

@@ -12,7 +12,7 @@ import functools
 import os
 from collections.abc import Iterable, Sequence
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 from s2vec_pipeline.errors import CellOutsideSourcesError
 from s2vec_pipeline.osm.changes import current_extract
@@ -36,7 +36,7 @@ def _cached_cover(identity: FileIdentity) -> tuple[str, ...]:
 
 def _cover(path: str | os.PathLike) -> list[str]:
     min_lat, min_lng, max_lat, max_lng = source_bbox(path)
-    cover = s2.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL)
+    cover = s2_geometry.cover_bbox(min_lat, min_lng, max_lat, max_lng, PARTITION_LEVEL)
     return sorted(s2.to_token(cover).tolist())  # plain str: messages show 12cd, not np.str_
 
 

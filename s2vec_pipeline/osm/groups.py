@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 
 #: Default number of level-6 partitions per group (one worker task, one split output file).
@@ -108,7 +108,7 @@ def _outline(tokens: Sequence[str], margin_deg: float, per_edge: int = 16) -> tu
     grown by the margin plus 0.01° (the chord-vs-geodesic gap of a level-6 edge is far less)."""
     ids = s2.from_token(np.asarray(tokens))
     face, i, j = s2.face_ij(ids, PARTITION_LEVEL)
-    u_lo, u_hi, v_lo, v_hi = s2._uv_bounds(i, j, PARTITION_LEVEL)
+    u_lo, u_hi, v_lo, v_hi = s2_geometry.uv_bounds(i, j, PARTITION_LEVEL)
     t = np.linspace(0.0, 1.0, per_edge, endpoint=False)
     cells = []
     for k in range(len(tokens)):
@@ -118,7 +118,9 @@ def _outline(tokens: Sequence[str], margin_deg: float, per_edge: int = 16) -> tu
         # counter-clockwise around the cell: bottom, right, top, left edges
         u = np.concatenate([u_lo[k] + du * t, u_hi_k, u_hi[k] - du * t, u_lo_k])
         v = np.concatenate([v_lo_k, v_lo[k] + dv * t, v_hi_k, v_hi[k] - dv * t])
-        lat, lng = s2._normalized_latlng_deg(*s2._face_uv_to_xyz(np.full(len(u), face[k]), u, v))
+        lat, lng = s2_geometry.normalized_latlng_deg(
+            *s2_geometry.face_uv_to_xyz(np.full(len(u), face[k]), u, v)
+        )
         if np.ptp(lng) > 180:  # across the antimeridian: the caller falls back to the box
             return ()
         cells.append(shapely.Polygon(np.column_stack([lng, lat])))
@@ -137,7 +139,7 @@ def _region(tokens: Sequence[str], margin_deg: float) -> tuple[int, int, int, in
     ids = s2.from_token(np.asarray(tokens))
     face, i, j = s2.face_ij(ids, PARTITION_LEVEL)
     lat_lo, lat_hi, lng_lo, lng_hi = (
-        np.degrees(a) for a in s2._cell_rect_bounds(face, i, j, PARTITION_LEVEL)
+        np.degrees(a) for a in s2_geometry.cell_rect_bounds(face, i, j, PARTITION_LEVEL)
     )
     if np.any(lng_lo > lng_hi):  # a cell across the antimeridian: take every longitude
         lng_min, lng_max = -180.0, 180.0
@@ -161,6 +163,6 @@ def affected_partitions(group: PartitionGroup, groups: Sequence[PartitionGroup])
     """A failed group's partitions, then every other requested partition whose cell meets its
     region: an object only that group saw can have rows there (a long segment, a large area)."""
     x0, y0, x1, y1 = (c / FIX for c in group.box)
-    near = set(s2.to_token(s2.cover_bbox(y0, x0, y1, x1, PARTITION_LEVEL)).tolist())
+    near = set(s2.to_token(s2_geometry.cover_bbox(y0, x0, y1, x1, PARTITION_LEVEL)).tolist())
     others = [t for g in groups if g.index != group.index for t in g.partitions if t in near]
     return list(group.partitions) + others

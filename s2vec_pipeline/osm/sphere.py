@@ -10,12 +10,12 @@ from collections.abc import Callable
 import numpy as np
 import shapely
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2_geometry
 
 EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG), as used by S2's S2Earth
 
 # Face frames (S2::GetNorm, GetUAxis, GetVAxis): p = n + u * e_u + v * e_v on face f.
-NORM, U_AXIS, V_AXIS = s2._FACE_C0, s2._FACE_CU, s2._FACE_CV
+NORM, U_AXIS, V_AXIS = s2_geometry.FACE_C0, s2_geometry.FACE_CU, s2_geometry.FACE_CV
 
 
 def xyz(lat_deg: np.ndarray, lng_deg: np.ndarray) -> np.ndarray:
@@ -32,7 +32,7 @@ def uv_to_xyz(face: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def uv_to_latlng(face: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p = uv_to_xyz(face, u, v)
-    return s2._normalized_latlng_deg(p[:, 0], p[:, 1], p[:, 2])
+    return s2_geometry.normalized_latlng_deg(p[:, 0], p[:, 1], p[:, 2])
 
 
 def project(p: np.ndarray, face: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,7 +53,7 @@ def uv_to_ij(u: np.ndarray, level: int) -> np.ndarray:
 def grid_uv(k: np.ndarray, level: np.ndarray | int) -> np.ndarray:
     """u (or v) of grid line ``k`` at ``level``: STtoUV(k / 2**level). Every rectangle edge
     comes from here with an exact dyadic argument, so neighbours share edges bit for bit."""
-    return s2._st_to_uv(np.ldexp(np.asarray(k, dtype=np.float64), -np.asarray(level)))
+    return s2_geometry.st_to_uv(np.ldexp(np.asarray(k, dtype=np.float64), -np.asarray(level)))
 
 
 def solid_angles(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells import s2, s2_geometry
 from s2vec_pipeline.cells.profiles import PARTITION_LEVEL
 from s2vec_pipeline.osm.changes.base import Base
 from s2vec_pipeline.osm.changes.files import ChangeFile, Loc, Member
@@ -30,7 +30,7 @@ from s2vec_pipeline.osm.changes.region import Box, Cut
 
 def region_cells(box: Box) -> set[str]:
     """The level-6 cover of a region's box: no other partition reads its source."""
-    return set(s2.to_token(s2.cover_bbox(*box, PARTITION_LEVEL)).tolist())
+    return set(s2.to_token(s2_geometry.cover_bbox(*box, PARTITION_LEVEL)).tolist())
 
 
 class Shapes:
@@ -84,7 +84,7 @@ class Shapes:
                 dlng = math.radians((box[3] - box[1]) % 360.0)
                 pad = math.degrees(dlng * dlng / 8.0) + 1e-7
                 box[0], box[2] = max(box[0] - pad, -90.0), min(box[2] + pad, 90.0)
-                out[int(file_of[k])].update(s2.to_token(s2.cover_bbox(*box)).tolist())
+                out[int(file_of[k])].update(s2.to_token(s2_geometry.cover_bbox(*box)).tolist())
         return out
 
 
