@@ -408,6 +408,21 @@ def cover_bbox(
     Raises InvalidBoundingBoxError for malformed boxes or more than ``max_cells`` cells.
     """
     level = _check_level(level)
+    rect, box = _checked_rect(min_lat, min_lng, max_lat, max_lng)
+    _check_expected_cells(rect, box, level, max_cells)
+    face, i, j = _cells_meeting(rect, box, level, max_cells)
+    if face.size > max_cells:
+        raise InvalidBoundingBoxError(
+            f"box {box} intersects {face.size:,} level-{level} "
+            f"cells, more than max_cells = {max_cells:,}: use a smaller box or a coarser level"
+        )
+    return np.sort(cell_id_from_face_ij(face, i, j, level))
+
+
+def _checked_rect(
+    min_lat: float, min_lng: float, max_lat: float, max_lng: float
+) -> tuple[_Rect, str]:
+    """The official ``S2LatLngRect`` of a box in degrees, and the box as text for messages."""
     lat0 = _bbox_value("min_lat", min_lat)
     lng0 = _bbox_value("min_lng", min_lng)
     lat1 = _bbox_value("max_lat", max_lat)
@@ -439,6 +454,11 @@ def cover_bbox(
             "min_lng = 180 with max_lng = -180 is an empty longitude range: pass -180 and 180 "
             "for all longitudes, or 180 and 180 for the antimeridian line"
         )
+    return rect, f"({lat0}, {lng0}) - ({lat1}, {lng1})"
+
+
+def _check_expected_cells(rect: _Rect, box: str, level: int, max_cells: int) -> None:
+    """Refuse at once a box whose area alone needs more than ``max_cells`` cells."""
     lng_span = rect.lng_hi - rect.lng_lo
     if lng_span < 0:
         lng_span += 2 * _PI
@@ -447,10 +467,17 @@ def cover_bbox(
     if area > avg_cell_area * max_cells:
         fits = level + math.floor(math.log(max_cells * avg_cell_area / area, 4))
         raise InvalidBoundingBoxError(
-            f"box ({lat0}, {lng0}) - ({lat1}, {lng1}) needs about {area / avg_cell_area:,.0f} "
+            f"box {box} needs about {area / avg_cell_area:,.0f} "
             f"level-{level} cells, more than max_cells = {max_cells:,}: use a smaller box or a "
             f"coarser level (level {max(fits, 0)} or less)"
         )
+
+
+def _cells_meeting(
+    rect: _Rect, box: str, level: int, max_cells: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(face, i, j) of the cells at ``level`` that intersect ``rect``: subdivided from the faces
+    while their bound may intersect (``MayIntersect``), then the exact ``Intersects`` test."""
 
     def keep(bounds: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
         lat_lo, lat_hi, lng_lo, lng_hi = bounds
@@ -472,14 +499,8 @@ def cover_bbox(
             face, i, j = face[sel], i[sel], j[sel]
             if face.size > 4 * max_cells:
                 raise InvalidBoundingBoxError(
-                    f"box ({lat0}, {lng0}) - ({lat1}, {lng1}) needs more than max_cells = "
+                    f"box {box} needs more than max_cells = "
                     f"{max_cells:,} cells at level {level}: use a smaller box or a coarser level"
                 )
         sel = _rect_intersects_cells(rect, face, i, j, level)
-    face, i, j = face[sel], i[sel], j[sel]
-    if face.size > max_cells:
-        raise InvalidBoundingBoxError(
-            f"box ({lat0}, {lng0}) - ({lat1}, {lng1}) intersects {face.size:,} level-{level} "
-            f"cells, more than max_cells = {max_cells:,}: use a smaller box or a coarser level"
-        )
-    return np.sort(cell_id_from_face_ij(face, i, j, level))
+    return face[sel], i[sel], j[sel]
