@@ -11,15 +11,14 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from dagster._core.definitions.data_version import StaleStatus
 from deltalake import DeltaTable
 
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
-from s2vec_pipeline.defs.automation import _resolver
 from s2vec_pipeline.osm.extract import OSM_FEATURES_CODE_VERSION
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
+from s2vec_pipeline_tests.test_dagster_compat import ui_status
 
 CODE_VERSIONS = {
     "osm_features": OSM_FEATURES_CODE_VERSION,
@@ -111,11 +110,10 @@ def test_checks_ran_per_partition(recorded) -> None:
 
 def test_nothing_unsynced_and_no_version_warning_after_a_clean_run(recorded) -> None:
     root, instance = recorded
-    graph = build_definitions(PipelineSettings(root=str(root))).resolve_asset_graph()
-    resolver = _resolver(instance, graph)
+    defs = build_definitions(PipelineSettings(root=str(root)))
     for asset in UPSTREAM:
         for k in PARTITIONS:
-            assert resolver.get_status(dg.AssetKey(asset), k) == StaleStatus.FRESH, (asset, k)
+            assert ui_status(instance, defs, asset, k).value == "FRESH", (asset, k)
     for run in instance.get_runs():
         messages = [e.user_message for e in instance.all_logs(run.run_id)]
         assert not any("Data version mismatch" in m for m in messages), run.job_name

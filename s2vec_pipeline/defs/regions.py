@@ -25,6 +25,7 @@ from pydantic import Field
 from s2vec_pipeline.cells import regions as rg
 from s2vec_pipeline.defs.automation import (
     PARTITION_PIPELINE,
+    Defs,
     partition_pipeline_job,
     partitions_in_progress,
     partitions_to_run,
@@ -92,7 +93,7 @@ def materialize_region() -> None:
 
 def region_run_requests(
     instance: dg.DagsterInstance,
-    asset_graph,  # noqa: ANN001 - the sensor's repository asset graph
+    defs: Defs,
     settings: PipelineSettings,
     region: str,
     cells: Iterable[str],
@@ -111,9 +112,7 @@ def region_run_requests(
     from s2vec_pipeline.service.integrity import has_data
 
     todo = [c for c in cells if c not in busy]
-    plan = partitions_to_run(
-        instance, asset_graph, todo, assets, model, has_data(instance, settings.root)
-    )
+    plan = partitions_to_run(instance, defs, todo, assets, model, has_data(instance, settings.root))
     return [
         dg.RunRequest(
             run_key=f"{key_prefix}:{cell}",
@@ -140,7 +139,7 @@ def launch_region_runs(context: dg.RunStatusSensorContext, s2vec: S2VecResource)
     cells = rg.RegionRegistry(s2vec.root).get(region).cells
     requests = region_run_requests(
         context.instance,
-        context.repository_def.asset_graph,
+        context.repository_def,
         s2vec.settings(),
         region,
         cells,
@@ -222,7 +221,7 @@ def materialize_new_regions(
         todo = [c for c in cells if c not in requests]
         for req in region_run_requests(
             context.instance,
-            context.repository_def.asset_graph,
+            context.repository_def,
             settings,
             r.name,
             todo,

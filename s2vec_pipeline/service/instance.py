@@ -29,16 +29,18 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
-from dagster._core.events import DagsterEventType
-from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
-from dagster._core.storage.event_log import SqliteEventLogStorage
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME
-from dagster._core.storage.runs import SqliteRunStorage
-from dagster._core.storage.sql import create_engine
-from dagster._serdes.config_class import ConfigurableClassData
-from sqlalchemy.pool import NullPool
+import sqlalchemy as sa
 
 from s2vec_pipeline.errors import InstanceUnavailableError
+from s2vec_pipeline.service.dagster_compat import (
+    INDEX_SHARD_NAME,
+    SQLITE_BUSY_TIMEOUT_SECONDS,
+    CheckRunHealthResult,
+    ConfigurableClassData,
+    SqliteEventLogStorage,
+    SqliteRunStorage,
+    WorkerStatus,
+)
 
 POSTGRES_ENV = (
     "DAGSTER_POSTGRES_HOST",
@@ -85,9 +87,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def describe_instance_error(exc: BaseException, home: str) -> str | None:
     """One line saying why the instance under ``home`` did not open and what to set, or None
     when the failure is neither its configuration nor its database connection."""
-    from dagster._core.errors import DagsterInvalidConfigError
-
-    if isinstance(exc, DagsterInvalidConfigError):
+    if isinstance(exc, dg.DagsterInvalidConfigError):
         # Config errors carry a stack trace in their message: keep the reason only.
         reasons = []
         for err in exc.errors or []:
@@ -186,7 +186,7 @@ def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> tuple[int, floa
     """(pid, time it was recorded) of a run's worker process: the first engine event with a
     pid ("Started process for run" from a code server, "Executing steps in process" from
     ``execute_in_process``); None while none is recorded."""
-    for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
         event = entry.dagster_event
         data = event.engine_event_data if event else None
         pid = data.metadata.get("pid") if data and data.metadata else None
@@ -306,9 +306,6 @@ def _history() -> str:
 
 
 def _pooled_engine(conn_string: str) -> Any:
-    import sqlalchemy as sa
-    from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
-
     engine = sa.create_engine(
         conn_string,
         poolclass=sa.pool.QueuePool,
@@ -382,7 +379,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         template = os.path.join(self._base_dir, ".empty-run-shard.db")  # no run id: hidden
         if not os.path.exists(template):
             tmp = f"{template}.{os.getpid()}.tmp"
-            engine = create_engine(f"sqlite:///{tmp}", poolclass=NullPool)
+            engine = sa.create_engine(f"sqlite:///{tmp}", poolclass=sa.pool.NullPool)
             self._initdb(engine)
             engine.dispose()
             os.replace(tmp, template)

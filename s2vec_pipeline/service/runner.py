@@ -41,6 +41,7 @@ from s2vec_pipeline.errors import (
 )
 from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.osm.extract_cache import interleave_groups
+from s2vec_pipeline.service.dagster_compat import NO_COMPUTE_LOGS_YAML
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
@@ -53,11 +54,10 @@ STAGES: dict[str, list[str]] = {
     "train": ["mae_model"],
     "embed": ["cell_embeddings", "image_embeddings"],
 }
-DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
-EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
+DATA_ASSETS = [*STAGES["extract"], *STAGES["features"], *STAGES["raster"]]
+EMBEDDING_ASSETS = STAGES["embed"]
 CLI_TAG = "s2vec/cli"
 PID_TAG = "s2vec/pid"  # the process running the run: a run whose process is gone is reaped
-DATA_VERSION_TAG = "dagster/data_version"
 #: One INFO line per finished run ("[2/5] data_layer 4693 done in 3.1 s"); silent unless a
 #: handler is attached (the CLI attaches one writing to stderr).
 PROGRESS_LOGGER = "s2vec_pipeline.progress"
@@ -184,10 +184,7 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
 _OLD_CONFIG = "telemetry:\n  enabled: false\n"
 #: No compute-log capture: it mirrors each step's output through a ``tail`` and a watcher
 #: process, which print a traceback on Ctrl-C and cost two processes per step.
-_NO_COMPUTE_LOGS = (
-    "compute_logs:\n  module: dagster._core.storage.noop_compute_log_manager\n"
-    "  class: NoOpComputeLogManager\n"
-)
+_NO_COMPUTE_LOGS = NO_COMPUTE_LOGS_YAML
 #: What the CLI wrote into ``<root>/_dagster/dagster.yaml`` before: replaced by ``_config``.
 _OLD_CONFIGS = (_OLD_CONFIG, _OLD_CONFIG + _NO_COMPUTE_LOGS)
 
@@ -285,10 +282,6 @@ class Launcher:
                 self.report.reasons[name] = ev.description
         return result
 
-    @functools.cached_property
-    def asset_graph(self):  # noqa: ANN201 - Dagster's asset graph type is internal
-        return self.defs.resolve_asset_graph()
-
     def stale_or_missing(
         self, partition: str, assets: Sequence[str], model_version: str | None = None
     ) -> list[str]:
@@ -299,7 +292,7 @@ class Launcher:
         from s2vec_pipeline.defs.automation import assets_to_run
 
         return assets_to_run(
-            self.instance, self.asset_graph, partition, assets, model_version, self.has_data
+            self.instance, self.defs, partition, assets, model_version, self.has_data
         )
 
     @functools.cached_property
@@ -629,11 +622,10 @@ def _refresh(
     ]
     applied = {f for files in report.applied.values() for f in files}
     report.outside = sorted(set.intersection(*newly_outside) - applied) if newly_outside else []
-    graph = launcher.asset_graph
-    plan = stale_plan(instance, graph)
+    plan = stale_plan(instance, launcher.defs)
     for a in PIPELINE_ASSETS:
         report.recomputed[a] = sorted(k for k, todo in plan.items() if a in todo)
-        report.reasons[a] = stale_partitions(instance, graph, a, report.recomputed[a])
+        report.reasons[a] = stale_partitions(instance, launcher.defs, a, report.recomputed[a])
     for i, (k, todo) in enumerate(sorted(plan.items()), 1):
         t0 = time.perf_counter()
         launcher.run(PARTITION_PIPELINE, k, todo)

@@ -97,14 +97,14 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
     from s2vec_pipeline.model.registry import list_models
     from s2vec_pipeline.service.integrity import lost_data
 
-    graph = build_definitions(settings).resolve_asset_graph()
+    defs = build_definitions(settings)
     versions = {t: delta_store.table_version(settings.root, t) for t in TABLES}
     rows: list[PartitionStatus] = []
     for table in TABLES:
         if versions[table] is None:
             continue
         keys = delta_store.partition_keys(settings.root, table)
-        stale = stale_partitions(instance, graph, table, keys)
+        stale = stale_partitions(instance, defs, table, keys)
         # partitions Dagster recorded but the table lost (or lost files of): stale, with why
         recorded = instance.get_materialized_partitions(dg.AssetKey(table))
         for k in sorted(set(keys) | recorded):
