@@ -37,7 +37,6 @@ from s2vec_pipeline.defs.partitions import (
 )
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import refresh_sources_job
-from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.settings import PipelineSettings
 
 REGION_TAG = "s2vec/region"
@@ -239,21 +238,3 @@ def materialize_new_regions(
         else [],
         cursor=cursor,
     )
-
-
-def sources_metadata(settings: PipelineSettings) -> dict[str, dg.MetadataValue]:
-    """Definition metadata for the sources asset: each source and its cells, and the registered
-    regions with their cells (as of the code location's last load)."""
-    try:
-        cells = settings.source_cells
-        rows = ["| source | level-6 cells |", "|---|---|"] + [
-            f"| `{src}` | {', '.join(f'`{c}`' for c, s in cells.items() if src in s)} |"
-            for src in settings.sources
-        ]
-        regions = rg.regions_markdown(rg.RegionRegistry(settings.root).list(), cells)
-    except S2VecError as e:  # a missing source must not stop the code location from loading
-        return {"sources": dg.MetadataValue.text(f"unavailable: {e}")}
-    return {
-        "sources": dg.MetadataValue.md("\n".join(rows)),
-        "regions": dg.MetadataValue.md(regions),
-    }

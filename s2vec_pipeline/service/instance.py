@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
+import pydantic
 import sqlalchemy as sa
 
 from s2vec_pipeline.errors import InstanceUnavailableError
@@ -41,6 +42,7 @@ from s2vec_pipeline.service.dagster_compat import (
     SqliteRunStorage,
     WorkerStatus,
 )
+from s2vec_pipeline.storage import fs
 
 POSTGRES_ENV = (
     "DAGSTER_POSTGRES_HOST",
@@ -143,6 +145,40 @@ def open_dagster_instance() -> dg.DagsterInstance:
         raise InstanceUnavailableError(message) from e
     finally:
         root_logger.removeFilter(quiet)
+
+
+#: Under a local root: the Dagster home whose instance recorded its materializations, so that
+#: ``s2vec status`` run with another (or no) $DAGSTER_HOME can say where they are.
+RECORDED_HOME_FILE = os.path.join("_dagster", "recorded_home.json")
+
+
+class RecordedHome(pydantic.BaseModel):
+    dagster_home: str
+
+
+def record_dagster_home(root: str, instance: dg.DagsterInstance) -> None:
+    """Note in ``root`` which Dagster home records its runs (a local root and a persistent
+    instance only; written when it changes). Best effort: a root that cannot take the note
+    loses the hint, not the run."""
+    if fs.is_object_store(root) or instance.is_ephemeral:
+        return
+    home = os.path.abspath(instance.root_directory)
+    if recorded_dagster_home(root) == home:
+        return
+    with contextlib.suppress(OSError):
+        text = RecordedHome(dagster_home=home).model_dump_json()
+        fs.write_text(os.path.join(root, RECORDED_HOME_FILE), text + "\n")
+
+
+def recorded_dagster_home(root: str) -> str | None:
+    """The Dagster home ``record_dagster_home`` noted in ``root``; None if none or unreadable."""
+    if fs.is_object_store(root):
+        return None
+    try:
+        with open(os.path.join(root, RECORDED_HOME_FILE)) as f:
+            return RecordedHome.model_validate_json(f.read()).dagster_home
+    except (OSError, pydantic.ValidationError):
+        return None
 
 
 def _process_start_epoch(pid: int) -> float | None:
