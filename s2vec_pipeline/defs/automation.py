@@ -134,10 +134,13 @@ class Staleness:
 
     def causes(self, asset: str, partition: str) -> list[str]:
         """Why ``asset``'s ``partition`` is stale; empty when up to date or never
-        materialized (missing is not stale)."""
+        materialized (missing is not stale). For the partitioned assets: an unpartitioned one
+        fed by every partition (``mae_model``) would need Dagster's partition mappings."""
         key = dg.AssetKey(asset)
         node = self.nodes[key]
-        record = self.latest(key, partition if node.partitioned else None)
+        if not node.partitioned:
+            raise ValueError(f"the staleness rule covers partitioned assets, not {asset}")
+        record = self.latest(key, partition)
         if record is None or node.observed:
             return []
         provenance = dg.DataProvenance.from_tags(_tags(record))

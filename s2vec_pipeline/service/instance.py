@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from s2vec_pipeline.errors import InstanceUnavailableError
 from s2vec_pipeline.service.dagster_compat import (
     INDEX_SHARD_NAME,
+    NO_COMPUTE_LOGS_YAML,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     CheckRunHealthResult,
     ConfigurableClassData,
@@ -493,3 +494,17 @@ def pooled_sqlite_config(home: str) -> str:
         "  class: PooledSqliteEventLogStorage\n"
         f"  config:\n    base_dir: {json.dumps(os.path.join(history, 'runs'))}\n"
     )
+
+
+_TELEMETRY_OFF = "telemetry:\n  enabled: false\n"
+#: What the CLI wrote into ``<root>/_dagster/dagster.yaml`` before: replaced by
+#: ``cli_instance_config``.
+PREVIOUS_CLI_CONFIGS = (_TELEMETRY_OFF, _TELEMETRY_OFF + NO_COMPUTE_LOGS_YAML)
+
+
+def cli_instance_config(home: str) -> str:
+    """The ``dagster.yaml`` the CLI keeps under ``<root>/_dagster``: no telemetry; no compute-log
+    capture (it mirrors each step's output through a ``tail`` and a watcher process, which print
+    a traceback on Ctrl-C and cost two processes per step); the pooled SQLite storages, which
+    cut a run's bookkeeping (see above)."""
+    return _TELEMETRY_OFF + NO_COMPUTE_LOGS_YAML + pooled_sqlite_config(home)

@@ -41,7 +41,12 @@ from s2vec_pipeline.errors import (
 )
 from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.osm.extract_cache import interleave_groups
-from s2vec_pipeline.service.dagster_compat import NO_COMPUTE_LOGS_YAML
+from s2vec_pipeline.service.instance import (
+    PREVIOUS_CLI_CONFIGS,
+    cli_instance_config,
+    open_dagster_instance,
+    reap_dead_runs,
+)
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
@@ -135,8 +140,6 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
     kept under ``<root>/_dagster``: refreshes compare with the versions earlier runs recorded."""
     if os.environ.get("DAGSTER_HOME"):
-        from s2vec_pipeline.service.instance import open_dagster_instance
-
         # An unreachable PostgreSQL or wrong credentials: InstanceUnavailableError (exit 2).
         with open_dagster_instance() as instance:
             yield instance
@@ -157,16 +160,15 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
                 snapshot = tempfile.mkdtemp(prefix="s2vec-readonly-instance-")
                 atexit.register(shutil.rmtree, snapshot, True)
                 shutil.copytree(home, snapshot, dirs_exist_ok=True)
-                if _read(config) == _config(home):  # ours names the root's paths: the copy's
+                if _read(config) == cli_instance_config(home):  # ours names the root's paths
                     with open(os.path.join(snapshot, "dagster.yaml"), "w") as f:
-                        f.write(_config(snapshot))
+                        f.write(cli_instance_config(snapshot))
                 instance = dg.DagsterInstance.local_temp(snapshot)
             else:
                 with exclusive(os.path.join(home, ".open.lock")):
-                    # Written by us (also the older files): pooled SQLite storages, which cut a
-                    # run's bookkeeping (instance.py says why), and no compute-log capture.
-                    if not os.path.exists(config) or _read(config) in _OLD_CONFIGS:
-                        fs.write_bytes(config, _config(home).encode())
+                    # Written by us (also the older files): see cli_instance_config.
+                    if not os.path.exists(config) or _read(config) in PREVIOUS_CLI_CONFIGS:
+                        fs.write_bytes(config, cli_instance_config(home).encode())
                     instance = dg.DagsterInstance.local_temp(home)
         except Exception as e:
             full = _storage_error(e, home)
@@ -174,25 +176,9 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
                 raise
             raise full from e
         with instance:
-            from s2vec_pipeline.service.instance import reap_dead_runs
-
             if writable:  # runs of killed CLI processes: failed, not STARTED forever
                 reap_dead_runs(instance)
             yield instance
-
-
-_OLD_CONFIG = "telemetry:\n  enabled: false\n"
-#: No compute-log capture: it mirrors each step's output through a ``tail`` and a watcher
-#: process, which print a traceback on Ctrl-C and cost two processes per step.
-_NO_COMPUTE_LOGS = NO_COMPUTE_LOGS_YAML
-#: What the CLI wrote into ``<root>/_dagster/dagster.yaml`` before: replaced by ``_config``.
-_OLD_CONFIGS = (_OLD_CONFIG, _OLD_CONFIG + _NO_COMPUTE_LOGS)
-
-
-def _config(home: str) -> str:
-    from s2vec_pipeline.service.instance import pooled_sqlite_config
-
-    return _OLD_CONFIG + _NO_COMPUTE_LOGS + pooled_sqlite_config(home)
 
 
 def _read(path: str) -> str:
