@@ -105,14 +105,16 @@ def _write(
     from s2vec_pipeline.service.instance import record_dagster_home
 
     key = context.partition_key
-    record_dagster_home(settings.root, context.instance)  # where `s2vec status` finds the runs
     if empty:
         context.log.warning(f"partition {key} of {table} is empty (sea? empty land?)")
         if key not in delta_store.partition_keys(settings.root, table):
             return None
-    return delta_store.write_partitions(
+    version = delta_store.write_partitions(
         settings.root, table, data, [key], contract, commit_metadata(context)
     )
+    # after the commit: a run that wrote nothing leaves the root as it was
+    record_dagster_home(settings.root, context.instance)  # where `s2vec status` finds its runs
+    return version
 
 
 def _table_metadata(

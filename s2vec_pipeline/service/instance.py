@@ -150,7 +150,8 @@ def open_dagster_instance() -> dg.DagsterInstance:
 
 #: Under a local root: the Dagster home whose instance recorded its materializations, so that
 #: ``s2vec status`` run with another (or no) $DAGSTER_HOME can say where they are.
-RECORDED_HOME_FILE = os.path.join("_dagster", "recorded_home.json")
+#: Beside ``_dagster/``, not in it: a root without its own instance stays without one.
+RECORDED_HOME_FILE = "_dagster_home.json"
 
 
 class RecordedHome(pydantic.BaseModel):

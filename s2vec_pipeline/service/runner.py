@@ -135,6 +135,12 @@ def check_instance_home(root: str) -> None:
         )
 
 
+def instance_home(root: str) -> str:
+    """The Dagster home the CLI's commands use for ``root``: ``$DAGSTER_HOME`` when set, else
+    ``<root>/_dagster``."""
+    return os.environ.get("DAGSTER_HOME") or os.path.join(root, "_dagster")
+
+
 @contextlib.contextmanager
 def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
@@ -146,7 +152,7 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     elif fs.is_object_store(root):
         check_instance_home(root)
     else:
-        home = os.path.join(root, "_dagster")
+        home = instance_home(root)
         os.makedirs(home, exist_ok=True)
         config = os.path.join(home, "dagster.yaml")
         # Several `s2vec materialize` processes may start on a fresh root at once: opening the

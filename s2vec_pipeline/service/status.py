@@ -41,7 +41,7 @@ class RootStatus:
     regions: dict[str, list[str]]
     sources: dict[str, dict[str, Any]]  # source -> last applied change file, batches
     failed_runs: list[str] = field(default_factory=list)  # recent failed/interrupted runs
-    dagster_home: str | None = None  # the instance read
+    dagster_home: str | None = None  # the instance the CLI reads (runner.instance_home)
     recorded_home: str | None = None  # the instance the root's runs recorded into, if noted
 
     @property
@@ -113,6 +113,7 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
     from s2vec_pipeline.model.registry import list_models
     from s2vec_pipeline.service.instance import recorded_dagster_home
     from s2vec_pipeline.service.integrity import lost_data
+    from s2vec_pipeline.service.runner import instance_home
 
     defs = build_definitions(settings)
     versions = {t: delta_store.table_version(settings.root, t) for t in TABLES}
@@ -165,7 +166,7 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
         regions={r.name: list(r.cells) for r in RegionRegistry(settings.root).list()},
         sources=sources,
         failed_runs=failed_runs(instance),
-        dagster_home=None if instance.is_ephemeral else os.path.abspath(instance.root_directory),
+        dagster_home=os.path.abspath(instance_home(settings.root)),
         recorded_home=recorded_dagster_home(settings.root),
     )
 
