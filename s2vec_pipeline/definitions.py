@@ -24,12 +24,11 @@ from s2vec_pipeline.defs.regions import (
     materialize_region,
     partition_pipeline_job,
     register_source_partitions,
-    sources_metadata,
 )
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import (
     nightly_refresh_schedule,
-    osm_sources_asset,
+    osm_sources,
     refresh_sources_job,
 )
 from s2vec_pipeline.service.k8s import executor_from_env
@@ -38,9 +37,8 @@ from s2vec_pipeline.settings import PipelineSettings
 
 def build_definitions(settings: PipelineSettings | None = None) -> dg.Definitions:
     settings = settings or PipelineSettings.from_env()
-    sources = osm_sources_asset(sources_metadata(settings))
     return dg.Definitions(
-        assets=[sources, *data_layer_assets, *model_layer_assets, evaluation],
+        assets=[osm_sources, *data_layer_assets, *model_layer_assets, evaluation],
         resources={"s2vec": S2VecResource.from_settings(settings)},
         jobs=[
             refresh_sources_job,

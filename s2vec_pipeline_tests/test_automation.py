@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -14,6 +15,7 @@ from deltalake import DeltaTable
 from s2vec_pipeline.cells.regions import REGIONS_FILE, RegionRegistry, region_from_bbox
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
+from s2vec_pipeline.defs.automation import DATA_VERSION_TAG, refresh_stale_partitions
 from s2vec_pipeline.defs.model import weekly_training_schedule
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
 from s2vec_pipeline.defs.regions import (
@@ -55,15 +57,42 @@ def test_nightly_schedule_tick_launches_the_source_refresh(tmp_path: Path, monke
     assert weekly_training_schedule().cron_schedule == "0 4 1 * *"
 
 
-def test_staleness_sensor_wiring() -> None:
-    defs = build_definitions(PipelineSettings())
+def test_stale_sensor_launches_one_run_for_the_changed_cell(
+    materialized: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """What the running daemon does once the nightly observation recorded a new version of
+    Monaco's OSM data: one partition_pipeline run for Monaco, from osm_features through every
+    asset Monaco has; nothing for Helsinki, nothing again while Monaco's run is in flight."""
+    root, home = tmp_path / "root", tmp_path / "home"
+    shutil.copytree(materialized[0], root)
+    shutil.copytree(materialized[1], home)
+    defs = build_definitions(PipelineSettings(root=str(root), profile_name="city"))
     sensor = defs.resolve_sensor_def("refresh_stale_partitions")
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert {j.name for j in sensor.jobs} == {"partition_pipeline"}  # one run per partition
-    # its steps run in the run's process (no process and definitions load per step)
-    assert defs.resolve_job_def("partition_pipeline").executor_def.name == "in_process"
-    graph = defs.resolve_asset_graph()
-    assert graph.get(dg.AssetKey("osm_features")).parent_keys == {dg.AssetKey("osm_sources")}
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING  # on without a click
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
+
+        def tick() -> dg.SensorResult:
+            return refresh_stale_partitions(
+                dg.build_sensor_context(instance=instance, definitions=defs)
+            )
+
+        assert not tick().run_requests  # a clean run: nothing stale
+        instance.report_runless_asset_event(
+            dg.AssetObservation(
+                "osm_sources", partition=MONACO_L6, tags={DATA_VERSION_TAG: "changed"}
+            )
+        )
+        (request,) = tick().run_requests
+        assert (request.job_name, request.partition_key) == ("partition_pipeline", MONACO_L6)
+        assert [k.to_user_string() for k in request.asset_selection] == DATA_TABLES
+        assert request.tags["s2vec/trigger"] == "stale"
+        pipeline = defs.resolve_job_def("partition_pipeline")
+        instance.create_run_for_job(
+            pipeline,
+            tags={"dagster/partition": MONACO_L6},
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+        assert not tick().run_requests  # its run is in flight: not requested twice
 
 
 def test_region_cli_registers_partitions_and_refuses_outside(
@@ -266,14 +295,13 @@ def test_region_sensors_request_one_run_per_cell_needing_work(tmp_path: Path) ->
             run_config={"resources": resource_run_config(settings)},
         )
         assert done.success
-        graph = defs.resolve_asset_graph()
-        assert partitions_to_run(instance, graph, [MONACO_L6], DATA_TABLES) == {}
+        assert partitions_to_run(instance, defs, [MONACO_L6], DATA_TABLES) == {}
         DeltaTable(str(root / "raster_tiles")).delete(f"parent_l6 = '{MONACO_L6}'")
 
         def has_data(table: str, k: str) -> bool:
             return k in delta_store.partition_keys(root, table)
 
-        plan = partitions_to_run(instance, graph, [MONACO_L6], DATA_TABLES, has_data=has_data)
+        plan = partitions_to_run(instance, defs, [MONACO_L6], DATA_TABLES, has_data=has_data)
         assert plan == {MONACO_L6: ["raster_tiles"]}
 
 

@@ -11,15 +11,14 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from dagster._core.definitions.data_version import StaleStatus
 from deltalake import DeltaTable
 
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.definitions import build_definitions
-from s2vec_pipeline.defs.automation import _resolver
 from s2vec_pipeline.osm.extract import OSM_FEATURES_CODE_VERSION
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
+from s2vec_pipeline_tests.test_dagster_compat import ui_status
 
 CODE_VERSIONS = {
     "osm_features": OSM_FEATURES_CODE_VERSION,
@@ -85,7 +84,9 @@ def test_table_metadata_agrees_with_delta(recorded, asset: str) -> None:
         assert all(c.type for c in schema.columns)
         assert meta["dagster/table_name"].value == asset
         assert Path(meta["dagster/uri"].value).name == asset  # (the root was copied)
-        assert meta["delta_version"].value <= table.version()
+        # the commit this materialization's run wrote (named in the commit), not the latest
+        (commit,) = [c for c in table.history() if c.get("dagster.run_id") == record.run_id]
+        assert meta["delta_version"].value == commit["version"]
     first = _records(instance, "osm_features", MONACO_L6)[0].asset_materialization.metadata
     assert first["objects_read"].value > first["objects_matched"].value > 0
     assert "geometry_failures" in first
@@ -93,7 +94,9 @@ def test_table_metadata_agrees_with_delta(recorded, asset: str) -> None:
     assert raster["preview"].value.startswith("![raster of 12cd](data:image/png;base64,")
 
 
-def test_checks_ran_per_partition(recorded) -> None:
+def test_every_check_ran_per_partition_with_its_description(recorded) -> None:
+    """What a partition's checks tab shows after the data-layer runs: every check of the data
+    layer's assets evaluated for that partition, each passed, each described."""
     _, instance = recorded
     evaluations = [
         entry.dagster_event.event_specific_data
@@ -103,19 +106,41 @@ def test_checks_ran_per_partition(recorded) -> None:
         )
     ]
     seen = {(e.asset_key.to_user_string(), e.check_name, e.partition) for e in evaluations}
-    for k in PARTITIONS:
-        assert ("osm_features", "valid_cells", k) in seen
-        assert ("raster_tiles", "agrees_with_cell_features", k) in seen
     assert all(e.passed for e in evaluations)
+    defs = build_definitions()
+    for asset in UPSTREAM:
+        specs = list(defs.get_assets_def(asset).check_specs)
+        assert len(specs) >= 2, asset
+        for spec in specs:
+            assert spec.description, spec.key
+            for k in PARTITIONS:
+                assert (asset, spec.name, k) in seen, (spec.key, k)
+
+
+def test_source_observations_show_their_extract(recorded) -> None:
+    """An osm_sources observation in the UI: the cell's source, its extract and size (against
+    the file itself), the change files applied, the regions holding it."""
+    _, instance = recorded
+    for k, name in ((MONACO_L6, "monaco"), (HELSINKI_L6, "helsinki")):
+        (record,) = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("osm_sources"), asset_partitions=[k]),
+            limit=1,
+        ).records
+        meta = record.asset_observation.metadata
+        extract = Path(meta["extract"].value)
+        assert name in extract.name and name in meta["sources"].value
+        assert meta["size_bytes"].value == extract.stat().st_size > 0
+        assert meta["changes_applied"].value == 0 and meta["changed_now"].value is False
+        assert meta["regions"].value == "(none)"
+        assert record.asset_observation.tags["dagster/data_version"]
 
 
 def test_nothing_unsynced_and_no_version_warning_after_a_clean_run(recorded) -> None:
     root, instance = recorded
-    graph = build_definitions(PipelineSettings(root=str(root))).resolve_asset_graph()
-    resolver = _resolver(instance, graph)
+    defs = build_definitions(PipelineSettings(root=str(root)))
     for asset in UPSTREAM:
         for k in PARTITIONS:
-            assert resolver.get_status(dg.AssetKey(asset), k) == StaleStatus.FRESH, (asset, k)
+            assert ui_status(instance, defs, asset, k).value == "FRESH", (asset, k)
     for run in instance.get_runs():
         messages = [e.user_message for e in instance.all_logs(run.run_id)]
         assert not any("Data version mismatch" in m for m in messages), run.job_name
@@ -125,7 +150,7 @@ def _data_layer_job() -> dg.JobDefinition:
     return build_definitions().resolve_job_def("data_layer")
 
 
-def test_cli_runs_are_runs_of_the_code_location_jobs(tmp_path: Path, monkeypatch) -> None:
+def test_cli_runs_are_runs_of_the_code_location_jobs(tmp_path: Path, monkeypatch, capsys) -> None:
     home, root = tmp_path / "home", tmp_path / "root"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -153,3 +178,15 @@ def test_cli_runs_are_runs_of_the_code_location_jobs(tmp_path: Path, monkeypatch
         (latest, _) = _records(instance, "osm_features", MONACO_L6)
         assert latest.run_id == result.run_id
     assert not (tmp_path / "elsewhere").exists()  # the re-execution wrote to the run's root
+
+    # `make demo` then `s2vec status` without DAGSTER_HOME: status names the instance to read
+    monkeypatch.delenv("DAGSTER_HOME")
+    capsys.readouterr()
+    assert main(["status", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "not recorded by Dagster here" in out
+    assert f"run DAGSTER_HOME={home} s2vec status" in out
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    assert main(["status", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "not recorded by Dagster here" not in out and "DAGSTER_HOME=" not in out

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import dagster as dg
 
+from s2vec_pipeline.cells.regions import REGIONS_FILE
 from s2vec_pipeline.definitions import build_definitions, defs
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
 from s2vec_pipeline.defs.regions import register_source_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
+from s2vec_pipeline.service.status import TABLES
 from s2vec_pipeline.settings import PipelineSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,31 +37,28 @@ def test_lineage_and_one_partition_per_run() -> None:
         assert defs.resolve_job_def(job) is not None
 
 
-def test_checks_have_descriptions_and_partitions() -> None:
+def _select(text: str) -> set[str]:
+    """The assets a selection typed in the UI's asset catalog finds."""
     graph = defs.resolve_asset_graph()
-    checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
-    assert {
-        ("osm_features", "schema"),
-        ("raster_tiles", "agrees_with_cell_features"),
-        ("mae_model", "finite_loss"),
-        ("mae_model", "enough_validation_images"),
-        ("cell_embeddings", "one_row_per_pixel"),
-        ("cell_embeddings", "no_nan"),
-        ("image_embeddings", "width"),
-    } <= checks
-    for spec in (s for a in defs.assets if hasattr(a, "check_specs") for s in a.check_specs):
-        assert spec.description, spec.key
-        if spec.asset_key != key("mae_model"):
-            assert spec.partitions_def is not None, spec.key
+    return {k.to_user_string() for k in dg.AssetSelection.from_string(text).resolve(graph)}
 
 
-def test_owners_tags_and_freshness() -> None:
-    graph = defs.resolve_asset_graph()
-    for name in ["osm_features", "raster_tiles", "mae_model", "cell_embeddings"]:
-        node = graph.get(key(name))
-        assert node.owners == ["team:s2vec"], name
-        assert node.tags.get("layer"), name
-    assert graph.get(key("cell_embeddings")).freshness_policy is not None
+def test_ui_selections_find_the_teams_assets_and_its_delta_tables() -> None:
+    assert set(TABLES) <= _select('owner:"team:s2vec"')
+    assert {"mae_model", "evaluation"} <= _select('owner:"team:s2vec"')
+    assert _select("kind:delta") == set(TABLES)  # the tables s2vec status and sql know
+
+
+def test_code_location_loads_without_reading_data_files(tmp_path: Path) -> None:
+    """Loading reads no extract and no regions.yaml: a missing source or a broken regions file
+    fails the runs that need them (with their message), not the code location's load."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / REGIONS_FILE).write_text("regions: [unclosed\n")
+    settings = PipelineSettings(root=str(root), sources=[str(tmp_path / "missing.osm.pbf")])
+    loaded = build_definitions(settings)
+    dg.Definitions.validate_loadable(loaded)
+    assert loaded.resolve_job_def("partition_pipeline").name == "partition_pipeline"
 
 
 def _fields(job: str, op: str) -> dict:

@@ -177,8 +177,7 @@ def test_sensor_recomputes_the_changed_partition_in_one_run(env: dict, station: 
     launcher.run(request.job_name, request.partition_key, assets)
     after = refresh_stale_partitions(dg.build_sensor_context(instance=instance, definitions=defs))
     assert not after.run_requests
-    graph = defs.resolve_asset_graph()
-    assert all(stale_partitions(instance, graph, t) == {} for t in TABLES)
+    assert all(stale_partitions(instance, defs, t) == {} for t in TABLES)
     # every table got exactly one new commit: the one run wrote each stage once
     assert _versions(root) == {t: v + 1 for t, v in before.items()}
 
@@ -211,8 +210,8 @@ def test_new_model_makes_every_embedding_partition_stale(env: dict) -> None:
     partition stale, and the refresh recomputes exactly those."""
     root, instance = env["root"], env["instance"]
     settings = _settings(env, False)
-    graph = build_definitions(settings).resolve_asset_graph()
-    assert stale_partitions(instance, graph, "cell_embeddings") == {}
+    defs = build_definitions(settings)
+    assert stale_partitions(instance, defs, "cell_embeddings") == {}
     materialize(
         settings,
         [HELSINKI_L6, MONACO_L6],
@@ -220,10 +219,10 @@ def test_new_model_makes_every_embedding_partition_stale(env: dict) -> None:
         instance,
         op_config={"mae_model": {**TINY, "seed": 7}},
     )
-    stale = stale_partitions(instance, graph, "cell_embeddings")
+    stale = stale_partitions(instance, defs, "cell_embeddings")
     assert set(stale) == {HELSINKI_L6, MONACO_L6}
     assert all("mae_model" in " ".join(why) for why in stale.values())
-    assert stale_partitions(instance, graph, "cell_features") == {}
+    assert stale_partitions(instance, defs, "cell_features") == {}
     versions = _versions(root)
     report = refresh(settings, instance)
     assert report.recomputed == {

@@ -70,25 +70,39 @@ def _write(
     data: pa.Table | pa.RecordBatchReader,
     empty: bool,
     contract: dict[str, Any],
-) -> None:
-    """Replace this partition in one commit; an empty partition never written stays unwritten
-    (a sea cell creates no table and no commit)."""
+) -> int | None:
+    """Replace this partition in one commit and return its version; an empty partition never
+    written stays unwritten (a sea cell creates no table and no commit: None)."""
+    from s2vec_pipeline.service.instance import record_dagster_home
+
     key = context.partition_key
     if empty:
         context.log.warning(f"partition {key} of {table} is empty (sea? empty land?)")
         if key not in delta_store.partition_keys(settings.root, table):
-            return
-    delta_store.write_partitions(
+            return None
+    version = delta_store.write_partitions(
         settings.root, table, data, [key], contract, commit_metadata(context)
     )
+    # after the commit: a run that wrote nothing leaves the root as it was
+    record_dagster_home(settings.root, context.instance)  # where `s2vec status` finds its runs
+    return version
 
 
 def _table_metadata(
-    settings: PipelineSettings, table: str, rows: int, columns: dict[str, str]
+    settings: PipelineSettings,
+    table: str,
+    rows: int,
+    columns: dict[str, str],
+    version: int | None,
 ) -> dict[str, Any]:
+    """``table_metadata`` of the commit ``version`` this run wrote; without a commit (an empty
+    partition never written), no ``delta_version``."""
     if not delta_store.table_exists(settings.root, table):
         return {"dagster/row_count": 0, "dagster/table_name": table}
-    return table_metadata(settings, table, rows, columns)
+    metadata = table_metadata(settings, table, rows, columns, version)
+    if version is None:
+        del metadata["delta_version"]
+    return metadata
 
 
 @dg.asset(
@@ -119,7 +133,7 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
         sources, settings.taxonomy, settings.profile, key, settings.split_cache_dir
     )
     df, stats, seconds = extract.rows, extract.stats, extract.seconds
-    _write(
+    version = _write(
         context,
         settings,
         "osm_features",
@@ -130,7 +144,7 @@ def osm_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
     yield dg.MaterializeResult(
         data_version=dg.DataVersion(partition_data_version("osm_features", df)),
         metadata={
-            **_table_metadata(settings, "osm_features", df.height, OSM_FEATURES_COLUMNS),
+            **_table_metadata(settings, "osm_features", df.height, OSM_FEATURES_COLUMNS, version),
             "sources": dg.MetadataValue.json(extract.how),
             # "read" / "extracted" (this run extracted its group) / "cached" (an earlier run did)
             "extraction": ", ".join(sorted(set(extract.how.values()))),
@@ -173,7 +187,7 @@ def cell_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Re
         features = pl.DataFrame(schema=OSM_FEATURES_SCHEMA)
     df = aggregate_cell_features(features, settings.taxonomy, settings.profile)
     channels = list(settings.taxonomy.channel_names)
-    _write(
+    version = _write(
         context,
         settings,
         "cell_features",
@@ -191,6 +205,7 @@ def cell_features(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Re
                 "cell_features",
                 df.height,
                 {**CELL_COLUMNS, **{c: f"channel ({measures[c]})" for c in channels}},
+                version,
             ),
             "images": df["image_token"].n_unique(),
             "channels": len(channels),
@@ -229,7 +244,7 @@ def raster_tiles(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
     side = settings.profile.side
     batches = iter_raster_batches(cells, channels, side) if cells.height else iter([])
     reader = pa.RecordBatchReader.from_batches(RASTER_SCHEMA, batches)
-    _write(
+    version = _write(
         context,
         settings,
         "raster_tiles",
@@ -245,7 +260,7 @@ def raster_tiles(context: dg.AssetExecutionContext, s2vec: S2VecResource) -> Res
     )
     tensors = tensor_array(written, len(channels), side)
     metadata: dict[str, Any] = {
-        **_table_metadata(settings, "raster_tiles", written.height, RASTER_COLUMNS),
+        **_table_metadata(settings, "raster_tiles", written.height, RASTER_COLUMNS, version),
         "tensor_shape": f"{len(channels)}x{side}x{side}",
     }
     if written.height:

@@ -34,9 +34,15 @@ def column_schema(schema: pa.Schema, descriptions: dict[str, str] | None = None)
 
 
 def table_metadata(
-    settings: PipelineSettings, table: str, rows: int, descriptions: dict[str, str] | None = None
+    settings: PipelineSettings,
+    table: str,
+    rows: int,
+    descriptions: dict[str, str] | None = None,
+    version: int | None = None,
 ) -> dict[str, Any]:
-    """Row count, column schema, table name and URI, and the Delta version of the commit."""
+    """Row count, column schema, table name and URI, and ``delta_version``: the version of the
+    commit this materialization wrote (``write_partitions``'s answer; later commits of other
+    partitions may exist already). Without ``version``, the table's latest version."""
     uri = delta_store.table_uri(settings.root, table)
     return {
         "dagster/row_count": rows,
@@ -45,7 +51,9 @@ def table_metadata(
         ),
         "dagster/table_name": table,
         "dagster/uri": dg.MetadataValue.path(uri),
-        "delta_version": delta_store.table_version(settings.root, table),
+        "delta_version": (
+            version if version is not None else delta_store.table_version(settings.root, table)
+        ),
     }
 
 

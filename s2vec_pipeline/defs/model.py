@@ -92,9 +92,8 @@ class _ValidatedShape(dg.Shape):
     def post_process(self, value: Any) -> Any:
         # Dagster's documented way to refuse a value in post_process (not re-exported at the
         # top level in 1.13).
-        from dagster._config import PostProcessingError
-
         from s2vec_pipeline.model.config import TrainConfig
+        from s2vec_pipeline.service.dagster_compat import PostProcessingError
 
         try:
             TrainConfig(**_overrides(value))
@@ -404,15 +403,17 @@ def embeddings(
     embedding_map = dg.MetadataValue.md(
         markdown_image(partition_embedding_png(settings.root, key, version), f"embeddings of {key}")
     )
-    for table, rows, per_image in (
-        ("cell_embeddings", written["cells"], card.side * card.side),
-        ("image_embeddings", written["images"], 1),
+    for table, rows, per_image, committed in (
+        ("cell_embeddings", written["cells"], card.side * card.side, "cell_table_version"),
+        ("image_embeddings", written["images"], 1, "image_table_version"),
     ):
         yield dg.MaterializeResult(
             asset_key=table,
             data_version=data_version,
             metadata={
-                **table_metadata(settings, table, rows, EMBEDDING_COLUMNS),
+                **table_metadata(
+                    settings, table, rows, EMBEDDING_COLUMNS, version=written[committed]
+                ),
                 "model_version": version,
                 "raster_tiles_version": written["raster_tiles_version"],
                 "embedding_width": width,

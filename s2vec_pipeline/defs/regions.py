@@ -25,6 +25,7 @@ from pydantic import Field
 from s2vec_pipeline.cells import regions as rg
 from s2vec_pipeline.defs.automation import (
     PARTITION_PIPELINE,
+    Defs,
     partition_pipeline_job,
     partitions_in_progress,
     partitions_to_run,
@@ -36,7 +37,6 @@ from s2vec_pipeline.defs.partitions import (
 )
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import refresh_sources_job
-from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.osm.coverage import source_cells
 from s2vec_pipeline.settings import PipelineSettings
 
@@ -95,7 +95,7 @@ def materialize_region() -> None:
 
 def region_run_requests(
     instance: dg.DagsterInstance,
-    asset_graph,  # noqa: ANN001 - the sensor's repository asset graph
+    defs: Defs,
     settings: PipelineSettings,
     region: str,
     cells: Iterable[str],
@@ -114,9 +114,7 @@ def region_run_requests(
     from s2vec_pipeline.service.integrity import has_data
 
     todo = [c for c in cells if c not in busy]
-    plan = partitions_to_run(
-        instance, asset_graph, todo, assets, model, has_data(instance, settings.root)
-    )
+    plan = partitions_to_run(instance, defs, todo, assets, model, has_data(instance, settings.root))
     return [
         dg.RunRequest(
             run_key=f"{key_prefix}:{cell}",
@@ -143,7 +141,7 @@ def launch_region_runs(context: dg.RunStatusSensorContext, s2vec: S2VecResource)
     cells = rg.RegionRegistry(s2vec.root).get(region).cells
     requests = region_run_requests(
         context.instance,
-        context.repository_def.asset_graph,
+        context.repository_def,
         s2vec.settings(),
         region,
         cells,
@@ -225,7 +223,7 @@ def materialize_new_regions(
         todo = [c for c in cells if c not in requests]
         for req in region_run_requests(
             context.instance,
-            context.repository_def.asset_graph,
+            context.repository_def,
             settings,
             r.name,
             todo,
@@ -243,21 +241,3 @@ def materialize_new_regions(
         else [],
         cursor=cursor,
     )
-
-
-def sources_metadata(settings: PipelineSettings) -> dict[str, dg.MetadataValue]:
-    """Definition metadata for the sources asset: each source and its cells, and the registered
-    regions with their cells (as of the code location's last load)."""
-    try:
-        cells = source_cells(settings.sources)
-        rows = ["| source | level-6 cells |", "|---|---|"] + [
-            f"| `{src}` | {', '.join(f'`{c}`' for c, s in cells.items() if src in s)} |"
-            for src in settings.sources
-        ]
-        regions = rg.regions_markdown(rg.RegionRegistry(settings.root).list(), cells)
-    except S2VecError as e:  # a missing source must not stop the code location from loading
-        return {"sources": dg.MetadataValue.text(f"unavailable: {e}")}
-    return {
-        "sources": dg.MetadataValue.md("\n".join(rows)),
-        "regions": dg.MetadataValue.md(regions),
-    }

@@ -11,13 +11,17 @@ Nightly: ``nightly_refresh`` runs ``refresh_sources`` (the observation); the
 through every stage.
 """
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from s2vec_pipeline.cells import regions as rg
+from s2vec_pipeline.defs.automation import DATA_VERSION_TAG
 from s2vec_pipeline.defs.metadata import OWNERS
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME, l6_partitions
 from s2vec_pipeline.defs.resources import S2VecResource
+from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.osm.coverage import source_cells
 from s2vec_pipeline.settings import ENV_REFRESH_CRON, PipelineSettings, schedule_cron
@@ -59,6 +63,35 @@ def source_versions(settings: PipelineSettings, cells: list[str]) -> dict[str, s
     }
 
 
+def observation_metadata(
+    settings: PipelineSettings, summary: dict[str, dict[str, Any]], cells: list[str]
+) -> dict[str, dict[str, Any]]:
+    """What the UI shows on each cell's observation: the sources it is read from, the extract
+    each is read as now (with its size), the change files applied to them so far and whether
+    this observation changed the cell, and the regions holding the cell. (Objects are not
+    counted: that would read every extract at every observation.)"""
+    applied = {s: len(osm_changes.applied_changes(settings.root, s)) for s in summary}
+    try:
+        regions = rg.RegionRegistry(settings.root).list()
+    except S2VecError:  # a broken regions.yaml must not stop the sources' refresh
+        regions = []
+    covered = source_cells(settings.sources)
+    out = {}
+    for cell in cells:
+        sources = [s for s in covered.get(cell, ()) if s in summary]
+        extracts = [Path(summary[s]["extract"]) for s in sources]
+        out[cell] = {
+            "sources": dg.MetadataValue.md("\n".join(f"- `{s}`" for s in sources)),
+            "size_bytes": sum(p.stat().st_size for p in extracts if p.exists()),
+            "changes_applied": sum(applied[s] for s in sources),
+            "changed_now": any(cell in summary[s]["touched_cells"] for s in sources),
+            "regions": ", ".join(r.name for r in regions if cell in r.cells) or "(none)",
+        }
+        if len(extracts) == 1:
+            out[cell]["extract"] = dg.MetadataValue.path(str(extracts[0]))
+    return out
+
+
 def observe_osm_sources(
     context: dg.OpExecutionContext, s2vec: S2VecResource
 ) -> dg.DataVersionsByPartition:
@@ -71,26 +104,34 @@ def observe_osm_sources(
     if outside:
         context.log.info(f"change files outside a source's region, not applied to it: {outside}")
     keys = context.instance.get_dynamic_partitions(L6_PARTITIONS_NAME)
-    return dg.DataVersionsByPartition(source_versions(settings, list(keys)))
+    # One observation per cell, logged here rather than returned: Dagster records the
+    # versions of a DataVersionsByPartition without metadata.
+    versions = source_versions(settings, list(keys))
+    metadata = observation_metadata(settings, summary, list(versions))
+    for cell, version in versions.items():
+        context.log_event(
+            dg.AssetObservation(
+                "osm_sources",
+                partition=cell,
+                tags={DATA_VERSION_TAG: version},
+                metadata=metadata[cell],
+            )
+        )
+    return dg.DataVersionsByPartition({})
 
 
-def osm_sources_asset(metadata: dict[str, Any] | None = None) -> dg.SourceAsset:
-    """The source asset; ``metadata`` (e.g. the registered regions) shows on its page."""
-    return dg.observable_source_asset(
-        name="osm_sources",
-        partitions_def=l6_partitions,
-        group_name="sources",
-        owners=OWNERS,
-        tags={"layer": "source"},
-        metadata=metadata,
-        description="The OSM data of each level-6 cell: the configured extracts with every "
-        "applied change file. Observing it applies the change files of S2VEC_CHANGES not "
-        "applied yet (to copies under ROOT/_sources/) and versions each cell by the change "
-        "batches that touched it.",
-    )(observe_osm_sources)
-
-
-osm_sources = osm_sources_asset()
+osm_sources = dg.observable_source_asset(
+    name="osm_sources",
+    partitions_def=l6_partitions,
+    group_name="sources",
+    owners=OWNERS,
+    tags={"layer": "source"},
+    description="The OSM data of each level-6 cell: the configured extracts with every "
+    "applied change file. Observing it applies the change files of S2VEC_CHANGES not "
+    "applied yet (to copies under ROOT/_sources/) and versions each cell by the change "
+    "batches that touched it; each cell's observation shows its sources, extract, size, "
+    "applied change files and regions.",
+)(observe_osm_sources)
 
 
 refresh_sources_job = dg.define_asset_job(

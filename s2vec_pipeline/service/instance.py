@@ -29,16 +29,21 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
-from dagster._core.events import DagsterEventType
-from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
-from dagster._core.storage.event_log import SqliteEventLogStorage
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME
-from dagster._core.storage.runs import SqliteRunStorage
-from dagster._core.storage.sql import create_engine
-from dagster._serdes.config_class import ConfigurableClassData
-from sqlalchemy.pool import NullPool
+import pydantic
+import sqlalchemy as sa
 
 from s2vec_pipeline.errors import InstanceUnavailableError
+from s2vec_pipeline.service.dagster_compat import (
+    INDEX_SHARD_NAME,
+    NO_COMPUTE_LOGS_YAML,
+    SQLITE_BUSY_TIMEOUT_SECONDS,
+    CheckRunHealthResult,
+    ConfigurableClassData,
+    SqliteEventLogStorage,
+    SqliteRunStorage,
+    WorkerStatus,
+)
+from s2vec_pipeline.storage import fs
 
 POSTGRES_ENV = (
     "DAGSTER_POSTGRES_HOST",
@@ -85,9 +90,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def describe_instance_error(exc: BaseException, home: str) -> str | None:
     """One line saying why the instance under ``home`` did not open and what to set, or None
     when the failure is neither its configuration nor its database connection."""
-    from dagster._core.errors import DagsterInvalidConfigError
-
-    if isinstance(exc, DagsterInvalidConfigError):
+    if isinstance(exc, dg.DagsterInvalidConfigError):
         # Config errors carry a stack trace in their message: keep the reason only.
         reasons = []
         for err in exc.errors or []:
@@ -145,6 +148,41 @@ def open_dagster_instance() -> dg.DagsterInstance:
         root_logger.removeFilter(quiet)
 
 
+#: Under a local root: the Dagster home whose instance recorded its materializations, so that
+#: ``s2vec status`` run with another (or no) $DAGSTER_HOME can say where they are.
+#: Beside ``_dagster/``, not in it: a root without its own instance stays without one.
+RECORDED_HOME_FILE = "_dagster_home.json"
+
+
+class RecordedHome(pydantic.BaseModel):
+    dagster_home: str
+
+
+def record_dagster_home(root: str, instance: dg.DagsterInstance) -> None:
+    """Note in ``root`` which Dagster home records its runs (a local root and a persistent
+    instance only; written when it changes). Best effort: a root that cannot take the note
+    loses the hint, not the run."""
+    if fs.is_object_store(root) or instance.is_ephemeral:
+        return
+    home = os.path.abspath(instance.root_directory)
+    if recorded_dagster_home(root) == home:
+        return
+    with contextlib.suppress(OSError):
+        text = RecordedHome(dagster_home=home).model_dump_json()
+        fs.write_text(os.path.join(root, RECORDED_HOME_FILE), text + "\n")
+
+
+def recorded_dagster_home(root: str) -> str | None:
+    """The Dagster home ``record_dagster_home`` noted in ``root``; None if none or unreadable."""
+    if fs.is_object_store(root):
+        return None
+    try:
+        with open(os.path.join(root, RECORDED_HOME_FILE)) as f:
+            return RecordedHome.model_validate_json(f.read()).dagster_home
+    except (OSError, pydantic.ValidationError):
+        return None
+
+
 def _process_start_epoch(pid: int) -> float | None:
     """When a process started (Linux /proc), None when unknown."""
     try:
@@ -186,7 +224,7 @@ def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> tuple[int, floa
     """(pid, time it was recorded) of a run's worker process: the first engine event with a
     pid ("Started process for run" from a code server, "Executing steps in process" from
     ``execute_in_process``); None while none is recorded."""
-    for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
         event = entry.dagster_event
         data = event.engine_event_data if event else None
         pid = data.metadata.get("pid") if data and data.metadata else None
@@ -306,9 +344,6 @@ def _history() -> str:
 
 
 def _pooled_engine(conn_string: str) -> Any:
-    import sqlalchemy as sa
-    from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
-
     engine = sa.create_engine(
         conn_string,
         poolclass=sa.pool.QueuePool,
@@ -382,7 +417,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         template = os.path.join(self._base_dir, ".empty-run-shard.db")  # no run id: hidden
         if not os.path.exists(template):
             tmp = f"{template}.{os.getpid()}.tmp"
-            engine = create_engine(f"sqlite:///{tmp}", poolclass=NullPool)
+            engine = sa.create_engine(f"sqlite:///{tmp}", poolclass=sa.pool.NullPool)
             self._initdb(engine)
             engine.dispose()
             os.replace(tmp, template)
@@ -460,3 +495,17 @@ def pooled_sqlite_config(home: str) -> str:
         "  class: PooledSqliteEventLogStorage\n"
         f"  config:\n    base_dir: {json.dumps(os.path.join(history, 'runs'))}\n"
     )
+
+
+_TELEMETRY_OFF = "telemetry:\n  enabled: false\n"
+#: What the CLI wrote into ``<root>/_dagster/dagster.yaml`` before: replaced by
+#: ``cli_instance_config``.
+PREVIOUS_CLI_CONFIGS = (_TELEMETRY_OFF, _TELEMETRY_OFF + NO_COMPUTE_LOGS_YAML)
+
+
+def cli_instance_config(home: str) -> str:
+    """The ``dagster.yaml`` the CLI keeps under ``<root>/_dagster``: no telemetry; no compute-log
+    capture (it mirrors each step's output through a ``tail`` and a watcher process, which print
+    a traceback on Ctrl-C and cost two processes per step); the pooled SQLite storages, which
+    cut a run's bookkeeping (see above)."""
+    return _TELEMETRY_OFF + NO_COMPUTE_LOGS_YAML + pooled_sqlite_config(home)

@@ -43,6 +43,12 @@ from s2vec_pipeline.errors import (
 from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.osm.coverage import source_cells, sources_for
 from s2vec_pipeline.osm.extract_cache import interleave_groups
+from s2vec_pipeline.service.instance import (
+    PREVIOUS_CLI_CONFIGS,
+    cli_instance_config,
+    open_dagster_instance,
+    reap_dead_runs,
+)
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
@@ -56,11 +62,10 @@ STAGES: dict[str, list[str]] = {
     "train": ["mae_model"],
     "embed": ["cell_embeddings", "image_embeddings"],
 }
-DATA_ASSETS = ["osm_features", "cell_features", "raster_tiles"]
-EMBEDDING_ASSETS = ["cell_embeddings", "image_embeddings"]
+DATA_ASSETS = [*STAGES["extract"], *STAGES["features"], *STAGES["raster"]]
+EMBEDDING_ASSETS = STAGES["embed"]
 CLI_TAG = "s2vec/cli"
 PID_TAG = "s2vec/pid"  # the process running the run: a run whose process is gone is reaped
-DATA_VERSION_TAG = "dagster/data_version"
 #: One INFO line per finished run ("[2/5] data_layer 4693 done in 3.1 s"); silent unless a
 #: handler is attached (the CLI attaches one writing to stderr).
 PROGRESS_LOGGER = "s2vec_pipeline.progress"
@@ -133,20 +138,24 @@ def check_instance_home(root: str) -> None:
         )
 
 
+def instance_home(root: str) -> str:
+    """The Dagster home the CLI's commands use for ``root``: ``$DAGSTER_HOME`` when set, else
+    ``<root>/_dagster``."""
+    return os.environ.get("DAGSTER_HOME") or os.path.join(root, "_dagster")
+
+
 @contextlib.contextmanager
 def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
     kept under ``<root>/_dagster``: refreshes compare with the versions earlier runs recorded."""
     if os.environ.get("DAGSTER_HOME"):
-        from s2vec_pipeline.service.instance import open_dagster_instance
-
         # An unreachable PostgreSQL or wrong credentials: InstanceUnavailableError (exit 2).
         with open_dagster_instance() as instance:
             yield instance
     elif fs.is_object_store(root):
         check_instance_home(root)
     else:
-        home = os.path.join(root, "_dagster")
+        home = instance_home(root)
         os.makedirs(home, exist_ok=True)
         config = os.path.join(home, "dagster.yaml")
         # Several `s2vec materialize` processes may start on a fresh root at once: opening the
@@ -160,16 +169,15 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
                 snapshot = tempfile.mkdtemp(prefix="s2vec-readonly-instance-")
                 atexit.register(shutil.rmtree, snapshot, True)
                 shutil.copytree(home, snapshot, dirs_exist_ok=True)
-                if _read(config) == _config(home):  # ours names the root's paths: the copy's
+                if _read(config) == cli_instance_config(home):  # ours names the root's paths
                     with open(os.path.join(snapshot, "dagster.yaml"), "w") as f:
-                        f.write(_config(snapshot))
+                        f.write(cli_instance_config(snapshot))
                 instance = dg.DagsterInstance.local_temp(snapshot)
             else:
                 with exclusive(os.path.join(home, ".open.lock")):
-                    # Written by us (also the older files): pooled SQLite storages, which cut a
-                    # run's bookkeeping (instance.py says why), and no compute-log capture.
-                    if not os.path.exists(config) or _read(config) in _OLD_CONFIGS:
-                        fs.write_bytes(config, _config(home).encode())
+                    # Written by us (also the older files): see cli_instance_config.
+                    if not os.path.exists(config) or _read(config) in PREVIOUS_CLI_CONFIGS:
+                        fs.write_bytes(config, cli_instance_config(home).encode())
                     instance = dg.DagsterInstance.local_temp(home)
         except Exception as e:
             full = _storage_error(e, home)
@@ -177,28 +185,9 @@ def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
                 raise
             raise full from e
         with instance:
-            from s2vec_pipeline.service.instance import reap_dead_runs
-
             if writable:  # runs of killed CLI processes: failed, not STARTED forever
                 reap_dead_runs(instance)
             yield instance
-
-
-_OLD_CONFIG = "telemetry:\n  enabled: false\n"
-#: No compute-log capture: it mirrors each step's output through a ``tail`` and a watcher
-#: process, which print a traceback on Ctrl-C and cost two processes per step.
-_NO_COMPUTE_LOGS = (
-    "compute_logs:\n  module: dagster._core.storage.noop_compute_log_manager\n"
-    "  class: NoOpComputeLogManager\n"
-)
-#: What the CLI wrote into ``<root>/_dagster/dagster.yaml`` before: replaced by ``_config``.
-_OLD_CONFIGS = (_OLD_CONFIG, _OLD_CONFIG + _NO_COMPUTE_LOGS)
-
-
-def _config(home: str) -> str:
-    from s2vec_pipeline.service.instance import pooled_sqlite_config
-
-    return _OLD_CONFIG + _NO_COMPUTE_LOGS + pooled_sqlite_config(home)
 
 
 def _read(path: str) -> str:
@@ -288,10 +277,6 @@ class Launcher:
                 self.report.reasons[name] = ev.description
         return result
 
-    @functools.cached_property
-    def asset_graph(self):  # noqa: ANN201 - Dagster's asset graph type is internal
-        return self.defs.resolve_asset_graph()
-
     def stale_or_missing(
         self, partition: str, assets: Sequence[str], model_version: str | None = None
     ) -> list[str]:
@@ -302,7 +287,7 @@ class Launcher:
         from s2vec_pipeline.defs.automation import assets_to_run
 
         return assets_to_run(
-            self.instance, self.asset_graph, partition, assets, model_version, self.has_data
+            self.instance, self.defs, partition, assets, model_version, self.has_data
         )
 
     @functools.cached_property
@@ -616,11 +601,10 @@ def _refresh(
     ]
     applied = {f for files in report.applied.values() for f in files}
     report.outside = sorted(set.intersection(*newly_outside) - applied) if newly_outside else []
-    graph = launcher.asset_graph
-    plan = stale_plan(instance, graph)
+    plan = stale_plan(instance, launcher.defs)
     for a in PIPELINE_ASSETS:
         report.recomputed[a] = sorted(k for k, todo in plan.items() if a in todo)
-        report.reasons[a] = stale_partitions(instance, graph, a, report.recomputed[a])
+        report.reasons[a] = stale_partitions(instance, launcher.defs, a, report.recomputed[a])
     for i, (k, todo) in enumerate(sorted(plan.items()), 1):
         t0 = time.perf_counter()
         launcher.run(PARTITION_PIPELINE, k, todo)

@@ -7,6 +7,7 @@ one staleness rule, ``defs.automation.stale_partitions``).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ class RootStatus:
     regions: dict[str, list[str]]
     sources: dict[str, dict[str, Any]]  # source -> last applied change file, batches
     failed_runs: list[str] = field(default_factory=list)  # recent failed/interrupted runs
+    dagster_home: str | None = None  # the instance the CLI reads (runner.instance_home)
+    recorded_home: str | None = None  # the instance the root's runs recorded into, if noted
 
     @property
     def mixed_models(self) -> dict[str, list[str]]:
@@ -78,6 +81,9 @@ class RootStatus:
                 f"{p.table:<17} {self.tables[p.table]!s:>5}  {p.partition:<9} "
                 f"{(p.data_version or '-'):<34} {state}"
             )
+        hint = self.other_home_hint()
+        if hint:
+            lines.append(f"\n{hint}")
         if self.failed_runs:
             lines.append("\nfailed or interrupted runs (newest first):")
             lines += [f"  {r}" for r in self.failed_runs]
@@ -89,22 +95,34 @@ class RootStatus:
             )
         return "\n".join(lines)
 
+    def other_home_hint(self) -> str | None:
+        """Where the records are when this instance lacks some and the root names another."""
+        unrecorded = any(p.data_version is None for p in self.partitions)
+        if not unrecorded or not self.recorded_home or self.recorded_home == self.dagster_home:
+            return None
+        where = f"the Dagster instance {self.recorded_home} recorded this root's runs"
+        if Path(self.recorded_home) == Path(self.root) / "_dagster":
+            return f"{where}: run s2vec status without DAGSTER_HOME to read them"
+        return f"{where}: run DAGSTER_HOME={self.recorded_home} s2vec status to read them"
+
 
 def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> RootStatus:
     from s2vec_pipeline.cells.regions import RegionRegistry
     from s2vec_pipeline.definitions import build_definitions
     from s2vec_pipeline.defs.automation import stale_partitions
     from s2vec_pipeline.model.registry import list_models
+    from s2vec_pipeline.service.instance import recorded_dagster_home
     from s2vec_pipeline.service.integrity import lost_data
+    from s2vec_pipeline.service.runner import instance_home
 
-    graph = build_definitions(settings).resolve_asset_graph()
+    defs = build_definitions(settings)
     versions = {t: delta_store.table_version(settings.root, t) for t in TABLES}
     rows: list[PartitionStatus] = []
     for table in TABLES:
         if versions[table] is None:
             continue
         keys = delta_store.partition_keys(settings.root, table)
-        stale = stale_partitions(instance, graph, table, keys)
+        stale = stale_partitions(instance, defs, table, keys)
         # partitions Dagster recorded but the table lost (or lost files of): stale, with why
         recorded = instance.get_materialized_partitions(dg.AssetKey(table))
         for k in sorted(set(keys) | recorded):
@@ -148,6 +166,8 @@ def root_status(settings: PipelineSettings, instance: dg.DagsterInstance) -> Roo
         regions={r.name: list(r.cells) for r in RegionRegistry(settings.root).list()},
         sources=sources,
         failed_runs=failed_runs(instance),
+        dagster_home=os.path.abspath(instance_home(settings.root)),
+        recorded_home=recorded_dagster_home(settings.root),
     )
 
 

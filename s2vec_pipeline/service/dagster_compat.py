@@ -1,0 +1,49 @@
+"""Every name the package takes from Dagster's internal modules (``dagster._*``), in one place.
+
+Dagster exports no public API for these; each is pinned by a contract test
+(``s2vec_pipeline_tests/test_dagster_compat.py``) that fails first, with the reason, when a
+Dagster upgrade moves or changes one. Everything else uses the public ``dagster`` namespace
+(the staleness rule included: ``defs/automation.py`` reads the public provenance and event-log
+API).
+
+- ``SqliteEventLogStorage``, ``SqliteRunStorage``, ``INDEX_SHARD_NAME``,
+  ``SQLITE_BUSY_TIMEOUT_SECONDS``: Dagster's default SQLite storages, which
+  ``service/instance.py`` subclasses to keep pooled connections (its ``Pooled*`` classes
+  override their ``_connect``/``connect`` and call ``_initdb``, ``path_for_shard``,
+  ``conn_string_for_shard``, ``from_local``; the index shard's name and the busy timeout are
+  Dagster's own values).
+- ``ConfigurableClassData``: what Dagster hands a class it loads from ``dagster.yaml``
+  (``inst_data``), passed through by those storages and the run launcher.
+- ``CheckRunHealthResult``, ``WorkerStatus``: the answer of a run launcher's
+  ``check_run_worker_health`` (``instance.LocalProcessRunLauncher``).
+- ``NO_COMPUTE_LOGS_YAML``: the ``dagster.yaml`` lines selecting Dagster's no-op compute-log
+  manager (the CLI's instance captures no step output), naming the class where it lives.
+- ``PostProcessingError``: Dagster's documented way to refuse a config value in a config
+  type's ``post_process`` (``defs/model.py``); not re-exported at the top level.
+"""
+
+from dagster._config import PostProcessingError
+from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.event_log import SqliteEventLogStorage
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME
+from dagster._core.storage.noop_compute_log_manager import NoOpComputeLogManager
+from dagster._core.storage.runs import SqliteRunStorage
+from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
+from dagster._serdes.config_class import ConfigurableClassData
+
+NO_COMPUTE_LOGS_YAML = (
+    f"compute_logs:\n  module: {NoOpComputeLogManager.__module__}\n"
+    f"  class: {NoOpComputeLogManager.__name__}\n"
+)
+
+__all__ = [
+    "INDEX_SHARD_NAME",
+    "NO_COMPUTE_LOGS_YAML",
+    "SQLITE_BUSY_TIMEOUT_SECONDS",
+    "CheckRunHealthResult",
+    "ConfigurableClassData",
+    "PostProcessingError",
+    "SqliteEventLogStorage",
+    "SqliteRunStorage",
+    "WorkerStatus",
+]
