@@ -14,7 +14,7 @@ from s2vec_pipeline.cli import main
 from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import extract_features
 from s2vec_pipeline.osm.taxonomy import load_taxonomy
-from s2vec_pipeline.service.runner import ENV_KILL_PARTITION
+from s2vec_pipeline.service.partition_workers import ENV_KILL_PARTITION
 from s2vec_pipeline.storage import delta_store
 from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
 

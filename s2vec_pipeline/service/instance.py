@@ -43,6 +43,7 @@ from s2vec_pipeline.service.dagster_compat import (
     SqliteRunStorage,
     WorkerStatus,
 )
+from s2vec_pipeline.settings import dagster_home
 from s2vec_pipeline.storage import fs
 
 POSTGRES_ENV = (
@@ -133,7 +134,7 @@ def open_dagster_instance() -> dg.DagsterInstance:
     """``DagsterInstance.get()`` ($DAGSTER_HOME must be set); a configuration or database
     connection failure raises ``InstanceUnavailableError`` with one actionable line (the CLI
     exits 2). Anything else propagates unchanged."""
-    home = os.environ.get("DAGSTER_HOME", "")
+    home = dagster_home() or ""
     root_logger = logging.getLogger()
     quiet = _DropConnectionRetryWarnings()
     root_logger.addFilter(quiet)
@@ -335,7 +336,7 @@ _POOLED_RUN_SHARDS = 4
 
 def _history() -> str:
     """Where Dagster keeps SQLite storage by default: ``$DAGSTER_HOME/history``."""
-    home = os.environ.get("DAGSTER_HOME")
+    home = dagster_home()
     if not home:
         raise InstanceUnavailableError(
             "the pooled SQLite storages need base_dir in dagster.yaml or DAGSTER_HOME set"

@@ -16,16 +16,12 @@ import atexit
 import contextlib
 import functools
 import logging
-import multiprocessing as mp
-import multiprocessing.connection
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 import dagster as dg
@@ -37,7 +33,6 @@ from s2vec_pipeline.errors import (
     S2VecError,
     StorageUnavailableError,
     exception_chain,
-    quiet_worker_interrupts,
     storage_fault,
 )
 from s2vec_pipeline.osm import changes as osm_changes
@@ -49,10 +44,10 @@ from s2vec_pipeline.service.instance import (
     open_dagster_instance,
     reap_dead_runs,
 )
-from s2vec_pipeline.settings import PipelineSettings
+from s2vec_pipeline.service.partition_workers import run_in_workers
+from s2vec_pipeline.settings import PipelineSettings, dagster_home
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.locks import exclusive
-from s2vec_pipeline.worker_pool import SpawnPool
 
 # CLI stage name -> asset keys, in pipeline order.
 STAGES: dict[str, list[str]] = {
@@ -130,7 +125,7 @@ def parse_stages(stages: Sequence[str]) -> list[str]:
 def check_instance_home(root: str) -> None:
     """An object-store root needs ``$DAGSTER_HOME``: Dagster's SQLite instance cannot live on
     an object store. Raises :class:`InstanceUnavailableError` (exit 2) when it is unset."""
-    if fs.is_object_store(root) and not os.environ.get("DAGSTER_HOME"):
+    if fs.is_object_store(root) and not dagster_home():
         raise InstanceUnavailableError(
             f"storage root {root} is an object store, where Dagster's instance cannot live: set "
             f"DAGSTER_HOME to a local folder (or a PostgreSQL-backed instance, docs/deploying.md) "
@@ -141,14 +136,14 @@ def check_instance_home(root: str) -> None:
 def instance_home(root: str) -> str:
     """The Dagster home the CLI's commands use for ``root``: ``$DAGSTER_HOME`` when set, else
     ``<root>/_dagster``."""
-    return os.environ.get("DAGSTER_HOME") or os.path.join(root, "_dagster")
+    return dagster_home() or os.path.join(root, "_dagster")
 
 
 @contextlib.contextmanager
 def dagster_instance(root: str) -> Iterator[dg.DagsterInstance]:
     """The instance under ``$DAGSTER_HOME`` when set (the UI then shows these runs), else one
     kept under ``<root>/_dagster``: refreshes compare with the versions earlier runs recorded."""
-    if os.environ.get("DAGSTER_HOME"):
+    if dagster_home():
         # An unreachable PostgreSQL or wrong credentials: InstanceUnavailableError (exit 2).
         with open_dagster_instance() as instance:
             yield instance
@@ -309,9 +304,9 @@ class Launcher:
             for i, k in enumerate(order, 1):
                 t0 = time.perf_counter()
                 self.run(job_name, k, assets)
-                _report_done(job_name, k, i, len(order), t0, self.report.detail)
+                report_done(job_name, k, i, len(order), t0, self.report.detail)
             return
-        failures = self._run_in_workers(job_name, order, assets, workers)
+        failures = run_in_workers(self, job_name, order, assets, workers)
         if failures:
             k, first = next(iter(sorted(failures.items())))
             if len(failures) > 1 or not isinstance(first, S2VecError):
@@ -322,68 +317,8 @@ class Launcher:
                 )
             raise first
 
-    def _run_in_workers(
-        self, job_name: str, order: list[str], assets: Sequence[str], workers: int
-    ) -> dict[str, BaseException]:
-        """``run_partitions`` with ``workers`` long-lived workers (``worker_pool``); returns the
-        failed partitions with their error. A worker exits when sent None, else is killed
-        after 30 s."""
-        pending = list(order)
-        idle: list[mp.connection.Connection] = []
-        busy: dict[mp.connection.Connection, tuple[BaseProcess, str, float]] = {}
-        procs: dict[mp.connection.Connection, BaseProcess] = {}
-        failures: dict[str, BaseException] = {}
-        done = 0
-        args = (self.instance.get_ref(), self.settings.settings_dict(), self.log_level, self.tags)
-        with SpawnPool(grace_s=30) as pool:
 
-            def start_worker() -> None:
-                mine, theirs = pool.pipe()
-                procs[mine] = pool.start(_partition_worker, (theirs, *args, job_name, list(assets)))
-                theirs.close()
-                idle.append(mine)
-
-            try:
-                for _ in range(min(workers, len(pending))):
-                    start_worker()
-                while pending or busy:
-                    while pending and idle:
-                        conn = idle.pop()
-                        k = pending.pop(0)
-                        try:
-                            conn.send(k)
-                        except OSError:  # it died while idle: its partition goes to another
-                            pending.insert(0, k)
-                            pool.reap(procs.pop(conn))
-                            start_worker()
-                            continue
-                        busy[conn] = (procs[conn], k, time.perf_counter())
-                    ready = pool.wait([p for p, *_ in busy.values()], busy)
-                    for conn in [c for c in busy if c in ready or busy[c][0].sentinel in ready]:
-                        proc, k, t0 = busy.pop(conn)
-                        outcome = _next_partition(conn) if conn.poll() else None  # None: died
-                        if isinstance(outcome, RunReport):
-                            self.report.merge(outcome)
-                            done += 1
-                            _report_done(job_name, k, done, len(order), t0, outcome.detail)
-                        else:
-                            failures[k] = outcome or RuntimeError(
-                                f"the worker for partition {k} died (exit code {proc.exitcode})"
-                            )
-                        if outcome is not None:
-                            idle.append(conn)
-                        else:  # died: replace it while partitions remain
-                            pool.reap(procs.pop(conn))
-                            if pending:
-                                start_worker()
-            finally:
-                for conn in procs:  # a None tells a worker to exit
-                    with contextlib.suppress(OSError):
-                        conn.send(None)
-        return failures
-
-
-def _report_done(
+def report_done(
     job_name: str, partition: str | None, i: int, n: int, t0: float, detail: str = ""
 ) -> None:
     what = f"{job_name} {partition}" if partition else job_name
@@ -406,55 +341,6 @@ def _run_detail(result: dg.ExecuteInProcessResult) -> str:
 
 class PartitionsFailedError(S2VecError):
     """Some partitions of a parallel materialization failed; the others were written."""
-
-
-#: Fault injection for tests: a worker given a partition listed here (comma-separated) kills
-#: itself with SIGKILL before its run, as the kernel's OOM killer would.
-ENV_KILL_PARTITION = "S2VEC_TEST_KILL_PARTITION"
-
-
-def _next_partition(conn: mp.connection.Connection) -> Any:
-    """The next message, or None when the other end is gone."""
-    try:
-        return conn.recv()
-    except (EOFError, OSError):  # closed, or reset by a process that died
-        return None
-
-
-def _partition_worker(
-    conn: mp.connection.Connection,
-    instance_ref: Any,
-    settings: dict[str, Any],
-    log_level: str,
-    tags: dict[str, str],
-    job_name: str,
-    assets: list[str],
-) -> None:
-    """A long-lived worker: loads the definitions once, then runs each partition it receives
-    (None: exit) and sends back that run's report or its error."""
-    quiet_worker_interrupts()
-    quiet_python_loggers(log_level)
-    with dg.DagsterInstance.from_ref(instance_ref) as instance:
-        launcher = Launcher(PipelineSettings(**settings), instance, log_level, tags)
-        while (partition := _next_partition(conn)) is not None:
-            if partition in os.environ.get(ENV_KILL_PARTITION, "").split(","):
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests (OOM killer)
-            launcher.report = RunReport()
-            try:
-                launcher.run(job_name, partition, assets)
-                _send(conn, launcher.report)
-            except S2VecError as e:
-                _send(conn, e)
-            except Exception as e:  # noqa: BLE001 - Dagster errors do not always pickle
-                _send(conn, RuntimeError(f"{type(e).__name__}: {e}"))
-            except BaseException:  # Ctrl-C, as Dagster turns it into an interrupt inside runs
-                os._exit(130)  # quietly: the coordinator reports the interruption once
-
-
-def _send(send: mp.connection.Connection, outcome: object) -> None:
-    """Send a worker's outcome; a parent that is gone (interrupted) needs none."""
-    with contextlib.suppress(BrokenPipeError):
-        send.send(outcome)
 
 
 def materialize(
@@ -499,7 +385,7 @@ def materialize(
         trained = launcher.run(
             "train_model", op_config={"mae_model": (op_config or {}).get("mae_model", {})}
         )
-        _report_done("train_model", None, 1, 1, t0)
+        report_done("train_model", None, 1, 1, t0)
         for event in trained.get_asset_materialization_events():  # the model this run made
             meta = event.step_materialization_data.materialization.metadata.get("model_version")
             if meta is not None:
@@ -517,7 +403,7 @@ def materialize(
                 continue
             t0 = time.perf_counter()
             launcher.run("embed", k, EMBEDDING_ASSETS, {"embeddings": embed_config})
-            _report_done("embed", k, i, len(partitions), t0)
+            report_done("embed", k, i, len(partitions), t0)
     return launcher.report
 
 
@@ -608,6 +494,6 @@ def _refresh(
     for i, (k, todo) in enumerate(sorted(plan.items()), 1):
         t0 = time.perf_counter()
         launcher.run(PARTITION_PIPELINE, k, todo)
-        _report_done(PARTITION_PIPELINE, k, i, len(plan), t0)
+        report_done(PARTITION_PIPELINE, k, i, len(plan), t0)
     report.run_ids = launcher.report.run_ids
     return report
