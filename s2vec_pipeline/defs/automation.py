@@ -258,7 +258,8 @@ def assets_to_run(
     staleness = staleness or Staleness(instance, defs)
     for i, asset in enumerate(assets):
         record = staleness.latest(dg.AssetKey(asset), partition)
-        version = str(_version(record) or "") if record else ""
+        recorded = _version(record) if record else None
+        version = recorded.value if recorded else ""
         if (
             record is None
             or (
