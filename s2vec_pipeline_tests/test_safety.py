@@ -534,9 +534,9 @@ def test_ctrl_c_during_extraction_workers(data_root: Path, tmp_path: Path) -> No
         return children.exists() and len(children.read_text().split()) >= 2
 
     _wait_for(workers_started, proc, "the extraction workers")
-    # Early in their work: a partition run now takes ~2 s after a ~2 s start, and a signal that
-    # arrives once the command has finished (interpreter shutdown) tests nothing
-    time.sleep(1)
+    # Early in their work, at once: a partition run now takes ~2 s after a ~2 s start, and a
+    # signal that arrives once the command has finished (interpreter shutdown) tests nothing
+    _wait_for(lambda: _running_runs(root, "data_layer") != [], proc, "a worker's partition run")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
