@@ -178,6 +178,7 @@ def _sorted_frame(df: pl.DataFrame) -> pl.DataFrame:
     return df.sort(keys)
 
 
+@pytest.mark.slow
 def test_concurrent_cli_materializations(
     tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path
 ) -> None:

@@ -169,8 +169,7 @@ def test_compose_publishes_only_the_webserver_on_loopback_and_reads_secrets_from
     # The published port as Compose resolves it: loopback unless S2VEC_UI_BIND says otherwise.
     password = {"DAGSTER_POSTGRES_PASSWORD": "pw-from-env"}
     for env, expected in [
-        ({"S2VEC_UI_BIND": "0.0.0.0"}, "0.0.0.0:3000:3000"),
-        ({"S2VEC_UI_PORT": "8080"}, "127.0.0.1:8080:3000"),
+        ({"S2VEC_UI_BIND": "0.0.0.0", "S2VEC_UI_PORT": "8080"}, "0.0.0.0:8080:3000"),
         ({}, "127.0.0.1:3000:3000"),  # last: `resolved` below is this one
     ]:
         resolved = resolved_compose({**password, **env})["services"]
@@ -280,6 +279,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+@pytest.mark.slow
 def test_code_server_and_webserver_commands_serve_the_definitions(tmp_path: Path) -> None:
     """The compose file's code-server and webserver commands and their health checks, run as
     written except for loopback hosts, free ports and the workspace file's location; then

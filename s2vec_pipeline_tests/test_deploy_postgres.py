@@ -59,6 +59,7 @@ def _use_instance(monkeypatch: pytest.MonkeyPatch, home: Path, env: dict[str, st
         monkeypatch.setenv(key, value)
 
 
+@pytest.mark.slow
 def test_materialize_records_its_run_in_postgres(
     pg: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,6 +128,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+@pytest.mark.slow
 def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
     pg: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -248,6 +250,7 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
         out.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "says"),
     [
@@ -304,6 +307,7 @@ def test_materialize_into_a_root_that_is_not_writable_exits_2(
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_instance_errors_name_the_variable_to_fix_and_leave_other_errors_alone(
     pg: PostgresCluster,
 ) -> None:

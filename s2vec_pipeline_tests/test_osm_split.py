@@ -193,6 +193,7 @@ def test_missing_osmium_tool(helsinki_pbf, taxonomy, monkeypatch) -> None:
     assert result.in_process and got["4693"].height > 8_000
 
 
+@pytest.mark.slow
 def test_workers_setting_and_cli(tmp_path, monkeypatch, capsys) -> None:
     import os
 
