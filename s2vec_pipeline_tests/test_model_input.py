@@ -135,6 +135,7 @@ def test_launch_with_bad_settings_is_refused_before_the_run(tmp_path: Path) -> N
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no .partial, lock
 
 
+@pytest.mark.slow
 def test_launchpad_launch_with_bad_settings_creates_no_run(tmp_path: Path) -> None:
     """The launchpad's path: the GraphQL launch mutation against the code location in its own
     code server process (workspace.yaml). Dagster builds the execution plan there before it
