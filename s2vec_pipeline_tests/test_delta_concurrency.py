@@ -77,6 +77,7 @@ def _assert_every_partition_once(root: Path, keys: list[str]) -> None:
     assert not any((root / delta_store.STAGING_DIR).glob("*")), "staged copies left behind"
 
 
+@pytest.mark.slow
 def test_concurrent_writers_on_a_fresh_table(tmp_path: Path) -> None:
     exitcodes = _run_writers(tmp_path, list(range(WRITERS)), ROUNDS)
     assert exitcodes == [0] * WRITERS

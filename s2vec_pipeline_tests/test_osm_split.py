@@ -111,6 +111,7 @@ def test_tiled_copies_are_shifted_originals(straddling, helsinki_pbf) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("per_group", "per_pass"), [(1, 8), (4, 32)])
 def test_straddling_copies_identical(straddling, taxonomy, per_group, per_pass) -> None:
     partitions = cells_covering_source(straddling)
@@ -160,6 +161,7 @@ def test_objects_longer_than_a_cell(tmp_path, taxonomy) -> None:
     assert_same_rows(old, got, partitions)
 
 
+@pytest.mark.slow
 def test_dead_worker_fails_only_its_partitions(straddling, taxonomy, monkeypatch) -> None:
     partitions = cells_covering_source(straddling)
     old, _ = extract_features([straddling], taxonomy, CITY, partitions)
