@@ -131,6 +131,7 @@ def test_spatial_folds_never_split_a_coarser_cell(labelled, report) -> None:
     assert report.n_blocks == per_block.height
 
 
+@pytest.mark.slow
 def test_lat_lon_labels_and_with_embeddings(labelled, tmp_path: Path) -> None:
     """lat/lon at cell centres map to the same cells; image embeddings keyed by image token
     as a second source give the 'with' and 's2vec+with' methods."""

@@ -62,6 +62,7 @@ def assert_same_rows(
         assert got[token].equals(expected), token  # same rows, same order, same values
 
 
+@pytest.mark.slow
 def test_bundled_extracts_identical(helsinki_pbf, monaco_pbf, taxonomy) -> None:
     sources = [helsinki_pbf, monaco_pbf]
     partitions = sorted({c for s in sources for c in cells_covering_source(s)})
