@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   # create .venv, install, run the whole pipeline on the bundled extracts
 #   make test   # create .venv, install, lint and run the test suite (what CI runs)
+#   make test-fast   # the tests not marked slow: under 3 minutes on 2 cores
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ PORT ?= 3000
 # The demo's and the UI's Dagster instance. Only demo and ui use it: tests never touch it.
 DEMO_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: setup demo test lint ui bench clean
+.PHONY: setup demo test test-fast test-tools lint ui bench clean
 
 setup: $(VENV)/.installed
 
@@ -42,8 +43,19 @@ lint: setup
 # Tests run in a shuffled order (pytest-randomly): each must pass alone and in any order. CI
 # uses one fixed seed, so a run is reproducible; TEST_ORDER=<another number> shuffles anew.
 TEST_ORDER ?= 20261129
-test: lint
-	env -u DAGSTER_HOME $(BIN)/python -m pytest -q -p randomly --randomly-seed=$(TEST_ORDER)
+PYTEST := env -u DAGSTER_HOME $(BIN)/python -m pytest -q -p randomly --randomly-seed=$(TEST_ORDER)
+test: lint test-tools
+	$(PYTEST)
+
+# The fast tier: every module's unit tests, without the tests marked slow (end to end: Dagster
+# runs on the bundled extracts, PostgreSQL, servers, CLIs in subprocesses, training).
+test-fast: setup test-tools
+	$(PYTEST) -m "not slow"
+
+# The system tools the tests run (PostgreSQL server, osmium-tool, Chromium, Docker Compose):
+# installed with apt-get where missing, else one line says what is missing and how to install it.
+test-tools:
+	@bash .ci/test_tools.sh
 
 # Fails at once when PORT is taken (dagster dev would otherwise run on without a webserver).
 ui: setup $(DEMO_HOME)/dagster.yaml

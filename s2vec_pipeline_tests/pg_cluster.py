@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL cluster for the deployment tests: ``initdb`` + ``pg_ctl`` under a
 temporary folder, listening on a loopback port, with password (scram) authentication over TCP
 so wrong credentials really fail. As root, the server runs as the ``postgres`` user (``initdb``
-refuses root). ``.ci/ensure_postgres.sh`` installs the server where it is missing."""
+refuses root). ``make test`` (``.ci/test_tools.sh``) installs the server where it is missing."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def find_pg_bin() -> Path:
     if debian:
         return Path(debian[-1]).parent
     raise RuntimeError(
-        "no PostgreSQL server found (initdb): run .ci/ensure_postgres.sh "
+        "no PostgreSQL server found (initdb): run .ci/test_tools.sh "
         "(apt-get install postgresql) to install it"
     )
 

@@ -147,6 +147,7 @@ def test_global_normalization_is_one_mean_and_std_of_every_value() -> None:
     assert np.allclose(m, mean) and np.allclose(s, std)
 
 
+@pytest.mark.slow
 def test_short_fit_with_every_lever(tmp_path: Path) -> None:
     synthetic_raster_tiles(tmp_path, {"4693": 12, "12cd": 8}, channels=C)
     config = TrainConfig(
@@ -181,6 +182,7 @@ def test_short_fit_with_every_lever(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == before  # nothing written
 
 
+@pytest.mark.slow
 def test_cli_levers_reach_the_model_card(tmp_path: Path, monaco_pbf: Path, capsys) -> None:
     """`s2vec materialize` flags -> the Dagster launch config -> the trained model's card; bad
     values exit 2 before anything is written."""

@@ -179,6 +179,7 @@ def test_region_sensors_register_and_launch_new_regions(tmp_path: Path) -> None:
         assert not launched.run_requests
 
 
+@pytest.mark.slow
 def test_materialize_region_job_registers_a_box_and_launches_its_cells(tmp_path: Path) -> None:
     """The UI path: launch materialize_region with a name and a box; the run-status sensor then
     requests one run per cell of the region, which materializes it."""
@@ -260,6 +261,7 @@ def test_materialize_region_job_registers_a_box_and_launches_its_cells(tmp_path:
         assert {t: delta_store.table_version(root, t) for t in DATA_TABLES} == versions
 
 
+@pytest.mark.slow
 def test_region_sensors_request_one_run_per_cell_needing_work(tmp_path: Path) -> None:
     """Both region sensors decide through the shared rule: a cell with a run in flight gets
     none from the other sensor; a cell whose rows are gone from a table (the has_data check)

@@ -66,6 +66,7 @@ def test_failing_run_prints_one_error_line(root: Path, capsys: pytest.CaptureFix
     assert _versions(root) == before
 
 
+@pytest.mark.slow
 def test_failing_step_prints_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A failure inside a Dagster step (features before any extraction): one line at default
     verbosity; with -vv Dagster's logs carry the step failure, and the same line comes last."""
@@ -101,6 +102,7 @@ def test_tokens_are_plain_in_messages(tmp_path: Path, monaco_pbf: Path, capsys) 
     assert "np.str_" not in line and "[" not in line
 
 
+@pytest.mark.slow
 def test_bad_coordinate_in_change_file(root: Path, tmp_path: Path, capsys) -> None:
     """lat="999" makes osmium raise InvalidLocationError (not a RuntimeError) while reading."""
     changes = tmp_path / "changes"
@@ -134,6 +136,7 @@ def test_sql_says_when_it_cuts(materialized_root: Path, capsys: pytest.CaptureFi
     assert "showing" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_partition_progress_and_verbose(
     tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -149,6 +152,7 @@ def test_partition_progress_and_verbose(
     assert " - dagster - INFO - " in err and f"[1/1] data_layer {MONACO_L6} done" in err
 
 
+@pytest.mark.slow
 def test_training_prints_epochs_not_lightning(root: Path) -> None:
     """A real subprocess (stderr not a terminal): Lightning's handlers write to the process's
     stderr, which pytest's capture would not see."""

@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from s2vec_pipeline.cli import main
 from s2vec_pipeline.settings import bundled_source
 from s2vec_pipeline_tests.conftest import HELSINKI_L6
@@ -50,6 +52,7 @@ LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries { name
   locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 
 
+@pytest.mark.slow
 def test_dagster_dev_launches_a_region_and_answers_graphql(tmp_path: Path, monkeypatch) -> None:
     home, root = tmp_path / "home", tmp_path / "root"
     home.mkdir()

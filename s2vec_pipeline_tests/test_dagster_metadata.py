@@ -150,6 +150,7 @@ def _data_layer_job() -> dg.JobDefinition:
     return build_definitions().resolve_job_def("data_layer")
 
 
+@pytest.mark.slow
 def test_cli_runs_are_runs_of_the_code_location_jobs(tmp_path: Path, monkeypatch, capsys) -> None:
     home, root = tmp_path / "home", tmp_path / "root"
     home.mkdir()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from s2vec_pipeline.cells.regions import REGIONS_FILE
 from s2vec_pipeline.definitions import build_definitions, defs
@@ -87,6 +88,7 @@ def test_launchpad_config_has_defaults_and_descriptions() -> None:
     assert all(f.description for f in resource.values())
 
 
+@pytest.mark.slow
 def test_workspace_loads_with_dagster_cli(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],

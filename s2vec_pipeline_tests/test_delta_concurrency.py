@@ -77,6 +77,7 @@ def _assert_every_partition_once(root: Path, keys: list[str]) -> None:
     assert not any((root / delta_store.STAGING_DIR).glob("*")), "staged copies left behind"
 
 
+@pytest.mark.slow
 def test_concurrent_writers_on_a_fresh_table(tmp_path: Path) -> None:
     exitcodes = _run_writers(tmp_path, list(range(WRITERS)), ROUNDS)
     assert exitcodes == [0] * WRITERS
@@ -178,6 +179,7 @@ def _sorted_frame(df: pl.DataFrame) -> pl.DataFrame:
     return df.sort(keys)
 
 
+@pytest.mark.slow
 def test_concurrent_cli_materializations(
     tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path
 ) -> None:

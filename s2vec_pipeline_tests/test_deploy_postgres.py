@@ -59,6 +59,7 @@ def _use_instance(monkeypatch: pytest.MonkeyPatch, home: Path, env: dict[str, st
         monkeypatch.setenv(key, value)
 
 
+@pytest.mark.slow
 def test_materialize_records_its_run_in_postgres(
     pg: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,6 +128,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+@pytest.mark.slow
 def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
     pg: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -166,8 +168,17 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
         op = {"config": {"seconds": seconds, "pid_file": str(pid_file)}}
         return json.dumps({"ops": {"sleep_and_record_pid": op}})
 
+    def launch(job: str, run_id: str, config: str) -> None:  # queued: the daemon starts it
+        subprocess.run(
+            [dagster, "job", "launch", "-w", str(workspace_file), "-j", job]
+            + ["--run-id", run_id, "--config-json", config],
+            env=env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
     first_pid, second_pid = tmp_path / "first.pid", tmp_path / "second.pid"
+    third_pid = tmp_path / "third.pid"
     second = "22222222-2222-4222-8222-222222222222"
+    third = "33333333-3333-4333-8333-333333333333"
     try:
         # The compose file's code-server command, on loopback, serving the test location.
         code_server = ["code-server", "start", "-h", "127.0.0.1", "-p", str(port)]
@@ -195,11 +206,7 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
             STARTUP_S, "the CLI run to start", log,
         )  # fmt: skip
         assert cli_run.poll() is None, log.read_text()[-4000:]
-        subprocess.run(
-            [dagster, "job", "launch", "-w", str(workspace_file), "-j", "sleepy_train"]
-            + ["--run-id", second, "--config-json", run_config(0.1, second_pid)],
-            env=env, check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
+        launch("sleepy_train", second, run_config(0.1, second_pid))
         with dg.DagsterInstance.get() as instance:
 
             def status(run_id: str) -> dg.DagsterRunStatus:
@@ -207,7 +214,15 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
 
             (first,) = [r.run_id for r in instance.get_runs() if r.run_id != second]
             assert status(first) == dg.DagsterRunStatus.STARTED
-            time.sleep(4)  # two dequeue intervals (2 s): the train limit holds it back
+            # The train limit holds the second run back. To see the daemon decide that (not
+            # merely not get to it yet), queue a run without the tag behind it: each dequeue
+            # pass walks the queue in order, so the pass that takes the later run has passed
+            # over the second.
+            launch("sleepy_untagged", third, run_config(0.1, third_pid))
+            _wait(
+                lambda: status(third) != dg.DagsterRunStatus.QUEUED,
+                MONITOR_S, "the daemon to dequeue the run without the train tag", log,
+            )  # fmt: skip
             assert status(second) == dg.DagsterRunStatus.QUEUED
 
             assert int(first_pid.read_text()) == cli_run.pid
@@ -224,12 +239,18 @@ def test_run_monitoring_fails_a_killed_run_and_the_queue_moves_on(
                 MONITOR_S, "the queued run to run once the first failed", log,
             )  # fmt: skip
             assert second_pid.exists()
+            _wait(
+                lambda: status(third) == dg.DagsterRunStatus.SUCCESS,
+                MONITOR_S, "the run without the train tag to succeed", log,
+            )  # fmt: skip
+            assert third_pid.exists()
     finally:
         for proc in reversed(procs):
             _stop(proc)
         out.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "says"),
     [
@@ -286,6 +307,7 @@ def test_materialize_into_a_root_that_is_not_writable_exits_2(
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_instance_errors_name_the_variable_to_fix_and_leave_other_errors_alone(
     pg: PostgresCluster,
 ) -> None:

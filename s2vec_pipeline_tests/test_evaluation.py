@@ -131,6 +131,7 @@ def test_spatial_folds_never_split_a_coarser_cell(labelled, report) -> None:
     assert report.n_blocks == per_block.height
 
 
+@pytest.mark.slow
 def test_lat_lon_labels_and_with_embeddings(labelled, tmp_path: Path) -> None:
     """lat/lon at cell centres map to the same cells; image embeddings keyed by image token
     as a second source give the 'with' and 's2vec+with' methods."""
@@ -157,6 +158,7 @@ def test_lat_lon_labels_and_with_embeddings(labelled, tmp_path: Path) -> None:
     assert a.result("has_building", "random", "s2vec+with").n_features == 32 + dim
 
 
+@pytest.mark.slow
 def test_cli_writes_json(labelled, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root, labels, _ = labelled
     path = tmp_path / "labels.csv"
@@ -273,6 +275,7 @@ def test_tiny_label_set_reports_undefined_r2_as_null(labelled, tmp_path: Path) -
     assert any("R² is undefined" in n for n in data["notes"])
 
 
+@pytest.mark.slow
 def test_evaluation_asset_shows_the_table(labelled, tmp_path: Path) -> None:
     """The Dagster `evaluate` job on a labels file: the metadata holds the same probe results
     as the plain function, here the raw probe recovering an exact linear target."""

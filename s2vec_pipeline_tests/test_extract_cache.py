@@ -92,6 +92,7 @@ def test_interleave_takes_one_partition_of_each_group_in_turn(tiled):
     assert len({group_of(t) for t in first_round}) == len(first_round)  # all different groups
 
 
+@pytest.mark.slow
 def test_replaced_source_is_extracted_again(tiled, helsinki_pbf, taxonomy, tmp_path):
     """A file replaced at the same path, even with the old mtime, is a new version: its rows
     are extracted from it, never mixed with the old file's."""
@@ -114,6 +115,7 @@ def test_replaced_source_is_extracted_again(tiled, helsinki_pbf, taxonomy, tmp_p
     assert not again.rows.equals(first.rows)
 
 
+@pytest.mark.slow
 def test_group_without_marker_is_extracted_again(tiled, oracle, taxonomy, tmp_path):
     """A run killed while keeping a group's rows leaves no marker: the next run extracts the
     group again instead of reading a partial file."""

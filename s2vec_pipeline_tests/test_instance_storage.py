@@ -5,6 +5,7 @@ storage classes are the oracle), run shards made from the empty template hold th
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from s2vec_pipeline.service.instance import (
     PooledSqliteEventLogStorage,
@@ -36,6 +37,7 @@ def _open(home: Path, pooled: bool) -> dg.DagsterInstance:
     return dg.DagsterInstance.local_temp(str(home))
 
 
+@pytest.mark.slow
 def test_records_cross_between_default_and_pooled_storages(tmp_path: Path) -> None:
     with _open(tmp_path, pooled=False) as instance:  # Dagster's own SQLite storages
         assert dg.materialize([numbers], instance=instance, partition_key="a").success

@@ -51,6 +51,7 @@ def _hold_version(root: str, held: mp.synchronize.Event, release: mp.synchronize
         release.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_training_lock_waits_for_the_other_trainer(tmp_path: Path) -> None:
     """A second trainer of the same model version waits for the first instead of failing."""
     from s2vec_pipeline.model.train import _version_lock

@@ -71,6 +71,7 @@ def _table_with_debris(root: Path) -> Path:
     return uri
 
 
+@pytest.mark.slow
 def test_maintain_compacts_vacuums_and_removes_leftovers(tmp_path: Path) -> None:
     uri = _table_with_debris(tmp_path)
     version = DeltaTable(str(uri)).version()

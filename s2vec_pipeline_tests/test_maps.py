@@ -69,6 +69,7 @@ def test_channel_layer_values(embedded_root: Path) -> None:
     assert (expected > 0).sum() > 20
 
 
+@pytest.mark.slow
 def test_cli_png_maps(embedded_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "emb.png"
     args = ["map", "--root", str(embedded_root), "--cells", MONACO_L6]
@@ -131,6 +132,7 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
 def test_html_map_renders_cells_and_hover_in_chromium(
     embedded_root: Path, embedding, tmp_path: Path

@@ -172,6 +172,7 @@ def test_split_and_stats(tmp_path: Path) -> None:
     assert plan_split(tiny, ["4693"], 0.1)[1:] == (1, 1)
 
 
+@pytest.mark.slow
 def test_spawned_workers_read_every_tile_once(tmp_path: Path) -> None:
     synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
     dm = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8, num_workers=2))
@@ -225,6 +226,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     return root, card, grab.module
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_a_complete_model(trained) -> None:
     root, card, module = trained
     h = card.loss_history
@@ -263,6 +265,7 @@ def test_training_learns_and_writes_a_complete_model(trained) -> None:
     assert not list((root / "models").glob(".*.partial"))
 
 
+@pytest.mark.slow
 def test_checkpoint_reload_gives_identical_embeddings(trained) -> None:
     root, card, module = trained
     model, card2 = load_model(root, card.model_version)
@@ -283,6 +286,7 @@ def copy_raster_reordered(src: Path, dst: Path) -> None:
         delta_store.write_partitions(dst, "raster_tiles", rows, [k], contract)
 
 
+@pytest.mark.slow
 def test_same_seed_same_model_and_no_retraining(trained, tmp_path: Path) -> None:
     root, card, _ = trained
     # Same content in another root, another layout and Delta version: same model version and
@@ -305,6 +309,7 @@ def test_same_seed_same_model_and_no_retraining(trained, tmp_path: Path) -> None
     assert train_model(tmp_path, config=other).model_version != card.model_version
 
 
+@pytest.mark.slow
 def test_training_reads_one_snapshot(
     trained, tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
 ) -> None:
@@ -342,6 +347,7 @@ def test_training_reads_one_snapshot(
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_training_on_cpu(tmp_path: Path) -> None:
     """DDP (gloo) with two CPU processes through ddp_spawn: the caller holds the lock."""
     synthetic_raster_tiles(tmp_path, {"4693": 8, "12cd": 4}, channels=C)
@@ -378,6 +384,7 @@ def test_loss_curve_says_how_many_images() -> None:
     assert loss_curve_caption(900, 100)[1] is None
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_from_last_checkpoint(trained, tmp_path: Path) -> None:
     root, card, _ = trained
     synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
@@ -404,6 +411,7 @@ def test_interrupted_training_resumes_from_last_checkpoint(trained, tmp_path: Pa
 # --- embeddings ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_embeddings_rows_ids_and_means(trained) -> None:
     root, card, _ = trained
     model, card = load_model(root, card.model_version)
@@ -437,6 +445,7 @@ def test_embeddings_rows_ids_and_means(trained) -> None:
     assert np.allclose(img_emb, by_image, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_write_embeddings_replaces_partitions(trained, tmp_path: Path) -> None:
     root, card, _ = trained
     work = tmp_path / "root"
@@ -489,6 +498,7 @@ def test_write_embeddings_replaces_partitions(trained, tmp_path: Path) -> None:
     assert imgs.schema["embedding"].inner == __import__("polars").Float32
 
 
+@pytest.mark.slow
 def test_embedding_device_choice(trained) -> None:
     root, card, _ = trained
     cuda = torch.cuda.is_available()
@@ -527,6 +537,7 @@ def test_no_raster_tiles_is_a_clear_error(tmp_path: Path) -> None:
         train_model(tmp_path, partitions=["12cd"], config=CONFIG)
 
 
+@pytest.mark.slow
 def test_missing_and_incompatible_models(trained, tmp_path: Path) -> None:
     root, card, _ = trained
     with pytest.raises(ModelNotFoundError, match=card.model_version):  # lists what exists
@@ -614,6 +625,7 @@ def _train_in_child(root: str, out: str) -> None:
     Path(out).write_text(card.model_version)
 
 
+@pytest.mark.slow
 def test_concurrent_trainings_of_one_model_wait_and_share_it(tmp_path: Path) -> None:
     """A second process asking for the model another is training waits and gets that model:
     no error, trained once (one attempt in its logs)."""

@@ -131,6 +131,7 @@ def test_launch_with_bad_settings_is_refused_before_the_run(tmp_path: Path) -> N
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no .partial, lock
 
 
+@pytest.mark.slow
 def test_launchpad_launch_with_bad_settings_creates_no_run(tmp_path: Path) -> None:
     """The launchpad's path: the GraphQL launch mutation against the code location in its own
     code server process (workspace.yaml). Dagster builds the execution plan there before it
@@ -277,6 +278,7 @@ def test_loader_batches_are_table_tiles_and_pickle_without_the_array(tmp_path: P
     assert os.path.getsize(dm.cache.directory / "tiles.bin") == table.nbytes
 
 
+@pytest.mark.slow
 def test_tiles_on_device_train_the_same_model(tmp_path: Path) -> None:
     """Gathering batches from a resident copy (the GPU path) instead of the mapped file: the
     same batches, so bit-identical weights (CPU, deterministic) and the same version."""
@@ -298,6 +300,7 @@ def test_tiles_on_device_train_the_same_model(tmp_path: Path) -> None:
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow
 def test_float16_cache_halves_the_bytes_and_is_another_model(tmp_path: Path) -> None:
     from s2vec_pipeline.model.train import train_model
 

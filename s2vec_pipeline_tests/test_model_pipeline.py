@@ -45,6 +45,7 @@ def embedded(materialized: tuple[Path, Path], tmp_path_factory: pytest.TempPathF
     instance.dispose()
 
 
+@pytest.mark.slow
 def test_embeddings_cover_every_pixel(embedded) -> None:
     root, _, report = embedded
     assert len(report.run_ids) == 3  # one training run, one embedding run per partition
@@ -65,6 +66,7 @@ def test_embeddings_cover_every_pixel(embedded) -> None:
     assert emb.shape == (cells.height, 32) and np.isfinite(emb).all()
 
 
+@pytest.mark.slow
 def test_dagster_records_model_and_partition_versions(embedded) -> None:
     root, instance, _ = embedded
     (version,) = list_models(root)
@@ -117,6 +119,7 @@ def test_dagster_records_model_and_partition_versions(embedded) -> None:
                 assert checks[(table, check, k)], (table, check, k)
 
 
+@pytest.mark.slow
 def test_failed_model_checks_say_why(embedded) -> None:
     """Two small city extracts give 18 images: the validation checks cannot pass, and the
     warning the CLI prints says so and what would (not only the check's name)."""
@@ -131,6 +134,7 @@ def test_failed_model_checks_say_why(embedded) -> None:
         assert "too few to validate a model" in why
 
 
+@pytest.mark.slow
 def test_embed_step_writes_the_empty_image_rows(embedded) -> None:
     """Through Dagster: each embedded partition gets S*S empty-image rows of its model."""
     root, _, _ = embedded
@@ -142,12 +146,14 @@ def test_embed_step_writes_the_empty_image_rows(embedded) -> None:
         assert set(mine["model_version"]) == {version}
 
 
+@pytest.mark.slow
 def test_independent_model_check(embedded) -> None:
     """The embedding tables' contract, checked with the official S2 library."""
     root, _, _ = embedded
     assert model_problems(root, 17) == []
 
 
+@pytest.mark.slow
 def test_cli_embeds_with_existing_model_and_rejects_unknown(
     embedded, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,6 +174,7 @@ def test_cli_embeds_with_existing_model_and_rejects_unknown(
     assert delta_store.table_version(root, "cell_embeddings") == before + 1
 
 
+@pytest.mark.slow
 def test_cli_sql_recipes(embedded, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root, _, _ = embedded
     from s2vec_pipeline.analysis.sql import similar_cells

@@ -26,6 +26,8 @@ from s2vec_pipeline.settings import ENV_CACHE_DIR
 from s2vec_pipeline.storage import delta_store, fs
 from s2vec_pipeline_tests.conftest import MONACO_L6
 
+pytestmark = pytest.mark.slow  # each test needs moto's S3 server (own process)
+
 BUCKET = "s2vec-test"
 DATA_TABLES = ["osm_features", "cell_features", "raster_tiles"]
 

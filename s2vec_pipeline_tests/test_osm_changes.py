@@ -724,6 +724,7 @@ def test_refresh_needs_no_osmium_tool(
     )
 
 
+@pytest.mark.slow
 def test_later_node_moves_inside_skip_the_cut_with_the_same_result(
     tmp_path: Path, helsinki_pbf: Path, helsinki_objects, monkeypatch
 ) -> None:

@@ -62,6 +62,7 @@ def assert_same_rows(
         assert got[token].equals(expected), token  # same rows, same order, same values
 
 
+@pytest.mark.slow
 def test_bundled_extracts_identical(helsinki_pbf, monaco_pbf, taxonomy) -> None:
     sources = [helsinki_pbf, monaco_pbf]
     partitions = sorted({c for s in sources for c in cells_covering_source(s)})
@@ -111,6 +112,7 @@ def test_tiled_copies_are_shifted_originals(straddling, helsinki_pbf) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("per_group", "per_pass"), [(1, 8), (4, 32)])
 def test_straddling_copies_identical(straddling, taxonomy, per_group, per_pass) -> None:
     partitions = cells_covering_source(straddling)
@@ -160,6 +162,7 @@ def test_objects_longer_than_a_cell(tmp_path, taxonomy) -> None:
     assert_same_rows(old, got, partitions)
 
 
+@pytest.mark.slow
 def test_dead_worker_fails_only_its_partitions(straddling, taxonomy, monkeypatch) -> None:
     partitions = cells_covering_source(straddling)
     old, _ = extract_features([straddling], taxonomy, CITY, partitions)
@@ -193,6 +196,7 @@ def test_missing_osmium_tool(helsinki_pbf, taxonomy, monkeypatch) -> None:
     assert result.in_process and got["4693"].height > 8_000
 
 
+@pytest.mark.slow
 def test_workers_setting_and_cli(tmp_path, monkeypatch, capsys) -> None:
     import os
 

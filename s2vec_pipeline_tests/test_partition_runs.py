@@ -26,6 +26,7 @@ def tiled(tmp_path_factory, helsinki_pbf) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_killed_worker_fails_its_partition_only(tiled, tmp_path, monkeypatch, capsys):
     cells = cells_covering_source(tiled)
     oracle, _ = extract_features([tiled], load_taxonomy(), PROFILES["city"], cells)

@@ -61,6 +61,7 @@ def _partition_files(root: Path, table: str, token: str) -> dict[str, float]:
     return {p.name: p.stat().st_mtime for p in part.glob("*.parquet")}
 
 
+@pytest.mark.slow
 def test_rerun_is_idempotent_and_isolated(tmp_path: Path) -> None:
     settings = PipelineSettings(root=str(tmp_path / "root"), profile_name="city")
     assets = parse_stages(DATA_STAGES)
@@ -199,6 +200,7 @@ def test_no_matching_features(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert not (root / "osm_features").exists()
 
 
+@pytest.mark.slow
 def test_parallel_partitions_fail_alone(
     tmp_path: Path, helsinki_pbf: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -243,6 +245,7 @@ def test_rerun_on_unchanged_inputs_commits_nothing(
     assert _versions(monaco_root)["osm_features"] == before["osm_features"] + 1
 
 
+@pytest.mark.slow
 def test_root_remembers_its_sources(
     tmp_path: Path, monaco_pbf: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -71,6 +71,7 @@ def test_scores_against_direct_computations(embedded_root: Path) -> None:
     assert "| neighbour_mean |" in report.to_markdown()
 
 
+@pytest.mark.slow
 def test_untrained_partition_is_held_out_whole(embedded_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(embedded_root, root)
@@ -83,6 +84,7 @@ def test_untrained_partition_is_held_out_whole(embedded_root: Path, tmp_path: Pa
     assert report.held_out == {MONACO_L6: monaco.height} and report.n_images == monaco.height
 
 
+@pytest.mark.slow
 def test_no_held_out_images(embedded_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(embedded_root, root)

@@ -26,6 +26,8 @@ from s2vec_pipeline_tests.conftest import HELSINKI_L6, MONACO_L6
 from s2vec_pipeline_tests.test_model_pipeline import TINY
 from s2vec_pipeline_tests.test_osm_changes import OLD_TS, STATION, TS, _node, _osc
 
+pytestmark = pytest.mark.slow  # each test refreshes a Dagster-run root
+
 TABLES = ["osm_features", "cell_features", "raster_tiles", "cell_embeddings", "image_embeddings"]
 DOWNSTREAM = TABLES[1:]
 

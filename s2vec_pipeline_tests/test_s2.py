@@ -111,6 +111,7 @@ def test_leaf_ids_match_official_s2(points: dict[str, np.ndarray]) -> None:
     print(f"official s2geometry: {lat.size:,} scalar calls in {float(points['official_s']):.1f}s")
 
 
+@pytest.mark.slow
 def test_every_level_matches_official_parent(points: dict[str, np.ndarray]) -> None:
     lat, lng, leaf = points["lat"], points["lng"], points["leaf"]
     for level in range(31):

@@ -61,6 +61,7 @@ def copy(embedded_home: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
     return root, home
 
 
+@pytest.mark.slow
 def test_rerun_after_a_lost_raster_partition_keeps_and_remakes_embeddings(
     copy: tuple[Path, Path],
 ) -> None:
@@ -98,6 +99,7 @@ def test_rerun_after_a_lost_raster_partition_keeps_and_remakes_embeddings(
     assert after == before
 
 
+@pytest.mark.slow
 def test_embedding_write_never_commits_an_empty_overwrite(copy: tuple[Path, Path]) -> None:
     """An embedding run for a partition whose raster is gone fails with a clear error and
     leaves the embeddings as they were (no commit at all)."""
@@ -115,6 +117,7 @@ def test_embedding_write_never_commits_an_empty_overwrite(copy: tuple[Path, Path
     assert {t: _rows(root, t, MONACO_L6) for t in EMBEDDINGS} == rows
 
 
+@pytest.mark.slow
 def test_a_deleted_data_file_is_noticed_and_repaired(copy: tuple[Path, Path]) -> None:
     """Finding 5 (second half): one data file of cell_features deleted from disk. The lost
     file is named, and a plain materialize rewrites the partition from osm_features."""
@@ -165,6 +168,7 @@ def _one_error(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_refused_runs_leave_the_manifest_alone(
     data_root: Path, monaco_pbf: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -194,6 +198,7 @@ def test_refused_runs_leave_the_manifest_alone(
     assert main(["materialize", "--root", str(data_root), *stages]) == 0
 
 
+@pytest.mark.slow
 def test_roots_with_a_space_or_non_ascii_letters(
     monaco_pbf: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -218,6 +223,7 @@ def test_roots_with_a_space_or_non_ascii_letters(
     assert not pct.exists()
 
 
+@pytest.mark.slow
 def test_damaged_tables_are_named(data_root: Path, capsys: pytest.CaptureFixture) -> None:
     """Finding 5: a corrupt _delta_log entry of cell_features made status, sql (also queries
     not touching it) and materialize exit 1 with a raw DeltaError naming no table."""
@@ -303,6 +309,7 @@ def test_unknown_model_version_refused_before_any_run(data_root: Path, capsys) -
     assert not (data_root / "_dagster").exists()
 
 
+@pytest.mark.slow
 def test_change_file_with_a_huge_id(data_root: Path, tmp_path: Path, capsys) -> None:
     """Finding 9: id="99999999999999999999" was an internal error (exit 1)."""
     from s2vec_pipeline.cli import main
@@ -354,6 +361,7 @@ def _zip_whole(path: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_torn_checkpoint_is_set_aside_and_training_starts_over(
     data_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -378,6 +386,7 @@ def test_a_torn_checkpoint_is_set_aside_and_training_starts_over(
     assert not work.exists() and (data_root / "models" / card.model_version).is_dir()
 
 
+@pytest.mark.slow
 def test_a_good_checkpoint_is_resumed(data_root: Path) -> None:
     """The check does not throw away a whole checkpoint: training resumes from it."""
     from s2vec_pipeline.model.train import TrainConfig, train_model
@@ -400,6 +409,7 @@ def _mount_tmpfs(where: Path, size: str) -> None:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing(data_root: Path, tmp_path: Path) -> None:
     """Finding 2: a disk that fills during checkpointing failed with an internal error; now
     StorageUnavailableError (exit 2) names the folder, and the next run with space works."""
@@ -462,6 +472,7 @@ def _running_runs(root: Path, job: str) -> list[dg.DagsterRun]:
         return [r for r in instance.get_runs() if r.job_name == job and not r.is_finished]
 
 
+@pytest.mark.slow
 def test_killed_runs_are_marked_failed_and_shown(
     data_root: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -502,6 +513,7 @@ def _non_progress(err: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training(data_root: Path) -> None:
     """Finding 7: Ctrl-C while training exited 1 with ~180 lines of
     DagsterExecutionInterruptedError; now exit 130 and one line. A rerun resumes."""
@@ -523,6 +535,7 @@ def test_ctrl_c_during_training(data_root: Path) -> None:
     assert line.startswith("error: interrupted")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_extraction_workers(data_root: Path, tmp_path: Path) -> None:
     """Finding 7: Ctrl-C during parallel extraction printed the error line, then ~180 lines
     of worker tracebacks."""
@@ -534,9 +547,9 @@ def test_ctrl_c_during_extraction_workers(data_root: Path, tmp_path: Path) -> No
         return children.exists() and len(children.read_text().split()) >= 2
 
     _wait_for(workers_started, proc, "the extraction workers")
-    # Early in their work: a partition run now takes ~2 s after a ~2 s start, and a signal that
-    # arrives once the command has finished (interpreter shutdown) tests nothing
-    time.sleep(1)
+    # Early in their work, at once: a partition run now takes ~2 s after a ~2 s start, and a
+    # signal that arrives once the command has finished (interpreter shutdown) tests nothing
+    _wait_for(lambda: _running_runs(root, "data_layer") != [], proc, "a worker's partition run")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -545,6 +558,7 @@ def test_ctrl_c_during_extraction_workers(data_root: Path, tmp_path: Path) -> No
     assert line.startswith("error: interrupted")
 
 
+@pytest.mark.slow
 def test_s3_root_without_credentials(
     s3_env: str,  # noqa: F811 - the fixture imported above
     monaco_pbf: Path,

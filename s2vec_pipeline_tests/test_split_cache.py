@@ -71,6 +71,7 @@ def one_partition(source: Path, taxonomy, token: str, cache: Path) -> pl.DataFra
     return got[token]
 
 
+@pytest.mark.slow
 def test_one_partition_per_run_reads_the_source_once(
     straddling, taxonomy, osmium_calls, tmp_path
 ) -> None:
@@ -91,6 +92,7 @@ def test_one_partition_per_run_reads_the_source_once(
     assert not list(cache.rglob("*.partial"))  # nothing half-published
 
 
+@pytest.mark.slow
 def test_new_source_version_is_cut_again(straddling, taxonomy, osmium_calls, tmp_path) -> None:
     source = tmp_path / "city.osm.pbf"
     shutil.copy(straddling, source)
@@ -108,6 +110,7 @@ def test_new_source_version_is_cut_again(straddling, taxonomy, osmium_calls, tmp
     assert len(first) == len(second) == 1 and first != second  # the old version was removed
 
 
+@pytest.mark.slow
 def test_concurrent_runs_share_one_cut(straddling, taxonomy, osmium_calls, tmp_path) -> None:
     oracle, _ = extract_features([straddling], taxonomy, CITY)
     busy = oracle["parent_l6"].unique().sort().to_list()[:4]

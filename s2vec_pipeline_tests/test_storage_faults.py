@@ -81,6 +81,7 @@ def test_disk_full_commits_nothing_and_maintenance_cleans(small_fs: Path) -> Non
     assert delta_store.read_partitions(root, "t").equals(before)
 
 
+@pytest.mark.slow
 def test_disk_full_through_the_cli_exits_2(
     small_fs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
