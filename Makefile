@@ -17,8 +17,8 @@ DEMO_HOME ?= $(CURDIR)/.dagster_home
 
 setup: $(VENV)/.installed
 
-# constraints.txt pins the CPU build of torch for this setup; the package accepts any recent
-# torch, so GPU users install their CUDA build first and skip the constraints.
+# constraints.txt pins torch 2.13.0 (on Linux x86_64 PyPI serves its CUDA build; the README says
+# how to get the CPU build). The package accepts any recent torch: a build installed first stays.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -87,7 +87,7 @@ def runs(port: int, **filt: object) -> list[dict]:
 
 
 def load() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 def wait_runs(port: int, want: int, timeout: float, **filt: object) -> list[dict]:

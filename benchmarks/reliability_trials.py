@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
+import psutil
 
 DATA = ["osm_features", "cell_features", "raster_tiles"]
 STAGES = ["--stages", "extract,features,raster"]
@@ -99,8 +100,10 @@ def running_runs(root: Path) -> list[str]:
 
 
 def child_pids(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(x) for x in path.read_text().split()] if path.exists() else []
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 class Trials:

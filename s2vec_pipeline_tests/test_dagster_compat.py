@@ -16,11 +16,15 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 
 from s2vec_pipeline.defs.automation import Staleness, stale_partitions
 from s2vec_pipeline.service import dagster_compat as compat
+from s2vec_pipeline.service.dagster_compat import (
+    AssetGraphView,
+    CachingStaleStatusResolver,
+    StaleStatus,
+    TemporalContext,
+)
 
 CELLS = dg.DynamicPartitionsDefinition(name="cells")
 SOURCE_VERSIONS: dict[str, str] = {}  # what the next observation records, per partition

@@ -284,8 +284,7 @@ def test_code_server_and_webserver_commands_serve_the_definitions(tmp_path: Path
     """The compose file's code-server and webserver commands and their health checks, run as
     written except for loopback hosts, free ports and the workspace file's location; then
     docker/workspace.yaml (host and port likewise) loads the code location's definitions."""
-    from dagster._core.workspace.context import WorkspaceProcessContext
-    from dagster._core.workspace.load_target import WorkspaceFileTarget
+    from s2vec_pipeline.service.dagster_compat import WorkspaceFileTarget, WorkspaceProcessContext
 
     services = _compose()["services"]
     code_port, web_port = str(free_port()), str(free_port())
@@ -372,11 +371,10 @@ def _uncomment_gpu_block(text: str) -> str:
 
 
 def test_service_instance_config_validates_with_the_docker_launcher(tmp_path: Path) -> None:
-    from dagster._config import process_config
-    from dagster._core.instance.config import dagster_instance_config
     from dagster_docker import DockerRunLauncher
 
     import docker
+    from s2vec_pipeline.service.dagster_compat import dagster_instance_config, process_config
 
     for variant, text in [("cpu", (DOCKER / "dagster.yaml").read_text())] + [
         ("gpu", _uncomment_gpu_block((DOCKER / "dagster.yaml").read_text()))
@@ -445,9 +443,9 @@ def _snake(name: str) -> str:
 def test_helm_values_validate_against_dagster_k8s_and_match_the_compose_limits() -> None:
     """The chart renders these values into the instance's dagster.yaml (camelCase -> the
     snake_case fields); validate them with the classes that will read them."""
-    from dagster._config import process_config
-    from dagster._core.instance.config import dagster_instance_config_schema
     from dagster_k8s import K8sRunLauncher
+
+    from s2vec_pipeline.service.dagster_compat import dagster_instance_config_schema, process_config
 
     values = yaml.safe_load((DOCKER / "k8s" / "values.yaml").read_text())
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
@@ -484,7 +482,6 @@ def test_helm_values_validate_against_dagster_k8s_and_match_the_compose_limits()
 
 
 def test_k8s_executor_puts_training_and_embedding_on_gpu_nodes() -> None:
-    from dagster._config import process_config
     from dagster_k8s import k8s_job_executor
     from dagster_k8s.job import (
         DagsterK8sJobConfig,
@@ -495,6 +492,7 @@ def test_k8s_executor_puts_training_and_embedding_on_gpu_nodes() -> None:
 
     from s2vec_pipeline.definitions import build_definitions
     from s2vec_pipeline.errors import S2VecError
+    from s2vec_pipeline.service.dagster_compat import process_config
     from s2vec_pipeline.service.k8s import (
         GPU_JOB_TAGS,
         GPU_NODE_SELECTOR,

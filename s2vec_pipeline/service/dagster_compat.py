@@ -20,7 +20,17 @@ API).
   manager (the CLI's instance captures no step output), naming the class where it lives.
 - ``PostProcessingError``: Dagster's documented way to refuse a config value in a config
   type's ``post_process`` (``defs/model.py``); not re-exported at the top level.
+
+The tests use a few more as oracles, loaded only when asked for (``__getattr__``): Dagster's
+own stale-status resolver (``CachingStaleStatusResolver``, ``StaleStatus``, ``AssetGraphView``,
+``TemporalContext``: the UI's "Unsynced" badge, which ``test_dagster_compat`` compares the
+staleness rule with), its workspace loader (``WorkspaceProcessContext``,
+``WorkspaceFileTarget``: the deployment's code server as the webserver loads it) and its config
+validation (``process_config``, ``dagster_instance_config``, ``dagster_instance_config_schema``:
+the deployment's ``dagster.yaml`` and Helm values checked with the schema Dagster reads them with).
 """
+
+import importlib
 
 from dagster._config import PostProcessingError
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
@@ -35,6 +45,25 @@ NO_COMPUTE_LOGS_YAML = (
     f"compute_logs:\n  module: {NoOpComputeLogManager.__module__}\n"
     f"  class: {NoOpComputeLogManager.__name__}\n"
 )
+
+_TEST_ORACLES = {
+    "AssetGraphView": "dagster._core.asset_graph_view.asset_graph_view",
+    "TemporalContext": "dagster._core.asset_graph_view.asset_graph_view",
+    "CachingStaleStatusResolver": "dagster._core.definitions.data_version",
+    "StaleStatus": "dagster._core.definitions.data_version",
+    "WorkspaceProcessContext": "dagster._core.workspace.context",
+    "WorkspaceFileTarget": "dagster._core.workspace.load_target",
+    "process_config": "dagster._config",
+    "dagster_instance_config": "dagster._core.instance.config",
+    "dagster_instance_config_schema": "dagster._core.instance.config",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _TEST_ORACLES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_TEST_ORACLES[name]), name)
+
 
 __all__ = [
     "INDEX_SHARD_NAME",

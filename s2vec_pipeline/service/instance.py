@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
+import psutil
 import pydantic
 import sqlalchemy as sa
 
@@ -184,41 +185,20 @@ def recorded_dagster_home(root: str) -> str | None:
         return None
 
 
-def _process_start_epoch(pid: int) -> float | None:
-    """When a process started (Linux /proc), None when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces
-    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
 def process_alive(pid: int, not_started_after: float | None = None) -> bool:
     """Whether process ``pid`` runs (not a zombie) and, when ``not_started_after`` is given,
     started no later than that time (a newer process reusing the id is not the same one)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False  # exited, not yet reaped by its parent
+        started = process.create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state in ("Z", "X"):  # exited, not yet reaped by its parent
-            return False
-    except OSError:
-        pass
-    if not_started_after is not None:
-        started = _process_start_epoch(pid)
-        # /proc start times are in clock ticks: allow a second of rounding.
-        if started is not None and started > not_started_after + 1.0:
-            return False
-    return True
+    except psutil.AccessDenied:
+        return True  # exists, owned by another user
+    # start times are kept in clock ticks: allow a second of rounding
+    return not_started_after is None or started <= not_started_after + 1.0
 
 
 def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:

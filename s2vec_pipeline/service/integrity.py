@@ -14,8 +14,6 @@ from collections.abc import Callable
 from urllib.parse import unquote
 
 import dagster as dg
-import pyarrow as pa
-from deltalake import DeltaTable
 
 from s2vec_pipeline.storage import delta_store, fs
 
@@ -45,9 +43,7 @@ def has_data(instance: dg.DagsterInstance, root: str | os.PathLike) -> Callable[
 
 
 def _add_actions(root: str | os.PathLike, table: str) -> dict[str, list]:
-    uri = delta_store.table_uri(root, table)
-    with delta_store.readable(root, table):  # a corrupt log: DamagedTableError naming it
-        return pa.table(DeltaTable(uri).get_add_actions(flatten=True)).to_pydict()
+    return delta_store.data_file_actions(root, table).to_pydict()
 
 
 def lost_data(

@@ -410,17 +410,23 @@ def read_partitions(
         return lf.collect()
 
 
+def data_file_actions(root: str | os.PathLike, name: str, version: int | None = None) -> pa.Table:
+    """The table's add actions at ``version`` (default the latest), flattened: one row per data
+    file with its log ``path``, ``num_records`` and ``partition.parent_l6``, from the log alone."""
+    dt = _open(root, name)
+    with readable(root, name):  # a corrupt log: DamagedTableError naming it
+        if version is not None:
+            dt.load_as_version(version)
+        return pa.table(dt.get_add_actions(flatten=True))
+
+
 def partition_keys(root: str | os.PathLike, name: str, version: int | None = None) -> list[str]:
     """The ``parent_l6`` values that hold at least one row (at table ``version``), from the
     Delta log alone: a partition whose data file is gone is still listed (and reported lost,
     ``integrity.lost_data``)."""
     if not table_exists(root, name):
         return []
-    dt = _open(root, name)
-    if version is not None:
-        with readable(root, name):
-            dt.load_as_version(version)
-    actions = pa.table(dt.get_add_actions(flatten=True))
+    actions = data_file_actions(root, name, version)
     if actions.num_rows == 0:
         return []
     # a file without statistics (another writer) counts as holding rows
