@@ -182,6 +182,16 @@ def test_registry_refuses_hand_edits_it_cannot_trust(tmp_path: Path) -> None:
     path.write_text("regions: [1, 2]\n")
     with pytest.raises(R.RegionError, match="mapping"):
         reg.list()
+    # an entry without cells, or with cells that are not a list: the region and field named
+    path.write_text("format: 1\nregions:\n  helsinki: {kind: bbox}\n")
+    with pytest.raises(R.RegionError, match=r"region 'helsinki': cells: field required"):
+        reg.list()
+    path.write_text("format: 1\nregions:\n  helsinki: {kind: bbox, cells: '4693'}\n")
+    with pytest.raises(R.RegionError, match=r"region 'helsinki': cells: input should be a valid"):
+        reg.list()
+    path.write_text("format: 2\nregions: {}\n")
+    with pytest.raises(R.RegionError, match="format 2; this version reads format 1"):
+        reg.list()
 
 
 @pytest.mark.parametrize("name", ["Helsinki", "", "-x", "_x", "a b", "a" * 65, "ä", None, 3])

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 import shapely
 import shapely.affinity
 import shapely.errors
@@ -161,24 +162,52 @@ class Region:
 
     @classmethod
     def from_dict(cls, name: str, data: Any) -> Region:
-        if not isinstance(data, dict):
-            raise RegionError(f"region {name!r} must be a mapping, got {type(data).__name__}")
-        missing = [k for k in ("kind", "cells") if k not in data]
-        if missing:
-            raise RegionError(f"region {name!r} lacks {', '.join(missing)}")
-        cells = data["cells"]
-        if not isinstance(cells, list):
-            raise RegionError(f"region {name!r}: cells must be a list of tokens")
-        spec = data.get("spec") or {}
-        if not isinstance(spec, dict):
-            raise RegionError(f"region {name!r}: spec must be a mapping")
-        return cls(
-            name=name,
-            cells=tuple(cells),
-            kind=data["kind"],
-            spec=spec,
-            created_at=str(data.get("created_at", "")),
-        )
+        try:
+            entry = RegionEntry.model_validate(data)
+        except pydantic.ValidationError as e:
+            raise RegionError(f"region {name!r}: {_first_problem(e)}") from e
+        return cls(name, tuple(entry.cells), entry.kind, entry.spec, entry.created_at)
+
+
+class RegionEntry(pydantic.BaseModel):
+    """One region as ``regions.yaml`` stores it (the file's ``regions`` mapping: name -> this)."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    kind: str
+    cells: list[Any]  # each token is checked by Region (a number: "keep it quoted")
+    spec: dict[str, Any] = {}
+    created_at: str = ""
+
+    @pydantic.field_validator("spec", mode="before")
+    @classmethod
+    def _no_spec(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @pydantic.field_validator("created_at", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> str:
+        return "" if value is None else str(value)  # YAML reads an unquoted time as a datetime
+
+
+class RegionsFile(pydantic.BaseModel):
+    """``regions.yaml``: its format and the regions by name (values checked by ``RegionEntry``
+    one by one, so an error names the region)."""
+
+    format: int = REGISTRY_FORMAT
+    regions: dict[str, Any] = {}
+
+    @pydantic.field_validator("regions", mode="before")
+    @classmethod
+    def _no_regions(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+def _first_problem(error: pydantic.ValidationError) -> str:
+    """One line from pydantic's error: the field and what is wrong with it."""
+    first = error.errors()[0]
+    where = ".".join(str(x) for x in first["loc"]) or "value"
+    return f"{where}: {first['msg'].lower()}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,19 +477,20 @@ class RegionRegistry:
             ) from e
         if doc is None:
             return {}
-        if not isinstance(doc, dict) or not isinstance(doc.get("regions", {}), dict):
+        try:
+            registry = RegionsFile.model_validate(doc)
+        except pydantic.ValidationError as e:
             raise RegionError(
                 f"region registry {self.path} must be a mapping with a 'regions' mapping of "
-                f"name -> region; fix or restore the file"
-            )
-        fmt = doc.get("format", REGISTRY_FORMAT)
-        if fmt != REGISTRY_FORMAT:
+                f"name -> region ({_first_problem(e)}); fix or restore the file"
+            ) from e
+        if registry.format != REGISTRY_FORMAT:
             raise RegionError(
-                f"region registry {self.path} has format {fmt!r}; this version reads format "
-                f"{REGISTRY_FORMAT}"
+                f"region registry {self.path} has format {registry.format!r}; this version reads "
+                f"format {REGISTRY_FORMAT}"
             )
         out: dict[str, Region] = {}
-        for name, data in (doc.get("regions") or {}).items():
+        for name, data in registry.regions.items():
             try:
                 out[str(name)] = Region.from_dict(str(name), data)
             except RegionError as e:

@@ -9,11 +9,10 @@ and versioned (``format``), under the root's lock so concurrent commands merge t
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+import pydantic
 
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.storage import fs
@@ -29,9 +28,21 @@ class ManifestError(S2VecError):
     """The root's manifest is unreadable, or names sources that are gone."""
 
 
-@dataclass(frozen=True)
-class RootManifest:
-    sources: dict[str, dict[str, Any]]  # absolute path -> size, mtime_ns, sha256
+class SourceRecord(pydantic.BaseModel):
+    """A recorded source file: its size and mtime when recorded, and its content hash."""
+
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+class RootManifest(pydantic.BaseModel):
+    """``s2vec_root.json`` (format ``FORMAT``)."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    format: int = FORMAT
+    sources: dict[str, SourceRecord]  # absolute path -> its record
     profile: str
     taxonomy_version: str
 
@@ -50,13 +61,20 @@ def read_manifest(root: str | os.PathLike) -> RootManifest | None:
     if raw is None:
         return None
     try:
-        data = json.loads(raw)
-        return RootManifest(data["sources"], data["profile"], data["taxonomy_version"])
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = RootManifest.model_validate_json(raw)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "file"
         raise ManifestError(
-            f"{path} is not a readable s2vec manifest ({e}): restore it, or delete it and pass "
-            f"--source again"
+            f"{path} is not a readable s2vec manifest ({where}: {first['msg'].lower()}): restore "
+            f"it, or delete it and pass --source again"
         ) from e
+    if manifest.format != FORMAT:
+        raise ManifestError(
+            f"{path} has format {manifest.format}; this version reads format {FORMAT}: delete "
+            f"it and pass --source again"
+        )
+    return manifest
 
 
 def record_sources(
@@ -70,21 +88,17 @@ def record_sources(
             identity = FileIdentity.of(src)
             key = str(identity.path)
             entry = known.get(key)
-            if entry and identity.same_version(entry["size"], entry["mtime_ns"]):
+            if entry and identity.same_version(entry.size, entry.mtime_ns):
                 continue  # unchanged: no need to hash it again
-            known[key] = {
-                "size": identity.size,
-                "mtime_ns": identity.mtime_ns,
-                "sha256": file_sha256(identity.path)[0],
-            }
-        manifest = RootManifest(known, profile, taxonomy_version)
-        body = {
-            "format": FORMAT,
-            "sources": dict(sorted(known.items())),
-            "profile": profile,
-            "taxonomy_version": taxonomy_version,
-        }
-        fs.write_bytes(_path(root), json.dumps(body, indent=2).encode())
+            known[key] = SourceRecord(
+                size=identity.size,
+                mtime_ns=identity.mtime_ns,
+                sha256=file_sha256(identity.path)[0],
+            )
+        manifest = RootManifest(
+            sources=dict(sorted(known.items())), profile=profile, taxonomy_version=taxonomy_version
+        )
+        fs.write_text(_path(root), manifest.model_dump_json(indent=2))
         return manifest
 
 
