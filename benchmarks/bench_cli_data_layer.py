@@ -27,8 +27,9 @@ from pathlib import Path
 
 import osmium
 
-from s2vec_pipeline.settings import bundled_source
-from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' osm_tile
+from s2vec_pipeline.settings import bundled_source  # noqa: E402
+from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf  # noqa: E402
 
 CHILD = """
 import resource, sys, time

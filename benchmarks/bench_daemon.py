@@ -37,6 +37,7 @@ import dagster as dg
 import osmium
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' osm_tile
 from bench_extract import bare_read  # noqa: E402
 
 from s2vec_pipeline.cells import s2  # noqa: E402

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from s2vec_pipeline.cells import s2
-from s2vec_pipeline.osm.extract import source_bbox
-from s2vec_pipeline.settings import bundled_source
-from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' osm_tile
+from s2vec_pipeline.cells import s2  # noqa: E402
+from s2vec_pipeline.osm.extract import source_bbox  # noqa: E402
+from s2vec_pipeline.settings import bundled_source  # noqa: E402
+from s2vec_pipeline_tests.osm_tile import cell_center_offsets, tile_pbf  # noqa: E402
 
 READ_METADATA = r"""
 import json, os, sys
