@@ -163,3 +163,12 @@ def storage_fault(error: BaseException) -> int | None:
         if any(words in text.lower() for words in _SQLITE_FULL):
             return errno.ENOSPC
     return None
+
+
+def validation_problem(error: Any, top: str = "value") -> str:
+    """One line from a ``pydantic.ValidationError``: its first complaint as ``field: what is
+    wrong`` (``top`` when the whole value is wrong), without pydantic's URL. The one way the
+    files the project reads back (ledger, regions, manifest, model card) name a bad field."""
+    first = error.errors()[0]
+    where = ".".join(str(x) for x in first.get("loc", ())) or top
+    return f"{where}: {str(first.get('msg', 'invalid')).lower()}"

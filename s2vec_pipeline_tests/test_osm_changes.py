@@ -814,7 +814,7 @@ def test_ledger_file_keeps_its_format_and_reads_older_ledgers(
         ('{"format": 1, "source": {', "cannot be read"),
         ('["a", "list"]', "is not a format-1 ledger"),
         ('{"format": 2, "source": {}}', "is not a format-1 ledger"),
-        ('{"format": 1, "source": {"path": "x"}}', r"is damaged \(source\.sha256: Field required"),
+        ('{"format": 1, "source": {"path": "x"}}', r"is damaged \(source\.sha256: field required"),
         ('{"format": 1, "source": null}', r"is damaged \(source: "),
     ],
 )

@@ -50,6 +50,7 @@ from s2vec_pipeline.errors import (
     InvalidBoundingBoxError,
     InvalidCellError,
     S2VecError,
+    validation_problem,
 )
 from s2vec_pipeline.osm.coverage import cells_covering_source
 from s2vec_pipeline.osm.extract import validate_source
@@ -165,7 +166,7 @@ class Region:
         try:
             entry = RegionEntry.model_validate(data)
         except pydantic.ValidationError as e:
-            raise RegionError(f"region {name!r}: {_first_problem(e)}") from e
+            raise RegionError(f"region {name!r}: {validation_problem(e)}") from e
         return cls(name, tuple(entry.cells), entry.kind, entry.spec, entry.created_at)
 
 
@@ -201,13 +202,6 @@ class RegionsFile(pydantic.BaseModel):
     @classmethod
     def _no_regions(cls, value: Any) -> Any:
         return {} if value is None else value
-
-
-def _first_problem(error: pydantic.ValidationError) -> str:
-    """One line from pydantic's error: the field and what is wrong with it."""
-    first = error.errors()[0]
-    where = ".".join(str(x) for x in first["loc"]) or "value"
-    return f"{where}: {first['msg'].lower()}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +476,7 @@ class RegionRegistry:
         except pydantic.ValidationError as e:
             raise RegionError(
                 f"region registry {self.path} must be a mapping with a 'regions' mapping of "
-                f"name -> region ({_first_problem(e)}); fix or restore the file"
+                f"name -> region ({validation_problem(e)}); fix or restore the file"
             ) from e
         if registry.format != REGISTRY_FORMAT:
             raise RegionError(

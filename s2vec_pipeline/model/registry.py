@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.errors import S2VecError, validation_problem
 from s2vec_pipeline.storage import delta_store, fs
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class ModelCard(BaseModel):
             card = cls.model_validate_json(raw)
         except ValidationError as e:
             raise InvalidModelCardError(
-                f"{location} is not a readable model card ({_first_problem(e)}): it is damaged "
+                f"{location} is not a readable model card ({validation_problem(e)}): it is damaged "
                 f"or was not written by s2vec. Remove {directory} and train again (s2vec "
                 "materialize --stages train)"
             ) from None
@@ -164,14 +164,6 @@ class ModelCard(BaseModel):
         """The weights file: a local path, or a URI on an object-store root."""
         location = fs.join(self.directory, "model.ckpt")
         return location if fs.is_object_store(location) else Path(location)
-
-
-def _first_problem(e: ValidationError) -> str:
-    """pydantic's first complaint, in a few words (no URL)."""
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ()))
-    msg = str(err.get("msg", "invalid"))
-    return f"{where}: {msg.lower()}" if where else msg.lower()
 
 
 def check_compatible(card: ModelCard, contract: dict[str, Any], table: str = RASTER_TABLE) -> None:

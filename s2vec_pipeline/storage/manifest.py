@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydantic
 
-from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.errors import S2VecError, validation_problem
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.file_identity import FileIdentity
 from s2vec_pipeline.storage.locks import exclusive
@@ -63,10 +63,8 @@ def read_manifest(root: str | os.PathLike) -> RootManifest | None:
     try:
         manifest = RootManifest.model_validate_json(raw)
     except pydantic.ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "file"
         raise ManifestError(
-            f"{path} is not a readable s2vec manifest ({where}: {first['msg'].lower()}): restore "
+            f"{path} is not a readable s2vec manifest ({validation_problem(e, 'file')}): restore "
             f"it, or delete it and pass --source again"
         ) from e
     if manifest.format != FORMAT:

@@ -20,7 +20,7 @@ from typing import Literal
 
 import pydantic
 
-from s2vec_pipeline.errors import S2VecError
+from s2vec_pipeline.errors import S2VecError, validation_problem
 from s2vec_pipeline.storage import fs
 from s2vec_pipeline.storage.file_identity import FileIdentity, path_key
 from s2vec_pipeline.storage.locks import exclusive
@@ -202,11 +202,9 @@ def load_ledger(sdir: Path) -> Ledger | None:
     try:
         return Ledger.model_validate(raw)
     except pydantic.ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top)"
         raise ChangeLedgerError(
-            f"change ledger {path} is damaged ({where}: {first['msg']}); restore it from a "
-            f"backup, or delete {sdir} to start again from the original source"
+            f"change ledger {path} is damaged ({validation_problem(e, '(top)')}); restore it "
+            f"from a backup, or delete {sdir} to start again from the original source"
         ) from None
 
 
