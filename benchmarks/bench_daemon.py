@@ -135,6 +135,14 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for the tiled PBF, root and home")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per phase")
     ap.add_argument(
+        "--dagster-yaml",
+        type=Path,
+        default=REPO / "dagster.yaml",
+        help="instance settings to start from (default: the repository's; an older one to "
+        "compare launchers in the same session)",
+    )
+    ap.add_argument("--region-only", action="store_true", help="skip the change latency")
+    ap.add_argument(
         "--change-only",
         action="store_true",
         help="reuse --work from an earlier run (its region, model and embeddings): measure one "
@@ -156,7 +164,7 @@ def main() -> None:
         changes.mkdir()
         # as `make ui` writes it: the repository's settings plus the pooled SQLite storages
         (home / "dagster.yaml").write_text(
-            (REPO / "dagster.yaml").read_text() + pooled_sqlite_config(str(home))
+            args.dagster_yaml.read_text() + pooled_sqlite_config(str(home))
         )
     settings = PipelineSettings(root=str(root), sources=[str(pbf)], changes_dir=str(changes))
     cells = sorted(source_cells(settings.sources))
@@ -194,7 +202,8 @@ def main() -> None:
 
         if not args.change_only:
             region(args, loc, pbf, cells, bare_s, out)
-        change(args, loc, pbf, cells, settings, home, changes, out)
+        if not args.region_only:
+            change(args, loc, pbf, cells, settings, home, changes, out)
         out["load_end"] = load()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -222,6 +231,19 @@ def region(args: argparse.Namespace, loc: str, pbf: Path, cells: list, bare_s: f
     out["region_s"] = round(end - t_launch, 1)
     out["region_run_s_sum"] = round(sum(r["endTime"] - r["startTime"] for r in done), 1)
     out["region_x_bare"] = round(out["region_s"] / bare_s, 1)
+    # Where the time went: the launch run, the partition runs' creation, queue and execution.
+    (first,) = runs(args.port, pipelineName="materialize_region")
+    created = sorted(r["creationTime"] for r in done)
+    waits = [r["startTime"] - r["creationTime"] for r in done]
+    durations = sorted(r["endTime"] - r["startTime"] for r in done)
+    out["timeline_s"] = {
+        "launch_run_start": round(first["startTime"] - t_launch, 1),
+        "launch_run_end": round(first["endTime"] - t_launch, 1),
+        "first_partition_run_created": round(created[0] - t_launch, 1),
+        "last_partition_run_created": round(created[-1] - t_launch, 1),
+        "queue_wait_mean": round(sum(waits) / len(waits), 1),
+        "run_s_median": round(durations[len(durations) // 2], 1),
+    }
     out["load_region_end"] = load()
     time.sleep(75)  # materialize_new_regions (60 s) ticks after the registration: no rerun
     out["partition_runs_after_75s"] = len(runs(args.port, pipelineName="partition_pipeline"))

@@ -234,3 +234,16 @@ def test_post_processing_error_refuses_a_config_value() -> None:
 
     with pytest.raises(dg.DagsterInvalidConfigError, match="n must be positive"):
         job.execute_in_process(run_config={"ops": {"op": {"config": {"n": 0}}}})
+
+
+def test_run_execution_hooks_the_warm_run_workers_call() -> None:
+    """``execute_existing_run`` follows ``dagster api execute_run``: the same three names."""
+    assert _params(compat.core_execute_run)[:4] == [
+        "recon_job",
+        "dagster_run",
+        "instance",
+        "inject_env_vars",
+    ]
+    assert _params(compat.recon_job_from_origin) == ["origin"]
+    pid = compat.EngineEventData.in_process(1234).metadata["pid"]
+    assert int(pid.value) == 1234  # what run monitoring's run_worker_pid reads

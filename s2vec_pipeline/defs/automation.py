@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from s2vec_pipeline.defs.partitions import L6_PARTITIONS_NAME
-from s2vec_pipeline.service.k8s import executor_from_env
+from s2vec_pipeline.service.k8s import in_run_executor
 
 #: Every partitioned asset, in pipeline order.
 PIPELINE_ASSETS = [
@@ -57,10 +57,7 @@ partition_pipeline_job = dg.define_asset_job(
     description="Every partitioned asset of one level-6 cell (region and refresh runs pick "
     "the assets they need).",
     tags={"s2vec/stage": "data"},
-    # Every step in the run's own process: with the default executor each step is a fresh
-    # Python process loading the definitions (~10 s each on a loaded 2-core machine), more than
-    # a partition's work. On Kubernetes (S2VEC_EXECUTOR=k8s) steps keep their own pods (GPU).
-    executor_def=executor_from_env() or dg.in_process_executor,
+    executor_def=in_run_executor(),  # steps in the run's process; k8s pods (GPU) on Kubernetes
 )
 
 

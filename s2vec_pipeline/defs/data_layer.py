@@ -31,6 +31,7 @@ from s2vec_pipeline.errors import MissingInputError
 from s2vec_pipeline.osm.coverage import current_sources_for
 from s2vec_pipeline.osm.extract import OSM_FEATURES_CODE_VERSION, OSM_FEATURES_SCHEMA
 from s2vec_pipeline.osm.extract_cache import extract_partition
+from s2vec_pipeline.service.k8s import in_run_executor
 from s2vec_pipeline.settings import PipelineSettings
 from s2vec_pipeline.storage import delta_store, tables
 from s2vec_pipeline.storage.tables import CELL_COLUMNS, OSM_FEATURES_COLUMNS, RASTER_COLUMNS
@@ -298,4 +299,5 @@ data_layer_job = dg.define_asset_job(
     description="osm_features -> cell_features -> raster_tiles for one level-6 cell per run "
     "(pick several partitions to launch one run each).",
     tags={"s2vec/stage": "data"},
+    executor_def=in_run_executor(),
 )

@@ -38,6 +38,7 @@ from s2vec_pipeline.defs.partitions import (
 from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.defs.sources import refresh_sources_job
 from s2vec_pipeline.osm.coverage import source_cells
+from s2vec_pipeline.service.k8s import in_run_executor
 from s2vec_pipeline.settings import PipelineSettings
 
 REGION_TAG = "s2vec/region"
@@ -88,6 +89,7 @@ def resolve_region(
     description="Materialize a registered region (or register one from a bounding box): one "
     "run per level-6 cell, tagged s2vec/region.",
     tags={"s2vec/stage": "regions"},
+    executor_def=in_run_executor(),
 )
 def materialize_region() -> None:
     resolve_region()
@@ -133,6 +135,7 @@ def region_run_requests(
     monitored_jobs=[materialize_region],
     request_jobs=[partition_pipeline_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=5,  # Dagster's 30 s default: up to 30 s lost per region launch
     description="After a materialize_region run, launches one run per cell of the region.",
 )
 def launch_region_runs(context: dg.RunStatusSensorContext, s2vec: S2VecResource) -> dg.SensorResult:

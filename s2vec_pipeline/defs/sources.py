@@ -24,6 +24,7 @@ from s2vec_pipeline.defs.resources import S2VecResource
 from s2vec_pipeline.errors import S2VecError
 from s2vec_pipeline.osm import changes as osm_changes
 from s2vec_pipeline.osm.coverage import source_cells
+from s2vec_pipeline.service.k8s import in_run_executor
 from s2vec_pipeline.settings import ENV_REFRESH_CRON, PipelineSettings, schedule_cron
 
 DEFAULT_REFRESH_CRON = "0 2 * * *"  # nightly, 02:00 UTC
@@ -139,6 +140,7 @@ refresh_sources_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("osm_sources"),
     description="Apply new OSM change files and version every cell's OSM data (nightly).",
     tags={"s2vec/stage": "sources"},
+    executor_def=in_run_executor(),
 )
 
 

@@ -18,6 +18,9 @@ API).
   ``check_run_worker_health`` (``instance.LocalProcessRunLauncher``).
 - ``NO_COMPUTE_LOGS_YAML``: the ``dagster.yaml`` lines selecting Dagster's no-op compute-log
   manager (the CLI's instance captures no step output), naming the class where it lives.
+- ``recon_job_from_origin``, ``core_execute_run``, ``EngineEventData``: what ``dagster api
+  execute_run`` does with a run (``execute_existing_run`` below), for the warm run workers of
+  ``service/run_launcher.py``.
 - ``PostProcessingError``: Dagster's documented way to refuse a config value in a config
   type's ``post_process`` (``defs/model.py``); not re-exported at the top level.
 
@@ -32,19 +35,40 @@ the deployment's ``dagster.yaml`` and Helm values checked with the schema Dagste
 
 import importlib
 
+from dagster import DagsterInstance, DagsterRun
 from dagster._config import PostProcessingError
+from dagster._core.events import EngineEventData
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.event_log import SqliteEventLogStorage
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME
 from dagster._core.storage.noop_compute_log_manager import NoOpComputeLogManager
 from dagster._core.storage.runs import SqliteRunStorage
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
+from dagster._grpc.impl import core_execute_run
 from dagster._serdes.config_class import ConfigurableClassData
+from dagster._utils.hosted_user_process import recon_job_from_origin
 
 NO_COMPUTE_LOGS_YAML = (
     f"compute_logs:\n  module: {NoOpComputeLogManager.__module__}\n"
     f"  class: {NoOpComputeLogManager.__name__}\n"
 )
+
+
+def execute_existing_run(instance: DagsterInstance, run: DagsterRun, pid: int) -> None:
+    """Execute a created (launched) run in this process, as ``dagster api execute_run`` does
+    (dagster/_cli/api.py ``_execute_run_command_body``): the engine event that records the run
+    worker's ``pid`` (run monitoring checks it), then Dagster's own execution, which records
+    the run's events and status; a failure is in the event log, not raised."""
+    recon_job = recon_job_from_origin(run.job_code_origin)
+    instance.report_engine_event(
+        f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
+    )
+    try:
+        for _ in core_execute_run(recon_job, run, instance, inject_env_vars=True):
+            pass
+    except Exception:  # noqa: BLE001, S110 - core_execute_run logged it and failed the run
+        pass
+
 
 _TEST_ORACLES = {
     "AssetGraphView": "dagster._core.asset_graph_view.asset_graph_view",
@@ -75,4 +99,5 @@ __all__ = [
     "SqliteEventLogStorage",
     "SqliteRunStorage",
     "WorkerStatus",
+    "execute_existing_run",
 ]

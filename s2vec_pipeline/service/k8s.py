@@ -77,6 +77,13 @@ def k8s_executor(max_concurrent: int = 4) -> dg.ExecutorDefinition:
     return k8s_job_executor.configured(k8s_executor_config(max_concurrent), name="s2vec_k8s")
 
 
+def in_run_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
+    """The executor of the jobs whose steps are light (data layer, regions, sources): every step
+    in the run's own process (a fresh Python process per step loads the definitions, ~2-10 s,
+    more than such a step's work), or Kubernetes pods when ``S2VEC_EXECUTOR=k8s``."""
+    return executor_from_env(environ) or dg.in_process_executor
+
+
 def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition | None:
     """The executor the definitions should use: the k8s one when ``S2VEC_EXECUTOR=k8s``, else
     None (Dagster's default multiprocess executor)."""
