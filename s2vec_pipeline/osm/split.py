@@ -83,8 +83,10 @@ from s2vec_pipeline.worker_pool import SpawnPool
 
 #: Sources up to this many bytes in all are extracted in-process (faster: no split, no workers).
 IN_PROCESS_MAX_BYTES = 64 * 1024 * 1024
-#: Extracts per ``osmium extract`` pass: its memory grows with extracts x highest node id / 4.
-MAX_EXTRACTS_PER_PASS = 32
+#: Extracts per ``osmium extract`` pass: its memory grows with the extracts of a pass (and the
+#: highest node id). 16, not 32: Helsinki x64 (31 groups) peaked at 694 MB in one 32-extract
+#: pass, 316 MB in 16-extract stages, for 13.5 s -> 17.1 s of splitting (docs/benchmarks.md).
+MAX_EXTRACTS_PER_PASS = 16
 #: Group files are temporary: lz4 writes ~2x faster than zlib at ~1.3x the size (measured).
 SPLIT_FORMAT = "pbf,pbf_compression=lz4"
 ROW_KEY = ["osm_type", "osm_id", "channel", "cell_id"]
