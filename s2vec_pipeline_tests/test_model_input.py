@@ -16,7 +16,12 @@ import torch
 from s2vec_pipeline.cells.raster import tensor_array
 from s2vec_pipeline.model.config import InvalidTrainConfigError, TrainConfig
 from s2vec_pipeline.model.data import raster_partition_versions
-from s2vec_pipeline.model.datamodule import IndexBatchSampler, RasterTileDataModule
+from s2vec_pipeline.model.datamodule import (
+    IndexBatchSampler,
+    RasterTileDataModule,
+    SparseTiles,
+    _dense_on_device,
+)
 from s2vec_pipeline.model.synthetic import synthetic_raster_tiles
 from s2vec_pipeline.model.tile_cache import TILE_CACHE_DIR, tile_cache
 from s2vec_pipeline.model.train import model_version
@@ -205,6 +210,7 @@ def test_tile_cache_holds_the_snapshot_and_is_rebuilt_when_it_does_not_match(
     cache = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
     assert cache.directory.parent == tmp_path / TILE_CACHE_DIR
     assert np.array_equal(cache.tiles(), _table_tiles(tmp_path))
+    assert np.array_equal(cache.tiles([7, 0, 7]), _table_tiles(tmp_path)[[7, 0, 7]])
     # Found again, not rebuilt.
     stamp = (cache.directory / "values.bin").stat().st_mtime_ns
     assert tile_cache(tmp_path, parts, version, versions, contract["channels"], S) == cache
@@ -307,6 +313,13 @@ def test_densified_batches_are_the_table_tiles(
         batches = [dm.dense_batch(b) for b in loader]
         assert {b.dtype for b in batches} == {getattr(torch, dtype)}
         assert np.array_equal(torch.cat(batches).numpy(), table[order])
+        if on_device:  # counted on the host: the device gathers without a host sync
+            assert all(b.nonzero == np.count_nonzero(table[b.rows.numpy()]) for b in loader)
+        else:  # the GPU's densify (torch), run on the CPU here: the same tiles
+            sparse = list(loader)
+            assert all(isinstance(b, SparseTiles) for b in sparse)
+            on_gpu = torch.cat([_dense_on_device(b, (C, S, S)) for b in sparse])
+            assert np.array_equal(on_gpu.numpy(), table[order])
     if not on_device:
         assert np.array_equal(train.dataset[5].numpy(), table[5])
     dense = table[dm.train_indices].astype(np.float64)
@@ -315,19 +328,23 @@ def test_densified_batches_are_the_table_tiles(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
-def test_sparse_batches_are_pinned_and_densified_on_the_gpu(tmp_path: Path) -> None:
-    """The loader pins the sparse batch (a tuple of tensors), Lightning's transfer moves it,
-    and it is densified on the GPU: the table's tiles."""
+@pytest.mark.parametrize("on_device", [False, True], ids=["mapped", "resident"])
+def test_sparse_batches_are_pinned_and_densified_on_the_gpu(
+    tmp_path: Path, on_device: bool
+) -> None:
+    """The loader pins the batch (tensors in a tuple), Lightning's transfer moves it, and it
+    is gathered (resident) and densified on the GPU: the table's tiles."""
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
-    dm = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8, pin_memory=True))
+    config = TrainConfig(batch_size=8, pin_memory=True, tiles_on_device=on_device)
+    dm = RasterTileDataModule(tmp_path, config)
     dm.setup()
     loader = dm.train_dataloader()
     order = np.concatenate(list(loader.batch_sampler))
     tiles = []
     for batch in loader:
-        assert batch.index.is_pinned() and batch.values.is_pinned()
+        assert all(t.is_pinned() for t in batch if isinstance(t, torch.Tensor))
         tiles.append(dm.dense_batch(move_data_to_device(batch, torch.device("cuda"))))
     assert {t.device.type for t in tiles} == {"cuda"}
     assert np.array_equal(torch.cat(tiles).cpu().numpy(), _table_tiles(tmp_path)[order])

@@ -45,26 +45,45 @@ def _replica() -> tuple[int, int]:
 
 
 class SparseTiles(NamedTuple):
-    """A batch of ``rows`` tiles as its nonzero ``values`` and their ``index`` (int64) into
-    the flattened (rows, C, S, S) batch. A tuple of tensors: the DataLoader pins it and
-    Lightning moves it to the device like a tensor; ``dense_tiles`` builds the batch there."""
+    """A batch of tiles as their nonzero values: image ``i``'s are the next ``lengths[i]``
+    ``values``, each at flat index ``positions`` (c*S*S + i*S + j, uint16 or uint32) in its
+    image. Tensors only: the DataLoader pins them, Lightning moves them to the device, and
+    ``dense_tiles`` builds the batch there (~6 bytes a nonzero float32 value moved, not 4
+    bytes a value)."""
 
-    index: torch.Tensor
+    positions: torch.Tensor
     values: torch.Tensor
-    rows: int
+    lengths: torch.Tensor
 
 
 def dense_tiles(batch: SparseTiles, image_shape: Sequence[int]) -> torch.Tensor:
-    """The (rows, C, S, S) tiles of ``batch`` on its device, in its values' dtype."""
-    values, size = batch.values, batch.rows * math.prod(image_shape)
-    if values.device.type == "cpu":
-        # numpy's zeros are pages the kernel zeroes on first touch, huge pages where it can:
-        # ~1.5-2x faster here than torch.zeros, which writes the zeros itself (4 kB pages).
-        out = torch.from_numpy(np.zeros(size, values.numpy().dtype))
-    else:
-        out = torch.zeros(size, dtype=values.dtype, device=values.device)
-    out.index_copy_(0, batch.index, values)
-    return out.view(batch.rows, *image_shape)
+    """The (B, C, S, S) tiles of ``batch`` on its device, in its values' dtype."""
+    if batch.values.device.type == "cpu":
+        return _dense_on_host(batch, image_shape)
+    return _dense_on_device(batch, image_shape)
+
+
+def _dense_on_host(batch: SparseTiles, image_shape: Sequence[int]) -> torch.Tensor:
+    # numpy, not torch, on the CPU: its zeros are pages the kernel zeroes on first touch
+    # (huge pages where it can) and its scatter is faster on one thread: ~1.5x at 2 %
+    # nonzero, ~4x dense, measured here.
+    positions, values, lengths = (t.numpy() for t in batch)
+    size = math.prod(image_shape)
+    out = np.zeros(len(lengths) * size, values.dtype)
+    index = np.repeat(np.arange(0, len(out), size), lengths)  # where each value's image starts
+    index += positions
+    out[index] = values
+    return torch.from_numpy(out).view(len(lengths), *image_shape)
+
+
+def _dense_on_device(batch: SparseTiles, image_shape: Sequence[int]) -> torch.Tensor:
+    positions, values, lengths = batch
+    rows, size = len(lengths), math.prod(image_shape)
+    out = torch.zeros(rows * size, dtype=values.dtype, device=values.device)
+    image = torch.arange(rows, device=values.device)
+    row = torch.repeat_interleave(image, lengths, output_size=len(values))  # no host sync
+    out.index_copy_(0, row * size + positions.long(), values)
+    return out.view(rows, *image_shape)
 
 
 class CachedTiles(Dataset):
@@ -89,10 +108,8 @@ class CachedTiles(Dataset):
         if self._arrays is None:
             cache = self.cache
             self._arrays = (np.array(cache.indptr()), cache.positions(), cache.values())
-        rows = np.asarray(indices)
-        row, position, value = gather_rows(*self._arrays, rows)
-        index = row * self.cache.image_size + position
-        return SparseTiles(torch.from_numpy(index), torch.from_numpy(value), len(rows))
+        positions, values, lengths = gather_rows(*self._arrays, np.asarray(indices))
+        return SparseTiles(*map(torch.from_numpy, (positions, values, lengths)))
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return dense_tiles(self.__getitems__(np.array([index])), self.cache.shape[1:])[0]
@@ -104,42 +121,60 @@ class ResidentTiles:
     :class:`CachedTiles` gives (the same segment gather, in torch)."""
 
     def __init__(self, cache: TileCache, device: torch.device) -> None:
-        self.device, self.image_size = device, cache.image_size
+        self.device = device
         self.indptr = torch.from_numpy(np.array(cache.indptr())).to(device)
+        # int32: torch's unsigned types can be copied and cast on a GPU, not indexed.
         self.positions = torch.from_numpy(cache.positions().astype(np.int32)).to(device)
         self.values = torch.from_numpy(np.array(cache.values())).to(device)
 
-    def gather(self, rows: torch.Tensor) -> SparseTiles:
+    def gather(self, batch: TileRows) -> SparseTiles:
+        rows = batch.rows
         starts = self.indptr[rows]
         lengths = self.indptr[rows + 1] - starts
-        batch_rows = torch.arange(len(rows), device=rows.device)
-        row = torch.repeat_interleave(batch_rows, lengths)  # the one host sync: the batch's size
         first = lengths.cumsum(0) - lengths
-        shift = torch.repeat_interleave(starts - first, lengths, output_size=len(row))
-        element = torch.arange(len(row), device=rows.device) + shift
-        index = row * self.image_size + self.positions[element]
-        return SparseTiles(index, self.values[element], len(rows))
+        # The count from the host: torch would wait for the device to size the output.
+        element = torch.repeat_interleave(starts - first, lengths, output_size=batch.nonzero)
+        element += torch.arange(batch.nonzero, device=rows.device)
+        return SparseTiles(self.positions[element], self.values[element], lengths)
+
+
+class TileRows(NamedTuple):
+    """A batch as its row indices (int64) and its number of nonzero values, counted on the
+    host: the device gathers it without waiting for a count (no per-step host sync)."""
+
+    rows: torch.Tensor
+    nonzero: int
 
 
 class TileIndices(Dataset):
-    """``dataset[indices]`` → the indices themselves (int64): the tiles are gathered on the
-    training device from a resident copy (``TrainConfig.tiles_on_device``,
-    :class:`ResidentTiles`)."""
+    """``dataset[indices]`` → :class:`TileRows`: the tiles are gathered on the training
+    device from a resident copy (``TrainConfig.tiles_on_device``, :class:`ResidentTiles`).
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    Pickles as the cache's location (each spawned worker loads the image offsets itself).
+    """
+
+    def __init__(self, cache: TileCache) -> None:
+        self.cache = cache
+        self._indptr: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache": self.cache, "_indptr": None}
 
     def __len__(self) -> int:
-        return self.n
+        return self.cache.n
 
-    def __getitems__(self, indices: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(indices, dtype=np.int64))
+    def __getitems__(self, indices: np.ndarray) -> TileRows:
+        if self._indptr is None:
+            self._indptr = np.array(self.cache.indptr())
+        rows = np.asarray(indices, dtype=np.int64)
+        nonzero = int((self._indptr[rows + 1] - self._indptr[rows]).sum())
+        return TileRows(torch.from_numpy(rows), nonzero)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__(np.array([index]))[0]
+    def __getitem__(self, index: int) -> TileRows:
+        return self.__getitems__(np.array([index]))
 
 
-def _whole_batch(batch: SparseTiles | torch.Tensor) -> SparseTiles | torch.Tensor:
+def _whole_batch(batch: SparseTiles | TileRows) -> SparseTiles | TileRows:
     """The DataLoader's collate: ``__getitems__`` already built the batch."""
     return batch
 
@@ -199,8 +234,8 @@ class RasterTileDataModule(L.LightningDataModule):
     sparse by index from the mapped cache (each epoch one seeded permutation of the training
     split, sharded over DDP ranks) and densified in ``on_after_batch_transfer``, after
     Lightning moved them to the training device. With ``config.tiles_on_device`` the cache's
-    sparse arrays are copied to the training device once (~10 bytes per nonzero float32 value:
-    at 2 % nonzero a 122×16×16 tile takes ~6 kB there, dense it would be 125 kB) and the loader
+    sparse arrays are copied to the training device once (8 bytes a nonzero float32 value: at
+    2 % nonzero a 122×16×16 tile takes ~5 kB there, dense it would be 125 kB) and the loader
     moves only indices; the batches, and so the weights, are the same.
     ``partition_versions``: the partitions' data versions at ``version`` when the caller
     has them (else read here).
@@ -284,7 +319,7 @@ class RasterTileDataModule(L.LightningDataModule):
         arrays = (self.cache.indptr(), self.cache.positions(), self.cache.values())
         total, total_sq = np.zeros(c), np.zeros(c)
         for i in range(0, self.n_train, chunk):
-            _, position, value = gather_rows(*arrays, self.train_indices[i : i + chunk])
+            position, value, _ = gather_rows(*arrays, self.train_indices[i : i + chunk])
             channel, x = position // pixels, value.astype(np.float64)
             total += np.bincount(channel, weights=x, minlength=c)
             total_sq += np.bincount(channel, weights=x * x, minlength=c)
@@ -304,7 +339,7 @@ class RasterTileDataModule(L.LightningDataModule):
     def _loader(self, sampler: IndexBatchSampler) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
-            TileIndices(self.cache.n) if self.tiles_on_device else CachedTiles(self.cache),
+            TileIndices(self.cache) if self.tiles_on_device else CachedTiles(self.cache),
             batch_sampler=sampler,
             collate_fn=_whole_batch,
             num_workers=workers,
@@ -329,18 +364,19 @@ class RasterTileDataModule(L.LightningDataModule):
         return self._loader(IndexBatchSampler(self.val_indices, self.batch_size))
 
     def on_after_batch_transfer(
-        self, batch: SparseTiles | torch.Tensor, dataloader_idx: int
+        self, batch: SparseTiles | TileRows, dataloader_idx: int
     ) -> torch.Tensor:
         """The (B, C, S, S) tiles of a loader batch, built on the device it was moved to."""
         return self.dense_batch(batch)
 
-    def dense_batch(self, batch: SparseTiles | torch.Tensor) -> torch.Tensor:
-        """The (B, C, S, S) tiles of a loader batch (:class:`SparseTiles`, or row indices
-        with ``tiles_on_device``: gathered from the copy of the cache on the batch's device,
-        made on first use), on the batch's device."""
-        if self.tiles_on_device:
-            if self._resident is None or self._resident.device != batch.device:
-                self._resident = ResidentTiles(self.cache, batch.device)
+    def dense_batch(self, batch: SparseTiles | TileRows) -> torch.Tensor:
+        """The (B, C, S, S) tiles of a loader batch (:class:`SparseTiles`, or with
+        ``tiles_on_device`` :class:`TileRows`: gathered from the copy of the cache on the
+        batch's device, made on first use), on the batch's device."""
+        if isinstance(batch, TileRows):
+            device = batch.rows.device
+            if self._resident is None or self._resident.device != device:
+                self._resident = ResidentTiles(self.cache, device)
             batch = self._resident.gather(batch)
         return dense_tiles(batch, self.shape)
 

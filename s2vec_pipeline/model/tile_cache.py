@@ -89,13 +89,13 @@ class TileCache:
         """(nnz,) the nonzero values, memory-mapped read-only."""
         return _mapped(self.directory / "values.bin", self.dtype, self.nnz)
 
-    def tiles(self, indices: np.ndarray | None = None) -> np.ndarray:
+    def tiles(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """The (n, C, S, S) tiles (or those of ``indices``) densified in memory: for tests,
         statistics and small uses; training batches are gathered sparse."""
         rows = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
-        row, position, value = gather_rows(self.indptr(), self.positions(), self.values(), rows)
+        position, value, lengths = gather_rows(self.indptr(), self.positions(), self.values(), rows)
         dense = np.zeros((len(rows), self.image_size), self.dtype)
-        dense[row, position] = value
+        dense[np.repeat(np.arange(len(rows)), lengths), position] = value
         return dense.reshape(len(rows), *self.shape[1:])
 
     def tokens(self) -> np.ndarray:
@@ -115,18 +115,18 @@ def _mapped(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
 def gather_rows(
     indptr: np.ndarray, positions: np.ndarray, values: np.ndarray, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The nonzero values of images ``rows`` (CSR arrays of a :class:`TileCache`):
-    (``row``: each value's index in ``rows``, ``position``: its flat index in its image,
-    ``value``), rows in the order given. One vectorized segment gather, no per-image Python:
+    """The nonzero values of images ``rows`` (the CSR arrays of a :class:`TileCache`), rows
+    in the order given: (``positions``: each value's flat index in its image, ``values``,
+    ``lengths``: values per image). One vectorized segment gather, no per-image Python;
     sorted ``rows`` read the mapped files sequentially."""
     rows = np.asarray(rows, dtype=np.int64)
     starts = np.asarray(indptr[rows])
     lengths = np.asarray(indptr[rows + 1]) - starts
-    row = np.repeat(np.arange(len(rows)), lengths)
-    # Value k of the batch is element starts[row] + (k - where row's values begin in the batch).
+    # Value k of the batch is element starts[i] + (k - first[i]) of image i, the one it is in.
     first = np.cumsum(lengths) - lengths
-    element = np.arange(len(row)) + np.repeat(starts - first, lengths)
-    return row, np.asarray(positions[element]), np.asarray(values[element])
+    element = np.repeat(starts - first, lengths)
+    element += np.arange(len(element))
+    return np.asarray(positions[element]), np.asarray(values[element]), lengths
 
 
 def tile_cache_key(
