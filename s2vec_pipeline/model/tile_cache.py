@@ -3,7 +3,7 @@
 ``tile_cache`` builds it on first use (one partition in memory at a time) under the root's
 local cache and every run, rank and loader worker of that snapshot maps it afterwards: no
 per-tile Python and no Delta read per epoch. Only the nonzero values are stored (CSR per
-image, :class:`TileCache`): a batch moves ~2 % of the bytes of dense tiles on real data and
+image, :class:`TileCache`): a batch moves ~3 % of the bytes of dense tiles on real data and
 is densified where it lands (``datamodule``), on the GPU when training there. It is keyed
 by what it was built from (Delta version, each partition's data version, channels, side,
 dtype); the two most recently used caches of a root are kept.
