@@ -170,7 +170,7 @@ def test_short_fit_with_every_lever(tmp_path: Path) -> None:
     # Global normalization: the stored stats are one value, that of every training value.
     dm = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8))
     dm.setup()
-    tiles = torch.cat(list(dm.train_dataloader())).double()
+    tiles = torch.cat([dm.dense_batch(b) for b in dm.train_dataloader()]).double()
     assert np.allclose(model.channel_mean.numpy(), float(tiles.mean()), atol=1e-5)
     assert np.allclose(model.channel_std.numpy(), float(tiles.std(unbiased=False)), atol=1e-5)
     # Another config, another model version.

@@ -153,10 +153,10 @@ def test_split_and_stats(tmp_path: Path) -> None:
     tokens = table["image_token"].to_list()
     assert val_tokens == {t for t, v in zip(tokens, rule.is_val(tokens), strict=True) if v}
     loader = dm.train_dataloader()
-    first = torch.cat(list(loader))
+    first = torch.cat([dm.dense_batch(b) for b in loader])
     assert first.shape == (n_train, C, S, S) and len(loader) == -(-n_train // 8)
     dm.set_epoch(1)
-    second = torch.cat(list(loader))
+    second = torch.cat([dm.dense_batch(b) for b in loader])
     assert not torch.equal(first, second)  # reshuffled per epoch...
     assert torch.allclose(first.sum(0), second.sum(0))  # ...over the same tiles
     # Every training tile is one of the table's tiles (an independent decode of the table).
@@ -181,10 +181,10 @@ def test_spawned_workers_read_every_tile_once(tmp_path: Path) -> None:
     assert loader.multiprocessing_context.get_start_method() == "spawn"
     batches = list(loader)
     assert len(batches) == len(loader)
-    tiles = torch.cat(batches)
+    tiles = torch.cat([dm.dense_batch(b) for b in batches])
     single = RasterTileDataModule(tmp_path, TrainConfig(batch_size=8))
     single.setup()
-    expected = torch.cat(list(single.train_dataloader()))
+    expected = torch.cat([single.dense_batch(b) for b in single.train_dataloader()])
     # The same permutation with or without workers: the same batches in the same order.
     assert torch.equal(tiles, expected)
 

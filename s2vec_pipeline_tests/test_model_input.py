@@ -16,7 +16,12 @@ import torch
 from s2vec_pipeline.cells.raster import tensor_array
 from s2vec_pipeline.model.config import InvalidTrainConfigError, TrainConfig
 from s2vec_pipeline.model.data import raster_partition_versions
-from s2vec_pipeline.model.datamodule import IndexBatchSampler, RasterTileDataModule
+from s2vec_pipeline.model.datamodule import (
+    IndexBatchSampler,
+    RasterTileDataModule,
+    SparseTiles,
+    _dense_on_device,
+)
 from s2vec_pipeline.model.synthetic import synthetic_raster_tiles
 from s2vec_pipeline.model.tile_cache import TILE_CACHE_DIR, tile_cache
 from s2vec_pipeline.model.train import model_version
@@ -205,21 +210,22 @@ def test_tile_cache_holds_the_snapshot_and_is_rebuilt_when_it_does_not_match(
     cache = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
     assert cache.directory.parent == tmp_path / TILE_CACHE_DIR
     assert np.array_equal(cache.tiles(), _table_tiles(tmp_path))
+    assert np.array_equal(cache.tiles([7, 0, 7]), _table_tiles(tmp_path)[[7, 0, 7]])
     # Found again, not rebuilt.
-    stamp = (cache.directory / "tiles.bin").stat().st_mtime_ns
+    stamp = (cache.directory / "values.bin").stat().st_mtime_ns
     assert tile_cache(tmp_path, parts, version, versions, contract["channels"], S) == cache
-    assert (cache.directory / "tiles.bin").stat().st_mtime_ns == stamp
+    assert (cache.directory / "values.bin").stat().st_mtime_ns == stamp
 
     # A cache folder whose key names another snapshot is rebuilt, never used.
     key_file = cache.directory / "key.json"
     key = json.loads(key_file.read_text())
     key["partitions"]["4693"] = "not-this-data"
     key_file.write_text(json.dumps(key))
-    # ... and so is one whose tile file was cut short (a crash, a full disk).
+    # ... and so is one whose value file was cut short (a crash, a full disk).
     again = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
     assert "does not match its snapshot" in caplog.text
     assert np.array_equal(again.tiles(), _table_tiles(tmp_path))
-    with open(again.directory / "tiles.bin", "r+b") as f:
+    with open(again.directory / "values.bin", "r+b") as f:
         f.truncate(1000)
     third = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
     assert np.array_equal(third.tiles(), _table_tiles(tmp_path))
@@ -269,18 +275,84 @@ def test_loader_batches_are_table_tiles_and_pickle_without_the_array(tmp_path: P
     dm.setup()
     table = _table_tiles(tmp_path)
     batches = list(dm.train_dataloader())
-    seen = torch.cat(batches).numpy()
+    seen = torch.cat([dm.dense_batch(b) for b in batches]).numpy()
     expected = table[dm.train_indices]
     order = lambda a: np.lexsort(a.reshape(len(a), -1).T)  # noqa: E731
     assert np.array_equal(seen[order(seen)], expected[order(expected)])
     dataset = dm.train_dataloader().dataset
     assert len(pickle.dumps(dataset)) < 10_000  # a spawned worker maps the file itself
-    assert os.path.getsize(dm.cache.directory / "tiles.bin") == table.nbytes
+    # Sparse: 4 bytes per nonzero value and 2 per position (8×16×16 values fit in uint16).
+    nonzero = np.count_nonzero(table)
+    assert dm.cache.nnz == nonzero < table.size
+    assert os.path.getsize(dm.cache.directory / "values.bin") == nonzero * 4
+    assert os.path.getsize(dm.cache.directory / "positions.bin") == nonzero * 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("on_device", [False, True], ids=["mapped", "resident"])
+@pytest.mark.parametrize("sparsity", [{}, {"empty_fraction": 0.995, "value_fraction": 0.5}])
+def test_densified_batches_are_the_table_tiles(
+    tmp_path: Path, dtype: str, on_device: bool, sparsity: dict
+) -> None:
+    """What the model gets from the sparse cache: the table's tiles (an independent decode)
+    in the sampler's order, exactly (float16: as cast), so the same model as from dense
+    tiles; the channel statistics from the nonzero values are those of the dense tiles."""
+    synthetic_raster_tiles(tmp_path, IMAGES, channels=C, **sparsity)
+    config = TrainConfig(
+        batch_size=8, pin_memory=False, tile_dtype=dtype, tiles_on_device=on_device
+    )
+    dm = RasterTileDataModule(tmp_path, config)
+    dm.setup()
+    table = _table_tiles(tmp_path).astype(dtype)
+    if sparsity:  # images without a single value are empty segments of the cache
+        assert (~table.any(axis=(1, 2, 3))).sum() >= 3
+    train = dm.train_dataloader()
+    dm.set_epoch(1)
+    for loader in (train, dm.val_dataloader()):
+        order = np.concatenate(list(loader.batch_sampler))
+        batches = [dm.dense_batch(b) for b in loader]
+        assert {b.dtype for b in batches} == {getattr(torch, dtype)}
+        assert np.array_equal(torch.cat(batches).numpy(), table[order])
+        if on_device:  # counted on the host: the device gathers without a host sync
+            assert all(b.nonzero == np.count_nonzero(table[b.rows.numpy()]) for b in loader)
+        else:  # the GPU's densify (torch), run on the CPU here: the same tiles
+            sparse = list(loader)
+            assert all(isinstance(b, SparseTiles) for b in sparse)
+            on_gpu = torch.cat([_dense_on_device(b, (C, S, S)) for b in sparse])
+            assert np.array_equal(on_gpu.numpy(), table[order])
+    if not on_device:
+        assert np.array_equal(train.dataset[5].numpy(), table[5])
+    dense = table[dm.train_indices].astype(np.float64)
+    np.testing.assert_allclose(dm.channel_mean, dense.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(dm.channel_std, dense.std(axis=(0, 2, 3)), rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.parametrize("on_device", [False, True], ids=["mapped", "resident"])
+def test_sparse_batches_are_pinned_and_densified_on_the_gpu(
+    tmp_path: Path, on_device: bool
+) -> None:
+    """The loader pins the batch (tensors in a tuple), Lightning's transfer moves it, and it
+    is gathered (resident) and densified on the GPU: the table's tiles."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    synthetic_raster_tiles(tmp_path, IMAGES, channels=C)
+    config = TrainConfig(batch_size=8, pin_memory=True, tiles_on_device=on_device)
+    dm = RasterTileDataModule(tmp_path, config)
+    dm.setup()
+    loader = dm.train_dataloader()
+    order = np.concatenate(list(loader.batch_sampler))
+    tiles = []
+    for batch in loader:
+        assert all(t.is_pinned() for t in batch if isinstance(t, torch.Tensor))
+        tiles.append(dm.dense_batch(move_data_to_device(batch, torch.device("cuda"))))
+    assert {t.device.type for t in tiles} == {"cuda"}
+    assert np.array_equal(torch.cat(tiles).cpu().numpy(), _table_tiles(tmp_path)[order])
 
 
 @pytest.mark.slow
 def test_tiles_on_device_train_the_same_model(tmp_path: Path) -> None:
-    """Gathering batches from a resident copy (the GPU path) instead of the mapped file: the
+    """Gathering batches from a resident copy (the GPU path) instead of the mapped files: the
     same batches, so bit-identical weights (CPU, deterministic) and the same version."""
     from s2vec_pipeline.model.registry import load_model
     from s2vec_pipeline.model.train import train_model
@@ -311,7 +383,10 @@ def test_float16_cache_halves_the_bytes_and_is_another_model(tmp_path: Path) -> 
     half = tile_cache(tmp_path, parts, version, versions, contract["channels"], S, "float16")
     full = tile_cache(tmp_path, parts, version, versions, contract["channels"], S)
     assert half.directory != full.directory
-    assert os.path.getsize(half.directory / "tiles.bin") * 2 == _table_tiles(tmp_path).nbytes
+    table = _table_tiles(tmp_path)
+    nonzero = np.count_nonzero(table.astype(np.float16))  # float16 may round a value to zero
+    assert os.path.getsize(half.directory / "values.bin") == nonzero * 2
+    assert os.path.getsize(full.directory / "values.bin") == np.count_nonzero(table) * 4
     assert np.array_equal(half.tiles(), _table_tiles(tmp_path).astype(np.float16))
     tiny = {"embed_dim": 32, "depth": 1, "num_heads": 4, "decoder_embed_dim": 32}
     config = TrainConfig(epochs=1, batch_size=8, decoder_depth=1, decoder_num_heads=4, **tiny)

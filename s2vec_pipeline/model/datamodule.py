@@ -4,8 +4,11 @@ gathered by index.
 ``RasterTileDataModule`` decodes the snapshot once (``tile_cache``), splits it
 (``data.split_by_hash``) and computes the per-channel mean/std of the training split;
 ``IndexBatchSampler`` gives one seeded permutation per epoch, sharded over DDP ranks, as
-numpy index arrays (no per-tile Python). Its settings are the training config's
-(``TrainConfig``: batch size, split, seed, workers, pinned memory, tiles on the device, dtype).
+numpy index arrays (no per-tile Python). The loader gathers each batch sparse
+(:class:`SparseTiles`: the nonzero values and where they go) and the batch is densified
+where it lands, after Lightning moved it to the training device (``dense_tiles``). Its
+settings are the training config's (``TrainConfig``: batch size, split, seed, workers, pinned
+memory, tiles on the device, dtype).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -30,7 +33,7 @@ from s2vec_pipeline.model.data import (
     split_by_hash,
     token_unit_hash,
 )
-from s2vec_pipeline.model.tile_cache import TileCache, tile_cache
+from s2vec_pipeline.model.tile_cache import TileCache, gather_rows, tile_cache
 from s2vec_pipeline.storage import delta_store
 
 
@@ -41,52 +44,138 @@ def _replica() -> tuple[int, int]:
     return 0, 1
 
 
-class CachedTiles(Dataset):
-    """Batches of a :class:`TileCache` by index: ``dataset[indices]`` → (B, C, S, S) tiles of
-    the cache's dtype (the model computes in float32 whatever it receives).
+class SparseTiles(NamedTuple):
+    """A batch of tiles as their nonzero values: image ``i``'s are the next ``lengths[i]``
+    ``values``, each at flat index ``positions`` (c*S*S + i*S + j, uint16 or uint32) in its
+    image. Tensors only: the DataLoader pins them, Lightning moves them to the device, and
+    ``dense_tiles`` builds the batch there (~6 bytes a nonzero float32 value moved, not 4
+    bytes a value)."""
 
-    Pickles as the cache's location (the array is mapped again in each spawned worker).
+    positions: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+
+
+def dense_tiles(batch: SparseTiles, image_shape: Sequence[int]) -> torch.Tensor:
+    """The (B, C, S, S) tiles of ``batch`` on its device, in its values' dtype."""
+    if batch.values.device.type == "cpu":
+        return _dense_on_host(batch, image_shape)
+    return _dense_on_device(batch, image_shape)
+
+
+def _dense_on_host(batch: SparseTiles, image_shape: Sequence[int]) -> torch.Tensor:
+    # numpy, not torch, on the CPU: its zeros are pages the kernel zeroes on first touch
+    # (huge pages where it can) and its scatter is faster on one thread: ~1.5x at 2 %
+    # nonzero, ~4x dense, measured here.
+    positions, values, lengths = (t.numpy() for t in batch)
+    size = math.prod(image_shape)
+    out = np.zeros(len(lengths) * size, values.dtype)
+    index = np.repeat(np.arange(0, len(out), size), lengths)  # where each value's image starts
+    index += positions
+    out[index] = values
+    return torch.from_numpy(out).view(len(lengths), *image_shape)
+
+
+def _dense_on_device(batch: SparseTiles, image_shape: Sequence[int]) -> torch.Tensor:
+    positions, values, lengths = batch
+    rows, size = len(lengths), math.prod(image_shape)
+    out = torch.zeros(rows * size, dtype=values.dtype, device=values.device)
+    image = torch.arange(rows, device=values.device)
+    row = torch.repeat_interleave(image, lengths, output_size=len(values))  # no host sync
+    out.index_copy_(0, row * size + positions.long(), values)
+    return out.view(rows, *image_shape)
+
+
+class CachedTiles(Dataset):
+    """Batches of a :class:`TileCache` by index: ``dataset[indices]`` → :class:`SparseTiles`
+    of the cache's dtype (one vectorized segment gather of the mapped files); ``dataset[i]``
+    → one dense (C, S, S) tile.
+
+    Pickles as the cache's location (the files are mapped again in each spawned worker).
     """
 
     def __init__(self, cache: TileCache) -> None:
         self.cache = cache
-        self._tiles: np.ndarray | None = None
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cache": self.cache, "_tiles": None}
+        return {"cache": self.cache, "_arrays": None}
 
     def __len__(self) -> int:
         return self.cache.n
 
-    def __getitems__(self, indices: np.ndarray) -> torch.Tensor:
-        if self._tiles is None:
-            self._tiles = self.cache.tiles()
-        # One gather (sorted indices: sequential reads of the mapped file).
-        return torch.from_numpy(self._tiles[np.asarray(indices)])
+    def __getitems__(self, indices: np.ndarray) -> SparseTiles:
+        if self._arrays is None:
+            cache = self.cache
+            self._arrays = (np.array(cache.indptr()), cache.positions(), cache.values())
+        positions, values, lengths = gather_rows(*self._arrays, np.asarray(indices))
+        return SparseTiles(*map(torch.from_numpy, (positions, values, lengths)))
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__(np.array([index]))[0]
+        return dense_tiles(self.__getitems__(np.array([index])), self.cache.shape[1:])[0]
+
+
+class ResidentTiles:
+    """A :class:`TileCache`'s sparse arrays copied to one device (``tiles_on_device``):
+    batches gathered there from row indices, the same :class:`SparseTiles` as
+    :class:`CachedTiles` gives (the same segment gather, in torch)."""
+
+    def __init__(self, cache: TileCache, device: torch.device) -> None:
+        self.device = device
+        self.indptr = torch.from_numpy(np.array(cache.indptr())).to(device)
+        # int32: torch's unsigned types can be copied and cast on a GPU, not indexed.
+        self.positions = torch.from_numpy(cache.positions().astype(np.int32)).to(device)
+        self.values = torch.from_numpy(np.array(cache.values())).to(device)
+
+    def gather(self, batch: TileRows) -> SparseTiles:
+        rows = batch.rows
+        starts = self.indptr[rows]
+        lengths = self.indptr[rows + 1] - starts
+        first = lengths.cumsum(0) - lengths
+        # The count from the host: torch would wait for the device to size the output.
+        element = torch.repeat_interleave(starts - first, lengths, output_size=batch.nonzero)
+        element += torch.arange(batch.nonzero, device=rows.device)
+        return SparseTiles(self.positions[element], self.values[element], lengths)
+
+
+class TileRows(NamedTuple):
+    """A batch as its row indices (int64) and its number of nonzero values, counted on the
+    host: the device gathers it without waiting for a count (no per-step host sync)."""
+
+    rows: torch.Tensor
+    nonzero: int
 
 
 class TileIndices(Dataset):
-    """``dataset[indices]`` → the indices themselves (int64): the tiles are gathered on the
-    training device from a resident copy (``TrainConfig.tiles_on_device``)."""
+    """``dataset[indices]`` → :class:`TileRows`: the tiles are gathered on the training
+    device from a resident copy (``TrainConfig.tiles_on_device``, :class:`ResidentTiles`).
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    Pickles as the cache's location (each spawned worker loads the image offsets itself).
+    """
+
+    def __init__(self, cache: TileCache) -> None:
+        self.cache = cache
+        self._indptr: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache": self.cache, "_indptr": None}
 
     def __len__(self) -> int:
-        return self.n
+        return self.cache.n
 
-    def __getitems__(self, indices: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(indices, dtype=np.int64))
+    def __getitems__(self, indices: np.ndarray) -> TileRows:
+        if self._indptr is None:
+            self._indptr = np.array(self.cache.indptr())
+        rows = np.asarray(indices, dtype=np.int64)
+        nonzero = int((self._indptr[rows + 1] - self._indptr[rows]).sum())
+        return TileRows(torch.from_numpy(rows), nonzero)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__(np.array([index]))[0]
+    def __getitem__(self, index: int) -> TileRows:
+        return self.__getitems__(np.array([index]))
 
 
-def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
-    """The DataLoader's collate: ``CachedTiles.__getitems__`` already built the batch."""
+def _whole_batch(batch: SparseTiles | TileRows) -> SparseTiles | TileRows:
+    """The DataLoader's collate: ``__getitems__`` already built the batch."""
     return batch
 
 
@@ -139,13 +228,15 @@ class RasterTileDataModule(L.LightningDataModule):
     """Train/val tiles of ``raster_tiles`` at one Delta ``version`` (default: the latest when
     ``setup`` runs), all partitions with data or the given ones, batched as ``config`` says.
 
-    ``setup`` decodes the snapshot once into a :class:`TileCache` (or reuses it), splits it
-    by image-token hash and computes the per-channel mean/std of the training split (all
-    pixels, empty ones included, float64 sums). Batches are gathered by index from the mapped
-    cache: each epoch is one seeded permutation of the training split, sharded over DDP ranks.
-    With ``config.tiles_on_device`` the whole cache is copied to the training device once
-    (when it fits: 122×16×16 float32 tiles take 125 kB each, ~15 GB for 120,000) and the
-    loader moves only indices; the batches, and so the weights, are the same.
+    ``setup`` decodes the snapshot once into a sparse :class:`TileCache` (or reuses it), splits
+    it by image-token hash and computes the per-channel mean/std of the training split (all
+    pixels, empty ones included, float64 sums of the nonzero values). Batches are gathered
+    sparse by index from the mapped cache (each epoch one seeded permutation of the training
+    split, sharded over DDP ranks) and densified in ``on_after_batch_transfer``, after
+    Lightning moved them to the training device. With ``config.tiles_on_device`` the cache's
+    sparse arrays are copied to the training device once (8 bytes a nonzero float32 value: at
+    2 % nonzero a 122×16×16 tile takes ~5 kB there, dense it would be 125 kB) and the loader
+    moves only indices; the batches, and so the weights, are the same.
     ``partition_versions``: the partitions' data versions at ``version`` when the caller
     has them (else read here).
     """
@@ -174,7 +265,7 @@ class RasterTileDataModule(L.LightningDataModule):
         self.partition_versions = partition_versions
         self.tiles_on_device = config.tiles_on_device
         self.tile_dtype = config.tile_dtype
-        self._resident: torch.Tensor | None = None
+        self._resident: ResidentTiles | None = None
         self._ready = False
         self._train_sampler: IndexBatchSampler | None = None
 
@@ -220,15 +311,19 @@ class RasterTileDataModule(L.LightningDataModule):
         self.channel_mean, self.channel_std = self._channel_stats()
         self._ready = True
 
-    def _channel_stats(self, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        c = self.shape[0]
-        tiles = self.cache.tiles()
+    def _channel_stats(self, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean/std of the training split from the nonzero values: float64 sums
+        per channel (a value's channel is its position // S×S); the zeros count in the
+        divisor, every pixel of every training tile."""
+        c, pixels = self.shape[0], self.side * self.side
+        arrays = (self.cache.indptr(), self.cache.positions(), self.cache.values())
         total, total_sq = np.zeros(c), np.zeros(c)
         for i in range(0, self.n_train, chunk):
-            x = tiles[self.train_indices[i : i + chunk]].astype(np.float64)
-            total += x.sum(axis=(0, 2, 3))
-            total_sq += np.einsum("bcij,bcij->c", x, x)
-        count = self.n_train * self.side * self.side
+            position, value, _ = gather_rows(*arrays, self.train_indices[i : i + chunk])
+            channel, x = position // pixels, value.astype(np.float64)
+            total += np.bincount(channel, weights=x, minlength=c)
+            total_sq += np.bincount(channel, weights=x * x, minlength=c)
+        count = self.n_train * pixels
         mean = total / count
         var = np.maximum(total_sq / count - mean**2, 0.0)
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
@@ -244,7 +339,7 @@ class RasterTileDataModule(L.LightningDataModule):
     def _loader(self, sampler: IndexBatchSampler) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
-            TileIndices(self.cache.n) if self.tiles_on_device else CachedTiles(self.cache),
+            TileIndices(self.cache) if self.tiles_on_device else CachedTiles(self.cache),
             batch_sampler=sampler,
             collate_fn=_whole_batch,
             num_workers=workers,
@@ -268,14 +363,22 @@ class RasterTileDataModule(L.LightningDataModule):
         # the number of ranks is not silently lost.
         return self._loader(IndexBatchSampler(self.val_indices, self.batch_size))
 
-    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
-        """With ``tiles_on_device`` a batch arrives as row indices: gather its tiles from the
-        copy of the whole cache on the batch's device (made on first use)."""
-        if not self.tiles_on_device:
-            return batch
-        if self._resident is None or self._resident.device != batch.device:
-            self._resident = torch.from_numpy(np.array(self.cache.tiles())).to(batch.device)
-        return self._resident.index_select(0, batch)
+    def on_after_batch_transfer(
+        self, batch: SparseTiles | TileRows, dataloader_idx: int
+    ) -> torch.Tensor:
+        """The (B, C, S, S) tiles of a loader batch, built on the device it was moved to."""
+        return self.dense_batch(batch)
+
+    def dense_batch(self, batch: SparseTiles | TileRows) -> torch.Tensor:
+        """The (B, C, S, S) tiles of a loader batch (:class:`SparseTiles`, or with
+        ``tiles_on_device`` :class:`TileRows`: gathered from the copy of the cache on the
+        batch's device, made on first use), on the batch's device."""
+        if isinstance(batch, TileRows):
+            device = batch.rows.device
+            if self._resident is None or self._resident.device != device:
+                self._resident = ResidentTiles(self.cache, device)
+            batch = self._resident.gather(batch)
+        return dense_tiles(batch, self.shape)
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffle for ``epoch`` (called by ``EpochSetter`` at each epoch start)."""
