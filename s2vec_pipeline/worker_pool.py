@@ -82,6 +82,12 @@ class SpawnPool:
             raise KeyboardInterrupt
         return proc.exitcode
 
+    def release(self, proc: BaseProcess) -> None:
+        """Stop tracking a worker told to exit on its own (a long-lived pool retiring it);
+        ``multiprocessing`` reaps it when it has ended."""
+        if proc in self._procs:
+            self._procs.remove(proc)
+
     def close(self) -> None:
         """Give every worker still alive ``grace_s`` seconds to exit, then kill it."""
         procs, self._procs = self._procs, []

@@ -100,3 +100,27 @@ def test_a_killed_worker_fails_its_run_health_and_terminate_cancels(
     (tmp_path / "again").mkdir()
     again = _launch(instance, tmp_path / "again")
     assert _wait(instance, again).status == dg.DagsterRunStatus.SUCCESS
+
+
+def test_runs_launched_together_run_at_once_in_separate_workers(
+    instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    first = _launch(instance, tmp_path, wait_s=4)
+    second = _launch(instance, tmp_path, wait_s=4)  # the first worker is busy: the spare takes it
+    t0 = time.monotonic()
+    assert _wait(instance, first).status == dg.DagsterRunStatus.SUCCESS
+    assert _wait(instance, second).status == dg.DagsterRunStatus.SUCCESS
+    pids = {int(p.read_text()) for p in tmp_path.glob("*.pid")}
+    assert len(pids) == 2
+    starts = sorted(
+        e.timestamp
+        for r in (first, second)
+        for e in instance.all_logs(r, of_type=dg.DagsterEventType.STEP_START)
+    )
+    ends = sorted(
+        e.timestamp
+        for r in (first, second)
+        for e in instance.all_logs(r, of_type=dg.DagsterEventType.STEP_SUCCESS)
+    )
+    assert starts[1] < ends[0], "the two runs' steps did not overlap"
+    assert time.monotonic() - t0 < 120

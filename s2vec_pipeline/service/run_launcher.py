@@ -113,6 +113,8 @@ class WarmRunLauncher(LocalProcessRunLauncher):
             worker = next((w for w in self._workers if w.run_id is None and w.runs < budget), None)
             if worker is None:
                 worker = self._start_worker()
+            # tagged first: a "Terminate" from the webserver must find it as one of ours
+            self._instance.add_run_tags(run.run_id, {WORKER_TAG: "warm"})
             try:
                 worker.conn.send(run.run_id)
             except OSError:  # it died while idle: a fresh one takes the run
@@ -120,8 +122,7 @@ class WarmRunLauncher(LocalProcessRunLauncher):
                 worker = self._start_worker()
                 worker.conn.send(run.run_id)
             worker.run_id, worker.runs = run.run_id, worker.runs + 1
-            self._instance.add_run_tags(run.run_id, {WORKER_TAG: "warm"})
-            idle = sum(w.run_id is None for w in self._workers)
+            idle = sum(w.run_id is None and w.runs < budget for w in self._workers)
             for _ in range(self.spare_workers - idle):
                 self._start_worker()  # warm for the next run
 
@@ -159,6 +160,7 @@ class WarmRunLauncher(LocalProcessRunLauncher):
             worker.conn.send(None)  # it exits when it reads this
         worker.conn.close()
         self._workers.remove(worker)
+        self._pool.release(worker.proc)
 
     def _start_janitor(self) -> None:
         """Retire idle workers also when no run comes (``_collect`` every few seconds)."""
@@ -182,6 +184,7 @@ class WarmRunLauncher(LocalProcessRunLauncher):
             worker.proc.kill()
         worker.proc.join()
         self._workers.remove(worker)
+        self._pool.release(worker.proc)
 
     # ------------------------------------------------------------------ stopping
 
