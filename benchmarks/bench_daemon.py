@@ -35,6 +35,7 @@ from xml.sax.saxutils import quoteattr
 
 import dagster as dg
 import osmium
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' osm_tile
@@ -201,7 +202,7 @@ def main() -> None:
         wait_runs(args.port, 1, args.timeout, pipelineName="refresh_sources")
 
         if not args.change_only:
-            region(args, loc, pbf, cells, bare_s, out)
+            region(args, loc, pbf, cells, bare_s, out, proc.pid)
         if not args.region_only:
             change(args, loc, pbf, cells, settings, home, changes, out)
         out["load_end"] = load()
@@ -215,9 +216,27 @@ def main() -> None:
     print(json.dumps(out, indent=1))
 
 
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the live processes of ``dagster dev`` (``pid``), by role."""
+    roles: dict[str, float] = {}
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        role = ("webserver" if "dagster_webserver" in cmd or "dagster-webserver" in cmd
+                else "daemon" if "dagster-daemon" in cmd or "dagster._daemon" in cmd
+                else "code server" if " grpc" in cmd or "code-server" in cmd
+                else "run workers" if "multiprocessing" in cmd else "other")  # fmt: skip
+        roles[role] = roles.get(role, 0.0) + t.user + t.system
+    return roles
+
+
 def region(args: argparse.Namespace, loc: str, pbf: Path, cells: list, bare_s: float,
-           out: dict) -> None:  # fmt: skip
+           out: dict, dev_pid: int) -> None:  # fmt: skip
     """1. The region, as the UI launches it."""
+    cpu0 = cpu_by_role(dev_pid)
     lat0, lng0, lat1, lng1 = source_bbox(pbf)
     bbox = f"{lat0},{lng0},{lat1},{lng1}"
     config = {"ops": {"resolve_region": {"config": {"region": REGION, "bbox": bbox}}}}
@@ -225,6 +244,8 @@ def region(args: argparse.Namespace, loc: str, pbf: Path, cells: list, bare_s: f
     tag = [{"key": "s2vec/region", "value": REGION}]
     done = wait_runs(args.port, len(cells), args.timeout, tags=tag)
     end = max(r["endTime"] for r in done)
+    cpu1 = cpu_by_role(dev_pid)
+    out["region_cpu_s_by_role"] = {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()}
     out["region_runs"] = len(done)
     out["region_cells"] = len({t["value"] for r in done for t in r["tags"]
                                if t["key"] == "dagster/partition"})  # fmt: skip
