@@ -435,6 +435,7 @@ def _write_partition(
         [partition],
         embedding_contract(card, CELL_TABLE),
         commit_metadata=metadata,
+        writer_properties=tables.writer_properties(CELL_TABLE),
     )
     image_table = pa.Table.from_batches(images, schema=EMBEDDING_SCHEMA)
     image_version = delta_store.write_partitions(
@@ -444,6 +445,7 @@ def _write_partition(
         [partition],
         embedding_contract(card, IMAGE_TABLE),
         commit_metadata=metadata,
+        writer_properties=tables.writer_properties(IMAGE_TABLE),
     )
     empty_version = delta_store.write_partitions(
         root,
@@ -452,6 +454,7 @@ def _write_partition(
         [partition],
         embedding_contract(card, EMPTY_TABLE),
         commit_metadata=metadata,
+        writer_properties=tables.writer_properties(EMPTY_TABLE),
     )
     return {
         "images": image_table.num_rows,

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from s2vec_pipeline.errors import (
@@ -157,17 +157,29 @@ def write_partitions(
     partitions: Sequence[str],
     contract: dict[str, Any],
     commit_metadata: dict[str, str] | None = None,
+    *,
+    writer_properties: WriterProperties | None = None,
 ) -> int:
     """Replace the rows of ``partitions`` with ``data`` in one commit; returns its version.
 
     Rows whose ``parent_l6`` is not in ``partitions`` make the whole write fail with nothing
     committed (Delta enforces the predicate). A partition with no rows in ``data`` ends up empty.
     Safe to call from many processes at once for different partitions, also on a missing table.
+    ``writer_properties``: the Parquet settings (``tables.writer_properties``; None: delta-rs'
+    defaults).
     """
     if not partitions:
         raise ValueError("write_partitions needs at least one partition key")
     with storage_errors(root, name):
-        return _write_partitions(root, name, data, partitions, contract, commit_metadata)
+        return _write_partitions(
+            root,
+            name,
+            data,
+            partitions,
+            contract,
+            commit_metadata,
+            writer_properties,
+        )
 
 
 def _write_partitions(
@@ -177,6 +189,7 @@ def _write_partitions(
     partitions: Sequence[str],
     contract: dict[str, Any],
     commit_metadata: dict[str, str] | None,
+    writer_properties: WriterProperties | None,
 ) -> int:
     uri = table_uri(root, name)
     ensure_table(root, name, data.schema, contract)  # before any data is streamed
@@ -201,6 +214,7 @@ def _write_partitions(
                 partition_by=[PARTITION_COLUMN],
                 predicate=f"{PARTITION_COLUMN} IN ({in_list})",
                 commit_properties=props,
+                writer_properties=writer_properties,
             )
 
         retry_commit(attempt)
@@ -496,11 +510,17 @@ def data_files(root: str | os.PathLike, name: str) -> list[str]:
 # -- maintenance: compaction, vacuum, leftovers of killed writes ------------------------------
 
 
-def compact(root: str | os.PathLike, name: str) -> dict[str, Any]:
+def compact(
+    root: str | os.PathLike, name: str, writer_properties: WriterProperties | None = None
+) -> dict[str, Any]:
     """Rewrite the current version's small files into larger ones in one commit (retried like
-    any commit on a conflict); returns delta-rs' metrics (``numFilesRemoved``/``Added``...)."""
+    any commit on a conflict), with the Parquet settings ``writer_properties`` (the table's
+    writes' own: ``tables.writer_properties``); returns delta-rs' metrics
+    (``numFilesRemoved``/``Added``...)."""
     uri = table_uri(root, name)
-    return retry_commit(lambda _i: DeltaTable(uri).optimize.compact())
+    return retry_commit(
+        lambda _i: DeltaTable(uri).optimize.compact(writer_properties=writer_properties)
+    )
 
 
 def vacuum(

@@ -4,8 +4,9 @@ Each partition write adds at least one small file per partition, and every overw
 replaced files on disk (older versions still reference them). :func:`maintain_root` walks the
 Delta tables under a root and, for each:
 
-1. compacts small files into larger ones (``optimize.compact``, one commit; a conflict with a
-   concurrent writer is retried like any commit, see ``delta_store.retry_commit``);
+1. compacts small files into larger ones (``optimize.compact``, one commit, with the Parquet
+   settings of the table's writes, ``tables.writer_properties``; a conflict with a concurrent
+   writer is retried like any commit, see ``delta_store.retry_commit``);
 2. vacuums (``vacuum(full=True)``) files no version within the retention references, and files
    no version references at all (those of failed or killed writes) once older than the
    retention;
@@ -32,7 +33,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from s2vec_pipeline.errors import S2VecError
-from s2vec_pipeline.storage import delta_store, fs
+from s2vec_pipeline.storage import delta_store, fs, tables
 from s2vec_pipeline.storage.locks import exclusive
 
 DEFAULT_RETENTION_HOURS = 168  # Delta's default deletedFileRetentionDuration (7 days)
@@ -100,7 +101,7 @@ def maintain_table(
         files_before, bytes_before = disk_usage(uri)
         version_before = delta_store.table_version(root, name)
         active_before = len(delta_store.data_files(root, name))
-        metrics = delta_store.compact(root, name)
+        metrics = delta_store.compact(root, name, tables.writer_properties(name))
         vacuumed = _vacuum(root, name, retention_hours)
         staging = delta_store.remove_staging_leftovers(root, name, retention_hours)
         files_after, bytes_after = disk_usage(uri)

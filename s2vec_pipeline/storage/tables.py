@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from deltalake import ColumnProperties, WriterProperties
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.raster import tensor_array
@@ -78,6 +79,53 @@ EMBEDDING_COLUMNS = {
     "model_version": "the model that computed the embedding",
     "embedding": "list<float32> of the model's width",
 }
+
+# --- how each table's Parquet files are written ---------------------------------------------
+
+#: The columns of the embedding tables that keep their Parquet statistics, which queries and
+#: Delta's file skipping use (``cell_token`` lookups, ``model_version`` filters), and whether
+#: they keep a dictionary (values repeat) or not (one value per row: the dictionary would
+#: always be abandoned). ``parent_l6`` is the partition: it is not in the files.
+_EMBEDDING_KEY_COLUMNS = {
+    "image_token": True,
+    "cell_token": False,
+    "cell_id": False,
+    "level": True,
+    "model_version": True,
+    "row": True,  # empty_image_embeddings
+    "col": True,
+    "pixel": True,
+}
+
+
+def embedding_writer_properties() -> WriterProperties:
+    """Parquet settings of the embedding tables: no dictionary, no statistics and no
+    compression by default, so for the ``embedding`` list (random-looking float32: the
+    dictionary is always abandoned, the min/max of a list's items serve no query, and it
+    does not compress); the key columns keep theirs.
+
+    The default is how the list column is reached: delta-rs names a column's properties
+    by one path part, which never matches a nested leaf (``embedding.list.item``).
+    """
+    return WriterProperties(
+        compression="UNCOMPRESSED",
+        default_column_properties=ColumnProperties(
+            dictionary_enabled=False, statistics_enabled="NONE"
+        ),
+        column_properties={
+            name: ColumnProperties(dictionary_enabled=dictionary, statistics_enabled="PAGE")
+            for name, dictionary in _EMBEDDING_KEY_COLUMNS.items()
+        },
+    )
+
+
+def writer_properties(name: str) -> WriterProperties | None:
+    """The Parquet writer settings of table ``name`` (its writes and its compactions);
+    None: delta-rs' defaults."""
+    if name in (CELL_EMBEDDINGS, IMAGE_EMBEDDINGS, EMPTY_IMAGE_EMBEDDINGS):
+        return embedding_writer_properties()
+    return None
+
 
 # --- checks of written rows ----------------------------------------------------------------
 

@@ -1,0 +1,116 @@
+"""How the embedding tables are stored: Parquet settings of their writes and compactions, and
+the values read back (an untrained tiny model on a synthetic raster: no training needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from deltalake import write_deltalake
+
+from s2vec_pipeline.cells import s2
+from s2vec_pipeline.cells.raster import tensor_array
+from s2vec_pipeline.model.embed import CELL_TABLE, EMPTY_TABLE, IMAGE_TABLE, write_embeddings
+from s2vec_pipeline.model.mae import S2VecMAE
+from s2vec_pipeline.model.registry import ModelCard
+from s2vec_pipeline.model.synthetic import synthetic_raster_tiles
+from s2vec_pipeline.storage import delta_store, maintenance
+
+C, S, D = 8, 16, 32
+IMAGES = {"4693": 6, "12cd": 4}
+KEYS = ["image_token", "cell_token", "cell_id", "level", "model_version"]
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> tuple[Path, S2VecMAE, ModelCard]:
+    root = tmp_path / "root"
+    contract = synthetic_raster_tiles(root, IMAGES, channels=C, side=S)
+    torch.manual_seed(0)
+    model = S2VecMAE(C, img_size=S, embed_dim=D, depth=1, num_heads=4, decoder_depth=1).eval()
+    card = ModelCard.untrained(contract, {"embed_dim": D})
+    write_embeddings(root, model, card, list(IMAGES), batch_size=4, device="cpu")
+    return root, model, card
+
+
+def _leaves(path: str) -> dict[str, pq.ColumnChunkMetaData]:
+    """Each leaf column's chunk in the file's only row group, by its dotted path."""
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 1  # a tiny partition
+    group = meta.row_group(0)
+    return {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+
+
+def _check_layout(root: Path, table: str, keys: list[str]) -> None:
+    files = delta_store.data_files(root, table)
+    assert files
+    for path in files:
+        leaves = _leaves(path)
+        (leaf,) = [name for name in leaves if name.startswith("embedding.")]  # list.element
+        embedding = leaves.pop(leaf)
+        assert not embedding.is_stats_set
+        assert not embedding.has_dictionary_page
+        assert embedding.compression == "UNCOMPRESSED"
+        rows = pq.read_table(path)
+        for name in keys:  # statistics that queries and file skipping use are kept
+            stats = leaves[name].statistics
+            values = rows.column(name).to_pylist()
+            assert stats.has_min_max and (stats.min, stats.max) == (min(values), max(values))
+
+
+def test_embedding_files_drop_list_statistics_and_keep_the_key_ones(embedded) -> None:
+    root, _, _ = embedded
+    _check_layout(root, CELL_TABLE, KEYS)
+    _check_layout(root, IMAGE_TABLE, KEYS)
+    _check_layout(root, EMPTY_TABLE, ["model_version", "row", "col", "pixel"])
+    # Delta's own per-file statistics (file skipping on cell_token) are still in the log.
+    actions = delta_store.data_file_actions(root, CELL_TABLE).to_pylist()
+    for action in actions:
+        part = action["partition.parent_l6"]
+        tokens = delta_store.read_partitions(root, CELL_TABLE, [part], ["cell_token"])
+        assert action["min.cell_token"] == tokens["cell_token"].min()
+        assert action["max.cell_token"] == tokens["cell_token"].max()
+
+
+def test_embeddings_read_back_are_the_encoders_output(embedded) -> None:
+    root, model, card = embedded
+    raster = delta_store.read_partitions(root, "raster_tiles").to_arrow()
+    keep = np.asarray(raster.column("nonempty_pixels")) > 0
+    raster = raster.filter(pa.array(keep))
+    with torch.inference_mode():
+        x = torch.from_numpy(tensor_array(raster, C, S).copy())
+        z = model.encode(x).numpy()  # (n, S*S, D), pixel k = cell k of children_grid
+    cells = delta_store.read_partitions(root, CELL_TABLE)
+    images = delta_store.read_partitions(root, IMAGE_TABLE)
+    assert cells.height == raster.num_rows * S * S and images.height == raster.num_rows
+    for i, token in enumerate(raster.column("image_token").to_pylist()):
+        rows = cells.filter(cells["image_token"] == token).sort("cell_id")
+        got = np.asarray(rows["embedding"].to_list(), dtype=np.float32)
+        order = np.argsort(_cell_ids_of(token, card.pixel_level))
+        np.testing.assert_array_equal(got, z[i][order])  # stored bit for bit
+        image = images.filter(images["image_token"] == token)["embedding"].to_list()
+        assert np.allclose(image[0], z[i].astype(np.float64).mean(0), atol=1e-6)
+
+
+def _cell_ids_of(image_token: str, level: int) -> np.ndarray:
+    image = s2.from_token(np.array([image_token]))
+    return s2.to_signed(s2.children_grid(image, level).reshape(-1))
+
+
+def test_compaction_keeps_the_embedding_layout(embedded) -> None:
+    root, _, _ = embedded
+    before = delta_store.read_partitions(root, CELL_TABLE).sort("cell_id")
+    # A second file in partition 4693, written with delta-rs' defaults (dictionary and
+    # statistics on the list), so the compaction has two files to merge.
+    extra = before.filter(before["parent_l6"] == "4693").head(10).to_arrow()
+    write_deltalake(str(root / CELL_TABLE), extra, mode="append")
+    assert len(delta_store.data_files(root, CELL_TABLE)) == len(IMAGES) + 1
+    report = maintenance.maintain_table(root, CELL_TABLE, retention_hours=0)
+    assert (report.compacted_removed, report.compacted_added) == (2, 1)
+    _check_layout(root, CELL_TABLE, KEYS)
+    after = delta_store.read_partitions(root, CELL_TABLE).sort("cell_id")
+    assert after.height == before.height + 10
+    assert after.unique(maintain_order=True).sort("cell_id").equals(before)
