@@ -261,7 +261,9 @@ def _rows(
             pa.array(batch.column("image_id").to_numpy(), pa.int64()),
             pa.array(np.full(n, card.image_level, np.int8)),
             pa.repeat(version, n),
-            _list_column(emb.mean(axis=1, dtype=np.float64).astype(np.float32)),
+            # torch's float32 mean sums in blocks (error ~1e-7 of the float64 mean), at the
+            # speed of reading emb once: numpy's float64 mean cost a quarter of the row building
+            _list_column(torch.from_numpy(emb).mean(dim=1).numpy()),
         ],
         schema=EMBEDDING_SCHEMA,
     )
