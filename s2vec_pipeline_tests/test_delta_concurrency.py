@@ -242,3 +242,22 @@ def test_streamed_data_replays_after_a_failed_attempt(tmp_path: Path) -> None:
         assert len(list(staging.glob("t-*.arrows"))) == 1
     assert second.equals(table) and third.equals(table)
     assert not any(staging.glob("*"))
+
+
+def test_stream_factory_makes_a_new_stream_per_attempt_and_stages_nothing(tmp_path: Path) -> None:
+    """A ``StreamFactory`` is called once per attempt (a retry produces the rows again): the
+    retry gets every row although the failed attempt stopped early, and nothing is staged."""
+    table = _rows("p00")
+    calls: list[int] = []
+
+    def factory() -> pa.RecordBatchReader:
+        calls.append(len(calls))
+        return pa.RecordBatchReader.from_batches(table.schema, iter(table.to_batches(13)))
+
+    staging = tmp_path / delta_store.STAGING_DIR
+    with delta_store._ReplayableData(factory, staging, "t") as data:
+        assert data.schema == table.schema
+        data.for_attempt(0).read_next_batch()  # the first attempt read one batch, then failed
+        second = data.for_attempt(1).read_all()
+    assert calls == [0, 1] and second.equals(table)
+    assert not staging.exists()

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from deltalake import write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from s2vec_pipeline.cells import s2
 from s2vec_pipeline.cells.raster import tensor_array
@@ -114,3 +115,30 @@ def test_compaction_keeps_the_embedding_layout(embedded) -> None:
     after = delta_store.read_partitions(root, CELL_TABLE).sort("cell_id")
     assert after.height == before.height + 10
     assert after.unique(maintain_order=True).sort("cell_id").equals(before)
+
+
+def test_a_retried_cell_commit_embeds_again_and_writes_each_row_once(
+    embedded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first cell commit loses to a concurrent one after streaming every row: the retry
+    embeds the tiles again (nothing was staged) and each table holds every row once."""
+    root, model, card = embedded
+    want_cells = delta_store.read_partitions(root, CELL_TABLE).sort("cell_id")
+    want_images = delta_store.read_partitions(root, IMAGE_TABLE).sort("cell_id")
+    real_write = delta_store.write_deltalake
+    attempts: list[str] = []
+
+    def conflicting_once(uri: str, data, **kw):  # noqa: ANN001, ANN202
+        attempts.append(Path(uri).name)
+        if attempts.count(CELL_TABLE) == 1 and Path(uri).name == CELL_TABLE:
+            data.read_all()  # the data went out, then the commit conflicted
+            raise CommitFailedError("a concurrent transaction deleted data this operation read")
+        return real_write(uri, data, **kw)
+
+    monkeypatch.setattr(delta_store, "write_deltalake", conflicting_once)
+    monkeypatch.setattr(delta_store, "BACKOFF_BASE_S", 0.0)
+    write_embeddings(root, model, card, ["4693"], batch_size=4, device="cpu")
+    assert attempts == [CELL_TABLE, CELL_TABLE, IMAGE_TABLE, EMPTY_TABLE]
+    assert delta_store.read_partitions(root, CELL_TABLE).sort("cell_id").equals(want_cells)
+    assert delta_store.read_partitions(root, IMAGE_TABLE).sort("cell_id").equals(want_images)
+    assert not (root / delta_store.STAGING_DIR).exists()

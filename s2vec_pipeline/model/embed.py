@@ -373,9 +373,9 @@ def write_embeddings(
     (cells first, then images; a crash between the two leaves cells of the new model and
     images of the old one, fixed by rerunning); both commits carry ``s2vec.model_version``,
     ``s2vec.raster_tiles_version`` and ``s2vec.raster_data_version`` in their commit info.
-    Cell rows stream to Delta batch by batch. Then the partition's rows of
-    ``empty_image_embeddings`` (the S·S pixel embeddings of an image without data) are
-    replaced, also when the partition has no image with data.
+    Cell rows stream to Delta batch by batch (a retried commit embeds them again). Then the
+    partition's rows of ``empty_image_embeddings`` (the S·S pixel embeddings of an image
+    without data) are replaced, also when the partition has no image with data.
 
     Returns, per partition: ``images``, ``cells`` (rows written), ``cell_table_version``,
     ``image_table_version``, ``empty_table_version`` (the new Delta versions),
@@ -415,25 +415,29 @@ def _write_partition(
             f"with a plain `s2vec materialize --root {root}` (it notices the lost "
             f"partition), then embed again"
         )
-    images: list[pa.RecordBatch] = []
+    images: list[pa.RecordBatch] = []  # image rows are small: kept for the second write
 
-    def cell_batches(
-        tiles: pa.Table = tiles, sink: list[pa.RecordBatch] = images
-    ) -> Iterator[pa.RecordBatch]:
+    def cell_batches(tiles: pa.Table, sink: list[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for c, i in _embed_tiles(model, card, tiles, size, dev):
-            sink.append(i)  # image rows are small: kept for the second write
+            sink.append(i)
             yield c
+
+    def cell_stream() -> pa.RecordBatchReader:
+        # A new stream per write attempt: a retry (a commit conflict) embeds the tiles again
+        # rather than reading a staged copy of every cell row (1 KB a cell at D=256; writing
+        # that copy cost as much as building the rows)
+        images.clear()
+        return pa.RecordBatchReader.from_batches(EMBEDDING_SCHEMA, cell_batches(tiles, images))
 
     metadata = {
         "s2vec.model_version": card.model_version,
         "s2vec.raster_tiles_version": str(snapshot),
         "s2vec.raster_data_version": raster_data_version,
     }
-    reader = pa.RecordBatchReader.from_batches(EMBEDDING_SCHEMA, cell_batches())
     cell_version = delta_store.write_partitions(
         root,
         CELL_TABLE,
-        reader,
+        cell_stream,
         [partition],
         embedding_contract(card, CELL_TABLE),
         commit_metadata=metadata,

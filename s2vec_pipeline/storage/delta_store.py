@@ -12,7 +12,9 @@ does not exist yet: the first writer creates it with an empty commit of the sche
 every write is an overwrite with a partition predicate, and a commit that loses to a concurrent
 one (``CommitFailedError``) is written again after a jittered exponential back-off. A streamed
 write keeps an LZ4-compressed Arrow IPC copy of what it streamed under ``<root>/_staging/`` so
-that a retry does not need the data again; the copy is deleted when the write ends.
+that a retry does not need the data again; the copy is deleted when the write ends. A writer
+that can produce its stream again passes a :data:`StreamFactory` instead: each attempt streams
+a new one and nothing is copied.
 
 A full, read-only or unwritable root raises :class:`StorageUnavailableError` naming the root and
 what to do; nothing is committed, and the files the failed write left are removed by
@@ -72,6 +74,11 @@ DELTA_COMMIT_RETRIES = 100
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
+
+#: Makes a new stream of the same rows on each call: data that a retried write produces again
+#: instead of reading a staged copy (for large rows that are cheap to produce again).
+StreamFactory = Callable[[], pa.RecordBatchReader]
+WriteData = pa.Table | pa.RecordBatchReader | StreamFactory
 
 
 def table_uri(root: str | os.PathLike, name: str) -> str:
@@ -153,7 +160,7 @@ def check_contract(root: str | os.PathLike, name: str, contract: dict[str, Any])
 def write_partitions(
     root: str | os.PathLike,
     name: str,
-    data: pa.Table | pa.RecordBatchReader,
+    data: WriteData,
     partitions: Sequence[str],
     contract: dict[str, Any],
     commit_metadata: dict[str, str] | None = None,
@@ -165,8 +172,9 @@ def write_partitions(
     Rows whose ``parent_l6`` is not in ``partitions`` make the whole write fail with nothing
     committed (Delta enforces the predicate). A partition with no rows in ``data`` ends up empty.
     Safe to call from many processes at once for different partitions, also on a missing table.
-    ``writer_properties``: the Parquet settings (``tables.writer_properties``; None: delta-rs'
-    defaults).
+    ``data``: a table, a stream (a retry reads a staged copy of it), or a ``StreamFactory``
+    (called once per attempt). ``writer_properties``: the Parquet settings
+    (``tables.writer_properties``; None: delta-rs' defaults).
     """
     if not partitions:
         raise ValueError("write_partitions needs at least one partition key")
@@ -185,14 +193,13 @@ def write_partitions(
 def _write_partitions(
     root: str | os.PathLike,
     name: str,
-    data: pa.Table | pa.RecordBatchReader,
+    data: WriteData,
     partitions: Sequence[str],
     contract: dict[str, Any],
     commit_metadata: dict[str, str] | None,
     writer_properties: WriterProperties | None,
 ) -> int:
     uri = table_uri(root, name)
-    ensure_table(root, name, data.schema, contract)  # before any data is streamed
     keys = sorted(set(partitions))
     in_list = ", ".join("'" + k.replace("'", "''") + "'" for k in keys)
     write_id = uuid.uuid4().hex
@@ -205,6 +212,7 @@ def _write_partitions(
         max_commit_retries=DELTA_COMMIT_RETRIES,
     )
     with _ReplayableData(data, replay_dir(root), name) as replayable:
+        ensure_table(root, name, replayable.schema, contract)  # before any data is streamed
 
         def attempt(i: int) -> None:
             write_deltalake(
@@ -304,14 +312,18 @@ def _version_of_write(uri: str, write_id: str, newest: int = 64) -> int:
 class _ReplayableData:
     """Hands ``data`` to a write attempt, again on a retry without needing the producer again.
 
-    A table is simply reused. A record-batch stream is consumed once: while the first attempt
-    streams it, each batch is also appended to an LZ4-compressed Arrow IPC file under
-    ``staging``; later attempts read that file (memory-mapped, streaming). Memory stays bounded
-    by one batch; the file is deleted on exit (and by maintenance if the process was killed).
+    A table is simply reused; a ``StreamFactory`` makes a new stream for each attempt. A
+    record-batch stream is consumed once: while the first attempt streams it, each batch is
+    also appended to an LZ4-compressed Arrow IPC file under ``staging``; later attempts read
+    that file (memory-mapped, streaming). Memory stays bounded by one batch; the file is
+    deleted on exit (and by maintenance if the process was killed).
     """
 
-    def __init__(self, data: pa.Table | pa.RecordBatchReader, staging: Path, name: str) -> None:
-        self._data = data
+    def __init__(self, data: WriteData, staging: Path, name: str) -> None:
+        self._factory: StreamFactory | None = None
+        if callable(data):
+            self._factory, data = data, data()  # the first attempt's stream: its schema
+        self._data: pa.Table | pa.RecordBatchReader = data
         self._path = staging / f"{name}-{uuid.uuid4().hex}.arrows"
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._tee: Iterator[pa.RecordBatch] | None = None
@@ -330,9 +342,15 @@ class _ReplayableData:
         finally:
             self._path.unlink(missing_ok=True)
 
+    @property
+    def schema(self) -> pa.Schema:
+        return self._data.schema
+
     def for_attempt(self, i: int) -> pa.Table | pa.RecordBatchReader:
         if isinstance(self._data, pa.Table):
             return self._data
+        if self._factory is not None:
+            return self._data if i == 0 else self._factory()
         if i == 0:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             options = pa.ipc.IpcWriteOptions(compression="lz4")
