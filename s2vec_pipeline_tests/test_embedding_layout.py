@@ -19,7 +19,7 @@ from s2vec_pipeline.model.embed import CELL_TABLE, EMPTY_TABLE, IMAGE_TABLE, wri
 from s2vec_pipeline.model.mae import S2VecMAE
 from s2vec_pipeline.model.registry import ModelCard
 from s2vec_pipeline.model.synthetic import synthetic_raster_tiles
-from s2vec_pipeline.storage import delta_store, maintenance
+from s2vec_pipeline.storage import delta_store, maintenance, tables
 
 C, S, D = 8, 16, 32
 IMAGES = {"4693": 6, "12cd": 4}
@@ -142,3 +142,15 @@ def test_a_retried_cell_commit_embeds_again_and_writes_each_row_once(
     assert delta_store.read_partitions(root, CELL_TABLE).sort("cell_id").equals(want_cells)
     assert delta_store.read_partitions(root, IMAGE_TABLE).sort("cell_id").equals(want_images)
     assert not (root / delta_store.STAGING_DIR).exists()
+
+
+def test_cell_rows_are_written_in_row_groups_of_the_set_size(
+    embedded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, model, card = embedded
+    monkeypatch.setattr(tables, "EMBEDDING_ROW_GROUP_ROWS", 1000)
+    write_embeddings(root, model, card, ["4693"], batch_size=4, device="cpu")
+    (path,) = [f for f in delta_store.data_files(root, CELL_TABLE) if "parent_l6=4693" in f]
+    meta = pq.ParquetFile(path).metadata
+    rows = IMAGES["4693"] * S * S
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1000, rows - 1000]
