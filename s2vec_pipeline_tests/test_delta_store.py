@@ -79,6 +79,26 @@ def test_frame_hash_is_a_function_of_content() -> None:
     assert frame_hash(alone.with_columns(pl.lit("q").alias("s")), ["s"]) != frame_hash(alone, ["s"])
 
 
+def test_frame_hash_is_sha256_of_the_sorted_frames_arrow_stream() -> None:
+    """The documented canonical bytes, unchanged (partition data versions are stored)."""
+    import hashlib
+
+    import polars as pl
+
+    from s2vec_pipeline.storage.versioning import frame_hash
+
+    df = pl.DataFrame(
+        {"k": [3, 1, 2], "s": ["c", None, "a"], "v": [[1.0, 2.0], [], [3.5]]},
+        schema={"k": pl.Int64, "s": pl.String, "v": pl.List(pl.Float32)},
+    )
+    table = df.sort("k").to_arrow(compat_level=pl.CompatLevel.oldest()).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    assert frame_hash(df, ["k"]) == hashlib.sha256(sink.getvalue()).hexdigest()[:16]
+    assert frame_hash(df, ["k"]) == "ba3adc62c5a3ea54"  # what the code before streaming gave
+
+
 def test_exact_sum_ignores_row_order() -> None:
     import numpy as np
     import polars as pl

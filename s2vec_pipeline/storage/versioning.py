@@ -39,10 +39,34 @@ def frame_hash(df: pl.DataFrame, sort_by: Sequence[str], length: int = 16) -> st
     # can point into buffers shared with rows filtered away, so its own IPC output is not a
     # function of the content alone.
     table = sorted_df.to_arrow(compat_level=pl.CompatLevel.oldest()).combine_chunks()
-    sink = pa.BufferOutputStream()
+    sink = _HashingSink()  # the stream's bytes go to the hash as written: no copy of them
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return hashlib.sha256(sink.getvalue()).hexdigest()[:length]
+    return sink.sha256.hexdigest()[:length]
+
+
+class _HashingSink:
+    """A write-only file that feeds what is written to SHA-256 (for ``pa.ipc.new_stream``)."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.closed = False
+        self._position = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha256.update(data)
+        size = memoryview(data).nbytes
+        self._position += size
+        return size
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
 
 
 # The columns that order a partition's rows before hashing (unique per row in each table). The
