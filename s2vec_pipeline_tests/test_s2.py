@@ -237,6 +237,16 @@ def test_tokens_match_official(mixed_cells: np.ndarray) -> None:
     assert s2.to_token(np.zeros((2, 0), dtype=U64)).shape == (2, 0)
 
 
+def test_utf8_tokens_are_the_official_tokens(mixed_cells: np.ndarray) -> None:
+    ids = np.concatenate([mixed_cells, np.zeros(1, dtype=U64), mixed_cells[:3]])
+    offsets, data = s2.to_token_utf8(ids)
+    assert offsets.dtype == np.int32 and data.dtype == np.uint8
+    got = [bytes(data[a:b]).decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    assert got == [s2g.S2CellId(int(c)).ToToken() for c in ids]  # "X" for id 0
+    offsets, data = s2.to_token_utf8(np.zeros(0, dtype=U64))
+    assert offsets.tolist() == [0] and data.size == 0
+
+
 @pytest.mark.parametrize(
     ("token", "why"),
     [

@@ -54,6 +54,7 @@ __all__ = [
     "parent",
     "to_signed",
     "to_token",
+    "to_token_utf8",
 ]
 
 MAX_LEVEL = 30
@@ -309,6 +310,31 @@ def to_token(ids: object) -> np.ndarray:
     if (flat == 0).any():
         out[ids == 0] = "X"
     return out
+
+
+_HEX_ASCII = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def to_token_utf8(ids: object) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens of ``ids`` (flattened) as ``(offsets, data)``: int32 offsets (n + 1) into
+    one uint8 array of their ASCII bytes, the buffers of an Arrow string array. Same tokens as
+    ``to_token``, at about half its cost (no numpy str array, one byte per character)."""
+    flat = np.ravel(_as_ids(ids))
+    n = flat.size
+    octets = flat.astype(">u8").view(np.uint8).reshape(n, 8)  # most significant byte first
+    nibbles = np.empty((n, 16), dtype=np.uint8)
+    np.right_shift(octets, 4, out=nibbles[:, 0::2])
+    np.bitwise_and(octets, 15, out=nibbles[:, 1::2])
+    chars = _HEX_ASCII[nibbles]
+    # 16 - countr_zero(id) // 4 digits; id 0 (no set bit) is "X"
+    lengths = 16 - (np.bitwise_count(_lowest_bit(flat) - _U64(1)).astype(np.int32) >> 2)
+    zero = flat == 0
+    if zero.any():
+        chars[zero, 0] = ord("X")
+        lengths[zero] = 1
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, chars[np.arange(16, dtype=np.int32)[None, :] < lengths[:, None]]
 
 
 def from_token(tokens: object) -> np.ndarray:

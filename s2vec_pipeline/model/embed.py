@@ -210,16 +210,10 @@ def _prepare(
     return dev
 
 
-def _ascii_strings(u: np.ndarray) -> pa.StringArray:
-    """A numpy ``<U`` array of ASCII strings (S2 tokens) as an Arrow string array: the code
-    points narrowed to bytes in one pass, no Python object per string."""
-    n, width = u.size, u.dtype.itemsize // 4
-    codes = np.ascontiguousarray(u).reshape(-1).view(np.uint32).reshape(n, width)
-    keep = codes != 0  # numpy pads with NUL at the end only
-    offsets = np.zeros(n + 1, np.int32)
-    np.cumsum(keep.sum(axis=1, dtype=np.int32), out=offsets[1:])
-    data = codes[keep].astype(np.uint8)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+def _token_strings(cell_ids: np.ndarray) -> pa.StringArray:
+    """S2 tokens as an Arrow string array built from their bytes: no Python object per cell."""
+    offsets, data = s2.to_token_utf8(cell_ids)
+    return pa.StringArray.from_buffers(len(cell_ids), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 def _string_column(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -245,7 +239,7 @@ def _rows(
         [
             parents.take(image_of_cell),
             image_tokens.take(image_of_cell),
-            _ascii_strings(s2.to_token(cell_ids)),
+            _token_strings(cell_ids),
             pa.array(s2.to_signed(cell_ids), pa.int64()),
             pa.array(np.full(n * pixels, level, np.int8)),
             pa.repeat(version, n * pixels),
