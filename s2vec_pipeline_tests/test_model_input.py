@@ -393,3 +393,26 @@ def test_float16_cache_halves_the_bytes_and_is_another_model(tmp_path: Path) -> 
     card = train_model(tmp_path, config=config.replace(tile_dtype="float16"))
     assert all(math.isfinite(v) for v in card.loss_history["train_loss"])
     assert card.model_version != model_version(config, contract, versions)
+
+
+def test_raster_partition_rows_and_version_do_not_depend_on_the_stored_order(
+    tmp_path: Path,
+) -> None:
+    """Rows come back by image id, and the partition's data version is the same, whether the
+    table holds them in image order (as the raster stage writes) or not (the generator)."""
+    import polars as pl
+
+    from s2vec_pipeline.model.data import read_raster_partition
+
+    contract = synthetic_raster_tiles(tmp_path, {"4693": 12}, channels=2)
+    shuffled = delta_store.read_partitions(tmp_path, "raster_tiles")
+    assert not shuffled["image_id"].is_sorted()  # the generator's order
+    got = read_raster_partition(tmp_path, "4693", 1)
+    want = shuffled.sort("image_id")
+    assert got.equals(want) and got["image_id"].flags["SORTED_ASC"]
+    version = raster_partition_versions(tmp_path, ["4693"], 1)
+    table = want.to_arrow(compat_level=pl.CompatLevel.oldest())
+    delta_store.write_partitions(tmp_path, "raster_tiles", table, ["4693"], contract)
+    assert delta_store.read_partitions(tmp_path, "raster_tiles")["image_id"].is_sorted()
+    assert read_raster_partition(tmp_path, "4693", 2).equals(want)
+    assert raster_partition_versions(tmp_path, ["4693"], 2) == version
