@@ -293,18 +293,24 @@ for _k, _c in enumerate("0123456789abcdef"):
     _HEX_VALUE[ord(_c.upper())] = _k
 
 
+def _hex_digits(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 16) hex digit values of the ids, most significant first, and each id's count of
+    trailing zero digits (countr_zero(id) // 4; 16 for id 0): what a token strips."""
+    octets = flat.astype(">u8").view(np.uint8).reshape(flat.size, 8)  # most significant first
+    nibbles = np.empty((flat.size, 16), dtype=np.uint8)
+    np.right_shift(octets, 4, out=nibbles[:, 0::2])
+    np.bitwise_and(octets, 15, out=nibbles[:, 1::2])
+    n_zero = np.bitwise_count(_lowest_bit(flat) - _U64(1)).astype(np.int32) >> 2
+    return nibbles, n_zero
+
+
 def to_token(ids: object) -> np.ndarray:
     """Official S2 tokens (hex, trailing zeros stripped; ``"X"`` for id 0), dtype ``<U16``."""
     ids = _as_ids(ids)
     flat = np.ravel(ids)
-    n = flat.size
-    octets = flat.astype(">u8").view(np.uint8).reshape(n, 8)  # most significant byte first
-    nibbles = np.empty((n, 16), dtype=np.uint8)
-    np.right_shift(octets, 4, out=nibbles[:, 0::2])
-    np.bitwise_and(octets, 15, out=nibbles[:, 1::2])
+    nibbles, n_zero = _hex_digits(flat)
     codes = _HEX_CODEPOINTS[nibbles]
-    # Strip countr_zero(id) // 4 trailing zero digits (all 16 for id 0, which becomes "X").
-    n_zero = np.bitwise_count(_lowest_bit(flat) - _U64(1)).astype(np.intp) >> 2
+    # Strip the trailing zero digits (all 16 for id 0, which becomes "X").
     codes[np.arange(16)[None, :] >= (16 - n_zero)[:, None]] = 0  # NUL ends a numpy str
     out = codes.view(np.dtype("U16")).reshape(ids.shape)
     if (flat == 0).any():
@@ -320,19 +326,14 @@ def to_token_utf8(ids: object) -> tuple[np.ndarray, np.ndarray]:
     one uint8 array of their ASCII bytes, the buffers of an Arrow string array. Same tokens as
     ``to_token``, at about half its cost (no numpy str array, one byte per character)."""
     flat = np.ravel(_as_ids(ids))
-    n = flat.size
-    octets = flat.astype(">u8").view(np.uint8).reshape(n, 8)  # most significant byte first
-    nibbles = np.empty((n, 16), dtype=np.uint8)
-    np.right_shift(octets, 4, out=nibbles[:, 0::2])
-    np.bitwise_and(octets, 15, out=nibbles[:, 1::2])
+    nibbles, n_zero = _hex_digits(flat)
     chars = _HEX_ASCII[nibbles]
-    # 16 - countr_zero(id) // 4 digits; id 0 (no set bit) is "X"
-    lengths = 16 - (np.bitwise_count(_lowest_bit(flat) - _U64(1)).astype(np.int32) >> 2)
+    lengths = 16 - n_zero  # id 0 (no set bit) is "X"
     zero = flat == 0
     if zero.any():
         chars[zero, 0] = ord("X")
         lengths[zero] = 1
-    offsets = np.zeros(n + 1, dtype=np.int32)
+    offsets = np.zeros(flat.size + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return offsets, chars[np.arange(16, dtype=np.int32)[None, :] < lengths[:, None]]
 

@@ -428,34 +428,23 @@ def _write_partition(
         "s2vec.raster_tiles_version": str(snapshot),
         "s2vec.raster_data_version": raster_data_version,
     }
-    cell_version = delta_store.write_partitions(
-        root,
-        CELL_TABLE,
-        cell_stream,
-        [partition],
-        embedding_contract(card, CELL_TABLE),
-        commit_metadata=metadata,
-        writer_properties=tables.writer_properties(CELL_TABLE),
-    )
+
+    def write(table: str, data: Any) -> int:
+        """Replace the partition's rows of one embedding table (its contract and layout)."""
+        return delta_store.write_partitions(
+            root,
+            table,
+            data,
+            [partition],
+            embedding_contract(card, table),
+            commit_metadata=metadata,
+            writer_properties=tables.writer_properties(table),
+        )
+
+    cell_version = write(CELL_TABLE, cell_stream)
     image_table = pa.Table.from_batches(images, schema=EMBEDDING_SCHEMA)
-    image_version = delta_store.write_partitions(
-        root,
-        IMAGE_TABLE,
-        image_table,
-        [partition],
-        embedding_contract(card, IMAGE_TABLE),
-        commit_metadata=metadata,
-        writer_properties=tables.writer_properties(IMAGE_TABLE),
-    )
-    empty_version = delta_store.write_partitions(
-        root,
-        EMPTY_TABLE,
-        _empty_rows(card, partition, empty),
-        [partition],
-        embedding_contract(card, EMPTY_TABLE),
-        commit_metadata=metadata,
-        writer_properties=tables.writer_properties(EMPTY_TABLE),
-    )
+    image_version = write(IMAGE_TABLE, image_table)
+    empty_version = write(EMPTY_TABLE, _empty_rows(card, partition, empty))
     return {
         "images": image_table.num_rows,
         "cells": image_table.num_rows * card.side * card.side,
