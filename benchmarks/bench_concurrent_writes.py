@@ -6,8 +6,12 @@ batches, even ones pass tables). Afterwards the table is checked against the row
 must hold. Prints one line per round and a summary: lost / duplicated partitions, processes that
 failed, application-level retries (log lines of ``delta_store.retry_commit``) and delta-rs'
 internal commit retries (``num_retries`` in the commit history).
+``--replace-partition``: every writer goes through ``delta_store.replace_partition`` instead
+(the embedding tables' path: polars files, then a strict commit that any concurrent commit
+fails and that is made again with the same files: all its retries are application retries).
 
     PYTHONPATH=$PWD python benchmarks/bench_concurrent_writes.py --writers 8 --rounds 10
+                                                                  [--replace-partition]
 
 Runs with older versions of the package too (it only uses ``write_partitions`` and
 ``read_partitions``), to compare before and after a change.
@@ -36,7 +40,9 @@ def rows(key: str) -> pa.Table:
     return pa.table({"parent_l6": pa.array([key] * n, pa.string()), "x": pa.array(values)})
 
 
-def writer(root: str, w: int, parts: int, barrier: mp.synchronize.Barrier, logfile: str) -> None:
+def writer(
+    root: str, w: int, parts: int, barrier: mp.synchronize.Barrier, logfile: str, replace: bool
+) -> None:
     from s2vec_pipeline.storage import delta_store
 
     logging.basicConfig(filename=logfile, level=logging.INFO)
@@ -44,12 +50,17 @@ def writer(root: str, w: int, parts: int, barrier: mp.synchronize.Barrier, logfi
     for j in range(parts):
         key = f"p{w:02d}{j}"
         data: pa.Table | pa.RecordBatchReader = rows(key)
+        if replace:
+            delta_store.replace_partition(
+                root, "t", data.to_batches(), data.schema, key, CONTRACT, row_group_rows=16384
+            )
+            continue
         if w % 2:
             data = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(17))
         delta_store.write_partitions(root, "t", data, [key], CONTRACT)
 
 
-def one_round(base: Path, r: int, writers: int, parts: int) -> dict[str, int]:
+def one_round(base: Path, r: int, writers: int, parts: int, replace: bool) -> dict[str, int]:
     from s2vec_pipeline.storage import delta_store
 
     ctx = mp.get_context("spawn")
@@ -57,7 +68,7 @@ def one_round(base: Path, r: int, writers: int, parts: int) -> dict[str, int]:
     barrier = ctx.Barrier(writers)
     logs = [str(base / f"round{r}-w{w}.log") for w in range(writers)]
     procs = [
-        ctx.Process(target=writer, args=(str(root), w, parts, barrier, logs[w]))
+        ctx.Process(target=writer, args=(str(root), w, parts, barrier, logs[w], replace))
         for w in range(writers)
     ]
     for p in procs:
@@ -94,6 +105,9 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--parts", type=int, default=2, help="partitions per writer")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--replace-partition", action="store_true", help="write through replace_partition"
+    )
     args = ap.parse_args()
     totals: dict[str, int] = {}
     t0 = time.perf_counter()
@@ -101,7 +115,7 @@ def main() -> None:
         head = ("round", "lost", "wrong", "failed", "app_retry", "delta_retry")
         print("{:>5} {:>5} {:>6} {:>7} {:>10} {:>12}".format(*head))
         for r in range(args.rounds):
-            res = one_round(Path(tmp), r, args.writers, args.parts)
+            res = one_round(Path(tmp), r, args.writers, args.parts, args.replace_partition)
             for k, v in res.items():
                 totals[k] = totals.get(k, 0) + v
             print(

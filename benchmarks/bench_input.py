@@ -13,6 +13,7 @@ and cells/s of the inference host path, on one core.
    commits) with a model whose ``encode`` returns a precomputed tensor (no compute), cells/s.
 
     python benchmarks/bench_input.py [--images 4000] [--channels 122] [--batch-size 256]
+                                     [--inference-only]
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def main() -> None:
         choices=("float32", "float16"),
         help="tile cache dtype(s) of the input rows (repeatable; default float32 and float16)",
     )
+    ap.add_argument(
+        "--inference-only", action="store_true", help="only the inference host path's rows"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -147,7 +151,8 @@ def main() -> None:
         contract = synthetic_raster_tiles(
             root, {"4693": args.images}, channels=args.channels, side=16
         )
-        rows += _input_rows(root, args)
+        if not args.inference_only:
+            rows += _input_rows(root, args)
         model = NoComputeMAE(args.channels, args.dim, args.batch_size).eval()
         card = card_for(contract, args.dim)
         cells = args.images * 256

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
+import numpy as np
+import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from deltalake.exceptions import DeltaError
 
@@ -38,6 +42,78 @@ def test_partition_replace_and_failure_atomic(tmp_path: Path) -> None:
     # an empty write empties exactly that partition
     delta_store.write_partitions(root, "t", _rows([], []), ["b"], CONTRACT)
     assert delta_store.partition_keys(root, "t") == ["a"]
+
+
+def _embedding_rows(key: str, n: int, seed: int) -> pa.Table:
+    values = np.random.default_rng(seed).random((n, 4), dtype=np.float32)
+    return pa.table(
+        {
+            "parent_l6": pa.array([key] * n, pa.string()),
+            "cell_token": pa.array([f"{key}{i:04x}" for i in range(n)]),
+            "cell_id": pa.array(np.arange(n, dtype=np.int64) * 7 - 50),
+            "embedding": pa.array(list(values), pa.list_(pa.float32())),
+        }
+    )
+
+
+def test_replace_partition_replaces_one_partition_in_one_commit(tmp_path: Path) -> None:
+    """Files written by polars, committed by a Delta transaction: each reader gets the rows
+    back as written, the log's statistics are those of the rows (a second computation, by
+    polars), a new file starts every ``TARGET_FILE_BYTES``, and a failed write commits and
+    leaves nothing."""
+    a, b = _embedding_rows("a", 300, 1), _embedding_rows("b", 40, 2)
+    schema = a.schema
+    write = delta_store.replace_partition
+    assert write(tmp_path, "t", a.to_batches(100), schema, "a", CONTRACT, row_group_rows=64) == 1
+    assert write(tmp_path, "t", b.to_batches(), schema, "b", CONTRACT, row_group_rows=64) == 2
+    got = delta_store.read_partitions(tmp_path, "t").sort("parent_l6", "cell_id")
+    assert got.equals(pl.from_arrow(pa.concat_tables([a, b])).sort("parent_l6", "cell_id"))
+    with duckdb.connect() as con:  # an independent reader of the files
+        files = delta_store.data_files(tmp_path, "t")
+        counts = con.execute(
+            "SELECT parent_l6, count(*), sum(list_sum(embedding)) FROM read_parquet(?, "
+            "hive_partitioning = true) GROUP BY 1 ORDER BY 1",
+            [files],
+        ).fetchall()
+    sums = [float(np.sum(np.stack(t["embedding"].to_numpy(zero_copy_only=False)))) for t in (a, b)]
+    assert [(k, n) for k, n, _ in counts] == [("a", 300), ("b", 40)]
+    assert np.allclose([s for *_, s in counts], sums, rtol=1e-5)
+    for action in delta_store.data_file_actions(tmp_path, "t").to_pylist():
+        part = got.filter(pl.col("parent_l6") == action["partition.parent_l6"])
+        assert action["num_records"] == part.height
+        assert (action["min.cell_id"], action["max.cell_id"]) == (
+            part["cell_id"].min(),
+            part["cell_id"].max(),
+        )
+        assert action["max.cell_token"] == part["cell_token"].max()
+    (path,) = [f for f in delta_store.data_files(tmp_path, "t") if "parent_l6=a" in f]
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [64] * 4 + [44]
+
+    # rewritten: the old file goes, the new rows are there once, a file every ~2 batches
+    size = a.slice(0, 100).nbytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(delta_store, "TARGET_FILE_BYTES", 2 * size)
+        a2 = _embedding_rows("a", 500, 3)
+        write(tmp_path, "t", a2.to_batches(100), schema, "a", CONTRACT, row_group_rows=64)
+    files = [f for f in delta_store.data_files(tmp_path, "t") if "parent_l6=a" in f]
+    assert len(files) == 3 and path not in files
+    assert (
+        delta_store.read_partitions(tmp_path, "t", ["a"])
+        .sort("cell_id")
+        .equals(pl.from_arrow(a2).sort("cell_id"))
+    )
+
+    # a row of another partition: nothing committed, no file left behind
+    before = sorted(str(p) for p in (tmp_path / "t").rglob("*.parquet"))
+    mixed = pa.concat_tables([b, _embedding_rows("a", 1, 4)])
+    with pytest.raises(ValueError, match="rows of another partition than b"):
+        write(tmp_path, "t", mixed.to_batches(), schema, "b", CONTRACT, row_group_rows=64)
+    assert delta_store.table_version(tmp_path, "t") == 3
+    assert sorted(str(p) for p in (tmp_path / "t").rglob("*.parquet")) == before
+    # no rows: the partition ends up empty
+    assert write(tmp_path, "t", iter([]), schema, "b", CONTRACT, row_group_rows=64) == 4
+    assert delta_store.partition_keys(tmp_path, "t") == ["a"]
 
 
 def test_contract_mismatch_refused(tmp_path: Path) -> None:

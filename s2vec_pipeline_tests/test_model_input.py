@@ -48,7 +48,7 @@ def test_model_versions_are_those_of_the_previous_config_class() -> None:
     parts = {"4693": "0123abcd", "12cd": "ffee0011"}
     assert model_version(TrainConfig(), contract, parts) == "bd3422e329306570"
     paper = TrainConfig.for_profile(
-        "paper", epochs=3, lr=3e-3, embed_dim=32, num_heads=4, num_workers=2, read_batch_size=64
+        "paper", epochs=3, lr=3e-3, embed_dim=32, num_heads=4, num_workers=2, pin_memory=True
     )
     assert model_version(paper, contract, parts) == "46016964e4d07d96"
     levers = TrainConfig(

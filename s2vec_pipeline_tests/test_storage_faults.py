@@ -63,18 +63,29 @@ def test_disk_full_commits_nothing_and_maintenance_cleans(small_fs: Path) -> Non
     version = delta_store.table_version(root, "t")
     big = _rows("b", 1_000_000)  # ~8 MB of parquet into 2 MiB
     streamed = pa.RecordBatchReader.from_batches(big.schema, big.to_batches(100_000))
-    for data in (big, streamed):
+    uri = root / "t"
+    files_before = _data_files(uri)
+
+    writes = [
+        lambda: delta_store.write_partitions(root, "t", big, ["b"], CONTRACT),
+        lambda: delta_store.write_partitions(root, "t", streamed, ["b"], CONTRACT),
+        # the embedding tables' path: polars files, then a transaction
+        lambda: delta_store.replace_partition(
+            root, "t", big.to_batches(100_000), big.schema, "b", CONTRACT, row_group_rows=16384
+        ),
+    ]
+    for write in writes:
         with pytest.raises(StorageUnavailableError) as err:
-            delta_store.write_partitions(root, "t", data, ["b"], CONTRACT)
+            write()
         message = str(err.value)
         assert "no space left on device" in message and str(root) in message
         assert "s2vec maintain" in message and f"version is {version}" in message
         assert delta_store.table_version(root, "t") == version
         assert delta_store.read_partitions(root, "t").equals(before)
         assert not any((root / delta_store.STAGING_DIR).glob("*"))  # replay copy deleted
+    assert _data_files(uri) >= files_before
     # whatever the failed writes left, the next maintenance removes: only referenced files stay
     maintain_root(root, retention_hours=0)
-    uri = root / "t"
     referenced = {Path(u.removeprefix("file://")) for u in DeltaTable(str(uri)).file_uris()}
     assert _data_files(uri) == referenced
     assert not any((root / delta_store.STAGING_DIR).glob("*"))

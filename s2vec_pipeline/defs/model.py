@@ -53,7 +53,7 @@ def too_few_images(n_val: int, n_images: int) -> str:
 
 
 #: Settings the launchpad offers: every TrainConfig field but these (no effect, or CLI only).
-_NOT_IN_LAUNCHPAD = ("shuffle_buffer", "read_batch_size", "progress_bar")
+_NOT_IN_LAUNCHPAD = ("shuffle_buffer", "progress_bar")
 #: Launchpad defaults that differ from TrainConfig's: the profile's epochs and batch size;
 #: one device unless told (a multi-GPU DDP run is asked for, not implied).
 _LAUNCHPAD_DEFAULTS: dict[str, Any] = {"epochs": None, "batch_size": None, "devices": 1}

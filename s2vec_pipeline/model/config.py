@@ -122,7 +122,6 @@ class TrainConfig(BaseModel):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = Field(
         "auto", description="Where to train: auto (the GPU when there is one), cpu, gpu, cuda"
     )
-    read_batch_size: int = Field(256, ge=1)
     progress_bar: bool = False
     pin_memory: bool | None = Field(
         None, description="Page-locked host batches (empty: when training on CUDA)"
@@ -140,7 +139,6 @@ class TrainConfig(BaseModel):
         "num_workers",
         "devices",
         "accelerator",
-        "read_batch_size",
         "progress_bar",
         "pin_memory",
         "tiles_on_device",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -397,9 +397,6 @@ def _write_partition(
     empty: np.ndarray,
 ) -> dict[str, Any]:
     """``write_embeddings`` of one partition: its three commits and what they wrote."""
-    # Read here, not inside the reader: deltalake pulls the reader from its own async
-    # runtime, where opening a Delta table panics ("Cannot start a runtime from within a
-    # runtime").
     tiles, raster_data_version = read_tiles(root, partition, snapshot)
     if tiles.num_rows == 0 and _holds_rows(root, partition):
         # an empty overwrite would delete embeddings and replace them with nothing
@@ -411,17 +408,10 @@ def _write_partition(
         )
     images: list[pa.RecordBatch] = []  # image rows are small: kept for the second write
 
-    def cell_batches(tiles: pa.Table, sink: list[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def cell_batches() -> Iterator[pa.RecordBatch]:
         for c, i in _embed_tiles(model, card, tiles, size, dev):
-            sink.append(i)
+            images.append(i)
             yield c
-
-    def cell_stream() -> pa.RecordBatchReader:
-        # A new stream per write attempt: a retry (a commit conflict) embeds the tiles again
-        # rather than reading a staged copy of every cell row (1 KB a cell at D=256; writing
-        # that copy cost as much as building the rows)
-        images.clear()
-        return pa.RecordBatchReader.from_batches(EMBEDDING_SCHEMA, cell_batches(tiles, images))
 
     metadata = {
         "s2vec.model_version": card.model_version,
@@ -429,22 +419,24 @@ def _write_partition(
         "s2vec.raster_data_version": raster_data_version,
     }
 
-    def write(table: str, data: Any) -> int:
+    def write(table: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> int:
         """Replace the partition's rows of one embedding table (its contract and layout)."""
-        return delta_store.write_partitions(
+        return delta_store.replace_partition(
             root,
             table,
-            data,
-            [partition],
+            batches,
+            schema,
+            partition,
             embedding_contract(card, table),
             commit_metadata=metadata,
-            writer_properties=tables.writer_properties(table),
+            row_group_rows=tables.EMBEDDING_ROW_GROUP_ROWS,
         )
 
-    cell_version = write(CELL_TABLE, cell_stream)
+    cell_version = write(CELL_TABLE, cell_batches(), EMBEDDING_SCHEMA)
     image_table = pa.Table.from_batches(images, schema=EMBEDDING_SCHEMA)
-    image_version = write(IMAGE_TABLE, image_table)
-    empty_version = write(EMPTY_TABLE, _empty_rows(card, partition, empty))
+    image_version = write(IMAGE_TABLE, image_table.to_batches(), EMBEDDING_SCHEMA)
+    empty_rows = _empty_rows(card, partition, empty)
+    empty_version = write(EMPTY_TABLE, empty_rows.to_batches(), EMPTY_SCHEMA)
     return {
         "images": image_table.num_rows,
         "cells": image_table.num_rows * card.side * card.side,

@@ -12,9 +12,12 @@ does not exist yet: the first writer creates it with an empty commit of the sche
 every write is an overwrite with a partition predicate, and a commit that loses to a concurrent
 one (``CommitFailedError``) is written again after a jittered exponential back-off. A streamed
 write keeps an LZ4-compressed Arrow IPC copy of what it streamed under ``<root>/_staging/`` so
-that a retry does not need the data again; the copy is deleted when the write ends. A writer
-that can produce its stream again passes a :data:`StreamFactory` instead: each attempt streams
-a new one and nothing is copied.
+that a retry does not need the data again; the copy is deleted when the write ends.
+
+Large writes of one partition (the embedding tables) go through :func:`replace_partition`
+instead: Parquet files written by polars, then one Delta transaction that adds them and removes
+the partition's old files, made again on a conflict with the same files (nothing staged,
+nothing produced twice).
 
 A full, read-only or unwritable root raises :class:`StorageUnavailableError` naming the root and
 what to do; nothing is committed, and the files the failed write left are removed by
@@ -33,7 +36,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
@@ -45,6 +48,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.transaction import AddAction
 
 from s2vec_pipeline.errors import (
     STORAGE_FAULTS,
@@ -75,10 +79,7 @@ DELTA_COMMIT_RETRIES = 100
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
-#: Makes a new stream of the same rows on each call: data that a retried write produces again
-#: instead of reading a staged copy (for large rows that are cheap to produce again).
-StreamFactory = Callable[[], pa.RecordBatchReader]
-WriteData = pa.Table | pa.RecordBatchReader | StreamFactory
+WriteData = pa.Table | pa.RecordBatchReader
 
 
 def table_uri(root: str | os.PathLike, name: str) -> str:
@@ -172,9 +173,8 @@ def write_partitions(
     Rows whose ``parent_l6`` is not in ``partitions`` make the whole write fail with nothing
     committed (Delta enforces the predicate). A partition with no rows in ``data`` ends up empty.
     Safe to call from many processes at once for different partitions, also on a missing table.
-    ``data``: a table, a stream (a retry reads a staged copy of it), or a ``StreamFactory``
-    (called once per attempt). ``writer_properties``: the Parquet settings
-    (``tables.writer_properties``; None: delta-rs' defaults).
+    ``data``: a table, or a stream (a retry reads a staged copy of it). ``writer_properties``:
+    the Parquet settings (``tables.writer_properties``; None: delta-rs' defaults).
     """
     if not partitions:
         raise ValueError("write_partitions needs at least one partition key")
@@ -227,6 +227,166 @@ def _write_partitions(
 
         retry_commit(attempt)
     return _version_of_write(uri, write_id)
+
+
+#: Target size of a data file written by :func:`replace_partition` (delta-rs' own default)
+TARGET_FILE_BYTES = 100 * 1024 * 1024
+#: Attempts of a :func:`replace_partition` commit: each is a log read and a commit file (the
+#: data files are kept), and any concurrent commit to the table costs one
+STRICT_COMMIT_ATTEMPTS = 30
+
+
+def replace_partition(
+    root: str | os.PathLike,
+    name: str,
+    batches: Iterable[pa.RecordBatch],
+    schema: pa.Schema,
+    partition: str,
+    contract: dict[str, Any],
+    commit_metadata: dict[str, str] | None = None,
+    *,
+    row_group_rows: int,
+) -> int:
+    """Replace the rows of one partition with ``batches`` in one commit; returns its version.
+
+    For large writes of one partition (the embedding tables): the rows go to Parquet files
+    written by polars (uncompressed, statistics on, ``row_group_rows`` a row group, a new file
+    every ~``TARGET_FILE_BYTES``), then one Delta transaction adds them and removes the
+    partition's files. delta-rs' own writer splits every batch by partition and encodes a
+    ``list<float32>`` ~2x slower (docs/benchmarks.md). The batches are consumed once: a commit
+    that loses to a concurrent one is made again from the new table state with the same files.
+    Each commit lands only on the version it read (no rebase), so two writers of one partition
+    never both add rows. Rows of another partition fail the write with nothing committed; no
+    batches leave the partition empty. The files of a failed write are deleted (those of a
+    killed one, by ``s2vec maintain``'s vacuum).
+    """
+    with storage_errors(root, name):
+        ensure_table(root, name, schema, contract)
+        uri = table_uri(root, name)
+        added: list[AddAction] = []
+        try:
+            for group in _file_groups(batches, TARGET_FILE_BYTES):
+                added.append(_write_data_file(uri, group, schema, partition, row_group_rows))
+            return retry_commit(
+                lambda _i: _commit_replacing(uri, partition, added, commit_metadata),
+                attempts=STRICT_COMMIT_ATTEMPTS,
+            )
+        except BaseException:
+            for action in added:
+                _delete_quietly(fs.join(uri, unquote(action.path)))
+            raise
+
+
+def _delete_quietly(location: str) -> None:
+    with contextlib.suppress(Exception):
+        if fs.exists(location):
+            fs.delete(location)
+
+
+def _file_groups(
+    batches: Iterable[pa.RecordBatch], target_bytes: int
+) -> Iterator[list[pa.RecordBatch]]:
+    group: list[pa.RecordBatch] = []
+    for batch in batches:
+        if batch.num_rows:
+            group.append(batch)
+        if sum(b.nbytes for b in group) >= target_bytes:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _write_data_file(
+    uri: str,
+    batches: list[pa.RecordBatch],
+    schema: pa.Schema,
+    partition: str,
+    row_group_rows: int,
+) -> AddAction:
+    """One Parquet file of ``partition`` (without the partition column, as Delta stores it)
+    and its add action with Delta statistics of the non-nested columns."""
+    rows = pa.Table.from_batches(batches, schema=schema)
+    keys = rows.column(PARTITION_COLUMN)
+    if keys.null_count or not pc.all(pc.equal(keys, partition)).as_py():
+        raise ValueError(f"rows of another partition than {partition} in a write of {partition}")
+    rows = rows.drop_columns([PARTITION_COLUMN])
+    relative = f"{PARTITION_COLUMN}={partition}/part-00000-{uuid.uuid4()}-c000.parquet"
+    location = fs.join(uri, relative)
+    frame = pl.from_arrow(rows)
+    assert isinstance(frame, pl.DataFrame)
+    options: dict[str, Any] = {
+        "compression": "uncompressed",
+        "statistics": True,
+        "row_group_size": row_group_rows,
+    }
+    try:
+        if fs.is_object_store(uri):
+            filesystem, path = fs.filesystem(location)
+            with filesystem.open_output_stream(path) as sink:
+                frame.write_parquet(sink, **options)
+        else:
+            Path(location).parent.mkdir(parents=True, exist_ok=True)
+            frame.write_parquet(location, **options)
+    except BaseException:
+        _delete_quietly(location)  # a part written before the failure (a full disk)
+        raise
+    return AddAction(
+        path=quote(relative, safe="/="),
+        size=fs.size(location) or 0,
+        partition_values={PARTITION_COLUMN: partition},
+        modification_time=int(time.time() * 1000),
+        data_change=True,
+        stats=json.dumps(_delta_stats(rows)),
+    )
+
+
+#: Delta truncates string statistics; longer values are left out of the file's min/max
+_STATS_STRING_LIMIT = 32
+
+
+def _delta_stats(rows: pa.Table) -> dict[str, Any]:
+    """The ``stats`` of an add action: row count, and min/max/null count of the non-nested
+    columns (what delta-rs writes; readers use them to skip files)."""
+    minimum: dict[str, Any] = {}
+    maximum: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for field, column in zip(rows.schema, rows.columns, strict=True):
+        if pa.types.is_nested(field.type):
+            continue
+        nulls[field.name] = column.null_count
+        low, high = pc.min_max(column).values()
+        low, high = low.as_py(), high.as_py()
+        if low is None or (isinstance(high, str) and len(high) > _STATS_STRING_LIMIT):
+            continue
+        minimum[field.name], maximum[field.name] = low, high
+    return {
+        "numRecords": rows.num_rows,
+        "minValues": minimum,
+        "maxValues": maximum,
+        "nullCount": nulls,
+    }
+
+
+def _commit_replacing(
+    uri: str, partition: str, added: list[AddAction], commit_metadata: dict[str, str] | None
+) -> int:
+    """One commit of ``added`` that removes the partition's current files, on the version just
+    read and no other (``max_commit_retries=0``: a concurrent commit fails it)."""
+    table = DeltaTable(uri)
+    version = table.version()
+    table.create_write_transaction(
+        added,
+        mode="overwrite",
+        schema=table.schema(),
+        partition_by=[PARTITION_COLUMN],
+        partition_filters=[(PARTITION_COLUMN, "=", partition)],
+        commit_properties=CommitProperties(
+            custom_metadata={"s2vec.partitions": partition, **(commit_metadata or {})},
+            max_commit_retries=0,
+        ),
+    )
+    return version + 1
 
 
 def ensure_table(
@@ -312,17 +472,13 @@ def _version_of_write(uri: str, write_id: str, newest: int = 64) -> int:
 class _ReplayableData:
     """Hands ``data`` to a write attempt, again on a retry without needing the producer again.
 
-    A table is simply reused; a ``StreamFactory`` makes a new stream for each attempt. A
-    record-batch stream is consumed once: while the first attempt streams it, each batch is
-    also appended to an LZ4-compressed Arrow IPC file under ``staging``; later attempts read
-    that file (memory-mapped, streaming). Memory stays bounded by one batch; the file is
-    deleted on exit (and by maintenance if the process was killed).
+    A table is simply reused. A record-batch stream is consumed once: while the first attempt
+    streams it, each batch is also appended to an LZ4-compressed Arrow IPC file under
+    ``staging``; later attempts read that file (memory-mapped, streaming). Memory stays bounded
+    by one batch; the file is deleted on exit (and by maintenance if the process was killed).
     """
 
     def __init__(self, data: WriteData, staging: Path, name: str) -> None:
-        self._factory: StreamFactory | None = None
-        if callable(data):
-            self._factory, data = data, data()  # the first attempt's stream: its schema
         self._data: pa.Table | pa.RecordBatchReader = data
         self._path = staging / f"{name}-{uuid.uuid4().hex}.arrows"
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
@@ -349,8 +505,6 @@ class _ReplayableData:
     def for_attempt(self, i: int) -> pa.Table | pa.RecordBatchReader:
         if isinstance(self._data, pa.Table):
             return self._data
-        if self._factory is not None:
-            return self._data if i == 0 else self._factory()
         if i == 0:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             options = pa.ipc.IpcWriteOptions(compression="lz4")
