@@ -116,6 +116,23 @@ def test_replace_partition_replaces_one_partition_in_one_commit(tmp_path: Path) 
     assert delta_store.partition_keys(tmp_path, "t") == ["a"]
 
 
+def test_tables_checkpoint_every_ten_commits_and_load_from_the_checkpoint(tmp_path: Path) -> None:
+    """A new table checkpoints every ``CHECKPOINT_INTERVAL`` commits (a load replays at most
+    that many JSON commits), and the table read from that checkpoint has every row."""
+    interval = delta_store.CHECKPOINT_INTERVAL
+    for i in range(interval + 2):
+        delta_store.write_partitions(tmp_path, "t", _rows([f"p{i}"], [i]), [f"p{i}"], CONTRACT)
+    log = tmp_path / "t" / "_delta_log"
+    checkpoints = sorted(p.name for p in log.glob("*.checkpoint.parquet"))
+    # delta-rs checkpoints the version whose count of commits is a multiple of the interval
+    assert checkpoints == [f"{interval - 1:020d}.checkpoint.parquet"]
+    for commit in log.glob("*.json"):  # the JSON commits up to it are not needed to load
+        if int(commit.stem) < interval:
+            commit.unlink()
+    got = delta_store.read_partitions(tmp_path, "t").sort("x")
+    assert got["x"].to_list() == list(range(interval + 2))
+
+
 def test_contract_mismatch_refused(tmp_path: Path) -> None:
     delta_store.write_partitions(tmp_path, "t", _rows(["a"], [1.0]), ["a"], CONTRACT)
     with pytest.raises(IncompatibleTableError, match="taxonomy_version: table has 'v1'"):
