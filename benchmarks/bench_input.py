@@ -13,7 +13,12 @@ and cells/s of the inference host path, on one core.
    commits) with a model whose ``encode`` returns a precomputed tensor (no compute), cells/s.
 
     python benchmarks/bench_input.py [--images 4000] [--channels 122] [--batch-size 256]
-                                     [--inference-only]
+                                     [--inference-only] [--small-partitions 40]
+
+3. ``write_embeddings`` of small partitions (16 images: a level-6 partition of the paper
+   profile, level-8 images, holds at most 16), two partitions a call, after as many calls as
+   ``--small-partitions`` (the tables' logs grow as in production): the fixed cost per
+   partition (table loads, commits) rather than the rows.
 """
 
 from __future__ import annotations
@@ -128,6 +133,37 @@ def _input_rows(root: str, args: argparse.Namespace) -> list[tuple[str, str, str
     return rows
 
 
+def _small_partition_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """``write_embeddings`` of two 16-image partitions a call, timed over the last 10 calls of
+    ``args.small_partitions``."""
+    with tempfile.TemporaryDirectory() as root:
+        contract = synthetic_raster_tiles(
+            root, {"4693": 16, "12cd": 16}, channels=args.channels, side=16
+        )
+        model = NoComputeMAE(args.channels, args.dim, args.batch_size).eval()
+        card = card_for(contract, args.dim)
+        timed = 10
+
+        def write() -> None:
+            write_embeddings(root, model, card, ["4693", "12cd"], args.batch_size, device="cpu")
+
+        for _ in range(max(0, args.small_partitions - timed)):
+            write()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(timed):
+            write()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    cells = 2 * timed * 16 * 256
+    return [
+        (
+            f"inference host path: write_embeddings, 16-image partitions ("
+            f"{1000 * cpu / (2 * timed):.0f} CPU-ms a partition, tables after "
+            f"{args.small_partitions} calls)",
+            *rate(cells, (wall, cpu), "cells/s"),
+        )
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=4000)
@@ -143,6 +179,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--inference-only", action="store_true", help="only the inference host path's rows"
+    )
+    ap.add_argument(
+        "--small-partitions",
+        type=int,
+        default=40,
+        help="write_embeddings calls of two 16-image partitions (the last 10 timed; 0: none)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -176,6 +218,8 @@ def main() -> None:
                 *rate(cells, dt, "cells/s"),
             )
         )
+    if args.small_partitions:
+        rows += _small_partition_rows(args)
     cpu = platform.processor() or platform.machine()
     print(
         f"\n{cpu}, 1 torch thread, load {os.getloadavg()[0]:.2f}; {args.images:,} synthetic "
