@@ -160,3 +160,25 @@ def test_maintain_cli_and_dagster_job(tmp_path: Path, capsys: pytest.CaptureFixt
     schedule = defs.resolve_schedule_def("weekly_maintenance")
     assert schedule.cron_schedule == DEFAULT_MAINTAIN_CRON == "0 4 * * 6"
     assert schedule.execution_timezone == "UTC"
+
+
+def test_maintain_gives_an_older_table_the_checkpoint_interval_and_checkpoints_it(
+    tmp_path: Path,
+) -> None:
+    """A table made before tables were created with ``CHECKPOINT_INTERVAL`` (Delta's 100):
+    maintenance sets the interval and checkpoints the latest version, which then loads with the
+    JSON commits up to it deleted; the rows do not change."""
+    uri = tmp_path / "t"
+    for i in range(3):
+        write_deltalake(str(uri), _rows(f"p{i}", 5, i), mode="append", partition_by=["parent_l6"])
+    assert "delta.checkpointInterval" not in DeltaTable(str(uri)).metadata().configuration
+    before = delta_store.read_partitions(tmp_path, "t").sort("x")
+    maintain_root(tmp_path, retention_hours=168)
+    table = DeltaTable(str(uri))
+    interval = table.metadata().configuration["delta.checkpointInterval"]
+    assert interval == str(delta_store.CHECKPOINT_INTERVAL)
+    latest = table.version()
+    assert (uri / "_delta_log" / f"{latest:020d}.checkpoint.parquet").is_file()
+    for commit in (uri / "_delta_log").glob("*.json"):
+        commit.unlink()  # every commit is in the checkpoint
+    assert delta_store.read_partitions(tmp_path, "t").sort("x").equals(before)

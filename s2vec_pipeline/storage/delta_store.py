@@ -720,6 +720,21 @@ def compact(
     )
 
 
+def settle_log(root: str | os.PathLike, name: str) -> None:
+    """Give the table this project's checkpoint interval (a table created before it has Delta's
+    100: one metadata commit, which concurrent writers retry like any conflict) and checkpoint
+    its current version, so that the next loads replay no JSON commit."""
+    uri = table_uri(root, name)
+    key = "delta.checkpointInterval"
+    if DeltaTable(uri).metadata().configuration.get(key) != str(CHECKPOINT_INTERVAL):
+        retry_commit(
+            lambda _i: DeltaTable(uri).alter.set_table_properties(
+                {key: str(CHECKPOINT_INTERVAL)}, raise_if_not_exists=False
+            )
+        )
+    DeltaTable(uri).create_checkpoint()
+
+
 def vacuum(
     root: str | os.PathLike, name: str, retention_hours: float, dry_run: bool = False
 ) -> list[str]:

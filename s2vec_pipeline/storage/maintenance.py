@@ -13,6 +13,8 @@ Delta tables under a root and, for each:
 3. deletes the ``*.parquet#N`` staging files a killed write left (vacuum never deletes them)
    and, under ``<root>/_staging/``, the replay copies of killed streamed writes, both once older
    than the retention;
+4. checkpoints the table (``delta_store.settle_log``), first giving a table created before
+   ``delta_store.CHECKPOINT_INTERVAL`` existed that interval: later loads replay no commit;
 
 and reports the files and bytes on disk before and after, per table.
 
@@ -104,6 +106,7 @@ def maintain_table(
         metrics = delta_store.compact(root, name, tables.writer_properties(name))
         vacuumed = _vacuum(root, name, retention_hours)
         staging = delta_store.remove_staging_leftovers(root, name, retention_hours)
+        delta_store.settle_log(root, name)
         files_after, bytes_after = disk_usage(uri)
         return TableMaintenance(
             table=name,
