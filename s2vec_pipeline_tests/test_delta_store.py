@@ -218,3 +218,36 @@ def test_every_written_column_has_a_description() -> None:
     assert list(tables.RASTER_COLUMNS) == RASTER_SCHEMA.names
     assert list(tables.EMBEDDING_COLUMNS) == EMBEDDING_SCHEMA.names
     assert set(tables.CELL_COLUMNS) == set(KEY_COLUMNS) | {"taxonomy_version"}
+
+
+def test_replace_partition_keeps_its_files_when_it_fails_after_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the commit landed (e.g. in the checkpoint that follows it) must not
+    delete the files the new version references; a failure before it deletes them."""
+    from deltalake import DeltaTable
+
+    rows = _embedding_rows("a", 30, 5)
+    write = delta_store.replace_partition
+    real_commit = DeltaTable.create_write_transaction
+
+    def commit_then_fail(table: DeltaTable, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        real_commit(table, *args, **kwargs)
+        raise RuntimeError("after the commit")
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", commit_then_fail)
+    with pytest.raises(RuntimeError, match="after the commit"):
+        write(tmp_path, "t", rows.to_batches(), rows.schema, "a", CONTRACT, row_group_rows=64)
+    monkeypatch.undo()
+    assert delta_store.table_version(tmp_path, "t") == 1
+    got = delta_store.read_partitions(tmp_path, "t").sort("cell_id")
+    assert got.equals(pl.from_arrow(rows).sort("cell_id"))
+
+    def fail_before(table: DeltaTable, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("before the commit")
+
+    files = sorted((tmp_path / "t").rglob("*.parquet"))
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", fail_before)
+    with pytest.raises(RuntimeError, match="before the commit"):
+        write(tmp_path, "t", rows.to_batches(), rows.schema, "a", CONTRACT, row_group_rows=64)
+    assert sorted((tmp_path / "t").rglob("*.parquet")) == files

@@ -276,6 +276,11 @@ def replace_partition(
     with storage_errors(root, name):
         table = ensure_table(root, name, schema, contract)
         uri = table_uri(root, name)
+        metadata = {
+            "s2vec.partitions": partition,
+            "s2vec.write_id": uuid.uuid4().hex,
+            **(commit_metadata or {}),
+        }
         added: list[AddAction] = []
         try:
             for group in _file_groups(batches, TARGET_FILE_BYTES):
@@ -284,14 +289,25 @@ def replace_partition(
             # landed meanwhile fails it, and the retries read the table again
             return retry_commit(
                 lambda i: _commit_replacing(
-                    table if i == 0 else DeltaTable(uri), partition, added, commit_metadata
+                    table if i == 0 else DeltaTable(uri), partition, added, metadata
                 ),
                 attempts=STRICT_COMMIT_ATTEMPTS,
             )
         except BaseException:
-            for action in added:
-                _delete_quietly(fs.join(uri, unquote(action.path)))
+            if added and not _may_be_committed(uri, metadata["s2vec.write_id"]):
+                for action in added:
+                    _delete_quietly(fs.join(uri, unquote(action.path)))
             raise
+
+
+def _may_be_committed(uri: str, write_id: str) -> bool:
+    """Whether a write that raised may still have committed (a failure after its commit, in a
+    checkpoint): its files must then stay. When the log cannot be read, they stay too (the
+    next maintenance vacuums them if unreferenced)."""
+    try:
+        return _find_write(uri, write_id, DeltaTable(uri).version()) is not None
+    except Exception:
+        return True
 
 
 def _delete_quietly(location: str) -> None:
@@ -304,12 +320,14 @@ def _file_groups(
     batches: Iterable[pa.RecordBatch], target_bytes: int
 ) -> Iterator[list[pa.RecordBatch]]:
     group: list[pa.RecordBatch] = []
+    size = 0
     for batch in batches:
         if batch.num_rows:
             group.append(batch)
-        if sum(b.nbytes for b in group) >= target_bytes:
+            size += batch.nbytes
+        if size >= target_bytes:
             yield group
-            group = []
+            group, size = [], 0
     if group:
         yield group
 
@@ -386,10 +404,7 @@ def _delta_stats(rows: pa.Table) -> dict[str, Any]:
 
 
 def _commit_replacing(
-    table: DeltaTable,
-    partition: str,
-    added: list[AddAction],
-    commit_metadata: dict[str, str] | None,
+    table: DeltaTable, partition: str, added: list[AddAction], metadata: dict[str, str]
 ) -> int:
     """One commit of ``added`` that removes the partition's files in ``table``'s snapshot, on
     that version and no other (``max_commit_retries=0``: a later commit fails it)."""
@@ -400,10 +415,7 @@ def _commit_replacing(
         schema=table.schema(),
         partition_by=[PARTITION_COLUMN],
         partition_filters=[(PARTITION_COLUMN, "=", partition)],
-        commit_properties=CommitProperties(
-            custom_metadata={"s2vec.partitions": partition, **(commit_metadata or {})},
-            max_commit_retries=0,
-        ),
+        commit_properties=CommitProperties(custom_metadata=metadata, max_commit_retries=0),
     )
     return version + 1
 
@@ -476,20 +488,28 @@ def retry_commit(attempt: Callable[[int], _T], attempts: int = COMMIT_ATTEMPTS) 
 
 
 def _version_of_write(uri: str, write_id: str, newest: int = 64) -> int:
-    """The version of the commit tagged ``write_id``, found in the commit files counting down
-    from the table's current version (later commits may exist already). Not
-    ``DeltaTable.history()``: it labels commits by counting down from its snapshot's version
-    while listing the log anew, so a commit landing in between shifts every label by one (seen
-    on S3 with two writers)."""
+    """The version of the commit tagged ``write_id`` (the table's latest, with a warning, when
+    it is not among the ``newest`` commits)."""
     latest = DeltaTable(uri).version()  # loaded after the write: at or past its commit
+    version = _find_write(uri, write_id, latest, newest)
+    if version is None:
+        log.warning("%s: write %s not among the %d newest commits", uri, write_id, newest)
+        return latest
+    return version
+
+
+def _find_write(uri: str, write_id: str, latest: int, newest: int = 64) -> int | None:
+    """The version of the commit tagged ``write_id``, found in the commit files counting down
+    from ``latest`` (later commits may exist already), or None. Not ``DeltaTable.history()``:
+    it labels commits by counting down from its snapshot's version while listing the log anew,
+    so a commit landing in between shifts every label by one (seen on S3 with two writers)."""
     for version in range(latest, max(-1, latest - newest), -1):
         data = fs.read_bytes(fs.join(uri, "_delta_log", f"{version:020d}.json"))
         for line in (data or b"").decode().splitlines():
             info = json.loads(line).get("commitInfo")
             if info is not None and info.get("s2vec.write_id") == write_id:
                 return version
-    log.warning("%s: write %s not among the %d newest commits", uri, write_id, newest)
-    return latest
+    return None
 
 
 class _ReplayableData:
